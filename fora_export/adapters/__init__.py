@@ -1,0 +1,1 @@
+"""Model-family adapters: one file per diffusers transformer family."""

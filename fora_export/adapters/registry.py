@@ -1,0 +1,31 @@
+"""Maps a diffusers model class name to its adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fora_export.adapters.base import ModelAdapter
+from fora_export.adapters.dit import DiTAdapter
+from fora_export.errors import ConfigError
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    DiTAdapter.model_class: DiTAdapter,
+}
+
+
+def supported_classes() -> tuple[str, ...]:
+    return tuple(ADAPTERS)
+
+
+def adapter_class_for(class_name: str, *, where: str = "model") -> type[ModelAdapter]:
+    adapter = ADAPTERS.get(class_name)
+    if adapter is None:
+        raise ConfigError(
+            f"{where} | model class {class_name!r} is not supported | supported: "
+            f"{', '.join(supported_classes())}"
+        )
+    return adapter
+
+
+def adapter_for(model: nn.Module, *, where: str = "model") -> ModelAdapter:
+    return adapter_class_for(type(model).__name__, where=where)(model)

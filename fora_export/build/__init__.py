@@ -1,0 +1,1 @@
+"""Building an engine folder: split, export, manifest, atomically."""

@@ -1,0 +1,96 @@
+"""Build options as one frozen, recorded object."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fora_runtime.errors import ScheduleError
+from fora_runtime.manifest import BatchRange
+from fora_runtime.schedule import CacheSchedule
+
+from fora_export.errors import ConfigError
+from fora_export.export.onnx_export import ExportConfig
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def parse_batch(text: str) -> BatchRange:
+    """``MIN:OPT:MAX``, ``MIN:MAX`` or a single size."""
+    if not re.fullmatch(r"\d+(:\d+){0,2}", text.strip()):
+        raise ConfigError(f"--batch | got {text!r} | expected MIN:OPT:MAX, e.g. 1:2:8")
+    parts = [int(p) for p in text.strip().split(":")]
+    if len(parts) == 1:
+        low = opt = high = parts[0]
+    elif len(parts) == 2:
+        low, high = parts
+        opt = high
+    else:
+        low, opt, high = parts
+    if not 1 <= low <= opt <= high:
+        raise ConfigError(f"--batch | got {text!r} | need 1 <= MIN <= OPT <= MAX")
+    return BatchRange(low, opt, high)
+
+
+def parse_resolution(text: str | int | None) -> tuple[int, int] | None:
+    """``32`` or ``32x48`` (latent pixels), or None for the model's own size."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", str(text).strip())
+    if not match:
+        raise ConfigError(f"--resolution | got {text!r} | expected a latent size like 32 or 32x32")
+    height = int(match.group(1))
+    width = int(match.group(2) or height)
+    if height < 1 or width < 1:
+        raise ConfigError(f"--resolution | got {text!r} | sizes must be positive")
+    return (height, width)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything ``fora-export build`` was asked for, recorded in the manifest."""
+
+    batch: BatchRange = field(default_factory=lambda: BatchRange(1, 2, 8))
+    resolution: tuple[int, int] | None = None
+    schedule: CacheSchedule = field(default_factory=lambda: CacheSchedule.interval_of(3))
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        batch: str = "1:2:8",
+        resolution: str | int | None = None,
+        interval: int = 3,
+        schedule_mode: str = "paper",
+        precision: str = "fp32",
+        opset: int | None = None,
+        exporter: str = "torchscript",
+    ) -> BuildConfig:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
+        try:
+            schedule = CacheSchedule.interval_of(interval, schedule_mode)
+        except ScheduleError as err:
+            raise ConfigError(f"--interval | {err}") from err
+        if opset is None:
+            opset = 17 if exporter == "torchscript" else 18
+        return cls(
+            batch=parse_batch(batch),
+            resolution=parse_resolution(resolution),
+            schedule=schedule,
+            export=ExportConfig(precision=precision, opset=opset, exporter=exporter),
+        )
+
+    @property
+    def precision(self) -> str:
+        return self.export.precision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": asdict(self.batch),
+            "resolution": list(self.resolution) if self.resolution else None,
+            "schedule": self.schedule.to_dict(),
+            "export": asdict(self.export),
+        }

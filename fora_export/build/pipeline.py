@@ -1,0 +1,227 @@
+"""``fora-export build``: load, split, export both graphs, write the manifest.
+
+The folder is built in a hidden temporary sibling and moved into place only
+when everything (graphs, checks, manifest) succeeded, so a failed or
+interrupted build never leaves a folder claiming graphs that do not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from fora_runtime.manifest import (
+    BATCH_AXIS,
+    CacheSpec,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    sha256_of,
+)
+
+import fora_export
+from fora_export.adapters.registry import adapter_for
+from fora_export.build.config import BuildConfig
+from fora_export.errors import BuildError, ExportError
+from fora_export.export.onnx_export import export_onnx, graph_io
+from fora_export.loading import LoadedModel, load_model
+from fora_export.progress import StageProgress
+from fora_export.split.graphs import SplitModel, split_model
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILES = {"full": "full.onnx", "reuse": "reuse.onnx"}
+PREDICTION = "prediction"
+
+
+@dataclass
+class BuildResult:
+    folder: Path
+    manifest: Manifest
+    seconds: float
+
+
+def build(model_ref: str, out: str | Path, config: BuildConfig, *, force: bool = False,
+          progress: bool | None = None) -> BuildResult:
+    """Build the engine folder ``out`` for MODEL ``model_ref``."""
+    out = Path(out)
+    _check_destination(out, force)
+    started = time.perf_counter()
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with StageProgress(5, title=f"build {out.name}", enabled=progress) as stages:
+            stages.stage(f"loading {model_ref}")
+            loaded = load_model(model_ref)
+            tmp.mkdir(parents=True)
+            manifest = export_folder(loaded, tmp, config, stages)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    log.info("built %s in %.1f s", out, seconds)
+    return BuildResult(folder=out, manifest=manifest, seconds=seconds)
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out '{out}' | is a file | choose a folder path")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BuildError(f"--out '{out}' | already exists | pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BuildError(f"--out '{out}' | cannot create parent folder: {err}") from err
+    if not os.access(out.parent, os.W_OK):
+        raise BuildError(f"--out '{out}' | parent folder is not writable")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_folder(loaded: LoadedModel, folder: Path, config: BuildConfig, stages: StageProgress) -> Manifest:
+    """Split ``loaded`` and write graphs + manifest into ``folder``."""
+    stages.stage("splitting")
+    adapter = adapter_for(loaded.model, where=f"MODEL '{loaded.source}'")
+    dtype = adapter.check_precision(config.precision)
+    adapter.model.to(dtype)
+    resolution = config.resolution or adapter.default_resolution()
+    adapter.check_resolution(resolution)
+    step_specs = adapter.step_input_specs(resolution, config.precision)
+    input_names = tuple(s.name for s in step_specs)
+    split = split_model(adapter, input_names)
+    try:
+        batch = config.batch
+        trace_batch = batch.opt if batch.opt > 1 else min(2, batch.max)
+        generator = torch.Generator().manual_seed(0)
+        example = adapter.random_inputs(trace_batch, resolution, config.precision, generator)
+        with torch.no_grad():
+            _, caches = split.run_full(example)
+        cache_specs = _cache_specs(split, caches)
+
+        stages.stage("exporting full graph")
+        export_onnx(
+            split.full,
+            tuple(example[n] for n in input_names),
+            list(input_names),
+            [PREDICTION, *split.cache_names],
+            folder / GRAPH_FILES["full"],
+            config.export,
+        )
+        stages.stage("exporting reuse graph")
+        export_onnx(
+            split.reuse,
+            (*(example[n] for n in input_names), *(caches[n] for n in split.cache_names)),
+            [*input_names, *split.cache_names],
+            [PREDICTION],
+            folder / GRAPH_FILES["reuse"],
+            config.export,
+        )
+        stages.stage("writing manifest")
+        graphs = {role: _graph_spec(folder, file) for role, file in GRAPH_FILES.items()}
+        _check_graphs(graphs, step_specs, cache_specs)
+        manifest = Manifest(
+            model_class=type(adapter.model).__name__,
+            family=adapter.family,
+            model_config=_jsonable(adapter.config),
+            source=loaded.source,
+            resolution=resolution,
+            batch=batch,
+            precision=config.precision,
+            schedule=config.schedule,
+            conditioning=adapter.conditioning(),
+            graphs=graphs,
+            caches=tuple(cache_specs),
+            files=_file_records(folder),
+            tools=_tool_versions(),
+            export={**config.to_dict()["export"], "subfolder": loaded.subfolder, "trace_batch": trace_batch},
+            config_hash=_config_hash(adapter.config, loaded.source, config),
+        )
+        manifest.write(folder)
+        return manifest
+    finally:
+        split.remove()
+
+
+def _cache_specs(split: SplitModel, caches: dict[str, torch.Tensor]) -> list[CacheSpec]:
+    from fora_export.adapters.base import DTYPE_NAMES
+
+    specs = []
+    for point in split.taps.points:
+        tensor = caches[point.name]
+        specs.append(
+            CacheSpec(
+                name=point.name,
+                dtype=DTYPE_NAMES[tensor.dtype],
+                shape=(BATCH_AXIS, *tensor.shape[1:]),
+                block=point.block,
+                kind=point.kind,
+            )
+        )
+    return specs
+
+
+def _graph_spec(folder: Path, file: str) -> GraphSpec:
+    inputs, outputs = graph_io(folder / file)
+    return GraphSpec(file=file, inputs=tuple(inputs), outputs=tuple(outputs))
+
+
+def _check_graphs(graphs: dict[str, GraphSpec], step_specs: list[TensorSpec], caches: list[CacheSpec]) -> None:
+    """The exported IO must be what the runtime will bind: names, dtypes, shapes."""
+    expected = {s.name: s for s in (*step_specs, *caches)}
+    for role, graph in graphs.items():
+        if graph.outputs[0].name != PREDICTION:
+            raise ExportError(f"{graph.file} | first output is '{graph.outputs[0].name}', expected '{PREDICTION}'")
+        for tensor in (*graph.inputs, *graph.outputs[1:]):
+            want = expected.get(tensor.name)
+            if want is None or (want.dtype, tuple(want.shape)) != (tensor.dtype, tuple(tensor.shape)):
+                raise ExportError(
+                    f"{graph.file} | {role} tensor '{tensor.name}' is {tensor.dtype}{list(tensor.shape)}, "
+                    f"expected {want.dtype + str(list(want.shape)) if want else 'no such tensor'}"
+                )
+    if [t.name for t in graphs["full"].outputs[1:]] != [c.name for c in caches]:
+        raise ExportError("full.onnx | cache outputs are missing or out of order")
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, object]]:
+    records: dict[str, dict[str, object]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            records[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return records
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "fora_export": fora_export.__version__}
+    for dist in ("torch", "diffusers", "onnx", "onnxruntime", "fora-runtime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _jsonable(config: dict[str, object]) -> dict[str, object]:
+    return json.loads(json.dumps(config, default=str))
+
+
+def _config_hash(model_config: dict[str, object], source: str, config: BuildConfig) -> str:
+    payload = json.dumps(
+        {"model": _jsonable(model_config), "source": source, "build": config.to_dict()}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

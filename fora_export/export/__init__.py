@@ -1,0 +1,1 @@
+"""Exporting the step graphs to ONNX."""

@@ -1,0 +1,121 @@
+"""Resolve a MODEL argument to a diffusers transformer instance.
+
+MODEL is one of:
+- a built-in demo name (``demo-dit``): small model from config, random weights;
+- a local folder: a transformer saved with ``save_pretrained`` (has
+  ``config.json``), or a pipeline folder with a ``transformer/`` subfolder;
+- a Hugging Face Hub id (``org/name``), resolved by diffusers; with
+  ``HF_HUB_OFFLINE=1`` it is read from the local cache only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fora_export.adapters.registry import adapter_class_for, supported_classes
+from fora_export.demo import DEMO_MODELS
+from fora_export.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    class_name: str
+    #: How to load it again: demo name, absolute folder path or Hub id.
+    source: str
+    subfolder: str | None = None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} | cannot read model config ({err}) | re-save the model") from err
+
+
+def _diffusers_class(class_name: str, where: str) -> Any:
+    adapter_class_for(class_name, where=where)  # refuses unsupported classes by name
+    import diffusers
+
+    return getattr(diffusers, class_name)
+
+
+def load_model(ref: str) -> LoadedModel:
+    """Load MODEL (see module docstring) in fp32, eval mode."""
+    if ref in DEMO_MODELS:
+        model = DEMO_MODELS[ref]()
+        return LoadedModel(model=model, class_name=type(model).__name__, source=ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _load_local(path)
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+    if looks_like_path or not _HUB_ID.match(ref):
+        raise ConfigError(
+            f"MODEL '{ref}' | no such folder, and not a built-in model ({', '.join(DEMO_MODELS)}) "
+            "or a Hub id (org/name) | check the path"
+        )
+    return _load_hub(ref)
+
+
+def _load_local(path: Path) -> LoadedModel:
+    if not path.is_dir():
+        raise ConfigError(f"MODEL '{path}' | is a file | pass the folder written by save_pretrained")
+    subfolder: str | None = None
+    folder = path
+    if not (path / "config.json").is_file():
+        if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
+            subfolder = "transformer"
+            folder = path / "transformer"
+        else:
+            raise ConfigError(
+                f"MODEL '{path}' | no config.json, and not a pipeline folder with transformer/ "
+                "| pass a diffusers transformer or pipeline folder"
+            )
+    config = _read_config(folder / "config.json")
+    class_name = config.get("_class_name")
+    if not class_name:
+        raise ConfigError(
+            f"{folder / 'config.json'} | has no _class_name | not a diffusers model; "
+            f"supported: {', '.join(supported_classes())}"
+        )
+    cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
+    try:
+        model = cls.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
+    return LoadedModel(model=model.eval(), class_name=class_name, source=str(path.resolve()), subfolder=subfolder)
+
+
+def _load_hub(repo_id: str) -> LoadedModel:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    errors = []
+    for subfolder in (None, "transformer"):
+        try:
+            config_path = hf_hub_download(repo_id, "config.json", subfolder=subfolder)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+            errors.append(f"{subfolder or '.'}: {type(err).__name__}")
+            continue
+        class_name = _read_config(Path(config_path)).get("_class_name", "")
+        cls = _diffusers_class(class_name, where=f"MODEL '{repo_id}'")
+        try:
+            model = cls.from_pretrained(repo_id, subfolder=subfolder)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"MODEL '{repo_id}' | diffusers could not load it: {err}") from err
+        return LoadedModel(model=model.eval(), class_name=class_name, source=repo_id, subfolder=subfolder)
+    raise ConfigError(
+        f"MODEL '{repo_id}' | no local folder, and the Hub id could not be resolved ({'; '.join(errors)}) "
+        "| pass a local folder, or fill the Hugging Face cache (HF_HUB_OFFLINE=1 reads only the cache)"
+    )

@@ -1,0 +1,67 @@
+"""Stage progress for long commands: a rich progress bar plus INFO timings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+log = logging.getLogger("fora_export")
+
+
+class StageProgress:
+    """``with StageProgress(5) as p: p.stage("Exporting full graph") ...``
+
+    Draws a bar on stderr when it is a terminal (or when ``enabled=True``) and
+    logs each finished stage with its duration at INFO.
+    """
+
+    def __init__(self, total: int, *, title: str = "build", enabled: bool | None = None) -> None:
+        console = Console(stderr=True)
+        self._enabled = console.is_terminal if enabled is None else enabled
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not self._enabled,
+            transient=False,
+        )
+        self._title = title
+        self._total = total
+        self._task = self._progress.add_task(title, total=total)
+        self._current: str | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> StageProgress:
+        self._progress.start()
+        return self
+
+    def stage(self, description: str) -> None:
+        """Finish the current stage (if any) and start the next."""
+        self._finish_current()
+        self._current = description
+        self._started = time.perf_counter()
+        self._progress.update(self._task, description=f"{self._title}: {description}")
+
+    def _finish_current(self) -> None:
+        if self._current is None:
+            return
+        log.info("%s: %s done in %.1f s", self._title, self._current, time.perf_counter() - self._started)
+        self._progress.advance(self._task)
+        self._current = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self._finish_current()
+        self._progress.stop()
+        if self._enabled:
+            sys.stderr.flush()

@@ -1,0 +1,1 @@
+"""Splitting a transformer into FORA full and reuse step graphs."""

@@ -1,0 +1,150 @@
+"""The interface every runtime backend implements.
+
+Like polygraphy's runners, a backend has a lifecycle: ``activate()`` loads both
+graphs, ``deactivate()`` frees everything; use it as a context manager. Between
+them the session asks for :class:`StepBuffers` once per batch size (staged
+inputs, the cache arena and the prediction output, all at fixed addresses) and
+calls ``run_full`` / ``run_reuse`` on them each step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fora_runtime.caches import ArenaLayout
+from fora_runtime.errors import BackendError
+from fora_runtime.manifest import Manifest
+
+# name -> "module:Class"; modules are imported only when the backend is asked for,
+# so the runtime imports without onnxruntime / tensorrt / torch installed.
+_BACKENDS: dict[str, str] = {
+    "onnxruntime": "fora_runtime.backends.onnxrt:OnnxRuntimeBackend",
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def create_backend(name: str, manifest: Manifest, folder: str | Path, **options: Any) -> StepBackend:
+    """Instantiate the backend called ``name`` (not yet activated)."""
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
+    module_name, class_name = target.split(":")
+    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    return backend_cls(manifest, Path(folder), **options)
+
+
+@dataclass
+class StepBuffers:
+    """Everything one batch size needs, allocated once and bound at fixed addresses.
+
+    ``inputs`` are staging buffers the session copies step inputs into, ``caches``
+    are views into one arena (written by full, read by reuse), ``prediction`` is
+    the output buffer both graphs write.
+    """
+
+    batch_size: int
+    inputs: dict[str, Any]
+    caches: dict[str, Any]
+    prediction: Any
+    cache_layout: ArenaLayout
+    # Backend-private state bound to these buffers (IO bindings, CUDA graphs, ...).
+    bound: dict[str, Any] = field(default_factory=dict)
+
+
+class StepBackend(ABC):
+    """Runs the full and reuse graphs of one engine folder."""
+
+    name: ClassVar[str]
+    # True when step inputs are host arrays the session may inspect (value ranges).
+    host_inputs: ClassVar[bool] = True
+
+    def __init__(self, manifest: Manifest, folder: Path) -> None:
+        self.manifest = manifest
+        self.folder = Path(folder)
+        self._active = False
+        self._buffers: dict[int, StepBuffers] = {}
+
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    def activate(self) -> None:
+        if self._active:
+            raise BackendError(f"Backend '{self.name}' | already active | call deactivate() first")
+        self._activate_impl()
+        self._active = True
+
+    def deactivate(self) -> None:
+        if not self._active:
+            return
+        self._buffers.clear()
+        self._deactivate_impl()
+        self._active = False
+
+    def __enter__(self) -> StepBackend:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def _require_active(self) -> None:
+        if not self._active:
+            raise BackendError(f"Backend '{self.name}' | not active | call activate() or use `with`")
+
+    # -- buffers --------------------------------------------------------------------
+    def buffers(self, batch_size: int) -> StepBuffers:
+        """The buffers of ``batch_size``, allocated on first use and kept."""
+        self._require_active()
+        if batch_size not in self._buffers:
+            layout = ArenaLayout.plan(self.manifest.caches, batch_size)
+            self._buffers[batch_size] = self._allocate_impl(batch_size, layout)
+        return self._buffers[batch_size]
+
+    # -- stepping -------------------------------------------------------------------
+    def run_full(self, buffers: StepBuffers) -> None:
+        """Run the full graph on the staged inputs; writes caches and prediction."""
+        self._require_active()
+        self._run_impl("full", buffers)
+
+    def run_reuse(self, buffers: StepBuffers) -> None:
+        """Run the reuse graph on the staged inputs and the caches; writes prediction."""
+        self._require_active()
+        self._run_impl("reuse", buffers)
+
+    # -- subclass hooks -------------------------------------------------------------
+    @abstractmethod
+    def _activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def _deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def _allocate_impl(self, batch_size: int, layout: ArenaLayout) -> StepBuffers: ...
+
+    @abstractmethod
+    def _run_impl(self, role: str, buffers: StepBuffers) -> None: ...
+
+    @abstractmethod
+    def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
+        """Copy a user input into its staging buffer (dtype and shape already checked)."""
+
+    @abstractmethod
+    def read_prediction(self, buffers: StepBuffers) -> Any:
+        """A copy of the prediction the caller may keep across steps."""
+
+    @abstractmethod
+    def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
+        """A scalar or per-sample timestep (int or float) as a ``shape`` array of ``dtype``."""
+
+    @abstractmethod
+    def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype name) of a user input, for validation."""

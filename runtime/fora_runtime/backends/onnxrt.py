@@ -1,0 +1,224 @@
+"""ONNX Runtime backend.
+
+Caches are zero-copy: the full graph's cache outputs and the reuse graph's cache
+inputs are bound (IO binding, raw pointers) to the same ranges of one arena, and
+the bindings are made once per batch size. Step inputs are copied into fixed
+staging buffers, so a step is "copy inputs, run, copy prediction out".
+
+Thread spinning is off by default: with two sessions on few cores, spinning
+threads of the idle session steal cores from the busy one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fora_runtime._lazy import import_optional
+from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.caches import ArenaLayout
+from fora_runtime.errors import BackendError
+from fora_runtime.manifest import Manifest
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+NUMPY_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+
+
+def _numpy_dtype(dtype: str) -> Any:
+    if dtype not in NUMPY_DTYPES:
+        raise BackendError(
+            f"Backend 'onnxruntime' | dtype {dtype} is not supported by its Python IO | "
+            "build with --precision fp32 or fp16 for ONNX Runtime"
+        )
+    return NUMPY_DTYPES[dtype]
+
+
+class OnnxRuntimeBackend(StepBackend):
+    """Runs the exported ONNX graphs with ONNX Runtime (CPU, or CUDA EP when present)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        folder: Path,
+        *,
+        providers: list[str] | str = "auto",
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+    ) -> None:
+        super().__init__(manifest, folder)
+        self._requested_providers = providers
+        self._intra_op_threads = intra_op_threads
+        self._allow_spinning = allow_spinning
+        self._sessions: dict[str, Any] = {}
+        self.providers: list[str] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _activate_impl(self) -> None:
+        ort = import_optional("onnxruntime", backend=self.name, install="pip install onnxruntime")
+        available = ort.get_available_providers()
+        if self._requested_providers == "auto":
+            wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+            providers = [*wanted, "CPUExecutionProvider"]
+        else:
+            providers = list(self._requested_providers)
+            missing = [p for p in providers if p not in available]
+            if missing:
+                raise BackendError(
+                    f"Backend 'onnxruntime' | providers {missing} are not available "
+                    f"(available: {available}) | install the matching onnxruntime build"
+                )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self._intra_op_threads
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self._allow_spinning else "0"
+        )
+        for role, graph in self.manifest.graphs.items():
+            path = self.folder / graph.file
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as err:  # ORT raises its own exception types per failure
+                raise BackendError(f"{path} | ONNX Runtime cannot load it: {err}") from err
+            self._check_io(role, session)
+            self._sessions[role] = session
+        self.providers = self._sessions["full"].get_providers()
+        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _check_io(self, role: str, session: Any) -> None:
+        graph = self.manifest.graphs[role]
+        declared_in = {t.name for t in graph.inputs}
+        declared_out = {t.name for t in graph.outputs}
+        for arg in session.get_inputs():
+            if arg.name not in declared_in:
+                raise BackendError(
+                    f"{self.folder / graph.file} | input '{arg.name}' is not in the manifest | "
+                    "graph and manifest come from different builds; rebuild"
+                )
+        names_out = {arg.name for arg in session.get_outputs()}
+        if names_out != declared_out:
+            raise BackendError(
+                f"{self.folder / graph.file} | outputs {sorted(names_out)} differ from the "
+                f"manifest's {sorted(declared_out)} | rebuild"
+            )
+
+    def _deactivate_impl(self) -> None:
+        self._sessions.clear()
+
+    # -- buffers --------------------------------------------------------------------
+    def _allocate_impl(self, batch_size: int, layout: ArenaLayout) -> StepBuffers:
+        ort = import_optional("onnxruntime", backend=self.name, install="pip install onnxruntime")
+        manifest = self.manifest
+        cache_names = {c.name for c in manifest.caches}
+        step_inputs = [t for t in manifest.graphs["full"].inputs if t.name not in cache_names]
+
+        inputs: dict[str, Any] = {}
+        for spec in step_inputs:
+            shape = spec.concrete_shape(batch_size)
+            inputs[spec.name] = self._empty(ort, shape, spec.dtype)
+        pred = manifest.prediction
+        prediction = self._empty(ort, pred.concrete_shape(batch_size), pred.dtype)
+
+        # One allocation for all caches; each cache is a byte range of it.
+        arena = self._empty(ort, (layout.nbytes,), "uint8")
+        caches: dict[str, Any] = {}
+        pointers: dict[str, int] = {}
+        base = self._pointer(arena)
+        for slot in layout.slots:
+            pointers[slot.spec.name] = base + slot.offset
+            if self._device == "cpu":
+                caches[slot.spec.name] = (
+                    arena[slot.offset : slot.offset + slot.nbytes]
+                    .view(_numpy_dtype(slot.spec.dtype))
+                    .reshape(slot.shape)
+                )
+            else:  # device memory: no host view, the pointer is the handle
+                caches[slot.spec.name] = pointers[slot.spec.name]
+
+        buffers = StepBuffers(
+            batch_size=batch_size,
+            inputs=inputs,
+            caches=caches,
+            prediction=prediction,
+            cache_layout=layout,
+            bound={"arena": arena},
+        )
+        for role, session in self._sessions.items():
+            buffers.bound[role] = self._bind(session, buffers, pointers)
+        return buffers
+
+    def _empty(self, ort: Any, shape: tuple[int, ...], dtype: str) -> Any:
+        np_dtype = np.uint8 if dtype == "uint8" else _numpy_dtype(dtype)
+        if self._device == "cpu":
+            return np.empty(shape, dtype=np_dtype)
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np_dtype, "cuda", 0)
+
+    def _pointer(self, array: Any) -> int:
+        return int(array.ctypes.data) if isinstance(array, np.ndarray) else int(array.data_ptr())
+
+    def _bind(self, session: Any, buffers: StepBuffers, cache_ptrs: dict[str, int]) -> Any:
+        binding = session.io_binding()
+        layout = buffers.cache_layout
+        device = self._device
+        for arg in session.get_inputs():
+            if arg.name in cache_ptrs:
+                slot = layout.slot(arg.name)
+                binding.bind_input(
+                    arg.name, device, 0, _numpy_dtype(slot.spec.dtype), list(slot.shape), cache_ptrs[arg.name]
+                )
+            else:
+                self._bind_array(binding.bind_input, arg.name, buffers.inputs[arg.name])
+        prediction_name = self.manifest.prediction.name
+        for arg in session.get_outputs():
+            if arg.name == prediction_name:
+                self._bind_array(binding.bind_output, arg.name, buffers.prediction)
+            else:
+                slot = layout.slot(arg.name)
+                binding.bind_output(
+                    arg.name, device, 0, _numpy_dtype(slot.spec.dtype), list(slot.shape), cache_ptrs[arg.name]
+                )
+        return binding
+
+    def _bind_array(self, bind: Any, name: str, array: Any) -> None:
+        if isinstance(array, np.ndarray):
+            bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        else:
+            bind(name, "cuda", 0, _ort_numpy_dtype(array), array.shape(), array.data_ptr())
+
+    # -- stepping -------------------------------------------------------------------
+    def _run_impl(self, role: str, buffers: StepBuffers) -> None:
+        session = self._sessions[role]
+        binding = buffers.bound[role]
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as err:
+            raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
+
+    def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
+        target = buffers.inputs[name]
+        if isinstance(target, np.ndarray):
+            np.copyto(target, value, casting="same_kind")
+        else:
+            target.update_inplace(np.ascontiguousarray(value))
+
+    def read_prediction(self, buffers: StepBuffers) -> Any:
+        pred = buffers.prediction
+        return pred.copy() if isinstance(pred, np.ndarray) else pred.numpy()
+
+    def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
+        array = np.asarray(value, dtype=_numpy_dtype(dtype))
+        if array.ndim == 0:
+            return np.full(shape, array, dtype=array.dtype)
+        return array
+
+    def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
+        array = np.asarray(value)
+        return tuple(array.shape), NUMPY_NAMES.get(array.dtype, str(array.dtype))
+
+
+def _ort_numpy_dtype(value: Any) -> Any:
+    mapping = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+    return mapping[value.data_type()]

@@ -1,0 +1,259 @@
+"""``manifest.json``: the contract between ``fora-export build`` and the runtime.
+
+The runtime reads only this file and the graph files it lists. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fora_runtime.errors import ManifestError
+from fora_runtime.schedule import CacheSchedule
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BATCH_AXIS = "batch"
+DTYPES = ("float32", "float16", "bfloat16", "int64")
+GRAPH_ROLES = ("full", "reuse")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output. ``shape`` holds ints and the symbol ``"batch"``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def concrete_shape(self, batch_size: int) -> tuple[int, ...]:
+        return tuple(batch_size if d == BATCH_AXIS else int(d) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class CacheSpec(TensorSpec):
+    """A cached sublayer output: ``block`` index and sublayer ``kind`` (e.g. attn1, ff)."""
+
+    block: int = 0
+    kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "block": self.block, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        return cls(
+            name=data["name"],
+            dtype=data["dtype"],
+            shape=tuple(data["shape"]),
+            block=int(data["block"]),
+            kind=data["kind"],
+        )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported subgraph: its file (relative to the engine folder) and IO."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+        return cls(
+            file=data["file"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int
+    opt: int
+    max: int
+
+    def contains(self, batch_size: int) -> bool:
+        return self.min <= batch_size <= self.max
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about a built engine folder."""
+
+    model_class: str
+    family: str
+    model_config: dict[str, Any]
+    source: str
+    resolution: tuple[int, int]
+    batch: BatchRange
+    precision: str
+    schedule: CacheSchedule
+    conditioning: dict[str, Any]
+    graphs: dict[str, GraphSpec]
+    caches: tuple[CacheSpec, ...]
+    files: dict[str, dict[str, Any]]
+    tools: dict[str, str]
+    export: dict[str, Any]
+    config_hash: str
+    # Backend-specific build records (e.g. TensorRT version, GPU) keyed by backend.
+    backends: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- IO helpers used by the runtime -------------------------------------------------
+    @property
+    def prediction(self) -> TensorSpec:
+        """The noise-prediction output (first output of both graphs)."""
+        return self.graphs["full"].outputs[0]
+
+    def input_spec(self, name: str) -> TensorSpec:
+        for spec in self.graphs["full"].inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    # -- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["resolution"] = list(self.resolution)
+        data["batch"] = asdict(self.batch)
+        data["schedule"] = self.schedule.to_dict()
+        data["graphs"] = {role: g.to_dict() for role, g in self.graphs.items()}
+        data["caches"] = [c.to_dict() for c in self.caches]
+        # Put the version first so a human reading the file sees it.
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} | top level is not a JSON object | rebuild the engines")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{where} | schema_version {version!r} is not supported (this runtime reads "
+                f"{SCHEMA_VERSION}) | rebuild with a matching fora-export or upgrade fora-runtime"
+            )
+        try:
+            graphs = {role: GraphSpec.from_dict(data["graphs"][role]) for role in GRAPH_ROLES}
+            manifest = cls(
+                model_class=data["model_class"],
+                family=data["family"],
+                model_config=dict(data["model_config"]),
+                source=data["source"],
+                resolution=(int(data["resolution"][0]), int(data["resolution"][1])),
+                batch=BatchRange(**data["batch"]),
+                precision=data["precision"],
+                schedule=CacheSchedule.from_dict(data["schedule"]),
+                conditioning=dict(data["conditioning"]),
+                graphs=graphs,
+                caches=tuple(CacheSpec.from_dict(c) for c in data["caches"]),
+                files=dict(data["files"]),
+                tools=dict(data["tools"]),
+                export=dict(data["export"]),
+                config_hash=data["config_hash"],
+                backends=dict(data.get("backends", {})),
+            )
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ManifestError(
+                f"{where} | missing or malformed field ({type(err).__name__}: {err}) | "
+                "rebuild the engines with `fora-export build`"
+            ) from err
+        manifest._check_consistency(where)
+        return manifest
+
+    def _check_consistency(self, where: str) -> None:
+        for spec in (*self.caches, *(t for g in self.graphs.values() for t in (*g.inputs, *g.outputs))):
+            if spec.dtype not in DTYPES:
+                raise ManifestError(f"{where} | tensor '{spec.name}' has unknown dtype {spec.dtype!r}")
+        if not (1 <= self.batch.min <= self.batch.opt <= self.batch.max):
+            raise ManifestError(f"{where} | invalid batch range {self.batch} | expected 1 <= min <= opt <= max")
+        cache_names = {c.name for c in self.caches}
+        full_outputs = {t.name for t in self.graphs["full"].outputs}
+        reuse_inputs = {t.name for t in self.graphs["reuse"].inputs}
+        if not cache_names <= full_outputs:
+            raise ManifestError(f"{where} | full graph does not output every cache tensor")
+        if not cache_names <= reuse_inputs:
+            raise ManifestError(f"{where} | reuse graph does not take every cache tensor")
+        for role, graph in self.graphs.items():
+            if graph.file not in self.files:
+                raise ManifestError(f"{where} | {role} graph file '{graph.file}' is not listed in 'files'")
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(folder: str | Path, *, verify_files: bool = True) -> Manifest:
+    """Read and validate ``folder/manifest.json``.
+
+    With ``verify_files`` every file listed in the manifest must exist with the
+    recorded size and sha256; a mismatch means the folder was tampered with or
+    copied incompletely.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ManifestError(f"Engine folder '{folder}' | does not exist | run `fora-export build` first")
+    if not folder.is_dir():
+        raise ManifestError(f"Engine folder '{folder}' | is not a folder | pass the folder `build --out` wrote")
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        raise ManifestError(
+            f"{path} | missing | not an engine folder, or its build did not finish; rebuild it"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} | is not valid JSON ({err}) | rebuild the engines") from err
+    manifest = Manifest.from_dict(data, where=str(path))
+    if verify_files:
+        verify_manifest_files(manifest, folder)
+    return manifest
+
+
+def verify_manifest_files(manifest: Manifest, folder: Path) -> None:
+    for name, record in manifest.files.items():
+        file = folder / name
+        if not file.is_file():
+            raise ManifestError(f"{file} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
+        size = file.stat().st_size
+        if size != record.get("bytes"):
+            raise ManifestError(
+                f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated "
+                "or was replaced; rebuild the engines"
+            )
+        if sha256_of(file) != record.get("sha256"):
+            raise ManifestError(
+                f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; rebuild the engines"
+            )
