@@ -29,6 +29,7 @@ from fora_runtime.manifest import (
 )
 
 import fora_export
+from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.build.config import BuildConfig
 from fora_export.errors import BuildError, ExportError
@@ -99,7 +100,7 @@ def export_folder(loaded: LoadedModel, folder: Path, config: BuildConfig, stages
     stages.stage("splitting")
     adapter = adapter_for(loaded.model, where=f"MODEL '{loaded.source}'")
     dtype = adapter.check_precision(config.precision)
-    adapter.model.to(dtype)
+    cast_model(adapter.model, dtype)
     resolution = config.resolution or adapter.default_resolution()
     adapter.check_resolution(resolution)
     step_specs = adapter.step_input_specs(resolution, config.precision)

@@ -94,8 +94,12 @@ class ForaSession:
         return self.backend.read_prediction(buffers)
 
     def cache_views(self, batch_size: int) -> dict[str, Any]:
-        """The cache buffers of ``batch_size`` (host arrays on CPU backends)."""
+        """The live cache buffers of ``batch_size`` (backend arrays, not copies)."""
         return self.backend.buffers(batch_size).caches
+
+    def read_caches(self, batch_size: int) -> dict[str, Any]:
+        """Host copies of the caches of ``batch_size`` (for validation)."""
+        return self.backend.read_caches(self.backend.buffers(batch_size))
 
     # -- input checks ---------------------------------------------------------------
     def _where(self) -> str:

@@ -58,6 +58,14 @@ class StepBuffers:
     bound: dict[str, Any] = field(default_factory=dict)
 
 
+def _to_host(value: Any) -> Any:
+    import numpy as np
+
+    if hasattr(value, "detach"):  # a torch tensor on any device; bf16 has no numpy dtype
+        return value.detach().float().cpu().numpy()
+    return np.array(value, copy=True)
+
+
 class StepBackend(ABC):
     """Runs the full and reuse graphs of one engine folder."""
 
@@ -119,6 +127,11 @@ class StepBackend(ABC):
         """Run the reuse graph on the staged inputs and the caches; writes prediction."""
         self._require_active()
         self._run_impl("reuse", buffers)
+
+    def read_caches(self, buffers: StepBuffers) -> dict[str, Any]:
+        """Host (numpy) copies of every cache tensor; for validation, not the hot path."""
+        self._require_active()
+        return {name: _to_host(value) for name, value in buffers.caches.items()}
 
     # -- subclass hooks -------------------------------------------------------------
     @abstractmethod

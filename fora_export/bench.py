@@ -1,0 +1,182 @@
+"""``fora-export bench``: step latencies and end-to-end speedup per cache interval.
+
+Everything is measured side by side in one run on one backend: the median
+latency of a full and of a reuse step, then whole generations of ``steps``
+steps for each interval N (N=1 is no caching), run round-robin so drift in
+machine load affects every interval alike. The speedup of N is
+``time(N=1) / time(N)``; its ideal is ``steps / full steps`` (reuse for free).
+
+Between steps the latents get a cheap update (``latents -= 0.01 * eps``) in
+place of a scheduler, so the numbers are the transformer's time alone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fora_export.errors import ConfigError
+from fora_runtime.manifest import Manifest, TensorSpec
+from fora_runtime.schedule import CacheSchedule
+from fora_runtime.session import ForaSession
+
+NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+@dataclass
+class IntervalResult:
+    interval: int
+    num_full: int
+    median_ms: float
+    runs_ms: list[float]
+    speedup: float = 0.0
+    ideal: float = 0.0
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup as a fraction of the ideal."""
+        return self.speedup / self.ideal if self.ideal else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "efficiency": self.efficiency}
+
+
+@dataclass
+class BenchReport:
+    engine_dir: str
+    backend: str
+    machine: str
+    model_class: str
+    precision: str
+    batch_size: int
+    steps: int
+    schedule_mode: str
+    full_ms: float
+    reuse_ms: float
+    intervals: list[IntervalResult] = field(default_factory=list)
+
+    @property
+    def reuse_to_full(self) -> float:
+        return self.reuse_ms / self.full_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reuse_to_full"] = self.reuse_to_full
+        data["intervals"] = [r.to_dict() for r in self.intervals]
+        return data
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def random_step_inputs(manifest: Manifest, specs: tuple[TensorSpec, ...], batch: int, seed: int) -> dict[str, Any]:
+    """Valid random inputs for every step input, from the manifest alone."""
+    rng = np.random.default_rng(seed)
+    ranges = manifest.conditioning.get("input_ranges", {})
+    inputs: dict[str, Any] = {}
+    for spec in specs:
+        shape = spec.concrete_shape(batch)
+        if spec.name == "timestep":
+            inputs[spec.name] = np.full(shape, 999.0, dtype=np.float32)
+        elif spec.dtype == "int64":
+            low, high = ranges.get(spec.name, (1, 1))
+            inputs[spec.name] = rng.integers(low, high + 1, size=shape, dtype=np.int64)
+        else:
+            inputs[spec.name] = rng.standard_normal(shape).astype(NUMPY.get(spec.dtype, np.float32))
+    return inputs
+
+
+def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[str, Any], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run_step(role, batch, inputs)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _generation_ms(session: ForaSession, schedule: CacheSchedule, steps: int, batch: int,
+                   inputs: dict[str, Any]) -> float:
+    latents = inputs["latents"].copy()
+    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
+    timesteps = np.linspace(999, 0, steps)
+    start = time.perf_counter()
+    generation = session.start(steps, batch, schedule=schedule)
+    for t in timesteps:
+        output = generation.step(latents, float(t), **conditioning)
+        latents -= (0.01 * output[:, : latents.shape[1]]).astype(latents.dtype)
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench(
+    engine_dir: str | Path,
+    *,
+    steps: int = 20,
+    intervals: tuple[int, ...] = (1, 2, 3, 5),
+    batch_size: int | None = None,
+    repeats: int = 3,
+    step_runs: int = 10,
+    schedule_mode: str = "paper",
+    backend: str = "onnxruntime",
+) -> BenchReport:
+    if steps < 1 or repeats < 1 or step_runs < 1:
+        raise ConfigError("--steps, --repeats | expected integers >= 1")
+    schedules = {n: CacheSchedule.interval_of(n, schedule_mode) for n in sorted(set(intervals))}
+    if 1 not in schedules:
+        schedules = {1: CacheSchedule.interval_of(1), **schedules}  # the baseline is always measured
+    with ForaSession(engine_dir, backend=backend) as session:
+        manifest = session.manifest
+        batch = manifest.batch.opt if batch_size is None else batch_size
+        inputs = random_step_inputs(manifest, session.step_inputs, batch, seed=0)
+        # Warm up both graphs (first runs allocate and pick kernels).
+        for role in ("full", "reuse", "full"):
+            session.run_step(role, batch, inputs)
+        full_ms = _median_step_ms(session, "full", batch, inputs, step_runs)
+        reuse_ms = _median_step_ms(session, "reuse", batch, inputs, step_runs)
+        runs: dict[int, list[float]] = {n: [] for n in schedules}
+        for _ in range(repeats):
+            for n, schedule in schedules.items():
+                runs[n].append(_generation_ms(session, schedule, steps, batch, inputs))
+    report = BenchReport(
+        engine_dir=str(engine_dir),
+        backend=backend,
+        machine=describe_machine(),
+        model_class=manifest.model_class,
+        precision=manifest.precision,
+        batch_size=batch,
+        steps=steps,
+        schedule_mode=schedule_mode,
+        full_ms=full_ms,
+        reuse_ms=reuse_ms,
+    )
+    baseline = statistics.median(runs[1])
+    for n, schedule in schedules.items():
+        median = statistics.median(runs[n])
+        report.intervals.append(
+            IntervalResult(
+                interval=n,
+                num_full=schedule.num_full(steps),
+                median_ms=median,
+                runs_ms=runs[n],
+                speedup=baseline / median,
+                ideal=schedule.ideal_speedup(steps),
+            )
+        )
+    return report

@@ -1,0 +1,77 @@
+"""Terminal rendering (rich tables) of validate and bench reports."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from fora_export.bench import BenchReport
+from fora_export.validate.compare import GRAPH_TOLERANCES
+from fora_export.validate.runner import ValidationReport
+
+
+def _verdict(passed: bool) -> str:
+    return "[green]pass[/green]" if passed else "[bold red]FAIL[/bold red]"
+
+
+def print_validation(report: ValidationReport, console: Console | None = None) -> None:
+    console = console or Console()
+    tol = GRAPH_TOLERANCES[report.precision]
+    console.print(
+        f"[bold]validate[/bold] {report.engine_dir} ({report.backend}, {report.precision}) "
+        f"against {report.model}"
+    )
+    if report.graph_cases:
+        table = Table(title=f"Graphs vs PyTorch (allowed: {tol.atol:g} abs + {tol.rtol:g} x max|ref|)")
+        for column in ("graph", "batch", "timestep", "max abs", "max rel", "worst output", "result"):
+            table.add_column(column, justify="right" if column in ("batch", "timestep") else "left")
+        for case in report.graph_cases:
+            worst = case.worst
+            table.add_row(
+                case.role,
+                str(case.batch_size),
+                str(case.timestep),
+                f"{max(c.max_abs for c in case.comparisons):.2e}",
+                f"{max(c.max_rel for c in case.comparisons):.2e}",
+                worst.name,
+                _verdict(case.passed) + ("" if case.passed else f" (needs {worst.max_abs:.1e})"),
+            )
+        console.print(table)
+    trajectory = report.trajectory
+    if trajectory:
+        console.print(
+            f"Trajectory ({trajectory.scheduler}, {trajectory.steps} steps, batch {trajectory.batch_size}, "
+            f"{trajectory.schedule}, {trajectory.num_full} full): runtime vs PyTorch FORA rel. L2 "
+            f"{trajectory.runtime_vs_fora_rel_l2:.2e} (allowed {trajectory.tolerance:g}) "
+            f"{_verdict(trajectory.passed)}"
+        )
+        console.print(
+            f"FORA vs no caching (PyTorch, information only): rel. L2 {trajectory.fora_vs_nocache_rel_l2:.3f}"
+        )
+    console.print(f"Result: {_verdict(report.passed)}")
+
+
+def print_bench(report: BenchReport, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(
+        f"[bold]bench[/bold] {report.engine_dir}: {report.model_class}, {report.precision}, "
+        f"batch {report.batch_size}, {report.steps} steps, backend {report.backend}"
+    )
+    console.print(f"machine: {report.machine}")
+    console.print(
+        f"step latency (median): full {report.full_ms:.2f} ms, reuse {report.reuse_ms:.2f} ms "
+        f"(reuse = {100 * report.reuse_to_full:.1f}% of full)"
+    )
+    table = Table(title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule)")
+    for column in ("N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"):
+        table.add_column(column, justify="right")
+    for row in report.intervals:
+        table.add_row(
+            str(row.interval),
+            str(row.num_full),
+            f"{row.median_ms:.1f}",
+            f"{row.speedup:.2f}x",
+            f"{row.ideal:.2f}x",
+            f"{row.efficiency:.2f}",
+        )
+    console.print(table)

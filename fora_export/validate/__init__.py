@@ -1,0 +1,1 @@
+"""Checking engine outputs against the PyTorch model."""

@@ -1,0 +1,336 @@
+"""``fora-export validate``: engine vs PyTorch, per graph and over a trajectory.
+
+1. Graphs: for several batch sizes and timesteps, the engine's full graph
+   (prediction and every cache tensor) and reuse graph (fed the caches its own
+   full graph wrote for a nearby earlier timestep) against the PyTorch split
+   modules on the same inputs.
+2. Trajectory: a whole sampling run (DDIM or DPM-Solver++, the engine's cache
+   schedule): runtime vs PyTorch FORA, final-latent relative L2.
+3. Drift: PyTorch FORA vs PyTorch without caching, as information (this is the
+   approximation FORA makes, not an export error).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fora_export.adapters.base import TORCH_DTYPES, ModelAdapter
+from fora_export.adapters.casting import cast_model
+from fora_export.adapters.registry import adapter_for
+from fora_export.errors import ConfigError
+from fora_export.loading import load_model
+from fora_export.split.graphs import SplitModel, split_model
+from fora_export.validate.compare import (
+    GRAPH_TOLERANCES,
+    TRAJECTORY_TOLERANCES,
+    Comparison,
+    compare,
+    relative_l2,
+)
+from fora_runtime.manifest import Manifest
+from fora_runtime.schedule import CacheSchedule
+from fora_runtime.session import ForaSession
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("ddim", "dpm")
+GRAPH_TIMESTEPS = (999, 500, 0)
+#: The reuse case reuses caches written this many timesteps earlier.
+REUSE_GAP = 40
+
+
+@dataclass
+class GraphCase:
+    role: str
+    batch_size: int
+    timestep: int
+    comparisons: list[Comparison]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.comparisons)
+
+    @property
+    def worst(self) -> Comparison:
+        return max(self.comparisons, key=lambda c: c.max_abs - c.allowed)
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.worst
+        return {
+            "role": self.role,
+            "batch_size": self.batch_size,
+            "timestep": self.timestep,
+            "passed": self.passed,
+            "max_abs": max(c.max_abs for c in self.comparisons),
+            "max_rel": max(c.max_rel for c in self.comparisons),
+            "worst_output": worst.name,
+            "outputs": [c.to_dict() for c in self.comparisons],
+        }
+
+
+@dataclass
+class TrajectoryResult:
+    scheduler: str
+    steps: int
+    batch_size: int
+    schedule: str
+    num_full: int
+    runtime_vs_fora_rel_l2: float
+    tolerance: float
+    fora_vs_nocache_rel_l2: float
+    final_nonfinite: bool
+
+    @property
+    def passed(self) -> bool:
+        return not self.final_nonfinite and self.runtime_vs_fora_rel_l2 <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class ValidationReport:
+    engine_dir: str
+    backend: str
+    model: str
+    precision: str
+    graph_cases: list[GraphCase] = field(default_factory=list)
+    trajectory: TrajectoryResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        graphs_ok = all(c.passed for c in self.graph_cases)
+        return graphs_ok and (self.trajectory is None or self.trajectory.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine_dir": self.engine_dir,
+            "backend": self.backend,
+            "model": self.model,
+            "precision": self.precision,
+            "passed": self.passed,
+            "graph_tolerance": asdict(GRAPH_TOLERANCES[self.precision]),
+            "graphs": [c.to_dict() for c in self.graph_cases],
+            "trajectory": self.trajectory.to_dict() if self.trajectory else None,
+        }
+
+
+def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
+    """The PyTorch model the engines were built from, in the engines' precision."""
+    ref = model_ref or manifest.source
+    loaded = load_model(ref)
+    adapter = adapter_for(loaded.model, where=f"MODEL '{ref}'")
+    if type(adapter.model).__name__ != manifest.model_class:
+        raise ConfigError(
+            f"MODEL '{ref}' | is a {type(adapter.model).__name__}, the engines were built from a "
+            f"{manifest.model_class} | pass the model they were built from with --model"
+        )
+    config = {k: v for k, v in adapter.config.items() if not k.startswith("_")}
+    built = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
+    differing = sorted(k for k in built if str(built[k]) != str(config.get(k)))
+    if differing:
+        raise ConfigError(
+            f"MODEL '{ref}' | config differs from the one the engines were built from in {differing} "
+            "| pass the right model with --model"
+        )
+    cast_model(adapter.model, TORCH_DTYPES[manifest.precision])
+    return adapter
+
+
+class _Feeder:
+    """Converts CPU torch inputs into what the session's backend takes."""
+
+    def __init__(self, session: ForaSession) -> None:
+        self._host = session.backend.host_inputs
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self._host:
+            return {k: v.numpy() for k, v in inputs.items()}
+        return {k: v.cuda() for k, v in inputs.items()}
+
+
+def validate_graphs(
+    session: ForaSession, split: SplitModel, batch_sizes: list[int], seed: int
+) -> list[GraphCase]:
+    manifest = session.manifest
+    tolerance = GRAPH_TOLERANCES[manifest.precision]
+    feed = _Feeder(session)
+    cases = []
+    generator = torch.Generator().manual_seed(seed)
+    for batch in batch_sizes:
+        for timestep in GRAPH_TIMESTEPS:
+            inputs = split.adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
+            inputs["timestep"] = torch.full((batch,), float(timestep))
+            with torch.no_grad():
+                ref_pred, ref_caches = split.run_full(inputs)
+            pred = session.run_step("full", batch, feed(inputs))
+            caches = session.read_caches(batch)
+            comparisons = [compare("prediction", pred, ref_pred, tolerance)]
+            comparisons += [compare(name, caches[name], ref_caches[name], tolerance) for name in split.cache_names]
+            cases.append(GraphCase("full", batch, timestep, comparisons))
+
+            # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling.
+            earlier = dict(inputs, timestep=torch.full((batch,), float(min(999, timestep + REUSE_GAP))))
+            with torch.no_grad():
+                _, earlier_caches = split.run_full(earlier)
+                ref_reuse = split.run_reuse(inputs, earlier_caches)
+            session.run_step("full", batch, feed(earlier))
+            reuse_pred = session.run_step("reuse", batch, feed(inputs))
+            cases.append(GraphCase("reuse", batch, timestep, [compare("prediction", reuse_pred, ref_reuse, tolerance)]))
+            log.info("graphs: batch %d t=%d done", batch, timestep)
+    return cases
+
+
+def make_scheduler(name: str, steps: int) -> Any:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    elif name == "dpm":
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    else:
+        raise ConfigError(f"--scheduler | got {name!r} | expected one of {', '.join(SCHEDULERS)}")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample(
+    step_fn: StepFn, adapter: ModelAdapter, latents: torch.Tensor, scheduler_name: str, steps: int
+) -> torch.Tensor:
+    """Run a sampling loop; ``step_fn(k, latents, t)`` returns the model output."""
+    scheduler = make_scheduler(scheduler_name, steps)
+    latents = latents.float()
+    for k, t in enumerate(scheduler.timesteps):
+        output = step_fn(k, latents, t)
+        eps = adapter.noise_prediction(_as_cpu_tensor(output))
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def _as_cpu_tensor(value: Any) -> torch.Tensor:
+    if torch.is_tensor(value):
+        return value.float().cpu()
+    return torch.from_numpy(np.asarray(value, dtype=np.float32))
+
+
+def validate_trajectory(
+    session: ForaSession,
+    split: SplitModel,
+    *,
+    steps: int,
+    scheduler: str,
+    schedule: CacheSchedule,
+    batch_size: int,
+    seed: int,
+) -> TrajectoryResult:
+    manifest = session.manifest
+    dtype = TORCH_DTYPES[manifest.precision]
+    generator = torch.Generator().manual_seed(seed + 1)
+    base = split.adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
+    latents0 = base["latents"].float()
+    conditioning = {k: v for k, v in base.items() if k not in ("latents", "timestep")}
+    plan = schedule.plan(steps)
+    feed = _Feeder(session)
+
+    def step_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "latents": latents.to(dtype),
+            "timestep": torch.full((batch_size,), float(t)),
+            **conditioning,
+        }
+
+    generation = session.start(steps, batch_size, schedule=schedule)
+
+    def runtime_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> Any:
+        fed = feed(step_inputs(latents, t))
+        return generation.step(fed.pop("latents"), fed.pop("timestep"), **fed)
+
+    caches: dict[str, torch.Tensor] = {}
+
+    def fora_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal caches
+        with torch.no_grad():
+            if plan[k]:
+                pred, caches = split.run_full(step_inputs(latents, t))
+                return pred
+            return split.run_reuse(step_inputs(latents, t), caches)
+
+    def nocache_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return split.adapter.predict(step_inputs(latents, t))
+
+    final_runtime = sample(runtime_step, split.adapter, latents0, scheduler, steps)
+    final_fora = sample(fora_step, split.adapter, latents0, scheduler, steps)
+    final_nocache = sample(nocache_step, split.adapter, latents0, scheduler, steps)
+    return TrajectoryResult(
+        scheduler=scheduler,
+        steps=steps,
+        batch_size=batch_size,
+        schedule=schedule.describe(),
+        num_full=sum(plan),
+        runtime_vs_fora_rel_l2=relative_l2(final_runtime, final_fora),
+        tolerance=TRAJECTORY_TOLERANCES[manifest.precision],
+        fora_vs_nocache_rel_l2=relative_l2(final_fora, final_nocache),
+        final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
+    )
+
+
+def validate(
+    engine_dir: str | Path,
+    *,
+    model: str | None = None,
+    backend: str = "onnxruntime",
+    steps: int = 20,
+    scheduler: str = "ddim",
+    schedule: CacheSchedule | None = None,
+    batch_sizes: list[int] | None = None,
+    seed: int = 0,
+    graphs: bool = True,
+    trajectory: bool = True,
+) -> ValidationReport:
+    """Validate an engine folder; see the module docstring for what is checked."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler | got {scheduler!r} | expected one of {', '.join(SCHEDULERS)}")
+    if steps < 1:
+        raise ConfigError(f"--steps | got {steps} | expected >= 1")
+    with ForaSession(engine_dir, backend=backend) as session:
+        manifest = session.manifest
+        if batch_sizes is None:
+            batch_sizes = sorted({manifest.batch.min, manifest.batch.opt, manifest.batch.max})
+        for batch in batch_sizes:
+            if not manifest.batch.contains(batch):
+                raise ConfigError(f"--batch-sizes | {batch} is outside the built range {manifest.batch}")
+        adapter = load_reference(manifest, model)
+        split = split_model(adapter, tuple(s.name for s in session.step_inputs))
+        report = ValidationReport(
+            engine_dir=str(engine_dir),
+            backend=backend,
+            model=model or manifest.source,
+            precision=manifest.precision,
+        )
+        try:
+            if graphs:
+                report.graph_cases = validate_graphs(session, split, batch_sizes, seed)
+            if trajectory:
+                report.trajectory = validate_trajectory(
+                    session,
+                    split,
+                    steps=steps,
+                    scheduler=scheduler,
+                    schedule=schedule or manifest.schedule,
+                    batch_size=manifest.batch.opt,
+                    seed=seed,
+                )
+        finally:
+            split.remove()
+    return report
