@@ -86,7 +86,9 @@ def describe_machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def random_step_inputs(manifest: Manifest, specs: tuple[TensorSpec, ...], batch: int, seed: int) -> dict[str, Any]:
+def random_step_inputs(
+    manifest: Manifest, specs: tuple[TensorSpec, ...], batch: int, seed: int
+) -> dict[str, Any]:
     """Valid random inputs for every step input, from the manifest alone."""
     rng = np.random.default_rng(seed)
     ranges = manifest.conditioning.get("input_ranges", {})
@@ -112,8 +114,9 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
     return statistics.median(times)
 
 
-def _generation_ms(session: ForaSession, schedule: CacheSchedule, steps: int, batch: int,
-                   inputs: dict[str, Any]) -> float:
+def _generation_ms(
+    session: ForaSession, schedule: CacheSchedule, steps: int, batch: int, inputs: dict[str, Any]
+) -> float:
     latents = inputs["latents"].copy()
     conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
     timesteps = np.linspace(999, 0, steps)

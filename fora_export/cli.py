@@ -62,23 +62,65 @@ def _default_out(model: str) -> Path:
 
 @main.command()
 @click.argument("model")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="Engine folder to write. [default: engines/<model name>]")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Engine folder to write. [default: engines/<model name>]",
+)
 @click.option("--resolution", default=None, help="Latent size, e.g. 32 or 32x32. [default: the model's]")
 @click.option("--batch", default="1:2:8", show_default=True, help="Batch range MIN:OPT:MAX.")
-@click.option("--interval", type=int, default=3, show_default=True,
-              help="Default cache interval N recorded in the manifest (1 = no caching).")
-@click.option("--schedule-mode", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
-              help="How 'every N steps' is counted (see README, Schedules).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Tensor types of the exported graphs.")
+@click.option(
+    "--interval",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Default cache interval N recorded in the manifest (1 = no caching).",
+)
+@click.option(
+    "--schedule-mode",
+    type=click.Choice(["paper", "reference"]),
+    default="paper",
+    show_default=True,
+    help="How 'every N steps' is counted (see README, Schedules).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Tensor types of the exported graphs.",
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset. [default: 17 torchscript, 18 dynamo]")
-@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
-              show_default=True, help="torch.onnx exporter.")
+@click.option(
+    "--exporter",
+    type=click.Choice(["torchscript", "dynamo"]),
+    default="torchscript",
+    show_default=True,
+    help="torch.onnx exporter.",
+)
+@click.option(
+    "--fp32-islands/--no-fp32-islands",
+    default=True,
+    show_default=True,
+    help="Run LayerNorm and Softmax in fp32 inside fp16/bf16 graphs (see README).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
-def build(model: str, out: Path | None, resolution: str | None, batch: str, interval: int,
-          schedule_mode: str, precision: str, opset: int | None, exporter: str, force: bool) -> None:
+def build(
+    model: str,
+    out: Path | None,
+    resolution: str | None,
+    batch: str,
+    interval: int,
+    schedule_mode: str,
+    precision: str,
+    opset: int | None,
+    exporter: str,
+    fp32_islands: bool,
+    force: bool,
+) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
@@ -87,9 +129,16 @@ def build(model: str, out: Path | None, resolution: str | None, batch: str, inte
     from fora_export.build.config import BuildConfig
     from fora_export.build.pipeline import build as run_build
 
-    config = BuildConfig.from_options(batch=batch, resolution=resolution, interval=interval,
-                                      schedule_mode=schedule_mode, precision=precision, opset=opset,
-                                      exporter=exporter)
+    config = BuildConfig.from_options(
+        batch=batch,
+        resolution=resolution,
+        interval=interval,
+        schedule_mode=schedule_mode,
+        precision=precision,
+        opset=opset,
+        exporter=exporter,
+        fp32_islands=fp32_islands,
+    )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest
     sizes = {name: rec["bytes"] for name, rec in manifest.files.items()}
@@ -108,13 +157,24 @@ def build(model: str, out: Path | None, resolution: str | None, batch: str, inte
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend to validate.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Trajectory length.")
 @click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
-@click.option("--interval", type=int, default=None, help="Cache interval for the trajectory. [default: manifest]")
+@click.option(
+    "--interval", type=int, default=None, help="Cache interval for the trajectory. [default: manifest]"
+)
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
 @_user_errors
-def validate(engine_dir: Path, model: str | None, backend: str, steps: int, scheduler: str,
-             interval: int | None, batch_sizes: str | None, seed: int, as_json: bool) -> None:
+def validate(
+    engine_dir: Path,
+    model: str | None,
+    backend: str,
+    steps: int,
+    scheduler: str,
+    interval: int | None,
+    batch_sizes: str | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Check ENGINE_DIR against the PyTorch model, per graph and over a trajectory."""
     from fora_export.errors import ConfigError
     from fora_export.reports import print_validation
@@ -128,8 +188,16 @@ def validate(engine_dir: Path, model: str | None, backend: str, steps: int, sche
         except ValueError as err:
             raise ConfigError(f"--batch-sizes | got {batch_sizes!r} | expected e.g. 1,2,4") from err
     schedule = CacheSchedule.interval_of(interval) if interval is not None else None
-    report = run_validate(engine_dir, model=model, backend=backend, steps=steps, scheduler=scheduler,
-                          schedule=schedule, batch_sizes=sizes, seed=seed)
+    report = run_validate(
+        engine_dir,
+        model=model,
+        backend=backend,
+        steps=steps,
+        scheduler=scheduler,
+        schedule=schedule,
+        batch_sizes=sizes,
+        seed=seed,
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -145,22 +213,39 @@ def validate(engine_dir: Path, model: str | None, backend: str, steps: int, sche
 @click.option("--intervals", default="1,2,3,5", show_default=True, help="Cache intervals to compare.")
 @click.option("--batch", "batch_size", type=int, default=None, help="Batch size. [default: the build's opt]")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Generations per interval (median).")
-@click.option("--schedule-mode", type=click.Choice(["paper", "reference"]), default="paper", show_default=True)
+@click.option(
+    "--schedule-mode", type=click.Choice(["paper", "reference"]), default="paper", show_default=True
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_user_errors
-def bench(engine_dir: Path, backend: str, steps: int, intervals: str, batch_size: int | None,
-          repeats: int, schedule_mode: str, as_json: bool) -> None:
+def bench(
+    engine_dir: Path,
+    backend: str,
+    steps: int,
+    intervals: str,
+    batch_size: int | None,
+    repeats: int,
+    schedule_mode: str,
+    as_json: bool,
+) -> None:
     """Measure full/reuse step latency and end-to-end speedup per cache interval."""
     from fora_export.bench import bench as run_bench
-    from fora_export.reports import print_bench
     from fora_export.errors import ConfigError
+    from fora_export.reports import print_bench
 
     try:
         interval_list = tuple(int(s) for s in intervals.split(","))
     except ValueError as err:
         raise ConfigError(f"--intervals | got {intervals!r} | expected e.g. 1,2,3,5") from err
-    report = run_bench(engine_dir, steps=steps, intervals=interval_list, batch_size=batch_size,
-                       repeats=repeats, schedule_mode=schedule_mode, backend=backend)
+    report = run_bench(
+        engine_dir,
+        steps=steps,
+        intervals=interval_list,
+        batch_size=batch_size,
+        repeats=repeats,
+        schedule_mode=schedule_mode,
+        backend=backend,
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -46,7 +46,7 @@ def randomize_weights(model: nn.Module, seed: int) -> nn.Module:
 def make_demo_dit(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
-    model = DiTTransformer2DModel(**(config or DEMO_DIT_CONFIG))
+    model: Any = DiTTransformer2DModel(**(config or DEMO_DIT_CONFIG))
     randomize_weights(model, seed)
     # Converted DiT checkpoints carry one identical timestep/label embedder per
     # block; mirror that so the demo behaves like a real checkpoint.

@@ -94,7 +94,9 @@ def _load_local(path: Path) -> LoadedModel:
         model = cls.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
-    return LoadedModel(model=model.eval(), class_name=class_name, source=str(path.resolve()), subfolder=subfolder)
+    return LoadedModel(
+        model=model.eval(), class_name=class_name, source=str(path.resolve()), subfolder=subfolder
+    )
 
 
 def _load_hub(repo_id: str) -> LoadedModel:

@@ -11,14 +11,19 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
-from fora_runtime.manifest import TensorSpec
 from torch import nn
 
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
+from fora_runtime.manifest import TensorSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+}
 
 
 class ModelAdapter(ABC):
@@ -30,7 +35,8 @@ class ModelAdapter(ABC):
     cache_kinds: ClassVar[tuple[str, ...]]
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        # diffusers models expose config values and submodules as dynamic attributes.
+        self.model: Any = model
 
     @property
     def config(self) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
 
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, ModelAdapter
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
+from fora_runtime.manifest import BATCH_AXIS, TensorSpec
 
 
 class DiTAdapter(ModelAdapter):
@@ -66,7 +66,11 @@ class DiTAdapter(ModelAdapter):
     def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
         height, width = resolution
         return [
-            TensorSpec("latents", DTYPE_NAMES[TORCH_DTYPES[precision]], (BATCH_AXIS, self.latent_channels, height, width)),
+            TensorSpec(
+                "latents",
+                DTYPE_NAMES[TORCH_DTYPES[precision]],
+                (BATCH_AXIS, self.latent_channels, height, width),
+            ),
             TensorSpec("timestep", "float32", (BATCH_AXIS,)),
             TensorSpec("class_labels", "int64", (BATCH_AXIS,)),
         ]

@@ -6,12 +6,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fora_export.errors import ConfigError
+from fora_export.export.onnx_export import ExportConfig
 from fora_runtime.errors import ScheduleError
 from fora_runtime.manifest import BatchRange
 from fora_runtime.schedule import CacheSchedule
-
-from fora_export.errors import ConfigError
-from fora_export.export.onnx_export import ExportConfig
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -67,6 +66,7 @@ class BuildConfig:
         precision: str = "fp32",
         opset: int | None = None,
         exporter: str = "torchscript",
+        fp32_islands: bool = True,
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -80,7 +80,9 @@ class BuildConfig:
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
             schedule=schedule,
-            export=ExportConfig(precision=precision, opset=opset, exporter=exporter),
+            export=ExportConfig(
+                precision=precision, opset=opset, exporter=exporter, fp32_islands=fp32_islands
+            ),
         )
 
     @property

@@ -19,14 +19,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from fora_runtime.manifest import (
-    BATCH_AXIS,
-    CacheSpec,
-    GraphSpec,
-    Manifest,
-    TensorSpec,
-    sha256_of,
-)
 
 import fora_export
 from fora_export.adapters.casting import cast_model
@@ -37,6 +29,14 @@ from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model
 from fora_export.progress import StageProgress
 from fora_export.split.graphs import SplitModel, split_model
+from fora_runtime.manifest import (
+    BATCH_AXIS,
+    CacheSpec,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ class BuildResult:
     seconds: float
 
 
-def build(model_ref: str, out: str | Path, config: BuildConfig, *, force: bool = False,
-          progress: bool | None = None) -> BuildResult:
+def build(
+    model_ref: str, out: str | Path, config: BuildConfig, *, force: bool = False, progress: bool | None = None
+) -> BuildResult:
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
@@ -182,12 +183,16 @@ def _graph_spec(folder: Path, file: str) -> GraphSpec:
     return GraphSpec(file=file, inputs=tuple(inputs), outputs=tuple(outputs))
 
 
-def _check_graphs(graphs: dict[str, GraphSpec], step_specs: list[TensorSpec], caches: list[CacheSpec]) -> None:
+def _check_graphs(
+    graphs: dict[str, GraphSpec], step_specs: list[TensorSpec], caches: list[CacheSpec]
+) -> None:
     """The exported IO must be what the runtime will bind: names, dtypes, shapes."""
     expected = {s.name: s for s in (*step_specs, *caches)}
     for role, graph in graphs.items():
         if graph.outputs[0].name != PREDICTION:
-            raise ExportError(f"{graph.file} | first output is '{graph.outputs[0].name}', expected '{PREDICTION}'")
+            raise ExportError(
+                f"{graph.file} | first output is '{graph.outputs[0].name}', expected '{PREDICTION}'"
+            )
         for tensor in (*graph.inputs, *graph.outputs[1:]):
             want = expected.get(tensor.name)
             if want is None or (want.dtype, tuple(want.shape)) != (tensor.dtype, tuple(tensor.shape)):

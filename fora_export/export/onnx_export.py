@@ -17,12 +17,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
 from torch import nn
 
 from fora_export.errors import ConfigError, ExportError
+from fora_export.export.islands import apply_fp32_islands, island_ops
+from fora_runtime.manifest import BATCH_AXIS, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class ExportConfig:
     exporter: str = "torchscript"
     #: None: external data only above EXTERNAL_DATA_THRESHOLD; True/False force it.
     external_data: bool | None = None
+    #: Run LayerNorm/Softmax (and ops without bf16 support) in fp32 in fp16/bf16 graphs.
+    fp32_islands: bool = True
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -71,7 +75,8 @@ def export_onnx(
         outputs = module(*example_args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     static_shapes = {
-        name: tuple(t.shape[1:]) for name, t in zip((*input_names, *output_names), (*example_args, *outputs))
+        name: tuple(t.shape[1:])
+        for name, t in zip((*input_names, *output_names), (*example_args, *outputs), strict=True)
     }
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="fora-export-") as scratch:
@@ -127,6 +132,8 @@ def _run_exporter(
         optimize=True,
         verbose=False,
     )
+    if program is None:  # only returned as None when writing to a path directly
+        raise ExportError(f"{path.name} | torch.onnx.export (dynamo) returned no program")
     program.save(str(path))
 
 
@@ -136,8 +143,12 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
 
     model = onnx.load(str(raw), load_external_data=True)
     _fix_io_shapes(model, static_shapes)
+    if config.fp32_islands:
+        apply_fp32_islands(model, config.precision, island_ops(config.precision, config.opset))
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = config.external_data if config.external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    external = (
+        config.external_data if config.external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    )
     data_name = f"{path.name}.data"
     for stale in (path, path.with_name(data_name)):
         stale.unlink(missing_ok=True)
@@ -158,14 +169,14 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
         raise ExportError(f"{path.name} | ONNX checker rejected the exported graph: {err}") from err
 
 
-def _fix_io_shapes(model: object, static_shapes: dict[str, tuple[int, ...]]) -> None:
+def _fix_io_shapes(model: Any, static_shapes: dict[str, tuple[int, ...]]) -> None:
     """Axis 0 of every graph input/output is ``batch``; the others are the traced sizes.
 
     Exporters leave symbolic names on axes they could not infer (dynamo calls the
     batch s0, TorchScript names reshaped axes after their op); the runtime and
     TensorRT profiles want the real sizes.
     """
-    graph = model.graph  # type: ignore[attr-defined]
+    graph = model.graph
     for value in (*graph.input, *graph.output):
         dims = value.type.tensor_type.shape.dim
         rest = static_shapes.get(value.name)
@@ -184,13 +195,15 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     model = onnx.load(str(path), load_external_data=False)
 
-    def spec(value: object) -> TensorSpec:
-        tensor_type = value.type.tensor_type  # type: ignore[attr-defined]
+    def spec(value: Any) -> TensorSpec:
+        tensor_type = value.type.tensor_type
         if tensor_type.elem_type not in ONNX_DTYPES:
-            raise ExportError(f"{path.name} | tensor '{value.name}' has unsupported ONNX type {tensor_type.elem_type}")  # type: ignore[attr-defined]
+            raise ExportError(
+                f"{path.name} | tensor '{value.name}' has unsupported ONNX type {tensor_type.elem_type}"
+            )
         shape: list[int | str] = []
         for dim in tensor_type.shape.dim:
             shape.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or BATCH_AXIS))
-        return TensorSpec(value.name, ONNX_DTYPES[tensor_type.elem_type], tuple(shape))  # type: ignore[attr-defined]
+        return TensorSpec(value.name, ONNX_DTYPES[tensor_type.elem_type], tuple(shape))
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]

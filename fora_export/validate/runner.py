@@ -173,7 +173,9 @@ def validate_graphs(
             pred = session.run_step("full", batch, feed(inputs))
             caches = session.read_caches(batch)
             comparisons = [compare("prediction", pred, ref_pred, tolerance)]
-            comparisons += [compare(name, caches[name], ref_caches[name], tolerance) for name in split.cache_names]
+            comparisons += [
+                compare(name, caches[name], ref_caches[name], tolerance) for name in split.cache_names
+            ]
             cases.append(GraphCase("full", batch, timestep, comparisons))
 
             # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling.
@@ -183,7 +185,9 @@ def validate_graphs(
                 ref_reuse = split.run_reuse(inputs, earlier_caches)
             session.run_step("full", batch, feed(earlier))
             reuse_pred = session.run_step("reuse", batch, feed(inputs))
-            cases.append(GraphCase("reuse", batch, timestep, [compare("prediction", reuse_pred, ref_reuse, tolerance)]))
+            cases.append(
+                GraphCase("reuse", batch, timestep, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
+            )
             log.info("graphs: batch %d t=%d done", batch, timestep)
     return cases
 
@@ -191,6 +195,7 @@ def validate_graphs(
 def make_scheduler(name: str, steps: int) -> Any:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    scheduler: Any
     if name == "ddim":
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     elif name == "dpm":

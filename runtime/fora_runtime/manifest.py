@@ -194,7 +194,9 @@ class Manifest:
             if spec.dtype not in DTYPES:
                 raise ManifestError(f"{where} | tensor '{spec.name}' has unknown dtype {spec.dtype!r}")
         if not (1 <= self.batch.min <= self.batch.opt <= self.batch.max):
-            raise ManifestError(f"{where} | invalid batch range {self.batch} | expected 1 <= min <= opt <= max")
+            raise ManifestError(
+                f"{where} | invalid batch range {self.batch} | expected 1 <= min <= opt <= max"
+            )
         cache_names = {c.name for c in self.caches}
         full_outputs = {t.name for t in self.graphs["full"].outputs}
         reuse_inputs = {t.name for t in self.graphs["reuse"].inputs}
@@ -226,7 +228,9 @@ def load_manifest(folder: str | Path, *, verify_files: bool = True) -> Manifest:
     if not folder.exists():
         raise ManifestError(f"Engine folder '{folder}' | does not exist | run `fora-export build` first")
     if not folder.is_dir():
-        raise ManifestError(f"Engine folder '{folder}' | is not a folder | pass the folder `build --out` wrote")
+        raise ManifestError(
+            f"Engine folder '{folder}' | is not a folder | pass the folder `build --out` wrote"
+        )
     path = folder / MANIFEST_NAME
     if not path.exists():
         raise ManifestError(

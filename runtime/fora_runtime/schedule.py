@@ -47,9 +47,7 @@ class CacheSchedule:
                 f"Cache interval | got {interval} | expected an integer >= 1 (1 means no caching)"
             )
         if mode not in INTERVAL_MODES:
-            raise ScheduleError(
-                f"Schedule mode | got {mode!r} | expected one of {', '.join(INTERVAL_MODES)}"
-            )
+            raise ScheduleError(f"Schedule mode | got {mode!r} | expected one of {', '.join(INTERVAL_MODES)}")
         return cls(kind="interval", interval=interval, mode=mode)  # type: ignore[arg-type]
 
     @classmethod

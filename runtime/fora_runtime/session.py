@@ -66,9 +66,7 @@ class ForaSession:
         self.deactivate()
 
     # -- generations ----------------------------------------------------------------
-    def start(
-        self, num_steps: int, batch_size: int, *, schedule: CacheSchedule | None = None
-    ) -> Generation:
+    def start(self, num_steps: int, batch_size: int, *, schedule: CacheSchedule | None = None) -> Generation:
         """Begin a new generation; earlier generations of this session become stale."""
         self._check_batch(batch_size)
         plan = (schedule or self.schedule).plan(num_steps)
@@ -160,7 +158,9 @@ def _dtype_compatible(got: str, want: str) -> bool:
 class Generation:
     """One sampling run: tracks the step index against the schedule's plan."""
 
-    def __init__(self, session: ForaSession, buffers: StepBuffers, plan: tuple[bool, ...], gen_id: int) -> None:
+    def __init__(
+        self, session: ForaSession, buffers: StepBuffers, plan: tuple[bool, ...], gen_id: int
+    ) -> None:
         self._session = session
         self._buffers = buffers
         self.plan = plan

@@ -1,0 +1,42 @@
+# Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
+#   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
+#   make test   lint, type-check and run the test suite
+# CPU PyTorch is installed explicitly; elsewhere set TORCH_SPEC (and pip's index).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0+cpu
+TENSORRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck clean
+
+$(STAMP): pyproject.toml runtime/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ./runtime -e ".[dev]"
+	# The stubs declare a dependency on tensorrt itself, which has no wheel here.
+	$(BIN)/pip install -q --no-deps "$(TENSORRT_STUBS)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fora-export build demo-dit --out engines/demo-dit --force
+	$(BIN)/fora-export validate engines/demo-dit
+	$(BIN)/fora-export bench engines/demo-dit --steps 20
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -rs
+
+clean:
+	rm -rf $(VENV) engines/*/ .pytest_cache .mypy_cache .ruff_cache

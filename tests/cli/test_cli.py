@@ -1,0 +1,121 @@
+"""The CLI end to end through click's CliRunner: output, JSON reports, exit codes,
+and user errors as one line without a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fora_export.cli import main
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_user_error(code: int, stderr: str, pattern: str) -> None:
+    assert code == 2
+    assert "Traceback" not in stderr
+    assert re.search(pattern, stderr), stderr
+    assert stderr.startswith("error: ")
+
+
+def test_help_lists_the_commands() -> None:
+    code, out, _ = invoke("--help")
+    assert code == 0
+    for command in ("build", "validate", "bench"):
+        assert command in out
+
+
+def test_build_validate_bench(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    code, stdout, _ = invoke("build", str(tiny_dit_dir), "--out", str(out), "--batch", "1:2:3")
+    assert code == 0, stdout
+    assert "4 cache tensors" in stdout and "full.onnx" in stdout
+
+    code, stdout, _ = invoke("validate", str(out), "--steps", "8", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["passed"] is True
+    assert report["trajectory"]["runtime_vs_fora_rel_l2"] <= 1e-4
+    assert {g["role"] for g in report["graphs"]} == {"full", "reuse"}
+
+    code, stdout, _ = invoke(
+        "bench", str(out), "--steps", "6", "--intervals", "1,3", "--repeats", "1", "--json"
+    )
+    assert code == 0
+    bench = json.loads(stdout)
+    assert [r["interval"] for r in bench["intervals"]] == [1, 3]
+    assert bench["intervals"][1]["num_full"] == 2 and bench["intervals"][1]["ideal"] == 3.0
+    assert bench["full_ms"] > 0 and bench["reuse_ms"] > 0
+
+    code, stdout, _ = invoke("validate", str(out), "--steps", "4", "--batch-sizes", "2")
+    assert code == 0 and "Result: pass" in stdout
+
+
+def test_validate_exit_code_1_on_mismatch(tiny_engine: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY_DIT, save_dit
+
+    impostor = save_dit(tmp_path / "impostor", TINY_DIT, seed=99)
+    code, stdout, _ = invoke(
+        "validate", str(tiny_engine), "--model", str(impostor), "--steps", "3", "--batch-sizes", "1"
+    )
+    assert code == 1
+    assert "FAIL" in stdout and "needs" in stdout
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    code, _, err = invoke("build", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
+    assert_user_error(code, err, "no such folder")
+
+
+def test_unsupported_model_class(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    code, _, err = invoke("build", str(tmp_path), "--out", str(tmp_path / "e"))
+    assert_user_error(code, err, "supported: DiTTransformer2DModel")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "pattern"),
+    [
+        ("--interval", "0", "expected an integer >= 1"),
+        ("--batch", "4:2:1", "need 1 <= MIN <= OPT <= MAX"),
+        ("--resolution", "7", "multiple of patch_size 2"),
+    ],
+)
+def test_bad_build_options(tiny_dit_dir: Path, tmp_path: Path, option: str, value: str, pattern: str) -> None:
+    code, _, err = invoke("build", str(tiny_dit_dir), "--out", str(tmp_path / "e"), option, value)
+    assert_user_error(code, err, pattern)
+    assert not (tmp_path / "e").exists()
+
+
+def test_existing_output_needs_force(tiny_dit_dir: Path, tiny_engine: Path) -> None:
+    code, _, err = invoke("build", str(tiny_dit_dir), "--out", str(tiny_engine))
+    assert_user_error(code, err, "pass --force")
+
+
+def test_validate_missing_engine_folder(tmp_path: Path) -> None:
+    code, _, err = invoke("validate", str(tmp_path / "missing"))
+    assert_user_error(code, err, "does not exist")
+
+
+def test_bench_tampered_graph(engine_copy: Path) -> None:
+    with open(engine_copy / "reuse.onnx", "ab") as fh:
+        fh.write(b"junk")
+    code, _, err = invoke("bench", str(engine_copy))
+    assert_user_error(code, err, "truncated or was replaced")
+
+
+def test_bench_bad_interval(tiny_engine: Path) -> None:
+    code, _, err = invoke("bench", str(tiny_engine), "--intervals", "1,0")
+    assert_user_error(code, err, "expected an integer >= 1")
+
+
+def test_bench_batch_outside_range(tiny_engine: Path) -> None:
+    code, _, err = invoke("bench", str(tiny_engine), "--batch", "9")
+    assert_user_error(code, err, "the engines were built for 1..4")

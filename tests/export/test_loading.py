@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fora_export.errors import ConfigError
+from fora_export.loading import load_model
+
+
+def test_loads_a_transformer_folder(tiny_dit_dir: Path) -> None:
+    loaded = load_model(str(tiny_dit_dir))
+    assert loaded.class_name == "DiTTransformer2DModel"
+    assert loaded.source == str(tiny_dit_dir.resolve())
+    assert loaded.subfolder is None
+
+
+def test_loads_the_transformer_of_a_pipeline_folder(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_dit_dir, pipe / "transformer")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+    loaded = load_model(str(pipe))
+    assert loaded.subfolder == "transformer"
+    assert loaded.model.config.num_layers == 2
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such folder"):
+        load_model(str(tmp_path / "missing-model"))
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("no config.json")):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_class_names_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("'UNet2DConditionModel' is not supported | supported: DiTTransformer2DModel"),
+    ):
+        load_model(str(tmp_path))
+
+
+def test_unknown_hub_id_offline(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="the Hub id could not be resolved"):
+        load_model("some-org/some-dit")

@@ -1,0 +1,61 @@
+"""fora_runtime is embedded in services: it must import without the exporter,
+diffusers or onnx (each runtime module is imported in a fresh interpreter with
+those packages blocked)."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import fora_runtime
+
+BLOCKED = ("fora_export", "diffusers", "onnx", "onnxscript", "transformers")
+
+RUNTIME_MODULES = sorted(m.name for m in pkgutil.walk_packages(fora_runtime.__path__, prefix="fora_runtime."))
+
+BLOCKER = f"""
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {BLOCKED!r}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+@pytest.mark.parametrize("module", ["fora_runtime", *RUNTIME_MODULES])
+def test_runtime_module_imports_without_exporter_diffusers_or_onnx(module: str) -> None:
+    code = (
+        BLOCKER
+        + f"import {module}\nprint('loaded', [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "loaded []" in result.stdout
+
+
+def test_blocker_really_blocks() -> None:
+    code = BLOCKER + "import diffusers"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "blocked for this test" in result.stderr
+
+
+def test_onnxruntime_session_runs_with_exporter_blocked(tiny_engine) -> None:
+    code = (
+        BLOCKER
+        + f"""
+import numpy as np
+from fora_runtime import ForaSession
+with ForaSession({str(tiny_engine)!r}) as session:
+    gen = session.start(3, 2)
+    for t in (999, 500, 0):
+        out = gen.step(np.zeros((2, 4, 8, 8), np.float32), t, class_labels=np.array([1, 2]))
+print('ok', out.shape)
+"""
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ok (2, 8, 8, 8)" in result.stdout

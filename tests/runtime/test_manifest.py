@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fora_runtime import ForaSession, ManifestError, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
+
+
+def rewrite(folder: Path, edit) -> None:
+    path = folder / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_manifest_records_what_the_runtime_needs(tiny_engine: Path) -> None:
+    manifest = load_manifest(tiny_engine)
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.model_class == "DiTTransformer2DModel"
+    assert manifest.resolution == (8, 8)
+    assert str(manifest.batch) == "1:2:4"
+    assert [c.name for c in manifest.caches] == ["cache.0.attn1", "cache.0.ff", "cache.1.attn1", "cache.1.ff"]
+    assert all(c.shape == ("batch", 16, 16) for c in manifest.caches)
+    full, reuse = manifest.graphs["full"], manifest.graphs["reuse"]
+    assert [t.name for t in full.outputs] == ["prediction", *(c.name for c in manifest.caches)]
+    assert [t.name for t in reuse.inputs][3:] == [c.name for c in manifest.caches]
+    assert full.inputs[0].shape == ("batch", 4, 8, 8)
+    assert {t.name: t.dtype for t in full.inputs} == {
+        "latents": "float32",
+        "timestep": "float32",
+        "class_labels": "int64",
+    }
+    assert set(manifest.files) == {"full.onnx", "reuse.onnx"}
+    assert {"torch", "diffusers", "onnx"} <= set(manifest.tools)
+    assert manifest.export["opset"] == 17
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+
+
+def test_missing_manifest(engine_copy: Path) -> None:
+    (engine_copy / MANIFEST_NAME).unlink()
+    with pytest.raises(ManifestError, match=re.escape("manifest.json | missing")):
+        ForaSession(engine_copy)
+
+
+def test_corrupt_manifest(engine_copy: Path) -> None:
+    (engine_copy / MANIFEST_NAME).write_text("{ not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(engine_copy)
+
+
+def test_unknown_schema_version(engine_copy: Path) -> None:
+    rewrite(engine_copy, lambda d: d.update(schema_version=99))
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        load_manifest(engine_copy)
+
+
+def test_missing_field(engine_copy: Path) -> None:
+    rewrite(engine_copy, lambda d: d.pop("caches"))
+    with pytest.raises(ManifestError, match="missing or malformed field"):
+        load_manifest(engine_copy)
+
+
+def test_missing_graph_file(engine_copy: Path) -> None:
+    (engine_copy / "reuse.onnx").unlink()
+    with pytest.raises(ManifestError, match=re.escape("reuse.onnx | missing")):
+        load_manifest(engine_copy)
+
+
+def test_truncated_graph_file(engine_copy: Path) -> None:
+    path = engine_copy / "full.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ManifestError, match="truncated"):
+        load_manifest(engine_copy)
+
+
+def test_tampered_graph_file(engine_copy: Path) -> None:
+    path = engine_copy / "full.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256 does not match"):
+        load_manifest(engine_copy)
