@@ -97,6 +97,8 @@ def random_step_inputs(
         shape = spec.concrete_shape(batch)
         if spec.name == "timestep":
             inputs[spec.name] = np.full(shape, 999.0, dtype=np.float32)
+        elif spec.name.endswith("attention_mask"):
+            inputs[spec.name] = np.ones(shape, dtype=NUMPY[spec.dtype])  # every caption token kept
         elif spec.dtype == "int64":
             low, high = ranges.get(spec.name, (1, 1))
             inputs[spec.name] = rng.integers(low, high + 1, size=shape, dtype=np.int64)

@@ -106,6 +106,36 @@ def _default_out(model: str) -> Path:
     show_default=True,
     help="Run LayerNorm and Softmax in fp32 inside fp16/bf16 graphs (see README).",
 )
+@click.option(
+    "--cache",
+    default=None,
+    help="Sublayer kinds to cache, e.g. attn1,attn2,ff. [default: all the family caches]",
+)
+@click.option(
+    "--caption-length", type=int, default=None, help="Caption tokens per prompt (PixArt). [default: 120]"
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnx", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="auto: also build TensorRT engines when TensorRT and a GPU are present.",
+)
+@click.option(
+    "--opt-level",
+    "trt_opt_level",
+    type=int,
+    default=3,
+    show_default=True,
+    help="TensorRT builder optimization level (0-5).",
+)
+@click.option(
+    "--workspace",
+    "trt_workspace_mib",
+    type=int,
+    default=None,
+    help="TensorRT workspace limit in MiB. [default: TensorRT's]",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
 def build(
@@ -119,12 +149,17 @@ def build(
     opset: int | None,
     exporter: str,
     fp32_islands: bool,
+    cache: str | None,
+    caption_length: int | None,
+    backend: str,
+    trt_opt_level: int,
+    trt_workspace_mib: int | None,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
-    a Hub id resolved by diffusers, or a built-in demo model: demo-dit.
+    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart.
     """
     from fora_export.build.config import BuildConfig
     from fora_export.build.pipeline import build as run_build
@@ -138,6 +173,11 @@ def build(
         opset=opset,
         exporter=exporter,
         fp32_islands=fp32_islands,
+        cache=cache,
+        caption_length=caption_length,
+        backend=backend,
+        trt_opt_level=trt_opt_level,
+        trt_workspace_mib=trt_workspace_mib,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest

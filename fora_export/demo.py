@@ -56,6 +56,29 @@ def make_demo_dit(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -
     return model.eval()
 
 
+DEMO_PIXART_CONFIG: dict[str, Any] = {
+    "num_attention_heads": 6,
+    "attention_head_dim": 64,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 8,
+    "sample_size": 32,
+    "patch_size": 2,
+    "cross_attention_dim": 384,
+    "caption_channels": 256,
+    "use_additional_conditions": False,  # as PixArt-Sigma and the 512px alpha
+}
+
+
+def make_demo_pixart(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    model: Any = PixArtTransformer2DModel(**(config or DEMO_PIXART_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
+    "demo-pixart": make_demo_pixart,
 }

@@ -8,6 +8,7 @@ adapter file; nothing else branches on the family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,17 +27,58 @@ DTYPE_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class AdapterOptions:
+    """Build options that change what is exported; recorded in the manifest."""
+
+    #: Sublayer kinds to cache (None: every kind the family caches).
+    cache: tuple[str, ...] | None = None
+    #: Caption tokens per prompt, for text-conditioned families (None: family default).
+    caption_length: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cache"] = list(self.cache) if self.cache is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> AdapterOptions:
+        data = data or {}
+        cache = data.get("cache")
+        return cls(
+            cache=tuple(cache) if cache is not None else None, caption_length=data.get("caption_length")
+        )
+
+
 class ModelAdapter(ABC):
     """Family-specific knowledge about a diffusers transformer."""
 
     family: ClassVar[str]
     model_class: ClassVar[str]
-    #: Sublayer kinds cached per block, in cache order.
+    #: Sublayer kinds this family can cache per block, in cache order.
     cache_kinds: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, options: AdapterOptions | None = None) -> None:
         # diffusers models expose config values and submodules as dynamic attributes.
         self.model: Any = model
+        self.options = options or AdapterOptions()
+        self.cached_kinds = self._check_cache_kinds(self.options.cache)
+
+    def _check_cache_kinds(self, requested: tuple[str, ...] | None) -> tuple[str, ...]:
+        if requested is None:
+            return self.cache_kinds
+        unknown = [k for k in requested if k not in self.cache_kinds]
+        if unknown or not requested:
+            raise ConfigError(
+                f"--cache | got {','.join(requested) or 'nothing'} | {self.model_class} caches "
+                f"some of: {','.join(self.cache_kinds)}"
+            )
+        # Keep the family's order so cache names and graph IO are deterministic.
+        return tuple(k for k in self.cache_kinds if k in requested)
+
+    def cached_points(self) -> list[CachePoint]:
+        """The cache points selected by the build options."""
+        return [p for p in self.cache_points() if p.kind in self.cached_kinds]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -45,7 +87,7 @@ class ModelAdapter(ABC):
     # -- cache points ---------------------------------------------------------------
     @abstractmethod
     def cache_points(self) -> list[CachePoint]:
-        """Every cached sublayer, block by block, in a fixed order."""
+        """Every cacheable sublayer, block by block, in a fixed order."""
 
     # -- inputs ---------------------------------------------------------------------
     @abstractmethod

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, ModelAdapter
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, TensorSpec
@@ -27,6 +27,11 @@ class DiTAdapter(ModelAdapter):
     family = "dit"
     model_class = "DiTTransformer2DModel"
     cache_kinds = ("attn1", "ff")
+
+    def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
+        super().__init__(model, options)
+        if self.options.caption_length is not None:
+            raise ConfigError("--caption-length | DiT is class-conditional and takes no captions")
 
     def cache_points(self) -> list[CachePoint]:
         points = []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from fora_export.adapters.base import ModelAdapter
+from fora_export.adapters.base import AdapterOptions, ModelAdapter
 from fora_export.adapters.dit import DiTAdapter
+from fora_export.adapters.pixart import PixArtAdapter
 from fora_export.errors import ConfigError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     DiTAdapter.model_class: DiTAdapter,
+    PixArtAdapter.model_class: PixArtAdapter,
 }
 
 
@@ -27,5 +29,7 @@ def adapter_class_for(class_name: str, *, where: str = "model") -> type[ModelAda
     return adapter
 
 
-def adapter_for(model: nn.Module, *, where: str = "model") -> ModelAdapter:
-    return adapter_class_for(type(model).__name__, where=where)(model)
+def adapter_for(
+    model: nn.Module, options: AdapterOptions | None = None, *, where: str = "model"
+) -> ModelAdapter:
+    return adapter_class_for(type(model).__name__, where=where)(model, options)

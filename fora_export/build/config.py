@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fora_export.adapters.base import AdapterOptions
+from fora_export.build.tensorrt import TrtBuildConfig
 from fora_export.errors import ConfigError
 from fora_export.export.onnx_export import ExportConfig
 from fora_runtime.errors import ScheduleError
@@ -13,6 +15,9 @@ from fora_runtime.manifest import BatchRange
 from fora_runtime.schedule import CacheSchedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: What a build produces beyond the ONNX graphs (always written): ``auto`` adds
+#: TensorRT engines when TensorRT imports and a GPU is visible.
+BUILD_BACKENDS = ("auto", "onnx", "tensorrt")
 
 
 def parse_batch(text: str) -> BatchRange:
@@ -54,6 +59,15 @@ class BuildConfig:
     resolution: tuple[int, int] | None = None
     schedule: CacheSchedule = field(default_factory=lambda: CacheSchedule.interval_of(3))
     export: ExportConfig = field(default_factory=ExportConfig)
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    backend: str = "auto"
+    tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BUILD_BACKENDS:
+            raise ConfigError(
+                f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
+            )
 
     @classmethod
     def from_options(
@@ -67,6 +81,11 @@ class BuildConfig:
         opset: int | None = None,
         exporter: str = "torchscript",
         fp32_islands: bool = True,
+        cache: str | None = None,
+        caption_length: int | None = None,
+        backend: str = "auto",
+        trt_opt_level: int = 3,
+        trt_workspace_mib: int | None = None,
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -76,7 +95,16 @@ class BuildConfig:
             raise ConfigError(f"--interval | {err}") from err
         if opset is None:
             opset = 17 if exporter == "torchscript" else 18
+        kinds = None
+        if cache is not None:
+            kinds = tuple(k.strip() for k in cache.split(",") if k.strip())
+            if not kinds:
+                raise ConfigError(f"--cache | got {cache!r} | expected sublayer kinds, e.g. attn1,attn2,ff")
+        workspace = trt_workspace_mib * 2**20 if trt_workspace_mib is not None else None
         return cls(
+            adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
+            backend=backend,
+            tensorrt=TrtBuildConfig(opt_level=trt_opt_level, workspace_bytes=workspace),
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
             schedule=schedule,
@@ -95,4 +123,7 @@ class BuildConfig:
             "resolution": list(self.resolution) if self.resolution else None,
             "schedule": self.schedule.to_dict(),
             "export": asdict(self.export),
+            "adapter": self.adapter.to_dict(),
+            "backend": self.backend,
+            "tensorrt": self.tensorrt.to_dict(),
         }

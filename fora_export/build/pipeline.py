@@ -23,6 +23,7 @@ import torch
 import fora_export
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
+from fora_export.build import tensorrt as trt_build
 from fora_export.build.config import BuildConfig
 from fora_export.errors import BuildError, ExportError
 from fora_export.export.onnx_export import export_onnx, graph_io
@@ -57,15 +58,19 @@ def build(
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
+    with_tensorrt = wants_tensorrt(config.backend)
     started = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with StageProgress(5, title=f"build {out.name}", enabled=progress) as stages:
+        stage_count = 6 if with_tensorrt else 5
+        with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
             loaded = load_model(model_ref)
             tmp.mkdir(parents=True)
-            manifest = export_folder(loaded, tmp, config, stages)
+            if with_tensorrt and out.is_dir():
+                trt_build.seed_timing_cache(out, tmp)  # rebuilds reuse the earlier tuning
+            manifest = export_folder(loaded, tmp, config, stages, with_tensorrt=with_tensorrt)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +78,18 @@ def build(
     seconds = time.perf_counter() - started
     log.info("built %s in %.1f s", out, seconds)
     return BuildResult(folder=out, manifest=manifest, seconds=seconds)
+
+
+def wants_tensorrt(backend: str) -> bool:
+    """Resolve ``--backend``: whether this build also makes TensorRT engines."""
+    if backend == "onnx":
+        return False
+    available, why = trt_build.tensorrt_available()
+    if backend == "tensorrt" and not available:
+        raise BuildError(f"--backend tensorrt | {why} | run the build on a GPU machine with TensorRT")
+    if backend == "auto":
+        log.info("backend auto: %s (%s)", "TensorRT engines + ONNX" if available else "ONNX only", why)
+    return available
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -96,10 +113,17 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_folder(loaded: LoadedModel, folder: Path, config: BuildConfig, stages: StageProgress) -> Manifest:
+def export_folder(
+    loaded: LoadedModel,
+    folder: Path,
+    config: BuildConfig,
+    stages: StageProgress,
+    *,
+    with_tensorrt: bool = False,
+) -> Manifest:
     """Split ``loaded`` and write graphs + manifest into ``folder``."""
     stages.stage("splitting")
-    adapter = adapter_for(loaded.model, where=f"MODEL '{loaded.source}'")
+    adapter = adapter_for(loaded.model, config.adapter, where=f"MODEL '{loaded.source}'")
     dtype = adapter.check_precision(config.precision)
     cast_model(adapter.model, dtype)
     resolution = config.resolution or adapter.default_resolution()
@@ -134,9 +158,14 @@ def export_folder(loaded: LoadedModel, folder: Path, config: BuildConfig, stages
             folder / GRAPH_FILES["reuse"],
             config.export,
         )
-        stages.stage("writing manifest")
         graphs = {role: _graph_spec(folder, file) for role, file in GRAPH_FILES.items()}
         _check_graphs(graphs, step_specs, cache_specs)
+        backends = {}
+        if with_tensorrt:
+            stages.stage("building TensorRT engines")
+            trt_build.build_engines(folder, graphs, batch, config.tensorrt)
+            backends["tensorrt"] = trt_build.tensorrt_record(folder, batch, config.tensorrt)
+        stages.stage("writing manifest")
         manifest = Manifest(
             model_class=type(adapter.model).__name__,
             family=adapter.family,
@@ -151,8 +180,15 @@ def export_folder(loaded: LoadedModel, folder: Path, config: BuildConfig, stages
             caches=tuple(cache_specs),
             files=_file_records(folder),
             tools=_tool_versions(),
-            export={**config.to_dict()["export"], "subfolder": loaded.subfolder, "trace_batch": trace_batch},
+            export={
+                **config.to_dict()["export"],
+                "adapter_options": config.adapter.to_dict(),
+                "cached_kinds": list(adapter.cached_kinds),
+                "subfolder": loaded.subfolder,
+                "trace_batch": trace_batch,
+            },
             config_hash=_config_hash(adapter.config, loaded.source, config),
+            backends=backends,
         )
         manifest.write(folder)
         return manifest

@@ -142,6 +142,8 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
     import onnx
 
     model = onnx.load(str(raw), load_external_data=True)
+    model = _fold_shape_branches(model)
+    _drop_noop_squeezes(model)
     _fix_io_shapes(model, static_shapes)
     if config.fp32_islands:
         apply_fp32_islands(model, config.precision, island_ops(config.precision, config.opset))
@@ -165,8 +167,59 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
         onnx.save_model(model, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as err:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise ExportError(f"{path.name} | ONNX checker rejected the exported graph: {err}") from err
+
+
+def _fold_shape_branches(model: Any) -> Any:
+    """Fold ``If`` nodes whose condition is static (a Python branch on a shape).
+
+    diffusers writes ``hidden_states.squeeze(1)`` (PixArt's output) for a tensor
+    whose axis 1 is the token count; the TorchScript exporter turns it into an
+    ``If`` on ``shape[1] == 1`` that ONNX shape inference rejects. The shape is
+    static, so onnxscript's optimizer folds the branch away. Only graphs with
+    ``If`` nodes go through it: its constant folding would also recompute the
+    timestep frequency table 1 ulp off (see the module docstring).
+    """
+    if not any(node.op_type == "If" for node in model.graph.node):
+        return model
+    from onnxscript import optimizer
+
+    folded = optimizer.optimize(model)
+    if any(node.op_type == "If" for node in folded.graph.node):
+        raise ExportError("graph | a shape-dependent branch (If) could not be folded | please report")
+    return folded
+
+
+def _drop_noop_squeezes(model: Any) -> None:
+    """Replace ``Squeeze`` on an axis whose static size is not 1 by ``Identity``.
+
+    ``torch.squeeze(dim)`` is a no-op on such an axis, but the dynamo exporter
+    emits ``Squeeze(axes=[dim])`` for it (PixArt's ``hidden_states.squeeze(1)``
+    on the token axis), which ONNX forbids and ONNX Runtime refuses.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in model.graph.node:
+        if node.op_type != "Squeeze" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        shape = shapes.get(node.input[0])
+        if not shape:
+            continue
+        axes = [int(a) % len(shape) for a in constants[node.input[1]].reshape(-1)]
+        if all(shape[a] is not None and shape[a] != 1 for a in axes):
+            node.op_type = "Identity"
+            del node.input[1:]
 
 
 def _fix_io_shapes(model: Any, static_shapes: dict[str, tuple[int, ...]]) -> None:

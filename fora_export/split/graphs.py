@@ -79,7 +79,7 @@ class SplitModel:
 
 def split_model(adapter: ModelAdapter, input_names: tuple[str, ...]) -> SplitModel:
     """Tap ``adapter.model`` and build both step graphs around it (eval mode)."""
-    taps = SublayerTaps(adapter.cache_points())
+    taps = SublayerTaps(adapter.cached_points())
     # eval() on the wrappers, not just the model: exporters restore the wrapper's
     # training flag recursively afterwards, which would switch on label dropout.
     return SplitModel(

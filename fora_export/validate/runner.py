@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fora_export.adapters.base import TORCH_DTYPES, ModelAdapter
+from fora_export.adapters.base import TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.errors import ConfigError
@@ -126,7 +126,8 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     """The PyTorch model the engines were built from, in the engines' precision."""
     ref = model_ref or manifest.source
     loaded = load_model(ref)
-    adapter = adapter_for(loaded.model, where=f"MODEL '{ref}'")
+    options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
+    adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
         raise ConfigError(
             f"MODEL '{ref}' | is a {type(adapter.model).__name__}, the engines were built from a "

@@ -23,6 +23,7 @@ from fora_runtime.manifest import Manifest
 # so the runtime imports without onnxruntime / tensorrt / torch installed.
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "fora_runtime.backends.onnxrt:OnnxRuntimeBackend",
+    "tensorrt": "fora_runtime.backends.trt:TensorRTBackend",
 }
 
 
@@ -36,7 +37,7 @@ def create_backend(name: str, manifest: Manifest, folder: str | Path, **options:
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
-    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
     return backend_cls(manifest, Path(folder), **options)
 
 

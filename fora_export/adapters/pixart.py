@@ -1,0 +1,167 @@
+"""PixArt-alpha / PixArt-Sigma (diffusers ``PixArtTransformer2DModel``).
+
+adaLN-single: one timestep embedding ``t6`` for the whole model, per block
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = scale_shift_table + t6
+    A = attn1(modulate(norm1(x)))        # cached: "attn1" (self-attention)
+    x = x + gate1 * A
+    X = attn2(x, captions, mask)         # cached: "attn2" (cross-attention, ungated)
+    x = x + X
+    M = ff(modulate(norm2(x)))           # cached: "ff"
+    x = x + gate2 * M
+
+The FORA paper reports PixArt-alpha results but released no code for it; this
+is the natural extension: cache the raw outputs of all three sublayers.
+``--cache`` picks a subset; the reuse graph then runs the others for real.
+
+Export notes (design.md section 4):
+- The attention processor is set to diffusers' classic ``AttnProcessor``: the
+  SDPA processor's ``view(batch, heads, -1, L)`` on the caption mask does not
+  export with a dynamic batch under ``torch.export``. Both compute the same
+  attention (parity is checked by validate against this model).
+- The caption mask is an int64 input (1 = keep, 0 = padding), like tokenizer
+  masks; the caption length is fixed per build.
+- The 1024px alpha models take ``resolution`` (height, width) and
+  ``aspect_ratio`` conditions; they are graph inputs when the model uses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.errors import ConfigError
+from fora_export.split.taps import CachePoint
+from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+
+#: PixArt-alpha uses 120 T5 tokens; PixArt-Sigma 300.
+DEFAULT_CAPTION_LENGTH = 120
+
+
+class PixArtAdapter(ModelAdapter):
+    family = "pixart"
+    model_class = "PixArtTransformer2DModel"
+    cache_kinds = ("attn1", "attn2", "ff")
+
+    def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
+        super().__init__(model, options)
+        if model.config.caption_channels is None:
+            raise ConfigError(
+                f"{self.model_class} | has no caption_channels (no caption projection) | "
+                "only text-conditioned PixArt models are supported"
+            )
+        length = self.options.caption_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ConfigError(f"--caption-length | got {length!r} | expected an integer >= 1")
+        self.caption_length = length or DEFAULT_CAPTION_LENGTH
+        model.set_default_attn_processor()
+
+    def cache_points(self) -> list[CachePoint]:
+        points = []
+        for index, block in enumerate(self.model.transformer_blocks):
+            points.append(CachePoint(index, "attn1", block.attn1))
+            points.append(CachePoint(index, "attn2", block.attn2))
+            points.append(CachePoint(index, "ff", block.ff))
+        return points
+
+    # -- inputs ---------------------------------------------------------------------
+    @property
+    def uses_size_conditions(self) -> bool:
+        return bool(self.model.use_additional_conditions)
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = int(self.model.config.sample_size)
+        return (size, size)
+
+    def check_resolution(self, resolution: tuple[int, int]) -> None:
+        patch = int(self.model.config.patch_size)
+        for side in resolution:
+            if side < patch or side % patch:
+                raise ConfigError(
+                    f"Resolution | latent size {resolution[0]}x{resolution[1]} | each side must be a "
+                    f"positive multiple of patch_size {patch}"
+                )
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.in_channels)
+
+    @property
+    def output_channels(self) -> int:
+        return int(self.model.out_channels)
+
+    @property
+    def caption_channels(self) -> int:
+        return int(self.model.config.caption_channels)
+
+    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
+        height, width = resolution
+        dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
+        specs = [
+            TensorSpec("latents", dtype, (BATCH_AXIS, self.latent_channels, height, width)),
+            TensorSpec("timestep", "float32", (BATCH_AXIS,)),
+            TensorSpec(
+                "encoder_hidden_states", dtype, (BATCH_AXIS, self.caption_length, self.caption_channels)
+            ),
+            TensorSpec("encoder_attention_mask", "int64", (BATCH_AXIS, self.caption_length)),
+        ]
+        if self.uses_size_conditions:
+            specs += [
+                TensorSpec("resolution", "float32", (BATCH_AXIS, 2)),
+                TensorSpec("aspect_ratio", "float32", (BATCH_AXIS, 1)),
+            ]
+        return specs
+
+    def conditioning(self) -> dict[str, Any]:
+        return {
+            "kind": "captions",
+            "caption_length": self.caption_length,
+            "caption_channels": self.caption_channels,
+            "size_conditions": self.uses_size_conditions,
+            "input_ranges": {"encoder_attention_mask": [0, 1]},
+            "num_train_timesteps": 1000,
+            "latent_channels": self.latent_channels,
+            "output_channels": self.output_channels,
+        }
+
+    def random_inputs(
+        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs; caption masks pad a random tail of every other row."""
+        height, width = resolution
+        dtype = TORCH_DTYPES[precision]
+        length = self.caption_length
+        mask = torch.ones(batch_size, length, dtype=torch.int64)
+        for row in range(1, batch_size, 2):
+            keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))
+            mask[row, keep:] = 0
+        inputs = {
+            "latents": torch.randn(batch_size, self.latent_channels, height, width, generator=generator).to(
+                dtype
+            ),
+            "timestep": torch.randint(0, 1000, (batch_size,), generator=generator).to(torch.float32),
+            "encoder_hidden_states": torch.randn(
+                batch_size, length, self.caption_channels, generator=generator
+            ).to(dtype),
+            "encoder_attention_mask": mask,
+        }
+        if self.uses_size_conditions:
+            pixels = 8.0 * height, 8.0 * width  # latent -> image size of the SD VAE
+            inputs["resolution"] = torch.tensor([pixels] * batch_size, dtype=torch.float32)
+            inputs["aspect_ratio"] = torch.full((batch_size, 1), pixels[0] / pixels[1], dtype=torch.float32)
+        return inputs
+
+    def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        added = None
+        if self.uses_size_conditions:
+            added = {"resolution": inputs["resolution"], "aspect_ratio": inputs["aspect_ratio"]}
+        return self.model(
+            inputs["latents"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep=inputs["timestep"],
+            added_cond_kwargs=added,
+            encoder_attention_mask=inputs["encoder_attention_mask"],
+            return_dict=False,
+        )[0]
