@@ -24,6 +24,7 @@ from fora_runtime.manifest import Manifest
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "fora_runtime.backends.onnxrt:OnnxRuntimeBackend",
     "tensorrt": "fora_runtime.backends.trt:TensorRTBackend",
+    "torch": "fora_runtime.backends.torch_backend:TorchBackend",
 }
 
 

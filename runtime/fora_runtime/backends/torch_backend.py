@@ -1,0 +1,409 @@
+"""PyTorch backend: runs the two step graphs saved as ``torch.export`` programs.
+
+The engine folder carries ``full.pt2`` and ``reuse.pt2`` (written by
+``fora_export.export.torch_program.export_program``) and a manifest record
+``backends["torch"]`` naming them with the torch version, device and dtype they
+were traced with. Loading needs no model source, diffusers or fora_export;
+``torch`` itself is imported on activation.
+
+Data path, per batch size (allocated once by ``buffers()``, outside any step):
+
+- staged inputs are fixed tensors on the device; ``stage_input`` copies user
+  inputs (numpy arrays, CPU or device tensors, scalar timesteps) into them;
+- **CUDA with graphs** (the default on CUDA): after a warm-up on a side stream,
+  the full program is captured once as a CUDA graph reading the staged inputs;
+  its outputs (prediction and every cache) are static tensors at fixed
+  addresses. The reuse program is then captured reading exactly those static
+  cache tensors, so caches are never copied or moved. A step is "copy inputs,
+  replay one graph" on the caller's current stream, without host sync;
+  ``read_prediction`` returns a clone ordered on that stream. All graphs of a
+  backend share one private memory pool: their static outputs stay referenced
+  for the life of the buffers, so only dead temporaries are shared, which is
+  safe because the graphs never run concurrently (use one stream per session).
+- **eager** (CPU, or CUDA with ``use_cuda_graphs=False``): the programs run as
+  they are; the cache tensors the full program returns become
+  ``StepBuffers.caches`` and the reuse program receives those very tensors (no
+  copy). They are new tensors after every full step; ``caches`` is empty until
+  the first full step of a batch size.
+
+Caches are therefore the programs' own output allocations rather than slices
+of one arena (the ``ArenaLayout`` only reports their size): forcing them into an
+arena would cost a copy per cache and step.
+
+fp32 programs on CUDA follow torch's TF32 switches, read when a graph is
+captured: cuDNN convolutions (DiT's patch embedding) default to TF32, about 1e-3
+off fp32. Turn ``torch.backends.cudnn.allow_tf32`` off before ``buffers()`` /
+``session.start()`` for fp32 parity with CPU.
+
+Programs are specialised to the device type they were traced on (CPU programs
+do not run on CUDA, and the reverse) and may not load under another torch
+version: both are checked against the manifest record on activation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fora_runtime._lazy import import_optional
+from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.caches import ArenaLayout
+from fora_runtime.errors import BackendError, InputError
+from fora_runtime.manifest import MANIFEST_NAME, Manifest
+
+log = logging.getLogger(__name__)
+
+TORCH_INSTALL = "pip install torch"
+ROLES = ("full", "reuse")
+RECORD_KEYS = ("programs", "torch", "device", "dtype", "inputs", "outputs")
+#: Warm-up runs before capture (lazy init of kernels and cuBLAS workspaces).
+WARMUP_RUNS = 2
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_program_record(record: Any, *, running_torch: str, where: str) -> dict[str, Any]:
+    """Validate the manifest's ``backends["torch"]`` record against the running torch."""
+    if not isinstance(record, dict):
+        raise BackendError(
+            f"{where} | has no torch programs (no backends.torch record) | export them with "
+            "fora_export.export.torch_program, or use backend='onnxruntime'"
+        )
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise BackendError(f"{where} | torch record lacks {missing} | re-export the torch programs")
+    built = str(record["torch"])
+    if _major_minor(built) is None or _major_minor(built) != _major_minor(running_torch):
+        raise BackendError(
+            f"{where} | programs were saved by torch {built}, this is torch {running_torch} | "
+            f"re-export the programs with this torch, or install torch {built}"
+        )
+    for key in ("programs", "inputs", "outputs"):
+        value = record[key]
+        if not isinstance(value, dict) or sorted(value) != sorted(ROLES):
+            raise BackendError(
+                f"{where} | torch record field '{key}' is {value!r}, expected one entry per role "
+                f"{list(ROLES)} | re-export the torch programs"
+            )
+    return record
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """A scalar timestep, written into its staging buffer with ``fill_`` (no allocation)."""
+
+    value: float | int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class TorchBackend(StepBackend):
+    """Runs ``full.pt2`` / ``reuse.pt2`` with PyTorch, on CUDA (graphed) or CPU (eager)."""
+
+    name = "torch"
+    host_inputs = False
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        folder: Path,
+        *,
+        device: str = "auto",
+        use_cuda_graphs: bool = True,
+    ) -> None:
+        super().__init__(manifest, folder)
+        self._requested_device = device
+        self._use_cuda_graphs = use_cuda_graphs
+        self._torch: Any = None
+        self.device: Any = None
+        self._programs: dict[str, Any] = {}
+        self._step_names: tuple[str, ...] = ()
+        self._cache_names: tuple[str, ...] = ()
+        self._pool: Any = None
+        # Owned here (not only by StepBuffers) so deactivate syncs before releasing them.
+        self._graphs: list[Any] = []
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and self._use_cuda_graphs
+
+    def _where(self) -> str:
+        return str(self.folder / MANIFEST_NAME)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _activate_impl(self) -> None:
+        torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
+        record = check_program_record(
+            self.manifest.backends.get("torch"), running_torch=torch.__version__, where=self._where()
+        )
+        self._torch = torch
+        self.device = self._resolve_device(torch, str(record["device"]))
+        self._check_io(record)
+        programs: dict[str, Any] = {}
+        for role in ROLES:
+            programs[role] = self._load(torch, record, role)
+        self._programs = programs
+        if self.uses_cuda_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+        log.info(
+            "torch backend on %s (%s), CUDA graphs %s",
+            self.device,
+            record["device"],
+            "on" if self.uses_cuda_graphs else "off",
+        )
+
+    def _resolve_device(self, torch: Any, recorded: str) -> Any:
+        """The device to run on; it must be of the type the programs were traced on."""
+        traced = recorded.split(":", 1)[0]
+        requested = self._requested_device
+        if requested == "auto":
+            requested = traced
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError) as err:
+            raise BackendError(
+                f"Backend 'torch' | device {requested!r} is not a torch device ({err}) | "
+                "pass 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from err
+        if device.type != traced:
+            raise BackendError(
+                f"{self._where()} | torch programs were traced on {recorded}, this backend runs on "
+                f"{device} | re-export the programs on a {device.type} device (tracing fixes the "
+                f"device), or pass device='{traced}'"
+            )
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendError(
+                    f"Backend 'torch' | programs need CUDA ({recorded}) but torch.cuda.is_available() "
+                    "is False | run on a machine with an NVIDIA GPU and CUDA torch"
+                )
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            gpu = f"cuda:{torch.cuda.get_device_name(device)}"
+            if gpu != recorded:
+                log.info("torch programs traced on %s run on %s", recorded, gpu)
+        return device
+
+    def _check_io(self, record: dict[str, Any]) -> None:
+        """The programs' IO (from the record) must match the manifest the session stages."""
+        manifest = self.manifest
+        where = self._where()
+        cache_names = tuple(c.name for c in manifest.caches)
+        step_names = tuple(record["inputs"]["full"])
+        full_outputs = tuple(record["outputs"]["full"])
+        problems = []
+        if full_outputs != (manifest.prediction.name, *cache_names):
+            problems.append(f"full outputs {list(full_outputs)} differ from prediction + manifest caches")
+        if tuple(record["inputs"]["reuse"]) != (*step_names, *cache_names):
+            problems.append("reuse inputs are not the full inputs followed by the caches")
+        if tuple(record["outputs"]["reuse"]) != (manifest.prediction.name,):
+            problems.append(f"reuse outputs are {record['outputs']['reuse']}, expected the prediction")
+        staged = {t.name for t in manifest.graphs["full"].inputs} - set(cache_names)
+        if set(step_names) != staged:
+            problems.append(
+                f"program inputs {sorted(step_names)} differ from the manifest's {sorted(staged)}"
+            )
+        if record["dtype"] != manifest.prediction.dtype:
+            problems.append(
+                f"programs are {record['dtype']}, the manifest's prediction {manifest.prediction.dtype}"
+            )
+        batch = record.get("batch")
+        if isinstance(batch, dict):
+            low, high = batch.get("min", 1), batch.get("max", 0)
+            if not low <= manifest.batch.min <= manifest.batch.max <= high:
+                problems.append(f"programs accept batch {low}..{high}, not {manifest.batch}")
+        if problems:
+            raise BackendError(
+                f"{where} | torch programs do not match the manifest: {'; '.join(problems)} | "
+                "programs and manifest come from different builds; rebuild"
+            )
+        self._step_names = step_names
+        self._cache_names = cache_names
+
+    def _load(self, torch: Any, record: dict[str, Any], role: str) -> Any:
+        file = str(record["programs"][role])
+        path = self.folder / file
+        if file not in self.manifest.files:
+            raise BackendError(
+                f"{path} | not listed in {MANIFEST_NAME} 'files', so it is not verified | rebuild, or add "
+                "its bytes and sha256 to the manifest"
+            )
+        try:
+            program = torch.export.load(str(path))
+            module = program.module().to(self.device)
+        except Exception as err:  # torch.export raises many unrelated exception types
+            raise BackendError(
+                f"{path} | torch {torch.__version__} cannot load it ({type(err).__name__}: {err}) | "
+                "re-export the programs with this torch"
+            ) from err
+        module.requires_grad_(False)
+        return module
+
+    def _deactivate_impl(self) -> None:
+        if self._graphs and self._torch is not None:
+            self._torch.cuda.synchronize(self.device)  # no replay may be in flight when graphs die
+        self._graphs.clear()
+        self._programs.clear()
+        self._pool = None
+
+    # -- buffers --------------------------------------------------------------------
+    def _allocate_impl(self, batch_size: int, layout: ArenaLayout) -> StepBuffers:
+        torch = self._torch
+        inputs: dict[str, Any] = {}
+        for name in self._step_names:
+            spec = self.manifest.input_spec(name)
+            # Zeros, not empty: warm-up and capture run on these (class label 0 is valid).
+            inputs[name] = torch.zeros(
+                spec.concrete_shape(batch_size), dtype=self._torch_dtype(spec.dtype), device=self.device
+            )
+        buffers = StepBuffers(
+            batch_size=batch_size, inputs=inputs, caches={}, prediction=None, cache_layout=layout
+        )
+        if self.uses_cuda_graphs:
+            try:
+                self._capture(buffers)
+            except Exception as err:  # capture errors surface as RuntimeError or CUDA errors
+                raise BackendError(
+                    f"Backend 'torch' | capturing CUDA graphs at batch {batch_size} failed "
+                    f"({type(err).__name__}: {err}) | pass use_cuda_graphs=False to run eagerly"
+                ) from err
+        return buffers
+
+    def _capture(self, buffers: StepBuffers) -> None:
+        """Capture one CUDA graph per program for this batch size (see module docstring)."""
+        torch = self._torch
+        full, reuse = self._programs["full"], self._programs["reuse"]
+        args = tuple(buffers.inputs.values())
+        with torch.cuda.device(self.device), torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    outputs = full(*args)
+                    reuse(*args, *outputs[1:])
+            torch.cuda.current_stream().wait_stream(side)
+            del outputs
+
+            full_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(full_graph, pool=self._pool):
+                outputs = full(*args)
+            caches = dict(zip(self._cache_names, outputs[1:], strict=True))
+            reuse_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(reuse_graph, pool=self._pool):
+                reuse_prediction = reuse(*args, *(caches[n] for n in self._cache_names))
+        self._graphs.extend((full_graph, reuse_graph))
+        buffers.caches.update(caches)
+        buffers.prediction = outputs[0]
+        buffers.bound["graphs"] = {"full": full_graph, "reuse": reuse_graph}
+        buffers.bound["predictions"] = {"full": outputs[0], "reuse": reuse_prediction}
+
+    def _torch_dtype(self, dtype: str) -> Any:
+        torch = self._torch
+        mapping = {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "int64": torch.int64,
+            "int32": torch.int32,
+        }
+        if dtype not in mapping:
+            raise BackendError(f"Backend 'torch' | dtype {dtype} is not supported | rebuild the engines")
+        return mapping[dtype]
+
+    # -- stepping -------------------------------------------------------------------
+    def _run_impl(self, role: str, buffers: StepBuffers) -> None:
+        graphs = buffers.bound.get("graphs")
+        if graphs is not None:
+            graphs[role].replay()
+            buffers.prediction = buffers.bound["predictions"][role]
+            return
+        args = tuple(buffers.inputs.values())
+        program = self._programs[role]
+        if role == "reuse":
+            if not buffers.caches:
+                raise BackendError(
+                    f"Backend 'torch' | reuse step before any full step at batch {buffers.batch_size} "
+                    "| run a full step first (the schedule's first step is always full)"
+                )
+            args = (*args, *(buffers.caches[n] for n in self._cache_names))
+        try:
+            with self._torch.no_grad():
+                outputs = program(*args)
+        except Exception as err:  # the program's own guards and kernels raise various types
+            raise BackendError(
+                f"Backend 'torch' | {role} program failed: {type(err).__name__}: {err}"
+            ) from err
+        if role == "full":
+            buffers.prediction = outputs[0]
+            # Same dict, new tensors: the reuse program gets these very objects.
+            buffers.caches.update(zip(self._cache_names, outputs[1:], strict=True))
+        else:
+            buffers.prediction = outputs
+
+    def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
+        torch = self._torch
+        target = buffers.inputs[name]
+        if isinstance(value, _Fill):
+            self._check_range(name, np.asarray(value.value))
+            target.fill_(value.value)
+        elif isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                self._check_range(name, value.numpy())
+            # Pageable host memory is staged before copy_ returns; a pinned host source
+            # must not change until the step's work has run on the current stream.
+            target.copy_(value, non_blocking=True)
+        else:
+            array = np.ascontiguousarray(value)
+            self._check_range(name, array)
+            target.copy_(torch.from_numpy(array), non_blocking=True)
+
+    def _check_range(self, name: str, array: np.ndarray) -> None:
+        """Value ranges of host inputs (an out-of-range class label is an embedding index
+        error on CPU and a device-side assert on CUDA). Device tensors are not checked:
+        that would sync every step."""
+        bounds = self.manifest.conditioning.get("input_ranges", {}).get(name)
+        if bounds is None or array.size == 0:
+            return
+        low, high = bounds
+        if array.min() < low or array.max() > high:
+            raise InputError(
+                f"Input '{name}' | values {array.min()}..{array.max()} outside [{low}, {high}] "
+                f"| ({self._where()})"
+            )
+
+    def read_prediction(self, buffers: StepBuffers) -> Any:
+        if buffers.prediction is None:
+            raise BackendError(
+                f"Backend 'torch' | no step ran at batch {buffers.batch_size} | run a step first"
+            )
+        if buffers.bound.get("graphs") is not None:
+            return buffers.prediction.clone()  # the static output is overwritten by the next replay
+        return buffers.prediction  # eager: a fresh tensor per step, never written again
+
+    def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
+        torch = self._torch
+        torch_dtype = self._torch_dtype(dtype)
+        if isinstance(value, torch.Tensor):
+            value = value.to(dtype=torch_dtype)
+            return value.expand(shape) if value.ndim == 0 else value
+        array = np.asarray(value)
+        if array.ndim == 0:
+            scalar = array.item()
+            return _Fill(int(scalar) if dtype in ("int64", "int32") else float(scalar), shape, dtype)
+        return torch.as_tensor(array).to(dtype=torch_dtype)
+
+    def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
+        if isinstance(value, _Fill):
+            return value.shape, value.dtype
+        if self._torch is not None and isinstance(value, self._torch.Tensor):
+            return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
+        array = np.asarray(value)
+        return tuple(array.shape), array.dtype.name
