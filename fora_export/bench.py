@@ -111,7 +111,7 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run_step(role, batch, inputs)
+        _synchronize(session.run_step(role, batch, inputs))
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -119,15 +119,24 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
 def _generation_ms(
     session: ForaSession, schedule: CacheSchedule, steps: int, batch: int, inputs: dict[str, Any]
 ) -> float:
-    latents = inputs["latents"].copy()
+    latents = inputs["latents"].clone() if hasattr(inputs["latents"], "clone") else inputs["latents"].copy()
     conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
     timesteps = np.linspace(999, 0, steps)
     start = time.perf_counter()
     generation = session.start(steps, batch, schedule=schedule)
     for t in timesteps:
         output = generation.step(latents, float(t), **conditioning)
-        latents -= (0.01 * output[:, : latents.shape[1]]).astype(latents.dtype)
+        latents -= 0.01 * output[:, : latents.shape[1]]
+    _synchronize(latents)
     return (time.perf_counter() - start) * 1e3
+
+
+def _synchronize(value: Any) -> None:
+    """Wait for queued device work (GPU backends return before their steps finish)."""
+    if hasattr(value, "device") and getattr(value.device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.synchronize(value.device)
 
 
 def bench(
@@ -149,7 +158,8 @@ def bench(
     with ForaSession(engine_dir, backend=backend) as session:
         manifest = session.manifest
         batch = manifest.batch.opt if batch_size is None else batch_size
-        inputs = random_step_inputs(manifest, session.step_inputs, batch, seed=0)
+        host_inputs = random_step_inputs(manifest, session.step_inputs, batch, seed=0)
+        inputs = {name: session.backend.upload(value) for name, value in host_inputs.items()}
         # Warm up both graphs (first runs allocate and pick kernels).
         for role in ("full", "reuse", "full"):
             session.run_step(role, batch, inputs)

@@ -116,10 +116,16 @@ def _default_out(model: str) -> Path:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnx", "tensorrt"]),
+    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
     default="auto",
     show_default=True,
-    help="auto: also build TensorRT engines when TensorRT and a GPU are present.",
+    help="Besides ONNX: tensorrt engines, torch.export programs, or auto (TensorRT when present).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where --backend torch traces its programs (they run there): auto, cpu, cuda[:N].",
 )
 @click.option(
     "--opt-level",
@@ -154,6 +160,7 @@ def build(
     backend: str,
     trt_opt_level: int,
     trt_workspace_mib: int | None,
+    device: str,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
@@ -178,6 +185,7 @@ def build(
         backend=backend,
         trt_opt_level=trt_opt_level,
         trt_workspace_mib=trt_workspace_mib,
+        device=device,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest

@@ -91,7 +91,7 @@ def _load_local(path: Path) -> LoadedModel:
         )
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
     try:
-        model = cls.from_pretrained(str(folder))
+        model = cls.from_pretrained(str(folder), low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
     return LoadedModel(
@@ -113,7 +113,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
         class_name = _read_config(Path(config_path)).get("_class_name", "")
         cls = _diffusers_class(class_name, where=f"MODEL '{repo_id}'")
         try:
-            model = cls.from_pretrained(repo_id, subfolder=subfolder)
+            model = cls.from_pretrained(repo_id, subfolder=subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError, RuntimeError) as err:
             raise ConfigError(f"MODEL '{repo_id}' | diffusers could not load it: {err}") from err
         return LoadedModel(model=model.eval(), class_name=class_name, source=repo_id, subfolder=subfolder)

@@ -16,8 +16,9 @@ from fora_runtime.schedule import CacheSchedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: What a build produces beyond the ONNX graphs (always written): ``auto`` adds
-#: TensorRT engines when TensorRT imports and a GPU is visible.
-BUILD_BACKENDS = ("auto", "onnx", "tensorrt")
+#: TensorRT engines when TensorRT imports and a GPU is visible; ``torch`` adds
+#: ``torch.export`` programs for the runtime's torch backend.
+BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
 
 
 def parse_batch(text: str) -> BatchRange:
@@ -62,12 +63,16 @@ class BuildConfig:
     adapter: AdapterOptions = field(default_factory=AdapterOptions)
     backend: str = "auto"
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
+    #: Where torch programs are traced and will run: "auto" (cuda when visible), "cpu", "cuda".
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BUILD_BACKENDS:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
             )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device | got {self.device!r} | expected auto, cpu, cuda or cuda:N")
 
     @classmethod
     def from_options(
@@ -86,6 +91,7 @@ class BuildConfig:
         backend: str = "auto",
         trt_opt_level: int = 3,
         trt_workspace_mib: int | None = None,
+        device: str = "auto",
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -104,6 +110,7 @@ class BuildConfig:
         return cls(
             adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
             backend=backend,
+            device=device,
             tensorrt=TrtBuildConfig(opt_level=trt_opt_level, workspace_bytes=workspace),
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
@@ -125,5 +132,6 @@ class BuildConfig:
             "export": asdict(self.export),
             "adapter": self.adapter.to_dict(),
             "backend": self.backend,
+            "device": self.device,
             "tensorrt": self.tensorrt.to_dict(),
         }

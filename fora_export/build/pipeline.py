@@ -63,7 +63,7 @@ def build(
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stage_count = 6 if with_tensorrt else 5
+        stage_count = 6 if with_tensorrt or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
             loaded = load_model(model_ref)
@@ -161,6 +161,9 @@ def export_folder(
         graphs = {role: _graph_spec(folder, file) for role, file in GRAPH_FILES.items()}
         _check_graphs(graphs, step_specs, cache_specs)
         backends = {}
+        if config.backend == "torch":
+            stages.stage("exporting torch programs")
+            backends["torch"] = _export_torch_programs(split, example, folder, config)
         if with_tensorrt:
             stages.stage("building TensorRT engines")
             trt_build.build_engines(folder, graphs, batch, config.tensorrt)
@@ -194,6 +197,49 @@ def export_folder(
         return manifest
     finally:
         split.remove()
+
+
+def _export_torch_programs(
+    split: SplitModel, example: dict[str, torch.Tensor], folder: Path, config: BuildConfig
+) -> dict[str, object]:
+    """Trace both step graphs as torch.export programs on the device they will run on."""
+    from fora_export.export.torch_program import PROGRAM_FILES, export_program, torch_manifest_record
+
+    device = torch.device(_torch_device(config.device))
+    model = split.adapter.model
+    model.to(device)
+    try:
+        inputs = {name: tensor.to(device) for name, tensor in example.items()}
+        with torch.no_grad():
+            _, caches = split.run_full(inputs)
+        names = list(split.input_names)
+        export_program(
+            split.full,
+            tuple(inputs[n] for n in names),
+            folder / PROGRAM_FILES["full"],
+            config.batch,
+            input_names=names,
+            output_names=[PREDICTION, *split.cache_names],
+        )
+        export_program(
+            split.reuse,
+            (*(inputs[n] for n in names), *(caches[n] for n in split.cache_names)),
+            folder / PROGRAM_FILES["reuse"],
+            config.batch,
+            input_names=[*names, *split.cache_names],
+            output_names=[PREDICTION],
+        )
+    finally:
+        model.to("cpu")
+    return torch_manifest_record(folder)
+
+
+def _torch_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError(f"--device {requested} | no CUDA GPU is visible | use --device cpu or a GPU machine")
+    return requested
 
 
 def _cache_specs(split: SplitModel, caches: dict[str, torch.Tensor]) -> list[CacheSpec]:

@@ -149,12 +149,12 @@ class _Feeder:
     """Converts CPU torch inputs into what the session's backend takes."""
 
     def __init__(self, session: ForaSession) -> None:
-        self._host = session.backend.host_inputs
+        self._backend = session.backend
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        if self._host:
+        if self._backend.host_inputs:
             return {k: v.numpy() for k, v in inputs.items()}
-        return {k: v.cuda() for k, v in inputs.items()}
+        return {k: self._backend.upload(v) for k, v in inputs.items()}
 
 
 def validate_graphs(
@@ -189,7 +189,7 @@ def validate_graphs(
             cases.append(
                 GraphCase("reuse", batch, timestep, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
             )
-            log.info("graphs: batch %d t=%d done", batch, timestep)
+            log.debug("graphs: batch %d t=%d done", batch, timestep)
     return cases
 
 

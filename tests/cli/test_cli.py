@@ -119,3 +119,24 @@ def test_bench_bad_interval(tiny_engine: Path) -> None:
 def test_bench_batch_outside_range(tiny_engine: Path) -> None:
     code, _, err = invoke("bench", str(tiny_engine), "--batch", "9")
     assert_user_error(code, err, "the engines were built for 1..4")
+
+
+def test_torch_backend_build_validate_bench_on_cpu(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "torch-engine"
+    code, stdout, _ = invoke(
+        "build", str(tiny_dit_dir), "--out", str(out), "--backend", "torch", "--device", "cpu"
+    )
+    assert code == 0 and "full.pt2" in stdout and "reuse.pt2" in stdout
+    code, stdout, _ = invoke("validate", str(out), "--backend", "torch", "--steps", "6", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["backend"] == "torch" and report["passed"]
+    code, stdout, _ = invoke(
+        "bench", str(out), "--backend", "torch", "--steps", "4", "--repeats", "1", "--json"
+    )
+    assert code == 0 and json.loads(stdout)["backend"] == "torch"
+
+
+def test_torch_backend_needs_programs(tiny_engine: Path) -> None:
+    code, _, err = invoke("bench", str(tiny_engine), "--backend", "torch")
+    assert_user_error(code, err, "torch")

@@ -130,6 +130,11 @@ class StepBackend(ABC):
         self._require_active()
         self._run_impl("reuse", buffers)
 
+    def upload(self, value: Any) -> Any:
+        """A host array moved to where this backend's steps read inputs (the device
+        for GPU backends), so step loops time the steps rather than transfers."""
+        return value
+
     def read_caches(self, buffers: StepBuffers) -> dict[str, Any]:
         """Host (numpy) copies of every cache tensor; for validation, not the hot path."""
         self._require_active()

@@ -388,6 +388,10 @@ class TorchBackend(StepBackend):
             return buffers.prediction.clone()  # the static output is overwritten by the next replay
         return buffers.prediction  # eager: a fresh tensor per step, never written again
 
+    def upload(self, value: Any) -> Any:
+        self._require_active()
+        return self._torch.as_tensor(value).to(self.device)
+
     def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
         torch = self._torch
         torch_dtype = self._torch_dtype(dtype)

@@ -505,6 +505,10 @@ class TensorRTBackend(StepBackend):
     def read_prediction(self, buffers: StepBuffers) -> Any:
         return buffers.prediction.clone()
 
+    def upload(self, value: Any) -> Any:
+        self._require_active()
+        return self._torch.as_tensor(value).to(self._device)
+
     def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
         torch = self._torch
         torch_dtype = self._torch_dtype(dtype)
