@@ -74,8 +74,8 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
     """Validate the manifest's ``backends["torch"]`` record against the running torch."""
     if not isinstance(record, dict):
         raise BackendError(
-            f"{where} | has no torch programs (no backends.torch record) | export them with "
-            "fora_export.export.torch_program, or use backend='onnxruntime'"
+            f"{where} | has no torch programs (no backends.torch record) | rebuild with "
+            "`fora-export build --backend torch`, or use the onnxruntime backend"
         )
     missing = [key for key in RECORD_KEYS if key not in record]
     if missing:
