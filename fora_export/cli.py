@@ -122,6 +122,13 @@ def _default_out(model: str) -> Path:
     help="Besides ONNX: tensorrt engines, torch.export programs, or auto (TensorRT when present).",
 )
 @click.option(
+    "--reuse-graph",
+    type=click.Choice(["lean", "plain"]),
+    default="lean",
+    show_default=True,
+    help="lean: reuse computes only gates and the residual sum (DiT); plain: blocks with replayed sublayers.",
+)
+@click.option(
     "--device",
     default="auto",
     show_default=True,
@@ -161,6 +168,7 @@ def build(
     trt_opt_level: int,
     trt_workspace_mib: int | None,
     device: str,
+    reuse_graph: str,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
@@ -186,6 +194,7 @@ def build(
         trt_opt_level=trt_opt_level,
         trt_workspace_mib=trt_workspace_mib,
         device=device,
+        reuse_graph=reuse_graph,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest

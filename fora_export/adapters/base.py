@@ -125,6 +125,14 @@ class ModelAdapter(ABC):
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One denoising step of the unmodified model: the full model output."""
 
+    def lean_reuse_graph(
+        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
+    ) -> nn.Module | None:
+        """A reuse step module that skips everything reuse does not need, taking
+        the plain reuse graph's inputs (step inputs, then caches); None when the
+        family has none (the plain reuse graph is then exported)."""
+        return None
+
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The epsilon part of a model output (drops learned-variance channels)."""
         return output[:, : self.latent_channels]

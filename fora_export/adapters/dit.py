@@ -8,7 +8,8 @@ Per block ``BasicTransformerBlock(norm_type="ada_norm_zero")``:
     M = ff(modulate(norm3(x)))           # cached: "ff"
     x = x + gate2 * M
 
-Both cached outputs are taken before their gate, as FORA requires.
+Both cached outputs are taken before their gate, as FORA requires. The lean
+reuse graph (:class:`DiTLeanReuseStep`) computes only the two gates per block.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.errors import ConfigError
@@ -112,3 +115,128 @@ class DiTAdapter(ModelAdapter):
             class_labels=inputs["class_labels"],
             return_dict=False,
         )[0]
+
+    # -- lean reuse graph -----------------------------------------------------------
+    def lean_reuse_graph(
+        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
+    ) -> nn.Module | None:
+        """The reuse step computing only what reuse needs (see :class:`DiTLeanReuseStep`).
+
+        None when a sublayer kind is not cached: that sublayer must then run for
+        real, which the plain reuse graph does.
+        """
+        if self.cached_kinds != ("attn1", "ff"):
+            return None
+        return DiTLeanReuseStep(self.model, input_names, cache_names)
+
+
+def _embedders_identical(blocks: Any) -> bool:
+    """True when every block carries the same timestep/label embedder weights."""
+    first = blocks[0].norm1.emb.state_dict()
+    if any(t.is_meta for t in first.values()):
+        return False  # shapes only, no values to compare
+    for block in blocks[1:]:
+        other = block.norm1.emb.state_dict()
+        if any(not torch.equal(first[key], other[key]) for key in first):
+            return False
+    return True
+
+
+class DiTLeanReuseStep(nn.Module):
+    """DiT's reuse step without anything a reuse step does not need.
+
+    The plain reuse graph runs each block's forward with its sublayers replayed,
+    so it still carries every block's timestep/label embedder and the full
+    adaLN projection (6 chunks, a third of DiT-XL's weights). Reuse needs only:
+
+    - one embedding ``c = emb(t, y)`` when the per-block embedders are identical
+      (converted DiT checkpoints duplicate one; checked, else one per block);
+    - the two gate chunks of every block's adaLN projection, for all blocks as
+      one matrix product (rows ``[2D:3D]`` and ``[5D:6D]`` of each block's
+      weight, concatenated): ``gates = silu(c) @ W_gates.T + b_gates``;
+    - the residual sum ``x = patch_embed(latents) + sum_l (g1_l*A_l + g2_l*M_l)``
+      in the same order as the blocks add them, then the final layer.
+
+    Inputs and outputs are those of the plain reuse graph, so the two are
+    interchangeable; validate checks this one against the plain PyTorch reuse.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        input_names: tuple[str, ...],
+        cache_names: tuple[str, ...],
+        *,
+        shared_embedder: bool | None = None,
+    ) -> None:
+        """``shared_embedder``: None checks the weights; True/False asserts it (e.g. for
+        shape-only models on the meta device, whose weights cannot be compared)."""
+        super().__init__()
+        blocks = model.transformer_blocks
+        dim = int(model.inner_dim)
+        self.input_names = input_names
+        self.cache_names = cache_names
+        self.num_blocks = len(blocks)
+        self.pos_embed = model.pos_embed
+        self.shared_embedder = _embedders_identical(blocks) if shared_embedder is None else shared_embedder
+        if self.shared_embedder:
+            self.embedders = nn.ModuleList([blocks[0].norm1.emb])
+        else:
+            self.embedders = nn.ModuleList([block.norm1.emb for block in blocks])
+        weights, biases = [], []
+        for block in blocks:
+            linear = block.norm1.linear
+            for chunk in (2, 5):  # gate_msa, gate_mlp of (shift, scale, gate) x (msa, mlp)
+                weights.append(linear.weight.detach()[chunk * dim : (chunk + 1) * dim])
+                biases.append(linear.bias.detach()[chunk * dim : (chunk + 1) * dim])
+        self.gate_proj = nn.Linear(
+            dim, 2 * dim * len(blocks), device=weights[0].device, dtype=weights[0].dtype
+        )
+        with torch.no_grad():
+            self.gate_proj.weight.copy_(torch.cat(weights))
+            self.gate_proj.bias.copy_(torch.cat(biases))
+        # The final layer uses block 0's embedder, as DiTTransformer2DModel.forward does.
+        self.final_embedder = blocks[0].norm1.emb
+        self.norm_out = model.norm_out
+        self.proj_out_1 = model.proj_out_1
+        self.proj_out_2 = model.proj_out_2
+        self.patch_size = int(model.config.patch_size)
+        self.out_channels = int(model.out_channels)
+
+    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
+        count = len(self.input_names)
+        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
+        caches = inputs_and_caches[count:]
+        latents, timestep, labels = inputs["latents"], inputs["timestep"], inputs["class_labels"]
+        batch = latents.shape[0]
+        height, width = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
+        hidden = self.pos_embed(latents)
+        dtype = hidden.dtype
+        if self.shared_embedder:
+            gates = self.gate_proj(F.silu(self.embedders[0](timestep, labels, hidden_dtype=dtype)))
+        else:
+            # Per-block embedders: each block's gates from its own conditioning.
+            dim = hidden.shape[-1]
+            rows = []
+            for index, embedder in enumerate(self.embedders):
+                cond = F.silu(embedder(timestep, labels, hidden_dtype=dtype))
+                start = 2 * dim * index
+                rows.append(
+                    F.linear(
+                        cond,
+                        self.gate_proj.weight[start : start + 2 * dim],
+                        self.gate_proj.bias[start : start + 2 * dim],
+                    )
+                )
+            gates = torch.cat(rows, dim=1)
+        gates = gates.view(batch, 2 * self.num_blocks, -1)
+        for index, cache in enumerate(caches):
+            hidden = gates[:, index].unsqueeze(1) * cache + hidden
+        conditioning = self.final_embedder(timestep, labels, hidden_dtype=dtype)
+        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
+        hidden = self.proj_out_2(hidden)
+        patch = self.patch_size
+        hidden = hidden.reshape(-1, height, width, patch, patch, self.out_channels)
+        hidden = hidden.permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq, as diffusers' einsum
+        return hidden.reshape(-1, self.out_channels, height * patch, width * patch)

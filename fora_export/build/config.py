@@ -65,12 +65,17 @@ class BuildConfig:
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
     #: Where torch programs are traced and will run: "auto" (cuda when visible), "cpu", "cuda".
     device: str = "auto"
+    #: "lean": the family's reuse step computing only gates and the residual sum
+    #: (when it has one); "plain": every block's forward with replayed sublayers.
+    reuse_graph: str = "lean"
 
     def __post_init__(self) -> None:
         if self.backend not in BUILD_BACKENDS:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
             )
+        if self.reuse_graph not in ("lean", "plain"):
+            raise ConfigError(f"--reuse-graph | got {self.reuse_graph!r} | expected lean or plain")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device | got {self.device!r} | expected auto, cpu, cuda or cuda:N")
 
@@ -92,6 +97,7 @@ class BuildConfig:
         trt_opt_level: int = 3,
         trt_workspace_mib: int | None = None,
         device: str = "auto",
+        reuse_graph: str = "lean",
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -111,6 +117,7 @@ class BuildConfig:
             adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
             backend=backend,
             device=device,
+            reuse_graph=reuse_graph,
             tensorrt=TrtBuildConfig(opt_level=trt_opt_level, workspace_bytes=workspace),
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
@@ -133,5 +140,6 @@ class BuildConfig:
             "adapter": self.adapter.to_dict(),
             "backend": self.backend,
             "device": self.device,
+            "reuse_graph": self.reuse_graph,
             "tensorrt": self.tensorrt.to_dict(),
         }

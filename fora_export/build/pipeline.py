@@ -139,6 +139,7 @@ def export_folder(
         with torch.no_grad():
             _, caches = split.run_full(example)
         cache_specs = _cache_specs(split, caches)
+        reuse_module = _reuse_module(split, config)
 
         stages.stage("exporting full graph")
         export_onnx(
@@ -151,7 +152,7 @@ def export_folder(
         )
         stages.stage("exporting reuse graph")
         export_onnx(
-            split.reuse,
+            reuse_module,
             (*(example[n] for n in input_names), *(caches[n] for n in split.cache_names)),
             [*input_names, *split.cache_names],
             [PREDICTION],
@@ -163,7 +164,7 @@ def export_folder(
         backends = {}
         if config.backend == "torch":
             stages.stage("exporting torch programs")
-            backends["torch"] = _export_torch_programs(split, example, folder, config)
+            backends["torch"] = _export_torch_programs(split, reuse_module, example, folder, config)
         if with_tensorrt:
             stages.stage("building TensorRT engines")
             trt_build.build_engines(folder, graphs, batch, config.tensorrt)
@@ -187,6 +188,7 @@ def export_folder(
                 **config.to_dict()["export"],
                 "adapter_options": config.adapter.to_dict(),
                 "cached_kinds": list(adapter.cached_kinds),
+                "reuse_graph": "plain" if reuse_module is split.reuse else "lean",
                 "subfolder": loaded.subfolder,
                 "trace_batch": trace_batch,
             },
@@ -199,8 +201,27 @@ def export_folder(
         split.remove()
 
 
+def _reuse_module(split: SplitModel, config: BuildConfig) -> torch.nn.Module:
+    """The family's lean reuse step when asked for and available, else the plain one."""
+    if config.reuse_graph == "plain":
+        return split.reuse
+    lean = split.adapter.lean_reuse_graph(split.input_names, split.cache_names)
+    if lean is None:
+        log.info(
+            "reuse graph: plain (%s has no lean variant for caches %s)",
+            split.adapter.family,
+            ",".join(split.adapter.cached_kinds),
+        )
+        return split.reuse
+    return lean.eval()
+
+
 def _export_torch_programs(
-    split: SplitModel, example: dict[str, torch.Tensor], folder: Path, config: BuildConfig
+    split: SplitModel,
+    reuse_module: torch.nn.Module,
+    example: dict[str, torch.Tensor],
+    folder: Path,
+    config: BuildConfig,
 ) -> dict[str, object]:
     """Trace both step graphs as torch.export programs on the device they will run on."""
     from fora_export.export.torch_program import PROGRAM_FILES, export_program, torch_manifest_record
@@ -208,6 +229,7 @@ def _export_torch_programs(
     device = torch.device(_torch_device(config.device))
     model = split.adapter.model
     model.to(device)
+    reuse_module.to(device)
     try:
         inputs = {name: tensor.to(device) for name, tensor in example.items()}
         with torch.no_grad():
@@ -222,7 +244,7 @@ def _export_torch_programs(
             output_names=[PREDICTION, *split.cache_names],
         )
         export_program(
-            split.reuse,
+            reuse_module,
             (*(inputs[n] for n in names), *(caches[n] for n in split.cache_names)),
             folder / PROGRAM_FILES["reuse"],
             config.batch,
@@ -231,6 +253,7 @@ def _export_torch_programs(
         )
     finally:
         model.to("cpu")
+        reuse_module.to("cpu")
     return torch_manifest_record(folder)
 
 

@@ -386,7 +386,7 @@ def test_other_torch_version_is_refused(torch_engine: tuple[Path, SplitModel], t
 
 
 def test_missing_record_is_refused(tiny_engine: Path) -> None:
-    with pytest.raises(BackendError, match=r"no backends\.torch record\) \| export them"):
+    with pytest.raises(BackendError, match=r"no backends\.torch record\) \| rebuild with"):
         ForaSession(tiny_engine, backend="torch").activate()
 
 

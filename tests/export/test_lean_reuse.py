@@ -1,0 +1,98 @@
+"""The lean DiT reuse graph: same outputs as the plain reuse step, a fraction
+of the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fora_export.adapters.base import AdapterOptions
+from fora_export.adapters.dit import DiTLeanReuseStep
+from fora_export.adapters.registry import adapter_for
+from fora_export.build.config import BuildConfig
+from fora_export.build.pipeline import build
+from fora_export.demo import make_demo_dit
+from fora_export.split.graphs import split_model
+from fora_export.validate.runner import validate
+from fora_runtime import load_manifest
+from tests.conftest import OTHER_DIT, TINY_DIT
+
+NAMES = ("latents", "timestep", "class_labels")
+
+# DiT-XL/2 at 256px: 28 blocks, hidden 1152 (16 heads of 72), 32x32 latents.
+DIT_XL_2 = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "sample_size": 32,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 1000,
+}
+
+
+def lean_vs_plain(model) -> tuple[torch.Tensor, torch.Tensor, DiTLeanReuseStep]:
+    adapter = adapter_for(model)
+    split = split_model(adapter, NAMES)
+    lean = adapter.lean_reuse_graph(NAMES, split.cache_names).eval()
+    inputs = adapter.random_inputs(3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, caches = split.run_full(inputs)
+        later = dict(inputs, timestep=inputs["timestep"] * 0.6)  # caches from an earlier step
+        plain = split.run_reuse(later, caches)
+        fast = lean(*(later[n] for n in NAMES), *(caches[n] for n in split.cache_names))
+    return plain, fast, lean
+
+
+@pytest.mark.parametrize("config", [TINY_DIT, OTHER_DIT], ids=["tiny", "other"])
+def test_lean_reuse_equals_plain_reuse(config: dict) -> None:
+    plain, fast, lean = lean_vs_plain(make_demo_dit(config))
+    assert lean.shared_embedder
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_distinct_embedders_fall_back_to_one_per_block() -> None:
+    model = make_demo_dit(TINY_DIT)
+    with torch.no_grad():
+        model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight.mul_(1.5)
+    plain, fast, lean = lean_vs_plain(model)
+    assert not lean.shared_embedder and len(lean.embedders) == 2
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_no_lean_graph_when_a_kind_is_not_cached() -> None:
+    adapter = adapter_for(make_demo_dit(TINY_DIT), AdapterOptions(cache=("ff",)))
+    assert adapter.lean_reuse_graph(NAMES, ("cache.0.ff", "cache.1.ff")) is None
+
+
+def test_dit_xl_reuse_weights_are_under_15_percent_of_full() -> None:
+    from diffusers import DiTTransformer2DModel
+
+    with torch.device("meta"):  # shapes only: no 2.7 GB of weights on the CI machine
+        model = DiTTransformer2DModel(**DIT_XL_2)
+    full = sum(p.numel() for p in model.parameters())
+    split = split_model(adapter_for(model), NAMES)
+    # Converted DiT checkpoints repeat one embedder per block (the lean graph checks
+    # the weights; meta tensors have none, so say so).
+    lean = DiTLeanReuseStep(model, NAMES, split.cache_names, shared_embedder=True)
+    reuse = sum(p.numel() for p in lean.parameters())
+    # DiT-XL/2 has 675M parameters; diffusers' layout adds 27 copies of the 2.76M embedder.
+    assert 749e6 < full < 751e6
+    assert reuse / full <= 0.15, f"reuse {reuse / 1e6:.1f}M of full {full / 1e6:.1f}M"
+    # The 28 x 2 gate chunks dominate: 1152 x (2 x 28 x 1152) weights.
+    assert lean.gate_proj.weight.shape == (2 * 28 * 1152, 1152)
+
+
+def test_build_records_the_reuse_graph_and_plain_still_works(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    lean_dir, plain_dir = tmp_path / "lean", tmp_path / "plain"
+    build(str(tiny_dit_dir), lean_dir, BuildConfig.from_options(), progress=False)
+    build(str(tiny_dit_dir), plain_dir, BuildConfig.from_options(reuse_graph="plain"), progress=False)
+    assert load_manifest(lean_dir).export["reuse_graph"] == "lean"
+    assert load_manifest(plain_dir).export["reuse_graph"] == "plain"
+    lean_bytes = load_manifest(lean_dir).files["reuse.onnx"]["bytes"]
+    plain_bytes = load_manifest(plain_dir).files["reuse.onnx"]["bytes"]
+    assert lean_bytes < plain_bytes
+    assert validate(plain_dir, steps=10).passed
