@@ -55,3 +55,40 @@ def test_unknown_hub_id_offline(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="the Hub id could not be resolved"):
         load_model("some-org/some-dit")
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, subfolder: str | None) -> None:
+    """Lay out ``model_dir`` as huggingface_hub's cache holds a downloaded repo."""
+    import shutil
+
+    revision = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model_dir, snapshot / subfolder if subfolder else snapshot)
+    if subfolder:
+        (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+
+
+@pytest.mark.parametrize("subfolder", [None, "transformer"], ids=["transformer-repo", "pipeline-repo"])
+def test_hub_id_resolves_from_the_local_cache_offline(tiny_dit_dir: Path, tmp_path: Path, subfolder) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "test-org/tiny-dit", tiny_dit_dir, subfolder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    out = tmp_path / "engine"
+    result = subprocess.run(
+        [sys.executable, "-m", "fora_export.cli", "-q", "build", "test-org/tiny-dit", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == "test-org/tiny-dit"
+    assert manifest["export"]["subfolder"] == subfolder
