@@ -8,6 +8,10 @@ machine load affects every interval alike. The speedup of N is
 
 Between steps the latents get a cheap update (``latents -= 0.01 * eps``) in
 place of a scheduler, so the numbers are the transformer's time alone.
+
+The eager baseline runs the unmodified diffusers model the engines were built
+from, in PyTorch eager mode without caching, the same number of steps with the
+same update, on ``cuda`` when visible (else CPU), at the engines' precision.
 """
 
 from __future__ import annotations
@@ -49,6 +53,20 @@ class IntervalResult:
 
 
 @dataclass
+class EagerBaseline:
+    """The diffusers model in eager PyTorch, no caching: what users start from."""
+
+    model: str
+    device: str
+    precision: str
+    median_ms: float
+    runs_ms: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class BenchReport:
     engine_dir: str
     backend: str
@@ -61,15 +79,22 @@ class BenchReport:
     full_ms: float
     reuse_ms: float
     intervals: list[IntervalResult] = field(default_factory=list)
+    eager: EagerBaseline | None = None
 
     @property
     def reuse_to_full(self) -> float:
         return self.reuse_ms / self.full_ms
 
+    def speedup_vs_eager(self, row: IntervalResult) -> float | None:
+        return self.eager.median_ms / row.median_ms if self.eager else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["reuse_to_full"] = self.reuse_to_full
-        data["intervals"] = [r.to_dict() for r in self.intervals]
+        data["intervals"] = [
+            {**r.to_dict(), "speedup_vs_eager": self.speedup_vs_eager(r)} for r in self.intervals
+        ]
+        data["eager"] = self.eager.to_dict() if self.eager else None
         return data
 
 
@@ -139,6 +164,42 @@ def _synchronize(value: Any) -> None:
         torch.cuda.synchronize(value.device)
 
 
+def eager_baseline(
+    manifest: Manifest, *, steps: int, batch_size: int, repeats: int, model: str | None = None
+) -> EagerBaseline:
+    """Time ``steps`` eager steps of the diffusers model the engines came from."""
+    import torch
+
+    from fora_export.validate.runner import load_reference
+
+    adapter = load_reference(manifest, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapter.model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    inputs = adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
+    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+    timesteps = np.linspace(999, 0, steps)
+    runs = []
+    with torch.no_grad():
+        adapter.predict(inputs)  # warm-up: lazy initialisation, kernel selection
+        for _ in range(repeats):
+            latents = inputs["latents"].clone()
+            start = time.perf_counter()
+            for t in timesteps:
+                timestep = torch.full_like(inputs["timestep"], float(t))
+                output = adapter.predict({**inputs, "latents": latents, "timestep": timestep})
+                latents -= 0.01 * output[:, : latents.shape[1]]
+            _synchronize(latents)
+            runs.append((time.perf_counter() - start) * 1e3)
+    return EagerBaseline(
+        model=model or manifest.source,
+        device=str(device),
+        precision=manifest.precision,
+        median_ms=statistics.median(runs),
+        runs_ms=runs,
+    )
+
+
 def bench(
     engine_dir: str | Path,
     *,
@@ -149,7 +210,10 @@ def bench(
     step_runs: int = 10,
     schedule_mode: str = "paper",
     backend: str = "onnxruntime",
+    eager: EagerBaseline | None = None,
 ) -> BenchReport:
+    """Benchmark one backend; ``eager`` (from :func:`eager_baseline`) adds the
+    speedup over the diffusers model in eager PyTorch."""
     if steps < 1 or repeats < 1 or step_runs < 1:
         raise ConfigError("--steps, --repeats | expected integers >= 1")
     schedules = {n: CacheSchedule.interval_of(n, schedule_mode) for n in sorted(set(intervals))}
@@ -180,6 +244,7 @@ def bench(
         schedule_mode=schedule_mode,
         full_ms=full_ms,
         reuse_ms=reuse_ms,
+        eager=eager,
     )
     baseline = statistics.median(runs[1])
     for n, schedule in schedules.items():

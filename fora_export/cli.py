@@ -265,7 +265,12 @@ def validate(
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option(
+    "--backend",
+    default="onnxruntime",
+    show_default=True,
+    help="Runtime backend(s), comma-separated: onnxruntime, torch, tensorrt.",
+)
 @click.option("--steps", type=int, default=20, show_default=True, help="Steps per generation.")
 @click.option("--intervals", default="1,2,3,5", show_default=True, help="Cache intervals to compare.")
 @click.option("--batch", "batch_size", type=int, default=None, help="Batch size. [default: the build's opt]")
@@ -273,7 +278,23 @@ def validate(
 @click.option(
     "--schedule-mode", type=click.Choice(["paper", "reference"]), default="paper", show_default=True
 )
+@click.option(
+    "--eager/--no-eager",
+    default=True,
+    show_default=True,
+    help="Also time the diffusers model in eager PyTorch (needs the model source).",
+)
+@click.option("--model", default=None, help="Model for the eager baseline. [default: the build's source]")
+@click.option(
+    "--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG of time per interval."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--save-json",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the JSON report to this file.",
+)
 @_user_errors
 def bench(
     engine_dir: Path,
@@ -283,30 +304,52 @@ def bench(
     batch_size: int | None,
     repeats: int,
     schedule_mode: str,
+    eager: bool,
+    model: str | None,
+    plot: Path | None,
     as_json: bool,
+    save_json: Path | None,
 ) -> None:
     """Measure full/reuse step latency and end-to-end speedup per cache interval."""
     from fora_export.bench import bench as run_bench
+    from fora_export.bench import eager_baseline
     from fora_export.errors import ConfigError
-    from fora_export.reports import print_bench
+    from fora_export.reports import plot_bench, print_bench
+    from fora_runtime.manifest import load_manifest
 
     try:
         interval_list = tuple(int(s) for s in intervals.split(","))
     except ValueError as err:
         raise ConfigError(f"--intervals | got {intervals!r} | expected e.g. 1,2,3,5") from err
-    report = run_bench(
-        engine_dir,
-        steps=steps,
-        intervals=interval_list,
-        batch_size=batch_size,
-        repeats=repeats,
-        schedule_mode=schedule_mode,
-        backend=backend,
-    )
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    manifest = load_manifest(engine_dir)
+    baseline = None
+    if eager:
+        batch = manifest.batch.opt if batch_size is None else batch_size
+        baseline = eager_baseline(manifest, steps=steps, batch_size=batch, repeats=repeats, model=model)
+    reports = [
+        run_bench(
+            engine_dir,
+            steps=steps,
+            intervals=interval_list,
+            batch_size=batch_size,
+            repeats=repeats,
+            schedule_mode=schedule_mode,
+            backend=name,
+            eager=baseline,
+        )
+        for name in backends
+    ]
+    if plot is not None:
+        plot_bench(reports, plot)
+    text = json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2)
+    if save_json is not None:
+        save_json.write_text(text + "\n")
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(text)
     else:
-        print_bench(report)
+        for report in reports:
+            print_bench(report)
 
 
 if __name__ == "__main__":

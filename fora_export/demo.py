@@ -78,7 +78,26 @@ def make_demo_pixart(config: dict[str, Any] | None = None, seed: int = DEMO_SEED
     return model.eval()
 
 
+#: DiT-XL/2 at 256px (28 blocks, hidden 1152, 32x32 latents): the paper's model
+#: shape with random weights, for GPU benchmarks (3 GB in fp32: not for CI).
+DIT_XL_2_CONFIG: dict[str, Any] = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "sample_size": 32,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 1000,
+}
+
+
+def make_demo_dit_xl() -> nn.Module:
+    return make_demo_dit(DIT_XL_2_CONFIG)
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
+    "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
 }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
 from fora_export.bench import BenchReport
+from fora_export.errors import ConfigError
 from fora_export.validate.compare import GRAPH_TOLERANCES
 from fora_export.validate.runner import ValidationReport
 
@@ -63,15 +66,60 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
         f"(reuse = {100 * report.reuse_to_full:.1f}% of full)"
     )
     table = Table(title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule)")
-    for column in ("N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"):
+    columns = ["N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"]
+    if report.eager:
+        columns.append("vs eager")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in report.intervals:
-        table.add_row(
+        cells = [
             str(row.interval),
             str(row.num_full),
             f"{row.median_ms:.1f}",
             f"{row.speedup:.2f}x",
             f"{row.ideal:.2f}x",
             f"{row.efficiency:.2f}",
-        )
+        ]
+        if report.eager:
+            cells.append(f"{report.speedup_vs_eager(row):.2f}x")
+        table.add_row(*cells)
     console.print(table)
+    if report.eager:
+        console.print(
+            f"eager diffusers baseline ({report.eager.device}, {report.eager.precision}, no caching): "
+            f"{report.eager.median_ms:.1f} ms per generation"
+        )
+
+
+def plot_bench(reports: list[BenchReport], path: Path) -> Path:
+    """A PNG of end-to-end time per interval, one bar group per backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ConfigError(f"--plot | matplotlib is not installed ({err}) | pip install matplotlib") from err
+    intervals = [row.interval for row in reports[0].intervals]
+    width = 0.8 / len(reports)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for index, report in enumerate(reports):
+        positions = [i + index * width for i in range(len(intervals))]
+        bars = axis.bar(positions, [row.median_ms for row in report.intervals], width, label=report.backend)
+        axis.bar_label(bars, labels=[f"{row.speedup:.2f}x" for row in report.intervals], fontsize=8)
+    eager = reports[0].eager
+    if eager:
+        axis.axhline(eager.median_ms, color="grey", linestyle="--", label=f"eager diffusers ({eager.device})")
+    axis.set_xticks([i + width * (len(reports) - 1) / 2 for i in range(len(intervals))])
+    axis.set_xticklabels([f"N={n}" for n in intervals])
+    axis.set_ylabel(f"ms per {reports[0].steps}-step generation")
+    axis.set_title(f"{reports[0].model_class}, batch {reports[0].batch_size}, {reports[0].precision}")
+    axis.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as err:
+        raise ConfigError(f"--plot '{path}' | cannot write: {err}") from err
+    finally:
+        plt.close(figure)
+    return path

@@ -126,6 +126,10 @@ def export_folder(
     adapter = adapter_for(loaded.model, config.adapter, where=f"MODEL '{loaded.source}'")
     dtype = adapter.check_precision(config.precision)
     cast_model(adapter.model, dtype)
+    # torch programs are traced where they will run; the ONNX export runs there too
+    # (the graphs do not depend on it, and tracing big fp16 models is slow on CPU).
+    device = torch.device(_torch_device(config.device) if config.backend == "torch" else "cpu")
+    adapter.model.to(device)
     resolution = config.resolution or adapter.default_resolution()
     adapter.check_resolution(resolution)
     step_specs = adapter.step_input_specs(resolution, config.precision)
@@ -136,10 +140,11 @@ def export_folder(
         trace_batch = batch.opt if batch.opt > 1 else min(2, batch.max)
         generator = torch.Generator().manual_seed(0)
         example = adapter.random_inputs(trace_batch, resolution, config.precision, generator)
+        example = {name: tensor.to(device) for name, tensor in example.items()}
         with torch.no_grad():
             _, caches = split.run_full(example)
         cache_specs = _cache_specs(split, caches)
-        reuse_module = _reuse_module(split, config)
+        reuse_module = _reuse_module(split, config).to(device)
 
         stages.stage("exporting full graph")
         export_onnx(
@@ -164,7 +169,7 @@ def export_folder(
         backends = {}
         if config.backend == "torch":
             stages.stage("exporting torch programs")
-            backends["torch"] = _export_torch_programs(split, reuse_module, example, folder, config)
+            backends["torch"] = _export_torch_programs(split, reuse_module, example, caches, folder, config)
         if with_tensorrt:
             stages.stage("building TensorRT engines")
             trt_build.build_engines(folder, graphs, batch, config.tensorrt)
@@ -220,40 +225,30 @@ def _export_torch_programs(
     split: SplitModel,
     reuse_module: torch.nn.Module,
     example: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
     folder: Path,
     config: BuildConfig,
 ) -> dict[str, object]:
-    """Trace both step graphs as torch.export programs on the device they will run on."""
+    """Trace both step graphs as torch.export programs (on the example's device)."""
     from fora_export.export.torch_program import PROGRAM_FILES, export_program, torch_manifest_record
 
-    device = torch.device(_torch_device(config.device))
-    model = split.adapter.model
-    model.to(device)
-    reuse_module.to(device)
-    try:
-        inputs = {name: tensor.to(device) for name, tensor in example.items()}
-        with torch.no_grad():
-            _, caches = split.run_full(inputs)
-        names = list(split.input_names)
-        export_program(
-            split.full,
-            tuple(inputs[n] for n in names),
-            folder / PROGRAM_FILES["full"],
-            config.batch,
-            input_names=names,
-            output_names=[PREDICTION, *split.cache_names],
-        )
-        export_program(
-            reuse_module,
-            (*(inputs[n] for n in names), *(caches[n] for n in split.cache_names)),
-            folder / PROGRAM_FILES["reuse"],
-            config.batch,
-            input_names=[*names, *split.cache_names],
-            output_names=[PREDICTION],
-        )
-    finally:
-        model.to("cpu")
-        reuse_module.to("cpu")
+    names = list(split.input_names)
+    export_program(
+        split.full,
+        tuple(example[n] for n in names),
+        folder / PROGRAM_FILES["full"],
+        config.batch,
+        input_names=names,
+        output_names=[PREDICTION, *split.cache_names],
+    )
+    export_program(
+        reuse_module,
+        (*(example[n] for n in names), *(caches[n] for n in split.cache_names)),
+        folder / PROGRAM_FILES["reuse"],
+        config.batch,
+        input_names=[*names, *split.cache_names],
+        output_names=[PREDICTION],
+    )
     return torch_manifest_record(folder)
 
 

@@ -49,10 +49,13 @@ def test_build_validate_bench(tiny_dit_dir: Path, tmp_path: Path) -> None:
         "bench", str(out), "--steps", "6", "--intervals", "1,3", "--repeats", "1", "--json"
     )
     assert code == 0
-    bench = json.loads(stdout)
+    (bench,) = json.loads(stdout)["runs"]
     assert [r["interval"] for r in bench["intervals"]] == [1, 3]
     assert bench["intervals"][1]["num_full"] == 2 and bench["intervals"][1]["ideal"] == 3.0
     assert bench["full_ms"] > 0 and bench["reuse_ms"] > 0
+    # The eager diffusers baseline ran on the same machine, same steps and batch.
+    assert bench["eager"]["device"] == "cpu" and bench["eager"]["median_ms"] > 0
+    assert bench["intervals"][0]["speedup_vs_eager"] > 0
 
     code, stdout, _ = invoke("validate", str(out), "--steps", "4", "--batch-sizes", "2")
     assert code == 0 and "Result: pass" in stdout
@@ -134,9 +137,40 @@ def test_torch_backend_build_validate_bench_on_cpu(tiny_dit_dir: Path, tmp_path:
     code, stdout, _ = invoke(
         "bench", str(out), "--backend", "torch", "--steps", "4", "--repeats", "1", "--json"
     )
-    assert code == 0 and json.loads(stdout)["backend"] == "torch"
+    assert code == 0 and json.loads(stdout)["runs"][0]["backend"] == "torch"
 
 
 def test_torch_backend_needs_programs(tiny_engine: Path) -> None:
     code, _, err = invoke("bench", str(tiny_engine), "--backend", "torch")
     assert_user_error(code, err, "torch")
+
+
+def test_bench_several_backends_and_plot(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    code, _, _ = invoke(
+        "build", str(tiny_dit_dir), "--out", str(out), "--backend", "torch", "--device", "cpu"
+    )
+    assert code == 0
+    png = tmp_path / "bench.png"
+    code, stdout, _ = invoke(
+        "bench",
+        str(out),
+        "--backend",
+        "onnxruntime,torch",
+        "--steps",
+        "4",
+        "--intervals",
+        "1,2",
+        "--repeats",
+        "1",
+        "--no-eager",
+        "--plot",
+        str(png),
+        "--save-json",
+        str(tmp_path / "bench.json"),
+    )
+    assert code == 0 and "End to end" in stdout  # tables printed, JSON saved
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    assert [r["backend"] for r in runs] == ["onnxruntime", "torch"]
+    assert all(r["eager"] is None for r in runs)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

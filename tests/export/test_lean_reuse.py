@@ -13,6 +13,7 @@ from fora_export.adapters.dit import DiTLeanReuseStep
 from fora_export.adapters.registry import adapter_for
 from fora_export.build.config import BuildConfig
 from fora_export.build.pipeline import build
+from fora_export.demo import DIT_XL_2_CONFIG as DIT_XL_2
 from fora_export.demo import make_demo_dit
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
@@ -20,18 +21,6 @@ from fora_runtime import load_manifest
 from tests.conftest import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
-
-# DiT-XL/2 at 256px: 28 blocks, hidden 1152 (16 heads of 72), 32x32 latents.
-DIT_XL_2 = {
-    "num_attention_heads": 16,
-    "attention_head_dim": 72,
-    "in_channels": 4,
-    "out_channels": 8,
-    "num_layers": 28,
-    "sample_size": 32,
-    "patch_size": 2,
-    "num_embeds_ada_norm": 1000,
-}
 
 
 def lean_vs_plain(model) -> tuple[torch.Tensor, torch.Tensor, DiTLeanReuseStep]:
