@@ -15,6 +15,8 @@
 #   PYTEST_ARGS      extra pytest arguments (e.g. "-x -k trt")
 #   FORA_BUILD_ARGS  MODEL and options for the benchmark's `fora-export build` (default: demo-dit)
 #   FORA_BENCH_ARGS  options for `fora-export bench` (default: --steps 20)
+# Wheels in ./.whl (e.g. diffusers, which the lent GPU machine lacks) are installed into
+# /tmp/fora-site first.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +30,12 @@ elif [[ -x "$ROOT/.venv/bin/python" ]]; then
     PY="$ROOT/.venv/bin/python"
 else
     PY="$(command -v python3 || command -v python || echo python3)"
+fi
+# Packages missing on a bare GPU machine (diffusers there) can travel as wheels in ./.whl.
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/fora-site "$ROOT"/.whl/*.whl
+    export PYTHONPATH="/tmp/fora-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # Make the packages importable without an install (fresh machines get a bare checkout).
 export PYTHONPATH="$ROOT:$ROOT/runtime${PYTHONPATH:+:$PYTHONPATH}"
