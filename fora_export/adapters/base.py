@@ -90,21 +90,25 @@ class ModelAdapter(ABC):
         """Every cacheable sublayer, block by block, in a fixed order."""
 
     # -- inputs ---------------------------------------------------------------------
-    @abstractmethod
+    # diffusers' 2D transformers share these config fields (sample_size, in_channels)
+    # and the out_channels attribute; a family with other names overrides them.
     def default_resolution(self) -> tuple[int, int]:
         """Latent (height, width) the model was configured for."""
+        size = int(self.model.config.sample_size)
+        return (size, size)
 
     @abstractmethod
     def check_resolution(self, resolution: tuple[int, int]) -> None:
         """Raise ConfigError when the model cannot run at this latent size."""
 
     @property
-    @abstractmethod
-    def latent_channels(self) -> int: ...
+    def latent_channels(self) -> int:
+        return int(self.model.config.in_channels)
 
     @property
-    @abstractmethod
-    def output_channels(self) -> int: ...
+    def output_channels(self) -> int:
+        """Channels of the model output (twice the latent's with learned sigma)."""
+        return int(self.model.out_channels)
 
     @abstractmethod
     def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:

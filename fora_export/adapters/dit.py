@@ -44,10 +44,6 @@ class DiTAdapter(ModelAdapter):
         return points
 
     # -- inputs ---------------------------------------------------------------------
-    def default_resolution(self) -> tuple[int, int]:
-        size = int(self.model.config.sample_size)
-        return (size, size)
-
     def check_resolution(self, resolution: tuple[int, int]) -> None:
         height, width = resolution
         patch = int(self.model.config.patch_size)
@@ -58,14 +54,6 @@ class DiTAdapter(ModelAdapter):
             raise ConfigError(
                 f"Resolution | latent size {height} | must be a positive multiple of patch_size {patch}"
             )
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.model.config.in_channels)
-
-    @property
-    def output_channels(self) -> int:
-        return int(self.model.out_channels)
 
     @property
     def num_classes(self) -> int:

@@ -71,10 +71,6 @@ class PixArtAdapter(ModelAdapter):
     def uses_size_conditions(self) -> bool:
         return bool(self.model.use_additional_conditions)
 
-    def default_resolution(self) -> tuple[int, int]:
-        size = int(self.model.config.sample_size)
-        return (size, size)
-
     def check_resolution(self, resolution: tuple[int, int]) -> None:
         patch = int(self.model.config.patch_size)
         for side in resolution:
@@ -83,14 +79,6 @@ class PixArtAdapter(ModelAdapter):
                     f"Resolution | latent size {resolution[0]}x{resolution[1]} | each side must be a "
                     f"positive multiple of patch_size {patch}"
                 )
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.model.config.in_channels)
-
-    @property
-    def output_channels(self) -> int:
-        return int(self.model.out_channels)
 
     @property
     def caption_channels(self) -> int:

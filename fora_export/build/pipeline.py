@@ -154,6 +154,7 @@ def export_folder(
             [PREDICTION, *split.cache_names],
             folder / GRAPH_FILES["full"],
             config.export,
+            batch_range=batch,
         )
         stages.stage("exporting reuse graph")
         export_onnx(
@@ -163,6 +164,7 @@ def export_folder(
             [PREDICTION],
             folder / GRAPH_FILES["reuse"],
             config.export,
+            batch_range=batch,
         )
         graphs = {role: _graph_spec(folder, file) for role, file in GRAPH_FILES.items()}
         _check_graphs(graphs, step_specs, cache_specs)

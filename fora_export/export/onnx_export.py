@@ -23,13 +23,15 @@ import torch
 from torch import nn
 
 from fora_export.errors import ConfigError, ExportError
+from fora_export.export.dynamic_batch import batch_dynamic_shapes
 from fora_export.export.islands import apply_fp32_islands, island_ops
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights
+ANY_BATCH = BatchRange(1, 2, 4096)
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64"}
 
@@ -64,6 +66,8 @@ def export_onnx(
     output_names: list[str],
     path: Path,
     config: ExportConfig,
+    *,
+    batch_range: BatchRange = ANY_BATCH,
 ) -> None:
     """Export ``module`` to ``path`` and check it with the ONNX checker.
 
@@ -86,7 +90,7 @@ def export_onnx(
                 # Tracer warnings about Python branches on shapes are expected: the
                 # resolution is fixed per build; the batch axis is checked by validate.
                 warnings.simplefilter("ignore")
-                _run_exporter(module, example_args, input_names, output_names, raw, config)
+                _run_exporter(module, example_args, input_names, output_names, raw, config, batch_range)
         except ConfigError:
             raise
         except Exception as err:  # exporters raise many unrelated exception types
@@ -101,6 +105,7 @@ def _run_exporter(
     output_names: list[str],
     path: Path,
     config: ExportConfig,
+    batch_range: BatchRange,
 ) -> None:
     if config.exporter == "torchscript":
         dynamic_axes = {name: {0: BATCH_AXIS} for name in (*input_names, *output_names)}
@@ -116,17 +121,12 @@ def _run_exporter(
             dynamo=False,
         )
         return
-    batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
-    # The step graphs take *args, so dynamic shapes are given per positional input.
-    dynamic_shapes = {"inputs": tuple({0: batch} for _ in args)}
-    if hasattr(module, "cache_names"):
-        dynamic_shapes = {"inputs_and_caches": dynamic_shapes["inputs"]}
     program = torch.onnx.export(
         module,
         args,
         input_names=input_names,
         output_names=output_names,
-        dynamic_shapes=dynamic_shapes,
+        dynamic_shapes=batch_dynamic_shapes(module, args, batch_range),
         opset_version=config.opset,
         dynamo=True,
         optimize=True,

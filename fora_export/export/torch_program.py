@@ -58,7 +58,6 @@ sha256 are verified like the ONNX files.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -71,7 +70,8 @@ import torch
 from torch import nn
 
 from fora_export.errors import ExportError
-from fora_runtime.manifest import BATCH_AXIS, BatchRange
+from fora_export.export.dynamic_batch import batch_dynamic_shapes
+from fora_runtime.manifest import BatchRange
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def export_program(
             f"{path.name} | module returns {len(reference)} outputs for {len(output_names)} output "
             f"names | pass one name per output"
         )
-    dynamic_shapes = _dynamic_shapes(module, args, batch_range)
+    dynamic_shapes = batch_dynamic_shapes(module, args, batch_range)
     try:
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
     except Exception as err:  # torch.export raises many unrelated exception types
@@ -180,29 +180,6 @@ def _resize_batch(args: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tens
         return args
     index = torch.arange(size, device=args[0].device) % current
     return tuple(arg.index_select(0, index) for arg in args)
-
-
-def _dynamic_shapes(
-    module: nn.Module, args: tuple[torch.Tensor, ...], batch_range: BatchRange
-) -> dict[str, Any] | None:
-    """Axis 0 of every positional input is the batch Dim, keyed by ``forward``'s parameter
-    names. The step graphs take ``*args``, so theirs is keyed by the varargs name
-    (``inputs`` / ``inputs_and_caches``) with one entry per positional input."""
-    if batch_range.min == batch_range.max:
-        return None
-    batch = torch.export.Dim(BATCH_AXIS, min=batch_range.min, max=batch_range.max)
-    shapes: dict[str, Any] = {}
-    remaining = len(args)
-    for param in inspect.signature(module.forward).parameters.values():
-        if remaining and param.kind == param.VAR_POSITIONAL:
-            shapes[param.name] = tuple({0: batch} for _ in range(remaining))
-            remaining = 0
-        elif remaining and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            shapes[param.name] = {0: batch}
-            remaining -= 1
-    if remaining:
-        raise ExportError(f"{type(module).__name__}.forward | takes fewer positional inputs than {len(args)}")
-    return shapes
 
 
 def _as_tuple(outputs: Any) -> tuple[torch.Tensor, ...]:

@@ -21,21 +21,9 @@ from fora_export.adapters.base import ModelAdapter
 from fora_export.split.taps import SublayerTaps
 
 
-class FullStepGraph(nn.Module):
-    def __init__(self, adapter: ModelAdapter, taps: SublayerTaps, input_names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.transformer = adapter.model
-        self._adapter = adapter
-        self._taps = taps
-        self.input_names = input_names
+class _StepGraph(nn.Module):
+    """A step graph around the tapped model; ``transformer`` keeps its weights' keys."""
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with self._taps.recording() as recorded:
-            prediction = self._adapter.predict(dict(zip(self.input_names, inputs, strict=True)))
-        return (prediction, *(recorded[p.name] for p in self._taps.points))
-
-
-class ReuseStepGraph(nn.Module):
     def __init__(self, adapter: ModelAdapter, taps: SublayerTaps, input_names: tuple[str, ...]) -> None:
         super().__init__()
         self.transformer = adapter.model
@@ -44,6 +32,15 @@ class ReuseStepGraph(nn.Module):
         self.input_names = input_names
         self.cache_names = tuple(p.name for p in taps.points)
 
+
+class FullStepGraph(_StepGraph):
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self._taps.recording() as recorded:
+            prediction = self._adapter.predict(dict(zip(self.input_names, inputs, strict=True)))
+        return (prediction, *(recorded[p.name] for p in self._taps.points))
+
+
+class ReuseStepGraph(_StepGraph):
     def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
         count = len(self.input_names)
         inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
