@@ -140,3 +140,11 @@ def test_bad_cache_kinds_and_caption_options(pixart_dir: Path, tiny_dit_dir: Pat
     with pytest.raises(ConfigError, match="takes no captions"):
         build(str(tiny_dit_dir), tmp_path / "c", BuildConfig.from_options(caption_length=5), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pixart_on_the_torch_backend(pixart_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "torch"
+    config = BuildConfig.from_options(caption_length=6, backend="torch", device="cpu")
+    build(str(pixart_dir), out, config, progress=False)
+    report = validate(out, backend="torch", steps=8, batch_sizes=[1, 3])
+    assert_fp32_parity(report)
