@@ -1,6 +1,8 @@
 """TensorRT engines for the two step graphs (``full`` and ``reuse``).
 
-Works with TensorRT 10.x and 11.x. Networks are always strongly typed: the
+Works with TensorRT 10.1+ and 11.x (older versions are refused: the runtime needs
+``device_memory_size_v2`` and ``set_device_memory(ptr, size)``, both new in 10.1, and
+engines only load under the TensorRT that built them). Networks are always strongly typed: the
 precision of every tensor comes from the ONNX graph (the exporter writes fp16 /
 bf16 graphs itself), so no precision builder flag is ever set (TensorRT 11
 removed ``BuilderFlag.FP16`` / ``BF16``). ``tensorrt`` and ``torch`` are
@@ -40,12 +42,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fora_export.errors import BuildError, ConfigError
+from fora_runtime.backends.trt import MIN_TENSORRT_VERSION, tensorrt_too_old
 from fora_runtime.manifest import BatchRange, GraphSpec, TensorSpec, sha256_of
 
 if TYPE_CHECKING:
@@ -113,6 +117,13 @@ def _tensorrt_version() -> str:
             "TensorRT | 'tensorrt' imports but has no runtime library (only type stubs are installed) "
             "| install the real package: pip install tensorrt"
         )
+    problem = tensorrt_too_old(version)
+    if problem is not None:
+        needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
+        raise BuildError(
+            f"TensorRT | {problem} | upgrade: pip install 'tensorrt>={needed}', or build without "
+            "TensorRT engines"
+        )
     return version
 
 
@@ -177,18 +188,31 @@ def _network_flags(trt: Any) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _make_logger(trt: Any, errors: list[str]) -> Any:
-    """A TensorRT logger forwarding to stdlib logging and collecting error messages."""
+# TensorRT keeps ONE logger per process: the one given to the first Builder / Runtime /
+# Refitter, used by all of them until every one is gone. A logger per build would be
+# ignored while anything else (an earlier build's objects, a runtime) is alive, and its
+# error list would stay empty. So this module has one logger, made once and never freed
+# (TensorRT may hold on to it), whose error list each build swaps in with _capture.
+_LOGGER: Any = None
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger forwarding to stdlib logging and collecting error messages into
+    its ``errors`` list (None: not collecting); ``error_level`` is the stdlib level errors
+    are logged at."""
     severity = trt.ILogger.Severity
 
     class _Logger(trt.ILogger):  # type: ignore[misc]  # base class comes from a lazy import
         def __init__(self) -> None:
             trt.ILogger.__init__(self)  # pybind11 trampolines need the explicit base init
+            self.errors: list[str] | None = None
+            self.error_level = logging.ERROR
 
         def log(self, level: Any, msg: str) -> None:
             if level in (severity.INTERNAL_ERROR, severity.ERROR):
-                errors.append(msg)
-                log.error("TensorRT: %s", msg)
+                if self.errors is not None:
+                    self.errors.append(msg)
+                log.log(self.error_level, "TensorRT: %s", msg)
             elif level == severity.WARNING:
                 log.warning("TensorRT: %s", msg)
             elif level == severity.INFO:
@@ -197,6 +221,27 @@ def _make_logger(trt: Any, errors: list[str]) -> Any:
                 log.debug("TensorRT: %s", msg)
 
     return _Logger()
+
+
+def _logger(trt: Any) -> Any:
+    """This module's one TensorRT logger (made on first use)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = _make_logger(trt)
+    return _LOGGER
+
+
+@contextmanager
+def _capture(logger: Any, level: int = logging.ERROR) -> Iterator[list[str]]:
+    """Collect the TensorRT errors logged inside the block (logged at ``level``) into a
+    fresh list; the previous list and level are restored on exit, so blocks nest."""
+    errors: list[str] = []
+    previous = logger.errors, logger.error_level
+    logger.errors, logger.error_level = errors, level
+    try:
+        yield errors
+    finally:
+        logger.errors, logger.error_level = previous
 
 
 def _attach_timing_cache(builder_config: tensorrt.IBuilderConfig, path: Path | None) -> tensorrt.ITimingCache:
@@ -251,8 +296,23 @@ def build_engine(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise BuildError(f"{onnx_path} | missing | export the ONNX graphs before building engines")
-    errors: list[str] = []
-    logger = _make_logger(trt, errors)
+    logger = _logger(trt)
+    with _capture(logger) as errors:
+        return _build(trt, logger, errors, onnx_path, inputs, batch, timing_cache, Path(out), config)
+
+
+def _build(
+    trt: Any,
+    logger: Any,
+    errors: list[str],
+    onnx_path: Path,
+    inputs: Sequence[TensorSpec],
+    batch: BatchRange,
+    timing_cache: Path | None,
+    out: Path,
+    config: TrtBuildConfig,
+) -> Path:
+    """build_engine's work; ``errors`` collects what TensorRT logs as errors meanwhile."""
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     # The parser owns the weights the network points to: keep it alive until the build is done.
@@ -281,8 +341,7 @@ def build_engine(
                 f"{onnx_path} | input '{tensor.name}' is {got} in TensorRT, expected {spec.dtype} "
                 "| rebuild the ONNX graphs"
             )
-        low, opt, high = shapes[tensor.name]
-        profile.set_shape(tensor.name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+        _set_profile_shape(trt, profile, onnx_path, tensor, shapes[tensor.name], errors)
 
     builder_config = builder.create_builder_config()
     builder_config.builder_optimization_level = config.opt_level
@@ -292,8 +351,22 @@ def build_engine(
     if config.workspace_bytes is not None:
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
     if builder_config.add_optimization_profile(profile) < 0:
-        raise BuildError(f"{onnx_path} | TensorRT rejected the optimization profile for batch {batch}")
-    cache = _attach_timing_cache(builder_config, timing_cache) if timing_cache is not None else None
+        raise BuildError(
+            f"{onnx_path} | TensorRT rejected the optimization profile for batch {batch}"
+            f"{_errors_suffix(errors)} | check --batch MIN:OPT:MAX"
+        )
+    cache = None
+    if timing_cache is not None:
+        # A stale or foreign cache makes TensorRT log errors although the build goes on with
+        # a fresh one: log those at INFO and keep them out of a later build failure's message.
+        with _capture(logger, level=logging.INFO) as cache_errors:
+            cache = _attach_timing_cache(builder_config, timing_cache)
+        if cache_errors:
+            log.info(
+                "TensorRT reported while loading the timing cache %s (not fatal): %s",
+                timing_cache,
+                "; ".join(cache_errors),
+            )
 
     log.info("building TensorRT engine %s from %s (batch %s)", out.name, onnx_path.name, batch)
     serialized = builder.build_serialized_network(network, builder_config)
@@ -302,10 +375,41 @@ def build_engine(
             f"{onnx_path} | TensorRT could not build an engine: {'; '.join(errors) or 'no error logged'} "
             "| see the TensorRT messages above; a smaller batch range or a workspace limit may help"
         )
-    _write_atomic(Path(out), memoryview(serialized))
+    _write_atomic(out, memoryview(serialized))
     if cache is not None and timing_cache is not None:
         _write_atomic(timing_cache, memoryview(cache.serialize()))
-    return Path(out)
+    return out
+
+
+def _errors_suffix(errors: list[str]) -> str:
+    return f": {'; '.join(errors)}" if errors else ""
+
+
+def _set_profile_shape(
+    trt: Any,
+    profile: Any,
+    onnx_path: Path,
+    tensor: Any,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    errors: list[str],
+) -> None:
+    """``profile.set_shape`` for one network input, its failures as BuildError."""
+    low, opt, high = shapes
+    what = f"input '{tensor.name}': min {list(low)}, opt {list(opt)}, max {list(high)}"
+    rank = len(tensor.shape)
+    if any(len(shape) != rank for shape in shapes):
+        raise BuildError(
+            f"{onnx_path} | profile shapes of {what} do not match the network's rank {rank} "
+            f"(shape {list(tensor.shape)}) | the graph and manifest come from different exports; rebuild"
+        )
+    try:
+        profile.set_shape(tensor.name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+    except (RuntimeError, ValueError, TypeError) as err:
+        details = "; ".join([str(err), *errors])
+        raise BuildError(
+            f"{onnx_path} | TensorRT rejected the profile shapes of {what} ({details}) "
+            "| check --batch MIN:OPT:MAX (1 <= min <= opt <= max) against the graph's input shapes"
+        ) from err
 
 
 def build_engines(

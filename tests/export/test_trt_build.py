@@ -8,12 +8,16 @@ package and a CUDA GPU are present. The others run anywhere.
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fora_export.build import tensorrt as trt_build
 from fora_export.build.config import BuildConfig
 from fora_export.build.pipeline import build
 from fora_export.build.tensorrt import (
@@ -159,6 +163,75 @@ def test_backend_auto_without_tensorrt_builds_onnx_only(tiny_engine: Path) -> No
     manifest = load_manifest(tiny_engine)  # built with the default --backend auto
     assert manifest.backends == {}
     assert not any(name.endswith(".plan") for name in manifest.files)
+
+
+def test_tensorrt_before_10_1_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.0.1.6"  # type: ignore[attr-defined]
+    fake.Builder = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(
+        BuildError, match=r"^TensorRT \| TensorRT 10\.0\.1\.6 is too old.* \| upgrade: .*10\.1"
+    ):
+        trt_build._tensorrt_version()
+    ok, reason = tensorrt_available()
+    assert not ok and "too old" in reason
+    fake.__version__ = "10.1.0.27"  # type: ignore[attr-defined]
+    assert trt_build._tensorrt_version() == "10.1.0.27"
+
+
+class _FakeILogger:
+    Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+    def __init__(self) -> None:
+        pass
+
+
+def test_one_logger_whose_error_list_is_swapped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_trt = types.SimpleNamespace(ILogger=_FakeILogger)
+    monkeypatch.setattr(trt_build, "_LOGGER", None)
+    logger = trt_build._logger(fake_trt)
+    assert trt_build._logger(fake_trt) is logger  # the same object for every build
+    error = _FakeILogger.Severity.ERROR
+    logger.log(error, "outside any build")  # logged, collected nowhere
+    with caplog.at_level(logging.INFO, logger="fora_export.build.tensorrt"):
+        with trt_build._capture(logger) as first:
+            logger.log(error, "first build")
+            # Timing-cache complaints go to their own list, at INFO.
+            with trt_build._capture(logger, level=logging.INFO) as cache:
+                logger.log(error, "stale timing cache")
+            logger.log(error, "first build again")
+        with trt_build._capture(logger) as second:
+            logger.log(error, "second build")
+    assert first == ["first build", "first build again"]
+    assert cache == ["stale timing cache"]
+    assert second == ["second build"]
+    assert logger.errors is None
+    levels = {record.getMessage(): record.levelno for record in caplog.records}
+    assert levels["TensorRT: stale timing cache"] == logging.INFO
+    assert levels["TensorRT: second build"] == logging.ERROR
+
+
+def test_bad_profile_shapes_become_build_errors(tmp_path: Path) -> None:
+    class Profile:
+        def set_shape(self, *args: object) -> None:
+            raise RuntimeError("min > opt")
+
+    fake_trt = types.SimpleNamespace(Dims=tuple)
+    tensor = types.SimpleNamespace(name="latents", shape=(-1, 4, 8, 8))
+    shapes = ((4, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8))
+    onnx = tmp_path / "full.onnx"
+    with pytest.raises(
+        BuildError,
+        match=r"profile shapes of input 'latents': min \[4, 4, 8, 8\], opt \[2, 4, 8, 8\], "
+        r"max \[8, 4, 8, 8\] \(min > opt; TensorRT said so\) \| check --batch",
+    ):
+        trt_build._set_profile_shape(fake_trt, Profile(), onnx, tensor, shapes, ["TensorRT said so"])
+    flat = types.SimpleNamespace(name="latents", shape=(-1, 256))
+    with pytest.raises(BuildError, match=r"do not match the network's rank 2"):
+        trt_build._set_profile_shape(fake_trt, Profile(), onnx, flat, shapes, [])
 
 
 # -- with TensorRT and a GPU ----------------------------------------------------------------

@@ -9,20 +9,29 @@ the real ``tensorrt`` package and a CUDA GPU are present. The others run anywher
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from fora_runtime import BackendError, ForaSession
-from fora_runtime.backends import backend_names
-from fora_runtime.backends.trt import check_build_record
-from fora_runtime.caches import ALIGNMENT
-from fora_runtime.manifest import MANIFEST_NAME
+from fora_runtime import BackendError, ForaSession, InputError, load_manifest
+from fora_runtime.backends import StepBuffers, backend_names
+from fora_runtime.backends.trt import (
+    TensorRTBackend,
+    _tensorrt_version,
+    check_build_record,
+    tensorrt_too_old,
+    tensorrt_version_tuple,
+)
+from fora_runtime.caches import ALIGNMENT, ArenaLayout
+from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec
 from tests.conftest import TINY_DIT
 from tests.export.test_trt_build import assert_matches, tensorrt_engine_folder
 
@@ -128,6 +137,152 @@ def test_activation_refuses_clearly_without_tensorrt_or_gpu(tiny_engine: Path) -
     session = ForaSession(tiny_engine, backend="tensorrt")
     with pytest.raises(BackendError, match=r"Backend 'tensorrt' \| .* \| "):
         session.activate()
+
+
+def test_tensorrt_version_parsing_and_minimum() -> None:
+    assert tensorrt_version_tuple("10.13.0.35") == (10, 13)
+    assert tensorrt_version_tuple("11.0.0.1") == (11, 0)
+    assert tensorrt_version_tuple("10.1.0") == (10, 1)
+    assert tensorrt_version_tuple("10") == (10, 0)
+    assert tensorrt_version_tuple("dev") is None
+    assert tensorrt_too_old("10.1.0.27") is None
+    assert tensorrt_too_old("11.0.0.1") is None
+    problem = tensorrt_too_old("10.0.1.6")
+    assert problem is not None and "10.1 or newer" in problem
+    assert tensorrt_too_old("8.6.1.6") is not None
+    assert tensorrt_too_old("dev") is not None
+
+
+def test_old_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.0.1.6"  # type: ignore[attr-defined]
+    fake.Runtime = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(
+        BackendError, match=r"^Backend 'tensorrt' \| TensorRT 10\.0\.1\.6 is too old.* \| upgrade: .*10\.1"
+    ):
+        _tensorrt_version()
+    fake.__version__ = "10.1.0.27"  # type: ignore[attr-defined]
+    assert _tensorrt_version() == "10.1.0.27"
+
+
+def cpu_backend(manifest: Manifest, folder: Path) -> tuple[TensorRTBackend, StepBuffers]:
+    """A TensorRT backend that never activates, with CPU staging buffers: enough for stage_input."""
+    import torch
+
+    backend = TensorRTBackend(manifest, folder)
+    backend._torch = torch
+    inputs = {
+        "latents": torch.zeros((2, 4, 8, 8)),
+        "timestep": torch.zeros(2),
+        "class_labels": torch.zeros(2, dtype=torch.int64),
+    }
+    buffers = StepBuffers(2, inputs, {}, None, ArenaLayout.plan((), 2))
+    return backend, buffers
+
+
+def test_host_tensors_are_range_checked_only_when_ranged(tiny_engine: Path) -> None:
+    torch = pytest.importorskip("torch")
+    manifest = load_manifest(tiny_engine)
+    assert manifest.conditioning["input_ranges"]["class_labels"] == [0, 10]
+    backend, buffers = cpu_backend(manifest, tiny_engine)
+    # No range for latents: bf16 and requires_grad must not reach .numpy().
+    latents = torch.full((2, 4, 8, 8), 0.5, dtype=torch.bfloat16, requires_grad=True)
+    backend.stage_input(buffers, "latents", latents)
+    assert torch.equal(buffers.inputs["latents"], torch.full((2, 4, 8, 8), 0.5))
+    assert not buffers.inputs["latents"].requires_grad
+    # Ranged labels are checked exactly, whatever their integer width.
+    backend.stage_input(buffers, "class_labels", torch.tensor([3, 10], dtype=torch.int32))
+    assert buffers.inputs["class_labels"].tolist() == [3, 10]
+    with pytest.raises(InputError, match=r"Input 'class_labels' \| values 3\.\.11 outside \[0, 10\]"):
+        backend.stage_input(buffers, "class_labels", torch.tensor([3, 11]))
+    with pytest.raises(InputError, match="outside"):
+        backend.stage_input(buffers, "class_labels", torch.tensor([2**40, 1]))
+
+
+# A stand-in for the few tensorrt names and ICudaEngine methods _check_io uses.
+FAKE_TRT = types.SimpleNamespace(
+    TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+    TensorLocation=types.SimpleNamespace(DEVICE="DEVICE"),
+)
+TRT_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64"}
+
+
+class FakeEngine:
+    def __init__(self, tensors: list[tuple[str, bool, str, tuple[int, ...]]]) -> None:
+        self.tensors = tensors
+        self.by_name = {name: (is_input, dtype, shape) for name, is_input, dtype, shape in tensors}
+        self.num_io_tensors = len(tensors)
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.tensors[index][0]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "INPUT" if self.by_name[name][0] else "OUTPUT"
+
+    def get_tensor_dtype(self, name: str) -> Any:
+        return types.SimpleNamespace(name=TRT_NAMES[self.by_name[name][1]])
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.by_name[name][2]
+
+    def get_tensor_location(self, name: str) -> str:
+        return "DEVICE"
+
+
+def engine_like(manifest: Manifest, role: str) -> FakeEngine:
+    """An engine whose IO is exactly ``role``'s graph in the manifest, with a dynamic batch axis."""
+    graph = manifest.graphs[role]
+    tensors = []
+    for specs, is_input in ((graph.inputs, True), (graph.outputs, False)):
+        for spec in specs:
+            shape = tuple(-1 if d == "batch" else int(d) for d in spec.shape)
+            tensors.append((spec.name, is_input, spec.dtype, shape))
+    return FakeEngine(tensors)
+
+
+def with_reuse_outputs(manifest: Manifest, outputs: tuple[TensorSpec, ...]) -> Manifest:
+    reuse = dataclasses.replace(manifest.graphs["reuse"], outputs=outputs)
+    return dataclasses.replace(manifest, graphs={**manifest.graphs, "reuse": reuse})
+
+
+def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> None:
+    manifest = load_manifest(tiny_engine)
+    path = tiny_engine / "reuse.plan"
+    for role in ("full", "reuse"):
+        bindings = TensorRTBackend(manifest, tiny_engine)._check_io(
+            FAKE_TRT, role, engine_like(manifest, role), path
+        )
+        kinds = {b.name: b.buffer for b in bindings}
+        assert kinds["prediction"] == "prediction" and kinds["latents"] == "inputs"
+        assert kinds["cache.0.ff"] == "caches"
+
+    # The reuse graph declares an fp16 prediction, but both engines write the one prediction
+    # buffer, allocated from the full graph's fp32 spec.
+    (prediction,) = manifest.graphs["reuse"].outputs
+    fp16 = with_reuse_outputs(manifest, (dataclasses.replace(prediction, dtype="float16"),))
+    backend = TensorRTBackend(fp16, tiny_engine)
+    with pytest.raises(
+        BackendError, match=r"output 'prediction' is float16, but the prediction buffer .* is float32 \| "
+    ):
+        backend._check_io(FAKE_TRT, "reuse", engine_like(fp16, "reuse"), path)
+
+    # An output that is neither the prediction nor a cache has no buffer.
+    renamed = with_reuse_outputs(manifest, (dataclasses.replace(prediction, name="noise"),))
+    with pytest.raises(
+        BackendError, match=r"output 'noise' is neither the prediction 'prediction' nor a cache"
+    ):
+        TensorRTBackend(renamed, tiny_engine)._check_io(
+            FAKE_TRT, "reuse", engine_like(renamed, "reuse"), path
+        )
+
+    # A cache slot of another shape.
+    engine = engine_like(manifest, "reuse")
+    engine.by_name["cache.0.ff"] = (True, "float32", (-1, 16, 15))
+    with pytest.raises(
+        BackendError, match=r"input 'cache.0.ff' has shape \[-1, 16, 15\], but its cache slot"
+    ):
+        TensorRTBackend(manifest, tiny_engine)._check_io(FAKE_TRT, "reuse", engine, path)
 
 
 # -- with TensorRT and a GPU ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""TensorRT backend (TensorRT 10.x and 11.x), driven through torch for CUDA memory.
+"""TensorRT backend (TensorRT 10.1+ and 11.x), driven through torch for CUDA memory.
 
 Every TensorRT call of the runtime lives in this module. ``tensorrt`` and
 ``torch`` are imported on activation, so importing the module needs neither.
@@ -8,8 +8,9 @@ Layout on the device, all allocated once and bound at fixed addresses:
 - both engines are deserialized once per activation;
 - ONE activation buffer serves every execution context of both engines
   (``ExecutionContextAllocationStrategy.USER_MANAGED``, sized
-  ``max(engine.device_memory_size_v2)``, given with ``set_device_memory``): the
-  engines run one after the other on one stream, never concurrently;
+  ``max(engine.device_memory_size_v2)``, given with ``set_device_memory(ptr, size)``;
+  both exist from TensorRT 10.1, older versions are refused): the engines run one
+  after the other on one stream, never concurrently;
 - per batch size: one context per engine with its input shapes and tensor
   addresses set once, staging buffers for the step inputs, the prediction
   buffer, and one cache arena (``ArenaLayout``, 256-byte aligned slots). The full
@@ -34,6 +35,7 @@ by another TensorRT version or for another compute capability are refused.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,7 @@ from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBackend, StepBuffers
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.errors import BackendError, InputError
-from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, MANIFEST_NAME, Manifest, TensorSpec
 
 if TYPE_CHECKING:
     import tensorrt
@@ -54,12 +56,36 @@ log = logging.getLogger(__name__)
 ENGINE_ROLES = ("full", "reuse")
 TORCH_INSTALL = "pip install torch (a CUDA build)"
 TENSORRT_INSTALL = "pip install tensorrt"
+# device_memory_size_v2 and the two-argument set_device_memory (setDeviceMemoryV2) exist from 10.1.
+MIN_TENSORRT_VERSION = (10, 1)
 # TensorRT DataType member name -> manifest dtype name.
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32"}
 
 
+def tensorrt_version_tuple(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a TensorRT version string ("10.13.0.35" -> (10, 13)); None if unreadable."""
+    match = re.match(r"\s*(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def tensorrt_too_old(version: str) -> str | None:
+    """Why ``version`` cannot run these engines (the problem part of an error), or None."""
+    parsed = tensorrt_version_tuple(version)
+    needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
+    if parsed is None:
+        return f"cannot read the TensorRT version {version!r} (TensorRT {needed} or newer is needed)"
+    if parsed < MIN_TENSORRT_VERSION:
+        return (
+            f"TensorRT {version} is too old: TensorRT {needed} or newer is needed "
+            "(device_memory_size_v2, set_device_memory with a size)"
+        )
+    return None
+
+
 def _tensorrt_version() -> str:
-    """Import tensorrt (lazily) and return its version; refuse a stub-only install."""
+    """Import tensorrt (lazily) and return its version; refuse a stub-only or too old install."""
     module = import_optional("tensorrt", backend=TensorRTBackend.name, install=TENSORRT_INSTALL)
     version = getattr(module, "__version__", None)
     if not isinstance(version, str) or not hasattr(module, "Runtime"):
@@ -67,6 +93,13 @@ def _tensorrt_version() -> str:
         raise BackendError(
             "Backend 'tensorrt' | 'tensorrt' imports but has no runtime library (only type stubs are "
             f"installed) | install the real package: {TENSORRT_INSTALL}"
+        )
+    problem = tensorrt_too_old(version)
+    if problem is not None:
+        needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
+        raise BackendError(
+            f"Backend 'tensorrt' | {problem} | upgrade: pip install 'tensorrt>={needed}', and rebuild "
+            "the engines with it"
         )
     return version
 
@@ -117,6 +150,47 @@ class _Fill:
     dtype: str
 
 
+@dataclass(frozen=True)
+class _Binding:
+    """One IO tensor of an engine and the buffer it is bound to."""
+
+    name: str
+    is_input: bool
+    # "inputs" (a staging buffer), "caches" (an arena slot) or "prediction".
+    buffer: str
+
+
+def _shape_fits(engine_shape: tuple[int, ...], spec_shape: tuple[int | str, ...]) -> bool:
+    """Whether an engine tensor's shape (-1: dynamic) can hold a buffer of ``spec_shape``.
+
+    Dynamic axes and the batch axis are settled when a context is bound, where input
+    shapes are set from the buffers and output shapes are checked against them.
+    """
+    return len(engine_shape) == len(spec_shape) and all(
+        got == -1 or want == BATCH_AXIS or got == want
+        for got, want in zip(engine_shape, spec_shape, strict=True)
+    )
+
+
+def _require_aligned(tensor: Any, what: str) -> None:
+    address = int(tensor.data_ptr())
+    if address % ALIGNMENT:
+        raise BackendError(
+            f"Backend 'tensorrt' | the {what} at {address:#x} is not {ALIGNMENT}-byte aligned (torch's "
+            f"CUDA allocator returned an unaligned block) | use torch's default CUDA caching allocator "
+            "(check PYTORCH_CUDA_ALLOC_CONF)"
+        )
+
+
+def _host_values(value: Any) -> np.ndarray:
+    """A CPU torch tensor as numpy, for the range check: detached (a tensor that requires
+    grad refuses .numpy()), floats as float32 (bf16 has no numpy dtype), integers as int64
+    (exact, unlike float32 above 2**24)."""
+    value = value.detach()
+    array: np.ndarray = (value.float() if value.is_floating_point() else value.long()).numpy()
+    return array
+
+
 class TensorRTBackend(StepBackend):
     """Runs the full and reuse TensorRT engines of one engine folder on one CUDA device."""
 
@@ -139,8 +213,8 @@ class TensorRTBackend(StepBackend):
         self._logger: tensorrt.ILogger | None = None
         self._runtime: tensorrt.Runtime | None = None
         self._engines: dict[str, tensorrt.ICudaEngine] = {}
-        # Engine IO in binding order: role -> [(tensor name, is input)].
-        self._io: dict[str, list[tuple[str, bool]]] = {}
+        # Engine IO in binding order, each with the buffer it is bound to.
+        self._io: dict[str, list[_Binding]] = {}
         self._activation: Any = None
         self._activation_bytes = 0
         self._stream: Any = None
@@ -148,6 +222,9 @@ class TensorRTBackend(StepBackend):
         self._outputs_ready: Any = None
         # Owned here (not only by StepBuffers) so deactivate can sync before releasing them.
         self._contexts: dict[tuple[str, int], tensorrt.IExecutionContext] = {}
+        # The IRuntimeConfig each context was created with (None on the strategy route), kept
+        # alive at least as long as its context.
+        self._runtime_configs: dict[tuple[str, int], Any] = {}
         self._graphs: dict[tuple[str, int], Any] = {}
 
     # -- lifecycle ------------------------------------------------------------------
@@ -190,7 +267,7 @@ class TensorRTBackend(StepBackend):
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         engines: dict[str, tensorrt.ICudaEngine] = {}
-        io: dict[str, list[tuple[str, bool]]] = {}
+        io: dict[str, list[_Binding]] = {}
         with torch.cuda.device(device):
             for role in ENGINE_ROLES:
                 path = self._engine_path(record, role)
@@ -205,6 +282,7 @@ class TensorRTBackend(StepBackend):
             # One activation buffer for every context of both engines: they never run concurrently.
             size = max(int(engine.device_memory_size_v2) for engine in engines.values())
             activation = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=device)
+            _require_aligned(activation, "shared activation buffer")
             stream = torch.cuda.Stream(device=device)
         self._torch, self._device = torch, device
         self._logger, self._runtime, self._engines, self._io = logger, runtime, engines, io
@@ -248,26 +326,48 @@ class TensorRTBackend(StepBackend):
             )
         return path
 
-    def _check_io(
-        self, trt: Any, role: str, engine: tensorrt.ICudaEngine, path: Path
-    ) -> list[tuple[str, bool]]:
-        """The engine's IO must be the manifest's: names, dtypes, device-resident."""
+    def _check_io(self, trt: Any, role: str, engine: tensorrt.ICudaEngine, path: Path) -> list[_Binding]:
+        """The engine's IO must be the manifest's, and fit the buffers it will be bound to.
+
+        Names and dtypes are checked against ``role``'s graph in the manifest. Dtypes and
+        shapes are also checked against the buffer each tensor is bound to: staging
+        buffers are allocated from the full graph's input specs, cache slots from the
+        manifest's caches, and the one prediction buffer both engines write from the full
+        graph's prediction spec (so a reuse prediction of another dtype is refused here).
+        """
         graph = self.manifest.graphs[role]
         declared_in = {t.name: t for t in graph.inputs}
         declared_out = {t.name: t for t in graph.outputs}
-        cache_names = {c.name for c in self.manifest.caches}
-        step_names = {t.name for t in self.manifest.graphs["full"].inputs} - cache_names
-        io: list[tuple[str, bool]] = []
+        caches = {c.name: c for c in self.manifest.caches}
+        staged = {t.name: t for t in self.manifest.graphs["full"].inputs if t.name not in caches}
+        prediction = self.manifest.prediction
+        rebuild = "engines and manifest come from different builds; rebuild"
+        io: list[_Binding] = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            declared = declared_in if is_input else declared_out
-            spec = declared.get(name)
             kind = "input" if is_input else "output"
-            if spec is None or (is_input and name not in cache_names | step_names):
+            spec = (declared_in if is_input else declared_out).get(name)
+            if spec is None:
                 raise BackendError(
-                    f"{path} | {kind} '{name}' is not a {role} {kind} in the manifest | engines and manifest "
-                    "come from different builds; rebuild"
+                    f"{path} | {kind} '{name}' is not a {role} {kind} in the manifest | {rebuild}"
+                )
+            target: TensorSpec
+            if name in caches:
+                buffer, target, what = "caches", caches[name], f"its cache slot ({MANIFEST_NAME} 'caches')"
+            elif is_input and name in staged:
+                buffer, target, what = "inputs", staged[name], "its staging buffer (the full graph's input)"
+            elif not is_input and name == prediction.name:
+                buffer, target, what = "prediction", prediction, "the prediction buffer (the full graph's)"
+            elif is_input:
+                raise BackendError(
+                    f"{path} | input '{name}' is neither a step input of the full graph nor a cache "
+                    f"| {rebuild}"
+                )
+            else:
+                raise BackendError(
+                    f"{path} | output '{name}' is neither the prediction '{prediction.name}' nor a cache, "
+                    f"so there is no buffer to bind it to | {rebuild}"
                 )
             dtype = engine.get_tensor_dtype(name)
             got = _TRT_DTYPES.get(dtype.name, dtype.name)
@@ -275,10 +375,21 @@ class TensorRTBackend(StepBackend):
                 raise BackendError(
                     f"{path} | {kind} '{name}' is {got}, the manifest says {spec.dtype} | rebuild"
                 )
+            if got != target.dtype:
+                raise BackendError(
+                    f"{path} | {kind} '{name}' is {got}, but {what} is {target.dtype} | {rebuild}"
+                )
+            dims = engine.get_tensor_shape(name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            if not _shape_fits(shape, target.shape):
+                raise BackendError(
+                    f"{path} | {kind} '{name}' has shape {list(shape)}, but {what} has shape "
+                    f"{list(target.shape)} | {rebuild}"
+                )
             if engine.get_tensor_location(name) != trt.TensorLocation.DEVICE:
                 raise BackendError(f"{path} | {kind} '{name}' lives in host memory | not supported; rebuild")
-            io.append((name, is_input))
-        outputs = {name for name, is_input in io if not is_input}
+            io.append(_Binding(name, is_input, buffer))
+        outputs = {binding.name for binding in io if not binding.is_input}
         if outputs != set(declared_out):
             raise BackendError(
                 f"{path} | outputs {sorted(outputs)} differ from the manifest's {sorted(declared_out)} "
@@ -286,11 +397,18 @@ class TensorRTBackend(StepBackend):
             )
         return io
 
-    def _deactivate_impl(self) -> None:
+    def deactivate(self) -> None:
+        # base.deactivate drops the StepBuffers (staging buffers, cache arena, prediction)
+        # before it calls _deactivate_impl: the engine stream must be idle before they go.
         if self._stream is not None:
-            self._stream.synchronize()  # nothing may be in flight while contexts and buffers go away
+            self._stream.synchronize()
+        super().deactivate()
+
+    def _deactivate_impl(self) -> None:
+        # deactivate() synchronised the engine stream: nothing is in flight any more.
         self._graphs.clear()
         self._contexts.clear()
+        self._runtime_configs.clear()
         self._engines.clear()
         self._io.clear()
         self._runtime = None
@@ -332,7 +450,7 @@ class TensorRTBackend(StepBackend):
 
         # One allocation for all caches; each cache is a 256-byte aligned view of it.
         arena = torch.zeros(max(layout.nbytes, ALIGNMENT), dtype=torch.uint8, device=self._device)
-        assert arena.data_ptr() % ALIGNMENT == 0, "torch's CUDA allocator returned an unaligned block"
+        _require_aligned(arena, "cache arena")
         caches = {
             slot.spec.name: arena[slot.offset : slot.offset + slot.nbytes]
             .view(self._torch_dtype(slot.spec.dtype))
@@ -347,38 +465,60 @@ class TensorRTBackend(StepBackend):
             cache_layout=layout,
             bound={"arena": arena, "contexts": {}, "graphs": {}},
         )
+        contexts: dict[str, tensorrt.IExecutionContext] = {}
+        runtime_configs: dict[str, Any] = {}
         with torch.cuda.device(self._device):
             for role in ENGINE_ROLES:
-                context = self._bind(role, buffers)
-                self._contexts[(role, batch_size)] = context
-                buffers.bound["contexts"][role] = context
+                contexts[role], runtime_configs[role] = self._bind(role, buffers)
+            buffers.bound["contexts"].update(contexts)
             if self.use_cuda_graphs:
                 self._capture(buffers)
+        # Kept only once both roles are bound (and captured): a failure leaves nothing half made.
+        for role in ENGINE_ROLES:
+            self._contexts[(role, batch_size)] = contexts[role]
+            self._runtime_configs[(role, batch_size)] = runtime_configs[role]
         return buffers
 
-    def _bind(self, role: str, buffers: StepBuffers) -> tensorrt.IExecutionContext:
-        """A context of ``role``'s engine with shapes and addresses of ``buffers`` set once."""
+    def _create_context(self, role: str) -> tuple[tensorrt.IExecutionContext, Any]:
+        """A context of ``role``'s engine without its own device memory, and the
+        IRuntimeConfig it was created with (None on the strategy-argument route)."""
         import tensorrt as trt
 
         engine = self._engines[role]
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        runtime_config: Any = None
+        if hasattr(engine, "create_runtime_config"):
+            # The IRuntimeConfig route. IRuntimeConfig.set_execution_context_allocation_strategy is
+            # in the TensorRT 11.4 Python API reference; ICudaEngine.create_runtime_config and the
+            # create_execution_context(runtime_config) overload are in the 10.13 Python bindings
+            # (and in the C++ API as createRuntimeConfig / createExecutionContext(IRuntimeConfig*)).
+            # Not yet run against an 11.x install.
+            runtime_config = engine.create_runtime_config()
+            runtime_config.set_execution_context_allocation_strategy(strategy)
+            context = engine.create_execution_context(runtime_config)
+        else:  # TensorRT 10.x before IRuntimeConfig
+            context = engine.create_execution_context(strategy)
         if context is None:
             raise BackendError(
                 f"Backend 'tensorrt' | cannot create a {role} execution context (out of memory?)"
             )
+        return context, runtime_config
+
+    def _bind(self, role: str, buffers: StepBuffers) -> tuple[tensorrt.IExecutionContext, Any]:
+        """A context of ``role``'s engine with shapes and addresses of ``buffers`` set once
+        (and the IRuntimeConfig to keep alive with it)."""
+        context, runtime_config = self._create_context(role)
         context.set_device_memory(self._activation.data_ptr(), self._activation_bytes)
         batch = buffers.batch_size
-        prediction_name = self.manifest.prediction.name
         expected: dict[str, tuple[int, ...]] = {}
-        for name, is_input in self._io[role]:
-            if name in buffers.caches:
+        for binding in self._io[role]:
+            name, is_input = binding.name, binding.is_input
+            if binding.buffer == "caches":
                 tensor = buffers.caches[name]
-            elif is_input:
+            elif binding.buffer == "inputs":
                 tensor = buffers.inputs[name]
-            elif name == prediction_name:
+            else:
                 tensor = buffers.prediction
-            else:  # _check_io accepts only manifest outputs: the prediction and the caches
-                raise AssertionError(f"unbound output {name}")
             shape = tuple(int(d) for d in tensor.shape)
             expected[name] = shape
             if is_input and not context.set_input_shape(name, shape):
@@ -389,9 +529,10 @@ class TensorRTBackend(StepBackend):
                 )
             if not context.set_tensor_address(name, int(tensor.data_ptr())):
                 raise BackendError(f"Backend 'tensorrt' | {role} engine refuses the address of '{name}'")
-        for name, is_input in self._io[role]:
-            if is_input:
+        for binding in self._io[role]:
+            if binding.is_input:
                 continue
+            name = binding.name
             dims = context.get_tensor_shape(name)
             got = tuple(int(dims[i]) for i in range(len(dims)))
             if got != expected[name]:
@@ -399,13 +540,13 @@ class TensorRTBackend(StepBackend):
                     f"Backend 'tensorrt' | {role} output '{name}' has shape {list(got)} at batch {batch}, "
                     f"the manifest says {list(expected[name])} | rebuild the engines"
                 )
-        return context
+        return context, runtime_config
 
     def tensor_addresses(self, batch_size: int) -> dict[str, dict[str, int]]:
         """role -> tensor name -> device address bound in that engine's context (for checks)."""
         buffers = self.buffers(batch_size)
         return {
-            role: {name: int(context.get_tensor_address(name)) for name, _ in self._io[role]}
+            role: {b.name: int(context.get_tensor_address(b.name)) for b in self._io[role]}
             for role, context in buffers.bound["contexts"].items()
         }
 
@@ -458,22 +599,24 @@ class TensorRTBackend(StepBackend):
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
         torch = self._torch
         stream = self._stream
-        current = torch.cuda.current_stream(self._device)
-        # Inputs were staged on the caller's stream: the engine stream waits for them.
-        self._inputs_ready.record(current)
-        stream.wait_event(self._inputs_ready)
-        graph = buffers.bound["graphs"].get(role)
-        if graph is not None:
-            with torch.cuda.stream(stream):
-                graph.replay()
-        elif not buffers.bound["contexts"][role].execute_async_v3(stream.cuda_stream):
-            raise BackendError(
-                f"Backend 'tensorrt' | {role} engine failed to run (see the TensorRT error above) "
-                "| check the inputs; rebuild the engines if it persists"
-            )
-        # The caller's stream (prediction reads, next staging) waits for the engine.
-        self._outputs_ready.record(stream)
-        current.wait_event(self._outputs_ready)
+        # TensorRT enqueues on the current CUDA device: make it the backend's one.
+        with torch.cuda.device(self._device):
+            current = torch.cuda.current_stream(self._device)
+            # Inputs were staged on the caller's stream: the engine stream waits for them.
+            self._inputs_ready.record(current)
+            stream.wait_event(self._inputs_ready)
+            graph = buffers.bound["graphs"].get(role)
+            if graph is not None:
+                with torch.cuda.stream(stream):
+                    graph.replay()
+            elif not buffers.bound["contexts"][role].execute_async_v3(stream.cuda_stream):
+                raise BackendError(
+                    f"Backend 'tensorrt' | {role} engine failed to run (see the TensorRT error above) "
+                    "| check the inputs; rebuild the engines if it persists"
+                )
+            # The caller's stream (prediction reads, next staging) waits for the engine.
+            self._outputs_ready.record(stream)
+            current.wait_event(self._outputs_ready)
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
         target = buffers.inputs[name]
@@ -481,18 +624,23 @@ class TensorRTBackend(StepBackend):
             self._check_range(name, np.asarray(value.value))
             target.fill_(value.value)
         elif isinstance(value, self._torch.Tensor):
-            if not value.is_cuda:
-                self._check_range(name, value.numpy())
-            target.copy_(value, non_blocking=True)
+            if not value.is_cuda and self._bounds(name) is not None:
+                self._check_range(name, _host_values(value))
+            # detach: autograd must not record the copy into the staging buffer.
+            target.copy_(value.detach(), non_blocking=True)
         else:
             array = np.ascontiguousarray(value)
             self._check_range(name, array)
             target.copy_(self._torch.from_numpy(array), non_blocking=True)
 
+    def _bounds(self, name: str) -> Any:
+        """The manifest's [low, high] value range of input ``name``, or None."""
+        return self.manifest.conditioning.get("input_ranges", {}).get(name)
+
     def _check_range(self, name: str, array: np.ndarray) -> None:
         """Value ranges of host inputs (an out-of-range class label is an unchecked Gather
         index in the engine). Device tensors are not checked: that would sync every step."""
-        bounds = self.manifest.conditioning.get("input_ranges", {}).get(name)
+        bounds = self._bounds(name)
         if bounds is None or array.size == 0:
             return
         low, high = bounds
