@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import Manifest
+from fora_runtime.manifest import MANIFEST_NAME, Manifest
 
 # name -> "module:Class"; modules are imported only when the backend is asked for,
 # so the runtime imports without onnxruntime / tensorrt / torch installed.
@@ -105,6 +105,10 @@ class StepBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.deactivate()
+
+    def _where(self) -> str:
+        """The manifest path, for error messages."""
+        return str(self.folder / MANIFEST_NAME)
 
     def _require_active(self) -> None:
         if not self._active:

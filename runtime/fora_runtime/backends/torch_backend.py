@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fora_runtime._lazy import import_optional
-from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.backends.base import StepBuffers
+from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.caches import ArenaLayout
-from fora_runtime.errors import BackendError, InputError
+from fora_runtime.errors import BackendError
 from fora_runtime.manifest import MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
@@ -96,20 +94,10 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
     return record
 
 
-@dataclass(frozen=True)
-class _Fill:
-    """A scalar timestep, written into its staging buffer with ``fill_`` (no allocation)."""
-
-    value: float | int
-    shape: tuple[int, ...]
-    dtype: str
-
-
-class TorchBackend(StepBackend):
+class TorchBackend(TorchTensorIO):
     """Runs ``full.pt2`` / ``reuse.pt2`` with PyTorch, on CUDA (graphed) or CPU (eager)."""
 
     name = "torch"
-    host_inputs = False
 
     def __init__(
         self,
@@ -135,8 +123,9 @@ class TorchBackend(StepBackend):
     def uses_cuda_graphs(self) -> bool:
         return self.device is not None and self.device.type == "cuda" and self._use_cuda_graphs
 
-    def _where(self) -> str:
-        return str(self.folder / MANIFEST_NAME)
+    @property
+    def io_device(self) -> Any:
+        return self.device
 
     # -- lifecycle ------------------------------------------------------------------
     def _activate_impl(self) -> None:
@@ -305,19 +294,6 @@ class TorchBackend(StepBackend):
         buffers.bound["graphs"] = {"full": full_graph, "reuse": reuse_graph}
         buffers.bound["predictions"] = {"full": outputs[0], "reuse": reuse_prediction}
 
-    def _torch_dtype(self, dtype: str) -> Any:
-        torch = self._torch
-        mapping = {
-            "float32": torch.float32,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "int64": torch.int64,
-            "int32": torch.int32,
-        }
-        if dtype not in mapping:
-            raise BackendError(f"Backend 'torch' | dtype {dtype} is not supported | rebuild the engines")
-        return mapping[dtype]
-
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
         graphs = buffers.bound.get("graphs")
@@ -348,37 +324,6 @@ class TorchBackend(StepBackend):
         else:
             buffers.prediction = outputs
 
-    def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
-        torch = self._torch
-        target = buffers.inputs[name]
-        if isinstance(value, _Fill):
-            self._check_range(name, np.asarray(value.value))
-            target.fill_(value.value)
-        elif isinstance(value, torch.Tensor):
-            if value.device.type == "cpu":
-                self._check_range(name, value.numpy())
-            # Pageable host memory is staged before copy_ returns; a pinned host source
-            # must not change until the step's work has run on the current stream.
-            target.copy_(value, non_blocking=True)
-        else:
-            array = np.ascontiguousarray(value)
-            self._check_range(name, array)
-            target.copy_(torch.from_numpy(array), non_blocking=True)
-
-    def _check_range(self, name: str, array: np.ndarray) -> None:
-        """Value ranges of host inputs (an out-of-range class label is an embedding index
-        error on CPU and a device-side assert on CUDA). Device tensors are not checked:
-        that would sync every step."""
-        bounds = self.manifest.conditioning.get("input_ranges", {}).get(name)
-        if bounds is None or array.size == 0:
-            return
-        low, high = bounds
-        if array.min() < low or array.max() > high:
-            raise InputError(
-                f"Input '{name}' | values {array.min()}..{array.max()} outside [{low}, {high}] "
-                f"| ({self._where()})"
-            )
-
     def read_prediction(self, buffers: StepBuffers) -> Any:
         if buffers.prediction is None:
             raise BackendError(
@@ -387,27 +332,3 @@ class TorchBackend(StepBackend):
         if buffers.bound.get("graphs") is not None:
             return buffers.prediction.clone()  # the static output is overwritten by the next replay
         return buffers.prediction  # eager: a fresh tensor per step, never written again
-
-    def upload(self, value: Any) -> Any:
-        self._require_active()
-        return self._torch.as_tensor(value).to(self.device)
-
-    def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
-        torch = self._torch
-        torch_dtype = self._torch_dtype(dtype)
-        if isinstance(value, torch.Tensor):
-            value = value.to(dtype=torch_dtype)
-            return value.expand(shape) if value.ndim == 0 else value
-        array = np.asarray(value)
-        if array.ndim == 0:
-            scalar = array.item()
-            return _Fill(int(scalar) if dtype in ("int64", "int32") else float(scalar), shape, dtype)
-        return torch.as_tensor(array).to(dtype=torch_dtype)
-
-    def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
-        if isinstance(value, _Fill):
-            return value.shape, value.dtype
-        if self._torch is not None and isinstance(value, self._torch.Tensor):
-            return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
-        array = np.asarray(value)
-        return tuple(array.shape), array.dtype.name

@@ -40,12 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from fora_runtime._lazy import import_optional
-from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.backends.base import StepBuffers
+from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
-from fora_runtime.errors import BackendError, InputError
+from fora_runtime.errors import BackendError
 from fora_runtime.manifest import BATCH_AXIS, MANIFEST_NAME, Manifest, TensorSpec
 
 if TYPE_CHECKING:
@@ -142,15 +141,6 @@ def check_build_record(
 
 
 @dataclass(frozen=True)
-class _Fill:
-    """A scalar timestep, written into its staging buffer with ``fill_`` (no device allocation)."""
-
-    value: float | int
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
 class _Binding:
     """One IO tensor of an engine and the buffer it is bound to."""
 
@@ -182,20 +172,10 @@ def _require_aligned(tensor: Any, what: str) -> None:
         )
 
 
-def _host_values(value: Any) -> np.ndarray:
-    """A CPU torch tensor as numpy, for the range check: detached (a tensor that requires
-    grad refuses .numpy()), floats as float32 (bf16 has no numpy dtype), integers as int64
-    (exact, unlike float32 above 2**24)."""
-    value = value.detach()
-    array: np.ndarray = (value.float() if value.is_floating_point() else value.long()).numpy()
-    return array
-
-
-class TensorRTBackend(StepBackend):
+class TensorRTBackend(TorchTensorIO):
     """Runs the full and reuse TensorRT engines of one engine folder on one CUDA device."""
 
     name = "tensorrt"
-    host_inputs = False
 
     def __init__(
         self,
@@ -233,8 +213,9 @@ class TensorRTBackend(StepBackend):
         """The ``torch.cuda.Stream`` the engines run on (None while inactive)."""
         return self._stream
 
-    def _where(self) -> str:
-        return str(self.folder / MANIFEST_NAME)
+    @property
+    def io_device(self) -> Any:
+        return self._device
 
     def _activate_impl(self) -> None:
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
@@ -418,19 +399,6 @@ class TensorRTBackend(StepBackend):
         self._stream = self._inputs_ready = self._outputs_ready = None
 
     # -- buffers --------------------------------------------------------------------
-    def _torch_dtype(self, dtype: str) -> Any:
-        torch = self._torch
-        table = {
-            "float32": torch.float32,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "int64": torch.int64,
-            "int32": torch.int32,
-        }
-        if dtype not in table:
-            raise BackendError(f"Backend 'tensorrt' | dtype {dtype} is not supported | rebuild the engines")
-        return table[dtype]
-
     def _zeros(self, spec: TensorSpec, batch_size: int) -> Any:
         # Zeros, not garbage: capture_graphs runs the engines on whatever is staged, and a
         # garbage class label would be an out-of-range Gather index.
@@ -618,61 +586,5 @@ class TensorRTBackend(StepBackend):
             self._outputs_ready.record(stream)
             current.wait_event(self._outputs_ready)
 
-    def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
-        target = buffers.inputs[name]
-        if isinstance(value, _Fill):
-            self._check_range(name, np.asarray(value.value))
-            target.fill_(value.value)
-        elif isinstance(value, self._torch.Tensor):
-            if not value.is_cuda and self._bounds(name) is not None:
-                self._check_range(name, _host_values(value))
-            # detach: autograd must not record the copy into the staging buffer.
-            target.copy_(value.detach(), non_blocking=True)
-        else:
-            array = np.ascontiguousarray(value)
-            self._check_range(name, array)
-            target.copy_(self._torch.from_numpy(array), non_blocking=True)
-
-    def _bounds(self, name: str) -> Any:
-        """The manifest's [low, high] value range of input ``name``, or None."""
-        return self.manifest.conditioning.get("input_ranges", {}).get(name)
-
-    def _check_range(self, name: str, array: np.ndarray) -> None:
-        """Value ranges of host inputs (an out-of-range class label is an unchecked Gather
-        index in the engine). Device tensors are not checked: that would sync every step."""
-        bounds = self._bounds(name)
-        if bounds is None or array.size == 0:
-            return
-        low, high = bounds
-        if array.min() < low or array.max() > high:
-            raise InputError(
-                f"Input '{name}' | values {array.min()}..{array.max()} outside [{low}, {high}] "
-                f"| ({self._where()})"
-            )
-
     def read_prediction(self, buffers: StepBuffers) -> Any:
         return buffers.prediction.clone()
-
-    def upload(self, value: Any) -> Any:
-        self._require_active()
-        return self._torch.as_tensor(value).to(self._device)
-
-    def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
-        torch = self._torch
-        torch_dtype = self._torch_dtype(dtype)
-        if isinstance(value, torch.Tensor):
-            value = value.to(dtype=torch_dtype)
-            return value.expand(shape) if value.ndim == 0 else value
-        array = np.asarray(value)
-        if array.ndim == 0:
-            scalar = array.item()
-            return _Fill(int(scalar) if dtype in ("int64", "int32") else float(scalar), shape, dtype)
-        return torch.as_tensor(array).to(dtype=torch_dtype)
-
-    def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
-        if isinstance(value, _Fill):
-            return value.shape, value.dtype
-        if self._torch is not None and isinstance(value, self._torch.Tensor):
-            return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
-        array = np.asarray(value)
-        return tuple(array.shape), array.dtype.name
