@@ -173,6 +173,7 @@ def eager_baseline(
     from fora_export.validate.runner import load_reference
 
     adapter = load_reference(manifest, model)
+    adapter.use_eager_attention()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter.model.to(device)
     generator = torch.Generator().manual_seed(0)
@@ -200,6 +201,40 @@ def eager_baseline(
     )
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """Checked bench options: batch size, schedules per interval (N=1 first)."""
+
+    batch_size: int
+    schedules: dict[int, CacheSchedule]
+    schedule_mode: str
+
+
+def plan_bench(
+    manifest: Manifest,
+    *,
+    steps: int,
+    intervals: tuple[int, ...],
+    batch_size: int | None,
+    repeats: int,
+    schedule_mode: str | None = None,
+) -> BenchPlan:
+    """Check every bench option against the manifest before anything runs."""
+    for name, value in (("--steps", steps), ("--repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
+    batch = manifest.batch.opt if batch_size is None else batch_size
+    if not manifest.batch.contains(batch):
+        raise ConfigError(
+            f"--batch | got {batch}, the engines were built for {manifest.batch.min}..{manifest.batch.max} "
+            "| pick a batch size in the built range"
+        )
+    if schedule_mode is None:  # count intervals the way the engines' own schedule does
+        schedule_mode = manifest.schedule.mode if manifest.schedule.kind == "interval" else "paper"
+    schedules = {n: CacheSchedule.interval_of(n, schedule_mode) for n in sorted({1, *intervals})}
+    return BenchPlan(batch_size=batch, schedules=schedules, schedule_mode=schedule_mode)
+
+
 def bench(
     engine_dir: str | Path,
     *,
@@ -208,20 +243,23 @@ def bench(
     batch_size: int | None = None,
     repeats: int = 3,
     step_runs: int = 10,
-    schedule_mode: str = "paper",
+    schedule_mode: str | None = None,
     backend: str = "onnxruntime",
     eager: EagerBaseline | None = None,
 ) -> BenchReport:
     """Benchmark one backend; ``eager`` (from :func:`eager_baseline`) adds the
     speedup over the diffusers model in eager PyTorch."""
-    if steps < 1 or repeats < 1 or step_runs < 1:
-        raise ConfigError("--steps, --repeats | expected integers >= 1")
-    schedules = {n: CacheSchedule.interval_of(n, schedule_mode) for n in sorted(set(intervals))}
-    if 1 not in schedules:
-        schedules = {1: CacheSchedule.interval_of(1), **schedules}  # the baseline is always measured
     with ForaSession(engine_dir, backend=backend) as session:
         manifest = session.manifest
-        batch = manifest.batch.opt if batch_size is None else batch_size
+        plan = plan_bench(
+            manifest,
+            steps=steps,
+            intervals=intervals,
+            batch_size=batch_size,
+            repeats=repeats,
+            schedule_mode=schedule_mode,
+        )
+        batch, schedules = plan.batch_size, plan.schedules
         host_inputs = random_step_inputs(manifest, session.step_inputs, batch, seed=0)
         inputs = {name: session.backend.upload(value) for name, value in host_inputs.items()}
         # Warm up both graphs (first runs allocate and pick kernels).
@@ -241,7 +279,7 @@ def bench(
         precision=manifest.precision,
         batch_size=batch,
         steps=steps,
-        schedule_mode=schedule_mode,
+        schedule_mode=plan.schedule_mode,
         full_ms=full_ms,
         reuse_ms=reuse_ms,
         eager=eager,

@@ -39,7 +39,8 @@ def _user_errors(func: F) -> F:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    level = logging.ERROR if quiet else levels.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     # Third-party INFO chatter (torch.onnx, diffusers) stays out unless -vv.
     for noisy in ("torch", "diffusers", "onnxscript", "onnx_ir"):
@@ -48,8 +49,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fora-export")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug, incl. exporter output).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="-v: stage timings; -vv: debug, incl. exporter output.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only (no warnings).")
 def main(verbose: int, quiet: bool) -> None:
     """Export diffusion transformers as FORA full/reuse graphs, validate and benchmark them."""
     _setup_logging(verbose, quiet)
@@ -204,6 +205,7 @@ def build(
         f"{len(manifest.caches)} cache tensors, {manifest.precision}, batch {manifest.batch}, "
         f"latent {manifest.resolution[0]}x{manifest.resolution[1]}, {manifest.schedule.describe()}"
     )
+    click.echo(f"  {result.backend_note}")
     for name, size in sizes.items():
         click.echo(f"  {name:<16} {size / 2**20:8.1f} MiB")
 
@@ -236,7 +238,6 @@ def validate(
     from fora_export.errors import ConfigError
     from fora_export.reports import print_validation
     from fora_export.validate.runner import validate as run_validate
-    from fora_runtime.schedule import CacheSchedule
 
     sizes = None
     if batch_sizes:
@@ -244,14 +245,13 @@ def validate(
             sizes = [int(s) for s in batch_sizes.split(",")]
         except ValueError as err:
             raise ConfigError(f"--batch-sizes | got {batch_sizes!r} | expected e.g. 1,2,4") from err
-    schedule = CacheSchedule.interval_of(interval) if interval is not None else None
     report = run_validate(
         engine_dir,
         model=model,
         backend=backend,
         steps=steps,
         scheduler=scheduler,
-        schedule=schedule,
+        interval=interval,
         batch_sizes=sizes,
         seed=seed,
     )
@@ -276,7 +276,10 @@ def validate(
 @click.option("--batch", "batch_size", type=int, default=None, help="Batch size. [default: the build's opt]")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Generations per interval (median).")
 @click.option(
-    "--schedule-mode", type=click.Choice(["paper", "reference"]), default="paper", show_default=True
+    "--schedule-mode",
+    type=click.Choice(["paper", "reference"]),
+    default=None,
+    help="How intervals are counted. [default: as the engines' schedule]",
 )
 @click.option(
     "--eager/--no-eager",
@@ -303,7 +306,7 @@ def bench(
     intervals: str,
     batch_size: int | None,
     repeats: int,
-    schedule_mode: str,
+    schedule_mode: str | None,
     eager: bool,
     model: str | None,
     plot: Path | None,
@@ -312,7 +315,7 @@ def bench(
 ) -> None:
     """Measure full/reuse step latency and end-to-end speedup per cache interval."""
     from fora_export.bench import bench as run_bench
-    from fora_export.bench import eager_baseline
+    from fora_export.bench import eager_baseline, plan_bench
     from fora_export.errors import ConfigError
     from fora_export.reports import plot_bench, print_bench
     from fora_runtime.manifest import load_manifest
@@ -323,10 +326,22 @@ def bench(
         raise ConfigError(f"--intervals | got {intervals!r} | expected e.g. 1,2,3,5") from err
     backends = [b.strip() for b in backend.split(",") if b.strip()]
     manifest = load_manifest(engine_dir)
+    plan = plan_bench(  # every option checked before anything is timed
+        manifest,
+        steps=steps,
+        intervals=interval_list,
+        batch_size=batch_size,
+        repeats=repeats,
+        schedule_mode=schedule_mode,
+    )
     baseline = None
     if eager:
-        batch = manifest.batch.opt if batch_size is None else batch_size
-        baseline = eager_baseline(manifest, steps=steps, batch_size=batch, repeats=repeats, model=model)
+        try:
+            baseline = eager_baseline(
+                manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
     reports = [
         run_bench(
             engine_dir,

@@ -25,10 +25,6 @@ class BuildError(ForaError):
     """Writing the engine folder failed (exists, not writable, backend build failed)."""
 
 
-class ValidationFailed(ForaError):
-    """Engine outputs do not match PyTorch within tolerance."""
-
-
 __all__ = [
     "BackendError",
     "BuildError",
@@ -39,5 +35,4 @@ __all__ = [
     "InputError",
     "ManifestError",
     "ScheduleError",
-    "ValidationFailed",
 ]

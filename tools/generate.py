@@ -26,7 +26,7 @@ def generate(engine_dir: Path, steps: int, interval: int | None, labels: list[in
         manifest = session.manifest
         channels = manifest.conditioning["latent_channels"]
         height, width = manifest.resolution
-        schedule = CacheSchedule.interval_of(interval) if interval else None
+        schedule = CacheSchedule.interval_of(interval) if interval is not None else None
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
         scheduler.set_timesteps(steps)
         generator = torch.Generator().manual_seed(seed)

@@ -101,6 +101,36 @@ class ModelAdapter(ABC):
     def check_resolution(self, resolution: tuple[int, int]) -> None:
         """Raise ConfigError when the model cannot run at this latent size."""
 
+    def fix_resolution(self, resolution: tuple[int, int]) -> None:
+        """Make the model's patch embedding static for the build's latent size.
+
+        At a latent size other than ``sample_size`` diffusers' ``PatchEmbed``
+        recomputes its sinusoidal position table in every forward; traced, that
+        leaves the token count unknown to the TorchScript exporter (PixArt's
+        output ``squeeze(1)`` then becomes an unfoldable ``If``). Storing the
+        same table, computed by the same diffusers function, for the build's
+        size makes the graph static without changing any value.
+        """
+        from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+        embed = getattr(self.model, "pos_embed", None)
+        if not isinstance(embed, PatchEmbed) or embed.pos_embed is None or embed.pos_embed_max_size:
+            return
+        patch = embed.patch_size
+        grid = (resolution[0] // patch, resolution[1] // patch)
+        if grid == (embed.height, embed.width):
+            return
+        table = get_2d_sincos_pos_embed(
+            embed_dim=embed.pos_embed.shape[-1],
+            grid_size=grid,
+            base_size=embed.base_size,
+            interpolation_scale=embed.interpolation_scale,
+            device=embed.pos_embed.device,
+            output_type="pt",
+        )
+        embed.pos_embed = table.float().unsqueeze(0)
+        embed.height, embed.width = grid
+
     @property
     def latent_channels(self) -> int:
         return int(self.model.config.in_channels)
@@ -128,6 +158,9 @@ class ModelAdapter(ABC):
     @abstractmethod
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One denoising step of the unmodified model: the full model output."""
+
+    def use_eager_attention(self) -> None:  # noqa: B027 - optional hook, a no-op for most families
+        """Undo export-only changes to the attention processors (for eager baselines)."""
 
     def lean_reuse_graph(
         self, input_names: tuple[str, ...], cache_names: tuple[str, ...]

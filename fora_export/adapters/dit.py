@@ -218,6 +218,9 @@ class DiTLeanReuseStep(nn.Module):
                 )
             gates = torch.cat(rows, dim=1)
         gates = gates.view(batch, 2 * self.num_blocks, -1)
+        # The weighted residual sum: each cache is read once, in the blocks' order of
+        # addition; TensorRT fuses the chain into one pointwise kernel. (Not addcmul: its
+        # ONNX export computes in fp32 and would change the graph's output type.)
         for index, cache in enumerate(caches):
             hidden = gates[:, index].unsqueeze(1) * cache + hidden
         conditioning = self.final_embedder(timestep, labels, hidden_dtype=dtype)

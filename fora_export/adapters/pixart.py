@@ -58,6 +58,12 @@ class PixArtAdapter(ModelAdapter):
         self.caption_length = length or DEFAULT_CAPTION_LENGTH
         model.set_default_attn_processor()
 
+    def use_eager_attention(self) -> None:
+        """Back to PyTorch SDPA attention, what users run eagerly."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.model.set_attn_processor(AttnProcessor2_0())
+
     def cache_points(self) -> list[CachePoint]:
         points = []
         for index, block in enumerate(self.model.transformer_blocks):

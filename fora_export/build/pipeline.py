@@ -32,6 +32,7 @@ from fora_export.progress import StageProgress
 from fora_export.split.graphs import SplitModel, split_model
 from fora_runtime.manifest import (
     BATCH_AXIS,
+    MANIFEST_NAME,
     CacheSpec,
     GraphSpec,
     Manifest,
@@ -50,6 +51,8 @@ class BuildResult:
     folder: Path
     manifest: Manifest
     seconds: float
+    #: What the build wrote beyond ONNX, and why (``--backend auto``'s choice).
+    backend_note: str = ""
 
 
 def build(
@@ -58,7 +61,8 @@ def build(
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
-    with_tensorrt = wants_tensorrt(config.backend)
+    with_tensorrt, backend_note = resolve_backend(config.backend)
+    log.info("%s", backend_note)
     started = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,26 +81,37 @@ def build(
         raise
     seconds = time.perf_counter() - started
     log.info("built %s in %.1f s", out, seconds)
-    return BuildResult(folder=out, manifest=manifest, seconds=seconds)
+    return BuildResult(folder=out, manifest=manifest, seconds=seconds, backend_note=backend_note)
 
 
-def wants_tensorrt(backend: str) -> bool:
-    """Resolve ``--backend``: whether this build also makes TensorRT engines."""
+def resolve_backend(backend: str) -> tuple[bool, str]:
+    """Resolve ``--backend``: whether this build also makes TensorRT engines, and what
+    it will write, in words (``auto`` says why it chose)."""
     if backend == "onnx":
-        return False
+        return False, "backend onnx: ONNX graphs"
+    if backend == "torch":
+        return False, "backend torch: ONNX graphs + torch.export programs"
     available, why = trt_build.tensorrt_available()
     if backend == "tensorrt" and not available:
         raise BuildError(f"--backend tensorrt | {why} | run the build on a GPU machine with TensorRT")
-    if backend == "auto":
-        log.info("backend auto: %s (%s)", "TensorRT engines + ONNX" if available else "ONNX only", why)
-    return available
+    what = "ONNX graphs + TensorRT engines" if available else "ONNX graphs only"
+    return available, f"backend {backend}: {what} ({why})"
 
 
 def _check_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out '{out}' | is a file | choose a folder path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BuildError(f"--out '{out}' | already exists | pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise BuildError(f"--out '{out}' | already exists | pass --force to replace it")
+        if not (out / MANIFEST_NAME).is_file():
+            # --force replaces engine folders only, never a folder of other files.
+            raise BuildError(
+                f"--out '{out}' | is not empty and not an engine folder (no {MANIFEST_NAME}) "
+                "| choose another --out; --force only replaces engine folders"
+            )
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise BuildError(f"--out '{out}' | is the current folder or one above it | choose a subfolder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -106,10 +121,16 @@ def _check_destination(out: Path, force: bool) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in; on failure the previous folder is put back."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
+    try:
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except OSError as err:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise BuildError(f"--out '{out}' | cannot move the finished build into place: {err}") from err
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -132,6 +153,7 @@ def export_folder(
     adapter.model.to(device)
     resolution = config.resolution or adapter.default_resolution()
     adapter.check_resolution(resolution)
+    adapter.fix_resolution(resolution)
     step_specs = adapter.step_input_specs(resolution, config.precision)
     input_names = tuple(s.name for s in step_specs)
     split = split_model(adapter, input_names)
@@ -290,10 +312,16 @@ def _check_graphs(
 ) -> None:
     """The exported IO must be what the runtime will bind: names, dtypes, shapes."""
     expected = {s.name: s for s in (*step_specs, *caches)}
+    prediction = graphs["full"].outputs[0]
     for role, graph in graphs.items():
-        if graph.outputs[0].name != PREDICTION:
+        output = graph.outputs[0]
+        if output.name != PREDICTION:
+            raise ExportError(f"{graph.file} | first output is '{output.name}', expected '{PREDICTION}'")
+        if (output.dtype, output.shape) != (prediction.dtype, prediction.shape):
+            # Both graphs write one prediction buffer: they must agree exactly.
             raise ExportError(
-                f"{graph.file} | first output is '{graph.outputs[0].name}', expected '{PREDICTION}'"
+                f"{graph.file} | prediction is {output.dtype}{list(output.shape)}, the full graph's is "
+                f"{prediction.dtype}{list(prediction.shape)}"
             )
         for tensor in (*graph.inputs, *graph.outputs[1:]):
             want = expected.get(tensor.name)

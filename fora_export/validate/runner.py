@@ -179,15 +179,19 @@ def validate_graphs(
             ]
             cases.append(GraphCase("full", batch, timestep, comparisons))
 
-            # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling.
-            earlier = dict(inputs, timestep=torch.full((batch,), float(min(999, timestep + REUSE_GAP))))
+            # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling;
+            # at t=999 there is none, so the reuse step moves to t-REUSE_GAP instead.
+            cache_t = timestep + REUSE_GAP if timestep + REUSE_GAP <= 999 else timestep
+            reuse_t = cache_t - REUSE_GAP
+            earlier = dict(inputs, timestep=torch.full((batch,), float(cache_t)))
+            inputs = dict(inputs, timestep=torch.full((batch,), float(reuse_t)))
             with torch.no_grad():
                 _, earlier_caches = split.run_full(earlier)
                 ref_reuse = split.run_reuse(inputs, earlier_caches)
             session.run_step("full", batch, feed(earlier))
             reuse_pred = session.run_step("reuse", batch, feed(inputs))
             cases.append(
-                GraphCase("reuse", batch, timestep, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
+                GraphCase("reuse", batch, reuse_t, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
             )
             log.debug("graphs: batch %d t=%d done", batch, timestep)
     return cases
@@ -299,6 +303,7 @@ def validate(
     steps: int = 20,
     scheduler: str = "ddim",
     schedule: CacheSchedule | None = None,
+    interval: int | None = None,
     batch_sizes: list[int] | None = None,
     seed: int = 0,
     graphs: bool = True,
@@ -311,6 +316,10 @@ def validate(
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
     with ForaSession(engine_dir, backend=backend) as session:
         manifest = session.manifest
+        if schedule is None and interval is not None:
+            # Count the interval the way the engines' own schedule does.
+            mode = manifest.schedule.mode if manifest.schedule.kind == "interval" else "paper"
+            schedule = CacheSchedule.interval_of(interval, mode)
         if batch_sizes is None:
             batch_sizes = sorted({manifest.batch.min, manifest.batch.opt, manifest.batch.max})
         for batch in batch_sizes:

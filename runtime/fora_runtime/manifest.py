@@ -181,7 +181,7 @@ class Manifest:
             )
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ManifestError(
                 f"{where} | missing or malformed field ({type(err).__name__}: {err}) | "
                 "rebuild the engines with `fora-export build`"
@@ -190,9 +190,28 @@ class Manifest:
         return manifest
 
     def _check_consistency(self, where: str) -> None:
+        def bad(what: str) -> ManifestError:
+            return ManifestError(f"{where} | {what} | rebuild the engines with `fora-export build`")
+
         for spec in (*self.caches, *(t for g in self.graphs.values() for t in (*g.inputs, *g.outputs))):
             if spec.dtype not in DTYPES:
-                raise ManifestError(f"{where} | tensor '{spec.name}' has unknown dtype {spec.dtype!r}")
+                raise bad(f"tensor '{spec.name}' has unknown dtype {spec.dtype!r}")
+            for dim in spec.shape:
+                if dim != BATCH_AXIS and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+                    raise bad(f"tensor '{spec.name}' has invalid shape {list(spec.shape)}")
+        for name, record in self.files.items():
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("bytes"), int)
+                and isinstance(record.get("sha256"), str)
+            ):
+                raise bad(f"files entry '{name}' is {record!r}, expected {{'bytes': int, 'sha256': str}}")
+        ranges = self.conditioning.get("input_ranges", {})
+        if not isinstance(ranges, dict) or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int | float) for v in r)
+            for r in ranges.values()
+        ):
+            raise bad(f"conditioning.input_ranges is {ranges!r}, expected name -> [low, high]")
         if not (1 <= self.batch.min <= self.batch.opt <= self.batch.max):
             raise ManifestError(
                 f"{where} | invalid batch range {self.batch} | expected 1 <= min <= opt <= max"

@@ -17,6 +17,7 @@ caller cannot reuse caches written by another generation or batch size.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class ForaSession:
     # -- generations ----------------------------------------------------------------
     def start(self, num_steps: int, batch_size: int, *, schedule: CacheSchedule | None = None) -> Generation:
         """Begin a new generation; earlier generations of this session become stale."""
-        self._check_batch(batch_size)
+        batch_size = self._check_batch(batch_size)
         plan = (schedule or self.schedule).plan(num_steps)
         buffers = self.backend.buffers(batch_size)
         self._generation_id += 1
@@ -84,7 +85,7 @@ class ForaSession:
         ``full`` of this batch size wrote. Invalidates the current generation."""
         if role not in ("full", "reuse"):
             raise InputError(f"Graph role | got {role!r} | expected 'full' or 'reuse'")
-        self._check_batch(batch_size)
+        batch_size = self._check_batch(batch_size)
         buffers = self.backend.buffers(batch_size)
         self._generation_id += 1
         self.stage(buffers, inputs)
@@ -103,13 +104,20 @@ class ForaSession:
     def _where(self) -> str:
         return str(self.engine_dir / MANIFEST_NAME)
 
-    def _check_batch(self, batch_size: int) -> None:
+    def _check_batch(self, batch_size: int) -> int:
         batch = self.manifest.batch
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not batch.contains(batch_size):
+        try:
+            size = operator.index(batch_size)  # ints of any kind (numpy too), not floats or bools
+        except TypeError:
+            size = None
+        if size is None or isinstance(batch_size, bool):
+            raise InputError(f"Batch size | got {batch_size!r} | expected an integer")
+        if not batch.contains(size):
             raise InputError(
-                f"Batch size | got {batch_size!r}, the engines were built for {batch.min}..{batch.max} "
+                f"Batch size | got {size}, the engines were built for {batch.min}..{batch.max} "
                 f"| rebuild with --batch MIN:OPT:MAX covering it ({self._where()})"
             )
+        return size
 
     def stage(self, buffers: StepBuffers, inputs: dict[str, Any]) -> None:
         """Check every step input against the manifest and copy it into place."""
@@ -126,7 +134,12 @@ class ForaSession:
             value = inputs[spec.name]
             want_shape = spec.concrete_shape(buffers.batch_size)
             if spec.name == "timestep":
-                value = self.backend.as_timestep(value, want_shape, spec.dtype)
+                try:
+                    value = self.backend.as_timestep(value, want_shape, spec.dtype)
+                except (TypeError, ValueError) as err:
+                    raise InputError(
+                        f"Input 'timestep' | got {value!r} | expected a number or one number per sample"
+                    ) from err
             shape, dtype = self.backend.describe_array(value)
             if shape != want_shape:
                 raise InputError(

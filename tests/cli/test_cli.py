@@ -121,7 +121,28 @@ def test_bench_bad_interval(tiny_engine: Path) -> None:
 
 def test_bench_batch_outside_range(tiny_engine: Path) -> None:
     code, _, err = invoke("bench", str(tiny_engine), "--batch", "9")
-    assert_user_error(code, err, "the engines were built for 1..4")
+    assert_user_error(code, err, r"--batch \| got 9, the engines were built for 1..4")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--repeats", "0"), ("--steps", "0")])
+def test_bench_options_are_checked_before_anything_runs(tiny_engine: Path, option: str, value: str) -> None:
+    code, _, err = invoke("bench", str(tiny_engine), option, value)
+    assert_user_error(code, err, f"{option} \\| got 0 \\| expected an integer >= 1")
+
+
+def test_force_only_replaces_engine_folders(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    code, _, err = invoke("build", str(tiny_dit_dir), "--out", str(folder), "--force")
+    assert_user_error(code, err, "not an engine folder")
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_out_must_not_be_the_current_folder(tiny_dit_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke("build", str(tiny_dit_dir), "--out", ".", "--force")
+    assert_user_error(code, err, "is the current folder or one above it")
 
 
 def test_torch_backend_build_validate_bench_on_cpu(tiny_dit_dir: Path, tmp_path: Path) -> None:

@@ -88,3 +88,20 @@ def test_tampered_graph_file(engine_copy: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="sha256 does not match"):
         load_manifest(engine_copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["files"].update({"full.onnx": "x"}), "files entry 'full.onnx'"),
+        (lambda d: d["caches"][0].update(shape=["batch", "foo", 4]), "invalid shape"),
+        (lambda d: d["conditioning"].update(input_ranges={"class_labels": 5}), "input_ranges"),
+        (lambda d: d.update(resolution="big"), "missing or malformed field"),
+        (lambda d: d["graphs"]["full"].update(inputs=None), "missing or malformed field"),
+        (lambda d: d.update(files=[]), "is not listed in 'files'"),
+    ],
+)
+def test_malformed_nested_fields(engine_copy: Path, edit, message: str) -> None:
+    rewrite(engine_copy, edit)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        load_manifest(engine_copy)

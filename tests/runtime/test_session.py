@@ -43,14 +43,41 @@ def test_generation_follows_the_schedule(session: ForaSession) -> None:
     assert gen.done
 
 
-def test_reuse_step_changes_with_timestep_but_not_with_latents(session: ForaSession) -> None:
+def test_reuse_step_depends_on_timestep_and_latents(session: ForaSession) -> None:
     # Reuse skips attention and MLP: latents enter only through the patch embedding
     # residual, timesteps through the gates. Both must reach the output.
-    gen = session.start(3, 2)
-    gen.step(latents(seed=0), 999, class_labels=LABELS)
-    a = gen.step(latents(seed=0), 900, class_labels=LABELS)
-    b = gen.step(latents(seed=0), 800, class_labels=LABELS)
-    assert not np.allclose(a, b)
+    full = {"timestep": np.full(2, 999.0, np.float32), "class_labels": LABELS}
+    session.run_step("full", 2, {"latents": latents(seed=0), **full})
+    base = session.run_step(
+        "reuse",
+        2,
+        {"latents": latents(seed=0), "timestep": np.full(2, 900.0, np.float32), "class_labels": LABELS},
+    )
+    later = session.run_step(
+        "reuse",
+        2,
+        {"latents": latents(seed=0), "timestep": np.full(2, 800.0, np.float32), "class_labels": LABELS},
+    )
+    other = session.run_step(
+        "reuse",
+        2,
+        {"latents": latents(seed=5), "timestep": np.full(2, 900.0, np.float32), "class_labels": LABELS},
+    )
+    assert not np.allclose(base, later)
+    assert not np.allclose(base, other)
+
+
+def test_reuse_before_any_full_step_is_refused(tiny_engine: Path) -> None:
+    with ForaSession(tiny_engine) as fresh:
+        step = {"latents": latents(), "timestep": np.full(2, 900.0, np.float32), "class_labels": LABELS}
+        with pytest.raises(GenerationError, match="batch 2 has no caches yet"):
+            fresh.run_step("reuse", 2, step)
+
+
+def test_batch_size_accepts_numpy_ints_and_refuses_floats(session: ForaSession) -> None:
+    assert session.start(2, np.int64(2)).batch_size == 2
+    with pytest.raises(InputError, match=re.escape("Batch size | got 2.0 | expected an integer")):
+        session.start(2, 2.0)
 
 
 def test_cache_buffers_stay_at_fixed_addresses(session: ForaSession) -> None:
@@ -159,3 +186,9 @@ def test_timestep_accepts_ints_scalars_and_arrays(session: ForaSession) -> None:
         outs.append(session.start(1, 2).step(latents(), t, class_labels=LABELS))
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def test_non_numeric_timestep(session: ForaSession) -> None:
+    gen = session.start(2, 2)
+    with pytest.raises(InputError, match="expected a number or one number per sample"):
+        gen.step(latents(), "late", class_labels=LABELS)

@@ -36,7 +36,7 @@ from fora_export.export.torch_program import (
     torch_manifest_record,
 )
 from fora_export.split.graphs import SplitModel, split_model
-from fora_runtime import BackendError, ForaSession, Generation, InputError, load_manifest
+from fora_runtime import BackendError, ForaSession, Generation, GenerationError, InputError, load_manifest
 from fora_runtime.backends import backend_names
 from fora_runtime.backends.torch_backend import check_program_record
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange, sha256_of
@@ -371,7 +371,7 @@ def test_out_of_range_class_labels_are_refused(cpu_session: ForaSession) -> None
 
 def test_reuse_before_any_full_step_is_refused(cpu_session: ForaSession) -> None:
     step = step_inputs(2)[0]
-    with pytest.raises(BackendError, match="reuse step before any full step at batch 2"):
+    with pytest.raises(GenerationError, match="batch 2 has no caches yet"):
         cpu_session.run_step("reuse", 2, step)
 
 

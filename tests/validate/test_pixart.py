@@ -148,3 +148,11 @@ def test_pixart_on_the_torch_backend(pixart_dir: Path, tmp_path: Path) -> None:
     build(str(pixart_dir), out, config, progress=False)
     report = validate(out, backend="torch", steps=8, batch_sizes=[1, 3])
     assert_fp32_parity(report)
+
+
+def test_pixart_at_another_resolution_with_the_default_exporter(pixart_dir: Path, tmp_path: Path) -> None:
+    # Non-square and not the config's sample_size: the patch embedding is made static.
+    out = tmp_path / "res"
+    build(str(pixart_dir), out, BuildConfig.from_options(caption_length=6, resolution="8x12"), progress=False)
+    assert load_manifest(out).graphs["full"].inputs[0].shape == ("batch", 4, 8, 12)
+    assert_fp32_parity(validate(out, steps=8, batch_sizes=[2]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from fora_runtime.caches import ArenaLayout
-from fora_runtime.errors import BackendError
+from fora_runtime.errors import BackendError, GenerationError
 from fora_runtime.manifest import MANIFEST_NAME, Manifest
 
 # name -> "module:Class"; modules are imported only when the backend is asked for,
@@ -58,6 +58,8 @@ class StepBuffers:
     cache_layout: ArenaLayout
     # Backend-private state bound to these buffers (IO bindings, CUDA graphs, ...).
     bound: dict[str, Any] = field(default_factory=dict)
+    #: Set by the first full step: before it the caches hold no data to reuse.
+    caches_written: bool = False
 
 
 def _to_host(value: Any) -> Any:
@@ -128,10 +130,15 @@ class StepBackend(ABC):
         """Run the full graph on the staged inputs; writes caches and prediction."""
         self._require_active()
         self._run_impl("full", buffers)
+        buffers.caches_written = True
 
     def run_reuse(self, buffers: StepBuffers) -> None:
         """Run the reuse graph on the staged inputs and the caches; writes prediction."""
         self._require_active()
+        if not buffers.caches_written:
+            raise GenerationError(
+                f"Reuse step | batch {buffers.batch_size} has no caches yet | run a full step first"
+            )
         self._run_impl("reuse", buffers)
 
     def upload(self, value: Any) -> Any:

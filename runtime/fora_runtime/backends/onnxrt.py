@@ -54,6 +54,7 @@ class OnnxRuntimeBackend(StepBackend):
         self._intra_op_threads = intra_op_threads
         self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
+        self._errors: tuple[type[BaseException], ...] = ()
         self.providers: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -81,10 +82,11 @@ class OnnxRuntimeBackend(StepBackend):
             path = self.folder / graph.file
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            except Exception as err:  # ORT raises its own exception types per failure
+            except _ort_errors(ort) as err:
                 raise BackendError(f"{path} | ONNX Runtime cannot load it: {err}") from err
             self._check_io(role, session)
             self._sessions[role] = session
+        self._errors = _ort_errors(ort)
         self.providers = self._sessions["full"].get_providers()
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -194,7 +196,7 @@ class OnnxRuntimeBackend(StepBackend):
         binding = buffers.bound[role]
         try:
             session.run_with_iobinding(binding)
-        except Exception as err:
+        except self._errors as err:
             raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
@@ -217,6 +219,24 @@ class OnnxRuntimeBackend(StepBackend):
     def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
         array = np.asarray(value)
         return tuple(array.shape), NUMPY_NAMES.get(array.dtype, str(array.dtype))
+
+
+def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own failure types (a bad or mismatched graph, a kernel failing):
+    user-facing BackendErrors. Anything else is a bug and keeps its traceback."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "InvalidGraph",
+        "InvalidProtobuf",
+        "NoSuchFile",
+        "NotImplemented",
+        "RuntimeException",
+        "EPFail",
+        "EngineError",
+    )
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
 def _ort_numpy_dtype(value: Any) -> Any:
