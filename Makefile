@@ -1,7 +1,8 @@
 # Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
 #   make test   lint, type-check and run the test suite
-# CPU PyTorch is installed explicitly; elsewhere set TORCH_SPEC (and pip's index).
+# CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ./runtime -e ".[dev]"
 	# The stubs declare a dependency on tensorrt itself, which has no wheel here.
 	$(BIN)/pip install -q --no-deps "$(TENSORRT_STUBS)"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import fora_export
+from fora_export.adapters.base import DTYPE_NAMES
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.build import tensorrt as trt_build
@@ -285,8 +286,6 @@ def _torch_device(requested: str) -> str:
 
 
 def _cache_specs(split: SplitModel, caches: dict[str, torch.Tensor]) -> list[CacheSpec]:
-    from fora_export.adapters.base import DTYPE_NAMES
-
     specs = []
     for point in split.taps.points:
         tensor = caches[point.name]

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fora_export.adapters.base import DTYPE_NAMES
 from fora_export.errors import ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
 from fora_runtime.manifest import BatchRange
@@ -79,12 +80,6 @@ PROGRAM_FILES = {"full": "full.pt2", "reuse": "reuse.pt2"}
 #: Name of the metadata file stored in each program archive (under ``extra/``).
 META_NAME = "fora_program.json"
 
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-}
 # Round-trip tolerance by prediction dtype: fp32 programs reproduce eager to ~1e-6.
 _TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -147,7 +142,7 @@ def export_program(
     meta = {
         "torch": torch.__version__,
         "device": device_label(device),
-        "dtype": _DTYPE_NAMES.get(reference[0].dtype, str(reference[0].dtype).removeprefix("torch.")),
+        "dtype": DTYPE_NAMES.get(reference[0].dtype, str(reference[0].dtype).removeprefix("torch.")),
         "inputs": list(input_names),
         "outputs": list(output_names),
         "batch": {"min": batch_range.min, "max": batch_range.max, "dynamic": dynamic},

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fora_runtime.errors import ManifestError
+from fora_runtime.errors import InputError, ManifestError
 from fora_runtime.schedule import CacheSchedule
 
 SCHEMA_VERSION = 1
@@ -126,6 +126,26 @@ class Manifest:
     def prediction(self) -> TensorSpec:
         """The noise-prediction output (first output of both graphs)."""
         return self.graphs["full"].outputs[0]
+
+    def value_range(self, name: str) -> tuple[float, float] | None:
+        """The valid [low, high] values of input ``name`` (class labels, masks), or None."""
+        bounds = self.conditioning.get("input_ranges", {}).get(name)
+        return (bounds[0], bounds[1]) if bounds is not None else None
+
+    def check_values(self, name: str, values: Any, *, where: str = MANIFEST_NAME) -> None:
+        """Raise InputError when host ``values`` of input ``name`` leave its valid range
+        (an out-of-range class label is an unchecked embedding index on a GPU)."""
+        bounds = self.value_range(name)
+        if bounds is None:
+            return
+        import numpy as np
+
+        array = np.asarray(values)
+        if array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
+            raise InputError(
+                f"Input '{name}' | values {array.min()}..{array.max()} outside "
+                f"[{bounds[0]}, {bounds[1]}] | ({where})"
+            )
 
     def input_spec(self, name: str) -> TensorSpec:
         for spec in self.graphs["full"].inputs:

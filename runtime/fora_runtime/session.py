@@ -21,8 +21,6 @@ import operator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend
 from fora_runtime.errors import GenerationError, InputError
 from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
@@ -127,7 +125,6 @@ class ForaSession:
             raise InputError(
                 f"Inputs {sorted(unknown)} | not inputs of these engines | expected {sorted(expected)}"
             )
-        ranges = self.manifest.conditioning.get("input_ranges", {})
         for spec in self.step_inputs:
             if spec.name not in inputs or inputs[spec.name] is None:
                 raise InputError(f"Input '{spec.name}' | missing | this model needs {sorted(expected)}")
@@ -150,14 +147,8 @@ class ForaSession:
                 raise InputError(
                     f"Input '{spec.name}' | got {dtype}, expected {spec.dtype} | ({self._where()})"
                 )
-            if spec.name in ranges and self.backend.host_inputs:
-                low, high = ranges[spec.name]
-                arr = np.asarray(value)
-                if arr.size and (arr.min() < low or arr.max() > high):
-                    raise InputError(
-                        f"Input '{spec.name}' | values {int(arr.min())}..{int(arr.max())} outside "
-                        f"[{low}, {high}] | ({self._where()})"
-                    )
+            if self.backend.host_inputs:
+                self.manifest.check_values(spec.name, value, where=self._where())
             self.backend.stage_input(buffers, spec.name, value)
 
 

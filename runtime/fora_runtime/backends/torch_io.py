@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fora_runtime.backends.base import StepBackend, StepBuffers
-from fora_runtime.errors import BackendError, InputError
+from fora_runtime.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class TorchTensorIO(StepBackend):
             self._check_range(name, np.asarray(value.value))
             target.fill_(value.value)
         elif isinstance(value, self._torch.Tensor):
-            if value.device.type == "cpu" and self._bounds(name) is not None:
+            if value.device.type == "cpu" and self.manifest.value_range(name) is not None:
                 self._check_range(name, host_values(value))
             # detach: autograd must not record the copy into the staging buffer. Pageable
             # host memory is staged before copy_ returns; a pinned host source must not
@@ -82,20 +82,8 @@ class TorchTensorIO(StepBackend):
             self._check_range(name, array)
             target.copy_(self._torch.from_numpy(array), non_blocking=True)
 
-    def _bounds(self, name: str) -> Any:
-        """The manifest's [low, high] value range of input ``name``, or None."""
-        return self.manifest.conditioning.get("input_ranges", {}).get(name)
-
     def _check_range(self, name: str, array: np.ndarray) -> None:
-        bounds = self._bounds(name)
-        if bounds is None or array.size == 0:
-            return
-        low, high = bounds
-        if array.min() < low or array.max() > high:
-            raise InputError(
-                f"Input '{name}' | values {array.min()}..{array.max()} outside [{low}, {high}] "
-                f"| ({self._where()})"
-            )
+        self.manifest.check_values(name, array, where=self._where())
 
     def upload(self, value: Any) -> Any:
         self._require_active()
