@@ -367,5 +367,21 @@ def bench(
             print_bench(report)
 
 
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_user_errors
+def info(engine_dir: Path, as_json: bool) -> None:
+    """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends."""
+    from fora_export.reports import print_manifest
+    from fora_runtime.manifest import load_manifest
+
+    manifest = load_manifest(engine_dir)  # verifies every file's size and sha256
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+    else:
+        print_manifest(manifest, engine_dir)
+
+
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import prod
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +12,8 @@ from fora_export.bench import BenchReport
 from fora_export.errors import ConfigError
 from fora_export.validate.compare import GRAPH_TOLERANCES
 from fora_export.validate.runner import ValidationReport
+from fora_runtime.caches import ITEMSIZE
+from fora_runtime.manifest import Manifest
 
 
 def _verdict(passed: bool) -> str:
@@ -52,6 +55,41 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
             f"FORA vs no caching (PyTorch, information only): rel. L2 {trajectory.fora_vs_nocache_rel_l2:.3f}"
         )
     console.print(f"Result: {_verdict(report.passed)}")
+
+
+def print_manifest(manifest: Manifest, folder: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    height, width = manifest.resolution
+    console.print(f"[bold]{folder}[/bold]: {manifest.model_class} ({manifest.family}) from {manifest.source}")
+    console.print(
+        f"latent {height}x{width}, batch {manifest.batch}, {manifest.precision}, "
+        f"default schedule: {manifest.schedule.describe()}"
+    )
+    kinds = sorted({c.kind for c in manifest.caches})
+    cache_bytes = sum(
+        ITEMSIZE[c.dtype] * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
+    )
+    reuse_graph = manifest.export.get("reuse_graph", "plain")
+    console.print(
+        f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
+        f"{cache_bytes / 2**20:.1f} MiB per sample; reuse graph: {reuse_graph}"
+    )
+    table = Table(title="Graphs")
+    for column in ("graph", "file", "inputs", "outputs"):
+        table.add_column(column)
+    for role, graph in manifest.graphs.items():
+        table.add_row(role, graph.file, str(len(graph.inputs)), str(len(graph.outputs)))
+    console.print(table)
+    files = Table(title="Files")
+    files.add_column("file")
+    files.add_column("MiB", justify="right")
+    for name, record in manifest.files.items():
+        files.add_row(name, f"{int(record['bytes']) / 2**20:.1f}")
+    console.print(files)
+    backends = ", ".join(manifest.backends) or "none (ONNX only)"
+    console.print(
+        f"built backends: {backends}; tools: " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
+    )
 
 
 def print_bench(report: BenchReport, console: Console | None = None) -> None:

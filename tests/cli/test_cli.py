@@ -195,3 +195,18 @@ def test_bench_several_backends_and_plot(tiny_dit_dir: Path, tmp_path: Path) -> 
     assert [r["backend"] for r in runs] == ["onnxruntime", "torch"]
     assert all(r["eager"] is None for r in runs)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_describes_the_engine_folder(tiny_engine: Path) -> None:
+    code, stdout, _ = invoke("info", str(tiny_engine))
+    assert code == 0
+    assert "DiTTransformer2DModel (dit)" in stdout and "batch 1:2:4" in stdout
+    assert "4 tensors (attn1, ff)" in stdout and "full.onnx" in stdout
+    code, stdout, _ = invoke("info", str(tiny_engine), "--json")
+    assert json.loads(stdout)["schema_version"] == 1
+
+
+def test_info_refuses_a_tampered_folder(engine_copy: Path) -> None:
+    (engine_copy / "full.onnx").write_bytes(b"tampered")
+    code, _, err = invoke("info", str(engine_copy))
+    assert_user_error(code, err, "truncated or was replaced")
