@@ -144,9 +144,19 @@ class ModelAdapter(ABC):
     def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
         """Graph inputs other than caches; the first is ``latents``, the second ``timestep``."""
 
-    @abstractmethod
     def conditioning(self) -> dict[str, Any]:
         """Conditioning facts the runtime and validate need (recorded in the manifest)."""
+        return {
+            **self.family_conditioning(),
+            "num_train_timesteps": 1000,
+            "latent_channels": self.latent_channels,
+            "output_channels": self.output_channels,
+        }
+
+    @abstractmethod
+    def family_conditioning(self) -> dict[str, Any]:
+        """The family's own conditioning facts: ``kind``, and ``input_ranges`` of
+        inputs whose values index tables (class labels) or are flags (masks)."""
 
     @abstractmethod
     def random_inputs(

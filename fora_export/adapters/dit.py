@@ -71,7 +71,7 @@ class DiTAdapter(ModelAdapter):
             TensorSpec("class_labels", "int64", (BATCH_AXIS,)),
         ]
 
-    def conditioning(self) -> dict[str, Any]:
+    def family_conditioning(self) -> dict[str, Any]:
         table = self.model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
         # The table has num_classes + 1 rows when a null class (for guidance) was trained.
         null_class = self.num_classes if table.num_embeddings > self.num_classes else None
@@ -81,9 +81,6 @@ class DiTAdapter(ModelAdapter):
             "num_classes": self.num_classes,
             "null_class": null_class,
             "input_ranges": {"class_labels": [0, high]},
-            "num_train_timesteps": 1000,
-            "latent_channels": self.latent_channels,
-            "output_channels": self.output_channels,
         }
 
     def random_inputs(

@@ -108,16 +108,13 @@ class PixArtAdapter(ModelAdapter):
             ]
         return specs
 
-    def conditioning(self) -> dict[str, Any]:
+    def family_conditioning(self) -> dict[str, Any]:
         return {
             "kind": "captions",
             "caption_length": self.caption_length,
             "caption_channels": self.caption_channels,
             "size_conditions": self.uses_size_conditions,
             "input_ranges": {"encoder_attention_mask": [0, 1]},
-            "num_train_timesteps": 1000,
-            "latent_channels": self.latent_channels,
-            "output_channels": self.output_channels,
         }
 
     def random_inputs(
