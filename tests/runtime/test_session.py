@@ -192,3 +192,10 @@ def test_non_numeric_timestep(session: ForaSession) -> None:
     gen = session.start(2, 2)
     with pytest.raises(InputError, match="expected a number or one number per sample"):
         gen.step(latents(), "late", class_labels=LABELS)
+
+
+def test_unchecked_inputs_give_the_same_results(tiny_engine: Path) -> None:
+    x = latents(seed=4)
+    with ForaSession(tiny_engine) as checked, ForaSession(tiny_engine, check_inputs=False) as fast:
+        for a, b in zip(run_generation(checked, x), run_generation(fast, x), strict=True):
+            np.testing.assert_array_equal(a, b)
