@@ -62,6 +62,10 @@ def test_manifest_records_caption_inputs(pixart_engine: Path) -> None:
     assert "resolution" not in inputs
     assert manifest.conditioning["caption_length"] == 6
     assert [c.kind for c in manifest.caches[:3]] == ["attn1", "attn2", "ff"]
+    # With attn2 cached the reuse graph never reads the captions: the exporter drops those
+    # inputs, and the runtime binds each graph's own inputs (the trajectories below run it).
+    reuse_inputs = {t.name for t in manifest.graphs["reuse"].inputs}
+    assert "encoder_hidden_states" not in reuse_inputs and "latents" in reuse_inputs
 
 
 def test_tiny_pixart_fp32_ddim_and_dpm(pixart_engine: Path) -> None:
