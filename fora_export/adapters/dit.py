@@ -180,8 +180,7 @@ class DiTLeanReuseStep(nn.Module):
         with torch.no_grad():
             self.gate_proj.weight.copy_(torch.cat(weights))
             self.gate_proj.bias.copy_(torch.cat(biases))
-        # The final layer uses block 0's embedder, as DiTTransformer2DModel.forward does.
-        self.final_embedder = blocks[0].norm1.emb
+        # The final layer uses block 0's embedder (embedders[0]), as the model's forward does.
         self.norm_out = model.norm_out
         self.proj_out_1 = model.proj_out_1
         self.proj_out_2 = model.proj_out_2
@@ -197,18 +196,21 @@ class DiTLeanReuseStep(nn.Module):
         height, width = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
         hidden = self.pos_embed(latents)
         dtype = hidden.dtype
+        # Block 0's conditioning serves the gates (of every block, when the embedders are
+        # shared) and the final layer.
+        conditioning = self.embedders[0](timestep, labels, hidden_dtype=dtype)
         if self.shared_embedder:
-            gates = self.gate_proj(F.silu(self.embedders[0](timestep, labels, hidden_dtype=dtype)))
+            gates = self.gate_proj(F.silu(conditioning))
         else:
             # Per-block embedders: each block's gates from its own conditioning.
             dim = hidden.shape[-1]
             rows = []
             for index, embedder in enumerate(self.embedders):
-                cond = F.silu(embedder(timestep, labels, hidden_dtype=dtype))
+                cond = conditioning if index == 0 else embedder(timestep, labels, hidden_dtype=dtype)
                 start = 2 * dim * index
                 rows.append(
                     F.linear(
-                        cond,
+                        F.silu(cond),
                         self.gate_proj.weight[start : start + 2 * dim],
                         self.gate_proj.bias[start : start + 2 * dim],
                     )
@@ -220,7 +222,6 @@ class DiTLeanReuseStep(nn.Module):
         # ONNX export computes in fp32 and would change the graph's output type.)
         for index, cache in enumerate(caches):
             hidden = gates[:, index].unsqueeze(1) * cache + hidden
-        conditioning = self.final_embedder(timestep, labels, hidden_dtype=dtype)
         shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
         hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
         hidden = self.proj_out_2(hidden)

@@ -186,6 +186,12 @@ def test_record_and_archive_metadata(torch_engine: tuple[Path, SplitModel]) -> N
     assert record["outputs"] == {"full": [PREDICTION, *split.cache_names], "reuse": [PREDICTION]}
     assert record["batch"] == {"min": 1, "max": 4, "dynamic": True}
     assert read_program_meta(folder / "full.pt2")["trace_batch"] == 2
+    # No example inputs in the archives: for reuse they would be every cache tensor.
+    import zipfile
+
+    for name in ("full.pt2", "reuse.pt2"):
+        entries = zipfile.ZipFile(folder / name).infolist()
+        assert sum(e.file_size for e in entries if "sample_inputs" in e.filename) == 0
 
 
 def test_batch_one_example_is_traced_at_two_and_still_runs_batch_one(tmp_path: Path) -> None:
