@@ -163,6 +163,9 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
             location=data_name,
             size_threshold=1024,
         )
+        # onnx writes the data file owner-only (0600); give it the graph file's mode so an
+        # engine folder copied to a service account stays readable there.
+        path.with_name(data_name).chmod(path.stat().st_mode & 0o777)
     else:
         onnx.save_model(model, str(path))
     try:

@@ -67,6 +67,8 @@ def test_external_data_graphs_load_and_run(tiny_dit_dir: Path, tmp_path: Path) -
     manifest = load_manifest(out)
     assert {"full.onnx.data", "reuse.onnx.data"} <= set(manifest.files)
     assert (out / "full.onnx").stat().st_size < 100_000  # weights live in the data file
+    graph_mode = (out / "full.onnx").stat().st_mode & 0o777
+    assert (out / "full.onnx.data").stat().st_mode & 0o777 == graph_mode
     with ForaSession(out) as session:
         gen = session.start(2, 1)
         out0 = gen.step(np.zeros((1, 4, 8, 8), np.float32), 999, class_labels=np.array([3]))
