@@ -1,11 +1,13 @@
 """Sample with a built engine folder: the runtime API end to end.
 
-    python tools/generate.py engines/demo-dit --steps 20 --interval 3 --labels 207,360
+    python tools/generate.py engines/demo-dit --steps 20 --interval 3 --labels 207,360 [--guidance 4]
 
 Uses fora_runtime for the transformer and diffusers' DDIM scheduler for the
 update (the runtime itself never imports diffusers). Prints the time per
 generation and where the final latents were saved (.npy); decode them with the
-VAE of the model's pipeline.
+VAE of the model's pipeline. With ``--guidance S`` it runs classifier-free
+guidance as DiT's pipeline does: the batch is doubled with the null class, and
+the caches hold the whole doubled batch.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ from diffusers import DDIMScheduler
 from fora_runtime import CacheSchedule, ForaSession
 
 
-def generate(engine_dir: Path, steps: int, interval: int | None, labels: list[int], seed: int) -> np.ndarray:
+def generate(
+    engine_dir: Path, steps: int, interval: int | None, labels: list[int], seed: int, guidance: float = 1.0
+) -> np.ndarray:
     with ForaSession(engine_dir) as session:
         manifest = session.manifest
+        null_class = manifest.conditioning.get("null_class")
+        guided = guidance > 1.0
+        if guided and null_class is None:
+            raise SystemExit(f"{engine_dir}: the model has no null class; --guidance needs one")
         channels = manifest.conditioning["latent_channels"]
         height, width = manifest.resolution
         schedule = CacheSchedule.interval_of(interval) if interval is not None else None
@@ -31,12 +39,16 @@ def generate(engine_dir: Path, steps: int, interval: int | None, labels: list[in
         scheduler.set_timesteps(steps)
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(len(labels), channels, height, width, generator=generator)
-        class_labels = np.array(labels, dtype=np.int64)
+        class_labels = np.array(labels + [null_class] * len(labels) if guided else labels, dtype=np.int64)
         start = time.perf_counter()
-        generation = session.start(steps, len(labels), schedule=schedule)
+        generation = session.start(steps, len(class_labels), schedule=schedule)
         for t in scheduler.timesteps:
-            prediction = generation.step(latents.numpy(), int(t), class_labels=class_labels)
+            model_input = torch.cat([latents, latents]) if guided else latents
+            prediction = generation.step(model_input.numpy(), int(t), class_labels=class_labels)
             eps = torch.from_numpy(prediction[:, :channels])  # learned sigma: drop the variance channels
+            if guided:
+                conditional, unconditional = eps.chunk(2)
+                eps = unconditional + guidance * (conditional - unconditional)
             latents = scheduler.step(eps, t, latents).prev_sample
         seconds = time.perf_counter() - start
         print(
@@ -53,11 +65,11 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=None, help="cache interval [default: manifest]")
     parser.add_argument("--labels", default="207,360", help="class labels, one per sample")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--out", type=Path, default=Path("latents.npy"))
     args = parser.parse_args()
-    latents = generate(
-        args.engine_dir, args.steps, args.interval, [int(x) for x in args.labels.split(",")], args.seed
-    )
+    labels = [int(x) for x in args.labels.split(",")]
+    latents = generate(args.engine_dir, args.steps, args.interval, labels, args.seed, args.guidance)
     np.save(args.out, latents)
     print(f"saved {tuple(latents.shape)} latents to {args.out}")
 
