@@ -518,3 +518,19 @@ def test_cuda_fp16_matches_cpu_fp32(
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         scale = float(np.abs(b).max())
         assert float(np.abs(a - b).max()) <= 1e-2 * scale, f"step {step}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batch_sizes_do_not_share_graph_memory(cuda_engine: Path) -> None:
+    # Full at batch 3, full at batch 1, then reuse at batch 3: with one memory pool for
+    # every batch size, batch 1's replay could overwrite batch 3's caches.
+    big, small = step_inputs(3, seed=11), step_inputs(1, seed=12)
+    with ForaSession(cuda_engine, backend="torch", use_cuda_graphs=False) as eager:
+        eager.run_step("full", 3, big[0])
+        expected = to_numpy(eager.run_step("reuse", 3, big[1]))
+    with ForaSession(cuda_engine, backend="torch") as graphed:
+        graphed.run_step("full", 3, big[0])
+        graphed.run_step("full", 1, small[0])
+        got = to_numpy(graphed.run_step("reuse", 3, big[1]))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)

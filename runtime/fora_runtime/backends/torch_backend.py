@@ -16,10 +16,15 @@ Data path, per batch size (allocated once by ``buffers()``, outside any step):
   addresses. The reuse program is then captured reading exactly those static
   cache tensors, so caches are never copied or moved. A step is "copy inputs,
   replay one graph" on the caller's current stream, without host sync;
-  ``read_prediction`` returns a clone ordered on that stream. All graphs of a
-  backend share one private memory pool: their static outputs stay referenced
-  for the life of the buffers, so only dead temporaries are shared, which is
-  safe because the graphs never run concurrently (use one stream per session).
+  ``read_prediction`` returns a clone ordered on that stream. The two graphs of
+  one batch size share a private memory pool (full captured first): the full
+  graph's outputs stay referenced for the life of the buffers, so the reuse
+  graph only takes memory the full graph frees during its capture (its
+  temporaries). The reuse prediction may therefore lie in full's temporaries and
+  is overwritten by the next full replay; ``read_prediction`` clones it before
+  that. The graphs never run concurrently (use one stream per session). Each
+  batch size gets its own pool: a shared one would let one batch size's caches
+  sit in another's temporaries, which its replays overwrite.
 - **eager** (CPU, or CUDA with ``use_cuda_graphs=False``): the programs run as
   they are; the cache tensors the full program returns become
   ``StepBuffers.caches`` and the reuse program receives those very tensors (no
@@ -115,7 +120,6 @@ class TorchBackend(TorchTensorIO):
         self._programs: dict[str, Any] = {}
         self._step_names: tuple[str, ...] = ()
         self._cache_names: tuple[str, ...] = ()
-        self._pool: Any = None
         # Owned here (not only by StepBuffers) so deactivate syncs before releasing them.
         self._graphs: list[Any] = []
 
@@ -140,8 +144,6 @@ class TorchBackend(TorchTensorIO):
         for role in ROLES:
             programs[role] = self._load(torch, record, role)
         self._programs = programs
-        if self.uses_cuda_graphs:
-            self._pool = torch.cuda.graph_pool_handle()
         log.info(
             "torch backend on %s (%s), CUDA graphs %s",
             self.device,
@@ -226,7 +228,7 @@ class TorchBackend(TorchTensorIO):
                 "its bytes and sha256 to the manifest"
             )
         try:
-            program = torch.export.load(str(path))
+            program = self._on_device(torch, torch.export.load(str(path)))
             module = program.module().to(self.device)
         except Exception as err:  # torch.export raises many unrelated exception types
             raise BackendError(
@@ -236,12 +238,34 @@ class TorchBackend(TorchTensorIO):
         module.requires_grad_(False)
         return module
 
+    def _on_device(self, torch: Any, program: Any) -> Any:
+        """The program with its traced CUDA device index replaced by ours. Tracing bakes the
+        device into graph nodes (``arange(device=...)``, ``_assert_tensor_metadata``), which
+        ``Module.to`` does not touch: a program traced on cuda:0 fails on cuda:1."""
+        if self.device.type != "cuda":
+            return program
+        traced = {
+            value.device
+            for value in (*program.state_dict.values(), *program.constants.values())
+            if isinstance(value, torch.Tensor)
+        }
+        for graph_module in program.graph_module.modules():
+            if isinstance(graph_module, torch.fx.GraphModule):
+                for node in graph_module.graph.nodes:
+                    if isinstance(node.kwargs.get("device"), torch.device):
+                        traced.add(node.kwargs["device"])
+        moves = {str(d): str(self.device) for d in traced if d.type == "cuda" and d != self.device}
+        if not moves:
+            return program
+        from torch.export.passes import move_to_device_pass
+
+        return move_to_device_pass(program, moves)
+
     def _deactivate_impl(self) -> None:
         if self._graphs and self._torch is not None:
             self._torch.cuda.synchronize(self.device)  # no replay may be in flight when graphs die
         self._graphs.clear()
         self._programs.clear()
-        self._pool = None
 
     # -- buffers --------------------------------------------------------------------
     def _allocate_impl(self, batch_size: int, layout: ArenaLayout) -> StepBuffers:
@@ -272,6 +296,9 @@ class TorchBackend(TorchTensorIO):
         full, reuse = self._programs["full"], self._programs["reuse"]
         args = tuple(buffers.inputs.values())
         with torch.cuda.device(self.device), torch.no_grad():
+            # On this device: torch.cuda.graph's own default side stream is created once per
+            # process, on whichever device was current then. Both captures use it (as the
+            # docs ask of captures sharing a pool).
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -282,15 +309,16 @@ class TorchBackend(TorchTensorIO):
             del outputs
 
             full_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(full_graph, pool=self._pool):
+            with torch.cuda.graph(full_graph, stream=side):  # a new private pool
                 outputs = full(*args)
             caches = dict(zip(self._cache_names, outputs[1:], strict=True))
             reuse_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(reuse_graph, pool=self._pool):
+            with torch.cuda.graph(reuse_graph, pool=full_graph.pool(), stream=side):
                 reuse_prediction = reuse(*args, *(caches[n] for n in self._cache_names))
         self._graphs.extend((full_graph, reuse_graph))
         buffers.caches.update(caches)
-        buffers.prediction = outputs[0]
+        # Not outputs[0]: capture ran nothing, so there is no prediction until a step replays.
+        buffers.prediction = None
         buffers.bound["graphs"] = {"full": full_graph, "reuse": reuse_graph}
         buffers.bound["predictions"] = {"full": outputs[0], "reuse": reuse_prediction}
 
