@@ -264,7 +264,8 @@ def bench(
         inputs = {name: session.backend.upload(value) for name, value in host_inputs.items()}
         # Warm up both graphs (first runs allocate and pick kernels).
         for role in ("full", "reuse", "full"):
-            session.run_step(role, batch, inputs)
+            warm = session.run_step(role, batch, inputs)
+        _synchronize(warm)  # queued warm-up work must not land in the first timed step
         full_ms = _median_step_ms(session, "full", batch, inputs, step_runs)
         reuse_ms = _median_step_ms(session, "reuse", batch, inputs, step_runs)
         runs: dict[int, list[float]] = {n: [] for n in schedules}

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights
-ANY_BATCH = BatchRange(1, 2, 4096)
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64"}
 
@@ -67,7 +66,7 @@ def export_onnx(
     path: Path,
     config: ExportConfig,
     *,
-    batch_range: BatchRange = ANY_BATCH,
+    batch_range: BatchRange,
 ) -> None:
     """Export ``module`` to ``path`` and check it with the ONNX checker.
 

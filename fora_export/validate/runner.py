@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fora_export.adapters.base import TORCH_DTYPES, AdapterOptions, ModelAdapter
@@ -33,6 +32,7 @@ from fora_export.validate.compare import (
     Comparison,
     compare,
     relative_l2,
+    to_numpy,
 )
 from fora_runtime.manifest import Manifest
 from fora_runtime.schedule import CacheSchedule
@@ -222,15 +222,9 @@ def sample(
     latents = latents.float()
     for k, t in enumerate(scheduler.timesteps):
         output = step_fn(k, latents, t)
-        eps = adapter.noise_prediction(_as_cpu_tensor(output))
+        eps = adapter.noise_prediction(torch.from_numpy(to_numpy(output)))
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
-
-
-def _as_cpu_tensor(value: Any) -> torch.Tensor:
-    if torch.is_tensor(value):
-        return value.float().cpu()
-    return torch.from_numpy(np.asarray(value, dtype=np.float32))
 
 
 def validate_trajectory(
