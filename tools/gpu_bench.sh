@@ -8,7 +8,8 @@
 # Needs a CUDA GPU, torch, onnx, onnxscript, click, rich and diffusers. Packages missing on a
 # bare machine can travel as wheels in ./.whl (see the device README): they are installed
 # into a private target first. Nothing is installed into the system.
-# Environment knobs: PYTHON, STEPS (250), INTERVALS (1,3,5), REPEATS (3), MODEL (demo-dit-xl).
+# Environment knobs: PYTHON, STEPS (250), INTERVALS (1,3,5), REPEATS (3), MODEL (demo-dit-xl),
+# ENGINE_DIR (where the build goes; default OUT_DIR/engine).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1
 FORA=("$PY" -m fora_export.cli)
 
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible")'
-ENGINE="$OUT/engine"
+ENGINE="${ENGINE_DIR:-$OUT/engine}"
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true

@@ -127,42 +127,26 @@ def _embedders_identical(blocks: Any) -> bool:
     return True
 
 
-class DiTLeanReuseStep(nn.Module):
-    """DiT's reuse step without anything a reuse step does not need.
+class DiTGateTable(nn.Module):
+    """Everything a DiT reuse step needs from ``(timestep, class label)``, as one table.
 
-    The plain reuse graph runs each block's forward with its sublayers replayed,
-    so it still carries every block's timestep/label embedder and the full
-    adaLN projection (6 chunks, a third of DiT-XL's weights). Reuse needs only:
+    ``table(t, y)`` is ``[rows, 2L + 2, D]``: rows ``2l`` and ``2l + 1`` are block
+    ``l``'s two adaLN gates (chunks 2 and 5 of its projection), the last two rows
+    the final layer's shift and scale. None of it depends on the latents, so a
+    generation whose timesteps are known can compute the table of every step in
+    one call (the ``gates`` graph) before sampling starts.
 
     - one embedding ``c = emb(t, y)`` when the per-block embedders are identical
       (converted DiT checkpoints duplicate one; checked, else one per block);
-    - the two gate chunks of every block's adaLN projection, for all blocks as
-      one matrix product (rows ``[2D:3D]`` and ``[5D:6D]`` of each block's
-      weight, concatenated): ``gates = silu(c) @ W_gates.T + b_gates``;
-    - the residual sum ``x = patch_embed(latents) + sum_l (g1_l*A_l + g2_l*M_l)``
-      in the same order as the blocks add them, then the final layer.
-
-    Inputs and outputs are those of the plain reuse graph, so the two are
-    interchangeable; validate checks this one against the plain PyTorch reuse.
+    - every block's two gate chunks as one matrix product: ``silu(c) @ W_gates.T``
+      with rows ``[2D:3D]`` and ``[5D:6D]`` of each block's weight concatenated.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        input_names: tuple[str, ...],
-        cache_names: tuple[str, ...],
-        *,
-        shared_embedder: bool | None = None,
-    ) -> None:
-        """``shared_embedder``: None checks the weights; True/False asserts it (e.g. for
-        shape-only models on the meta device, whose weights cannot be compared)."""
+    def __init__(self, model: Any, *, shared_embedder: bool | None = None) -> None:
         super().__init__()
         blocks = model.transformer_blocks
         dim = int(model.inner_dim)
-        self.input_names = input_names
-        self.cache_names = cache_names
         self.num_blocks = len(blocks)
-        self.pos_embed = model.pos_embed
         self.shared_embedder = _embedders_identical(blocks) if shared_embedder is None else shared_embedder
         if self.shared_embedder:
             self.embedders = nn.ModuleList([blocks[0].norm1.emb])
@@ -181,21 +165,15 @@ class DiTLeanReuseStep(nn.Module):
             self.gate_proj.weight.copy_(torch.cat(weights))
             self.gate_proj.bias.copy_(torch.cat(biases))
         # The final layer uses block 0's embedder (embedders[0]), as the model's forward does.
-        self.norm_out = model.norm_out
         self.proj_out_1 = model.proj_out_1
-        self.proj_out_2 = model.proj_out_2
-        self.patch_size = int(model.config.patch_size)
-        self.out_channels = int(model.out_channels)
 
-    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
-        count = len(self.input_names)
-        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
-        caches = inputs_and_caches[count:]
-        latents, timestep, labels = inputs["latents"], inputs["timestep"], inputs["class_labels"]
-        batch = latents.shape[0]
-        height, width = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
-        hidden = self.pos_embed(latents)
-        dtype = hidden.dtype
+    @property
+    def rows(self) -> int:
+        """Rows per sample: two gates per block, then the final shift and scale."""
+        return 2 * self.num_blocks + 2
+
+    def forward(self, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dtype = self.gate_proj.weight.dtype
         # Block 0's conditioning serves the gates (of every block, when the embedders are
         # shared) and the final layer.
         conditioning = self.embedders[0](timestep, labels, hidden_dtype=dtype)
@@ -203,29 +181,104 @@ class DiTLeanReuseStep(nn.Module):
             gates = self.gate_proj(F.silu(conditioning))
         else:
             # Per-block embedders: each block's gates from its own conditioning.
-            dim = hidden.shape[-1]
-            rows = []
+            dim = self.gate_proj.in_features
+            parts = []
             for index, embedder in enumerate(self.embedders):
                 cond = conditioning if index == 0 else embedder(timestep, labels, hidden_dtype=dtype)
                 start = 2 * dim * index
-                rows.append(
+                parts.append(
                     F.linear(
                         F.silu(cond),
                         self.gate_proj.weight[start : start + 2 * dim],
                         self.gate_proj.bias[start : start + 2 * dim],
                     )
                 )
-            gates = torch.cat(rows, dim=1)
-        gates = gates.view(batch, 2 * self.num_blocks, -1)
+            gates = torch.cat(parts, dim=1)
+        final = self.proj_out_1(F.silu(conditioning))  # shift, scale
+        return torch.cat((gates, final), dim=1).view(timestep.shape[0], self.rows, -1)
+
+
+class DiTGatedResidual(nn.Module):
+    """The latent-dependent part of a DiT reuse step, given the step's gate table row:
+    ``x = patch_embed(latents) + sum_l (g1_l*A_l + g2_l*M_l)`` in the order the
+    blocks add them, then the final layer."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.pos_embed = model.pos_embed
+        self.norm_out = model.norm_out
+        self.proj_out_2 = model.proj_out_2
+        self.patch_size = int(model.config.patch_size)
+        self.out_channels = int(model.out_channels)
+
+    def forward(
+        self, latents: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        height, width = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
+        hidden = self.pos_embed(latents)
         # The weighted residual sum: each cache is read once, in the blocks' order of
         # addition; TensorRT fuses the chain into one pointwise kernel. (Not addcmul: its
         # ONNX export computes in fp32 and would change the graph's output type.)
         for index, cache in enumerate(caches):
             hidden = gates[:, index].unsqueeze(1) * cache + hidden
-        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        shift, scale = gates[:, len(caches)], gates[:, len(caches) + 1]
         hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
         hidden = self.proj_out_2(hidden)
         patch = self.patch_size
         hidden = hidden.reshape(-1, height, width, patch, patch, self.out_channels)
         hidden = hidden.permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq, as diffusers' einsum
         return hidden.reshape(-1, self.out_channels, height * patch, width * patch)
+
+
+class DiTLeanReuseStep(nn.Module):
+    """DiT's reuse step without anything a reuse step does not need.
+
+    The plain reuse graph runs each block's forward with its sublayers replayed,
+    so it still carries every block's timestep/label embedder and the full
+    adaLN projection (6 chunks, a third of DiT-XL's weights). Reuse needs only
+    the gate table of the step (:class:`DiTGateTable`: one embedder, the two gate
+    chunks of every block as one product) and the residual sum and final layer
+    (:class:`DiTGatedResidual`).
+
+    Inputs and outputs are those of the plain reuse graph, so the two are
+    interchangeable; validate checks this one against the plain PyTorch reuse.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        input_names: tuple[str, ...],
+        cache_names: tuple[str, ...],
+        *,
+        shared_embedder: bool | None = None,
+    ) -> None:
+        """``shared_embedder``: None checks the weights; True/False asserts it (e.g. for
+        shape-only models on the meta device, whose weights cannot be compared)."""
+        super().__init__()
+        self.input_names = input_names
+        self.cache_names = cache_names
+        self.table = DiTGateTable(model, shared_embedder=shared_embedder)
+        self.residual = DiTGatedResidual(model)
+
+    @property
+    def shared_embedder(self) -> bool:
+        return self.table.shared_embedder
+
+    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
+        count = len(self.input_names)
+        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
+        gates = self.table(inputs["timestep"], inputs["class_labels"])
+        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
+
+
+class DiTGatedReuseStep(nn.Module):
+    """The reuse step of a generation whose gate tables were computed up front:
+    ``(latents, gates, *caches) -> prediction``, where ``gates`` is this step's row
+    of :class:`DiTGateTable` (``[batch, 2L + 2, D]``). It only reads caches."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.residual = DiTGatedResidual(model)
+
+    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
+        return self.residual(latents, gates, caches)

@@ -48,7 +48,7 @@ def test_distinct_embedders_fall_back_to_one_per_block() -> None:
     with torch.no_grad():
         model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight.mul_(1.5)
     plain, fast, lean = lean_vs_plain(model)
-    assert not lean.shared_embedder and len(lean.embedders) == 2
+    assert not lean.shared_embedder and len(lean.table.embedders) == 2
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
@@ -72,7 +72,7 @@ def test_dit_xl_reuse_weights_are_under_15_percent_of_full() -> None:
     assert 749e6 < full < 751e6
     assert reuse / full <= 0.15, f"reuse {reuse / 1e6:.1f}M of full {full / 1e6:.1f}M"
     # The 28 x 2 gate chunks dominate: 1152 x (2 x 28 x 1152) weights.
-    assert lean.gate_proj.weight.shape == (2 * 28 * 1152, 1152)
+    assert lean.table.gate_proj.weight.shape == (2 * 28 * 1152, 1152)
 
 
 def test_build_records_the_reuse_graph_and_plain_still_works(tiny_dit_dir: Path, tmp_path: Path) -> None:
