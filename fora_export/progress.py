@@ -50,6 +50,11 @@ class StageProgress:
         self._started = time.perf_counter()
         self._progress.update(self._task, description=f"{self._title}: {description}")
 
+    def add_stages(self, count: int) -> None:
+        """Grow the total when a stage turns out to be needed (e.g. optional graphs)."""
+        self._total += count
+        self._progress.update(self._task, total=self._total)
+
     def _finish_current(self) -> None:
         if self._current is None:
             return

@@ -50,6 +50,21 @@ class AdapterOptions:
         )
 
 
+@dataclass
+class GateTableGraphs:
+    """A family's split of its lean reuse step into what depends only on the timestep
+    and conditioning (``table``, run once per generation over every step's rows) and
+    what reads the latents and caches (``gated_reuse``).
+
+    - ``table(*inputs named by table_inputs) -> gates [rows, ...]``
+    - ``gated_reuse(latents, gates, *caches) -> prediction``
+    """
+
+    table: nn.Module
+    table_inputs: tuple[str, ...]
+    gated_reuse: nn.Module
+
+
 class ModelAdapter(ABC):
     """Family-specific knowledge about a diffusers transformer."""
 
@@ -178,6 +193,11 @@ class ModelAdapter(ABC):
         """A reuse step module that skips everything reuse does not need, taking
         the plain reuse graph's inputs (step inputs, then caches); None when the
         family has none (the plain reuse graph is then exported)."""
+        return None
+
+    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
+        """The ``gates`` and ``reuse_gated`` modules (see :class:`GateTableGraphs`), or None
+        when the family cannot compute its reuse gates apart from the latents."""
         return None
 
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.base import (
+    DTYPE_NAMES,
+    TORCH_DTYPES,
+    AdapterOptions,
+    GateTableGraphs,
+    ModelAdapter,
+)
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, TensorSpec
@@ -113,6 +119,17 @@ class DiTAdapter(ModelAdapter):
         if self.cached_kinds != ("attn1", "ff"):
             return None
         return DiTLeanReuseStep(self.model, input_names, cache_names)
+
+    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
+        """:class:`DiTGateTable` and :class:`DiTGatedReuseStep` (needs both sublayers cached,
+        as the lean reuse graph does)."""
+        if self.cached_kinds != ("attn1", "ff"):
+            return None
+        return GateTableGraphs(
+            table=DiTGateTable(self.model).eval(),
+            table_inputs=("timestep", "class_labels"),
+            gated_reuse=DiTGatedReuseStep(self.model).eval(),
+        )
 
 
 def _embedders_identical(blocks: Any) -> bool:

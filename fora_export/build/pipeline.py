@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import fora_export
-from fora_export.adapters.base import DTYPE_NAMES
+from fora_export.adapters.base import DTYPE_NAMES, GateTableGraphs
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.build import tensorrt as trt_build
@@ -33,7 +33,9 @@ from fora_export.progress import StageProgress
 from fora_export.split.graphs import SplitModel, split_model
 from fora_runtime.manifest import (
     BATCH_AXIS,
+    GATES_NAME,
     MANIFEST_NAME,
+    BatchRange,
     CacheSpec,
     GraphSpec,
     Manifest,
@@ -44,6 +46,10 @@ from fora_runtime.manifest import (
 log = logging.getLogger(__name__)
 
 GRAPH_FILES = {"full": "full.onnx", "reuse": "reuse.onnx"}
+GATE_GRAPH_FILES = {"gates": "gates.onnx", "reuse_gated": "reuse_gated.onnx"}
+#: Rows (steps x samples) one call of the gates graph takes; the runtime splits longer
+#: generations into calls of at most ``max`` rows.
+GATE_ROWS = BatchRange(min=1, opt=512, max=16384)
 PREDICTION = "prediction"
 
 
@@ -189,15 +195,26 @@ def export_folder(
             config.export,
             batch_range=batch,
         )
-        graphs = {role: _graph_spec(folder, file) for role, file in GRAPH_FILES.items()}
-        _check_graphs(graphs, step_specs, cache_specs)
+        gate_graphs = _gate_table_graphs(split, reuse_module)
+        if gate_graphs is not None:
+            stages.add_stages(1)
+            stages.stage("exporting gate-table graphs")
+            _export_gate_table_onnx(gate_graphs, split, example, caches, folder, config)
+        files = {**GRAPH_FILES, **(GATE_GRAPH_FILES if gate_graphs is not None else {})}
+        graphs = {role: _graph_spec(folder, file) for role, file in files.items()}
+        gates_spec = graphs["gates"].outputs[0] if gate_graphs is not None else None
+        _check_graphs(graphs, step_specs, cache_specs, gates_spec)
         backends = {}
         if config.backend == "torch":
             stages.stage("exporting torch programs")
-            backends["torch"] = _export_torch_programs(split, reuse_module, example, caches, folder, config)
+            backends["torch"] = _export_torch_programs(
+                split, reuse_module, gate_graphs, example, caches, folder, config
+            )
         if with_tensorrt:
             stages.stage("building TensorRT engines")
-            trt_build.build_engines(folder, graphs, batch, config.tensorrt)
+            # The TensorRT backend runs full and reuse only (it has no gate-table path yet).
+            step_graphs = {role: graphs[role] for role in GRAPH_FILES}
+            trt_build.build_engines(folder, step_graphs, batch, config.tensorrt)
             backends["tensorrt"] = trt_build.tensorrt_record(folder, batch, config.tensorrt)
         stages.stage("writing manifest")
         manifest = Manifest(
@@ -224,6 +241,7 @@ def export_folder(
             },
             config_hash=_config_hash(adapter.config, loaded.source, config),
             backends=backends,
+            gate_rows=GATE_ROWS if gate_graphs is not None else None,
         )
         manifest.write(folder)
         return manifest
@@ -246,16 +264,72 @@ def _reuse_module(split: SplitModel, config: BuildConfig) -> torch.nn.Module:
     return lean.eval()
 
 
+def _gate_table_graphs(split: SplitModel, reuse_module: torch.nn.Module) -> GateTableGraphs | None:
+    """The family's gate-table graphs, built along with a lean reuse graph only."""
+    if reuse_module is split.reuse:
+        return None
+    return split.adapter.gate_table_graphs(split.cache_names)
+
+
+def _gate_table_examples(
+    graphs: GateTableGraphs,
+    example: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
+    split: SplitModel,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Example inputs of the gates graph (the step's rows) and of the gated reuse graph."""
+    table_args = tuple(example[n] for n in graphs.table_inputs)
+    with torch.no_grad():
+        gates = graphs.table(*table_args)
+    gated_args = (example["latents"], gates, *(caches[n] for n in split.cache_names))
+    return table_args, gated_args
+
+
+def _export_gate_table_onnx(
+    graphs: GateTableGraphs,
+    split: SplitModel,
+    example: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
+    folder: Path,
+    config: BuildConfig,
+) -> None:
+    table_args, gated_args = _gate_table_examples(graphs, example, caches, split)
+    export_onnx(
+        graphs.table,
+        table_args,
+        list(graphs.table_inputs),
+        [GATES_NAME],
+        folder / GATE_GRAPH_FILES["gates"],
+        config.export,
+        batch_range=GATE_ROWS,
+    )
+    export_onnx(
+        graphs.gated_reuse,
+        gated_args,
+        ["latents", GATES_NAME, *split.cache_names],
+        [PREDICTION],
+        folder / GATE_GRAPH_FILES["reuse_gated"],
+        config.export,
+        batch_range=config.batch,
+    )
+
+
 def _export_torch_programs(
     split: SplitModel,
     reuse_module: torch.nn.Module,
+    gate_graphs: GateTableGraphs | None,
     example: dict[str, torch.Tensor],
     caches: dict[str, torch.Tensor],
     folder: Path,
     config: BuildConfig,
 ) -> dict[str, object]:
-    """Trace both step graphs as torch.export programs (on the example's device)."""
-    from fora_export.export.torch_program import PROGRAM_FILES, export_program, torch_manifest_record
+    """Trace the step graphs as torch.export programs (on the example's device)."""
+    from fora_export.export.torch_program import (
+        GATE_PROGRAM_FILES,
+        PROGRAM_FILES,
+        export_program,
+        torch_manifest_record,
+    )
 
     names = list(split.input_names)
     export_program(
@@ -274,6 +348,24 @@ def _export_torch_programs(
         input_names=[*names, *split.cache_names],
         output_names=[PREDICTION],
     )
+    if gate_graphs is not None:
+        table_args, gated_args = _gate_table_examples(gate_graphs, example, caches, split)
+        export_program(
+            gate_graphs.table,
+            table_args,
+            folder / GATE_PROGRAM_FILES["gates"],
+            GATE_ROWS,
+            input_names=list(gate_graphs.table_inputs),
+            output_names=[GATES_NAME],
+        )
+        export_program(
+            gate_graphs.gated_reuse,
+            gated_args,
+            folder / GATE_PROGRAM_FILES["reuse_gated"],
+            config.batch,
+            input_names=["latents", GATES_NAME, *split.cache_names],
+            output_names=[PREDICTION],
+        )
     return torch_manifest_record(folder)
 
 
@@ -307,13 +399,22 @@ def _graph_spec(folder: Path, file: str) -> GraphSpec:
 
 
 def _check_graphs(
-    graphs: dict[str, GraphSpec], step_specs: list[TensorSpec], caches: list[CacheSpec]
+    graphs: dict[str, GraphSpec],
+    step_specs: list[TensorSpec],
+    caches: list[CacheSpec],
+    gates: TensorSpec | None = None,
 ) -> None:
     """The exported IO must be what the runtime will bind: names, dtypes, shapes."""
-    expected = {s.name: s for s in (*step_specs, *caches)}
+    expected = {s.name: s for s in (*step_specs, *caches, *((gates,) if gates is not None else ()))}
     prediction = graphs["full"].outputs[0]
     for role, graph in graphs.items():
         output = graph.outputs[0]
+        if role == "gates":
+            if [t.name for t in graph.outputs] != [GATES_NAME] or output.shape[:1] != (BATCH_AXIS,):
+                raise ExportError(
+                    f"{graph.file} | outputs {graph.outputs}, expected '{GATES_NAME}' [batch, ...]"
+                )
+            continue
         if output.name != PREDICTION:
             raise ExportError(f"{graph.file} | first output is '{output.name}', expected '{PREDICTION}'")
         if (output.dtype, output.shape) != (prediction.dtype, prediction.shape):

@@ -77,6 +77,8 @@ from fora_runtime.manifest import BatchRange
 log = logging.getLogger(__name__)
 
 PROGRAM_FILES = {"full": "full.pt2", "reuse": "reuse.pt2"}
+#: Written when the build has gate-table graphs (see ``fora_runtime.manifest.GATE_TABLE_ROLES``).
+GATE_PROGRAM_FILES = {"gates": "gates.pt2", "reuse_gated": "reuse_gated.pt2"}
 #: Name of the metadata file stored in each program archive (under ``extra/``).
 META_NAME = "fora_program.json"
 
@@ -248,21 +250,28 @@ def read_program_meta(path: str | Path) -> dict[str, Any]:
 def torch_manifest_record(folder: str | Path) -> dict[str, Any]:
     """The manifest's ``backends["torch"]`` entry for the programs in ``folder``.
 
-    ``{"programs": {"full": "full.pt2", "reuse": "reuse.pt2"}, "torch": version,
+    ``{"programs": {"full": "full.pt2", "reuse": "reuse.pt2"[, "gates": ..., "reuse_gated":
+    ...]}, "torch": version,
     "device": "cpu" | "cuda:<name>", "dtype": prediction dtype, "inputs": {role:
     names}, "outputs": {role: names}, "batch": {"min", "max", "dynamic"}}``.
     """
     folder = Path(folder)
-    metas = {role: read_program_meta(folder / file) for role, file in PROGRAM_FILES.items()}
-    for key in ("torch", "device", "dtype", "batch"):
-        if metas["full"].get(key) != metas["reuse"].get(key):
-            raise ExportError(
-                f"{folder} | full.pt2 and reuse.pt2 differ in {key} ({metas['full'].get(key)!r} vs "
-                f"{metas['reuse'].get(key)!r}) | export both programs in one build"
-            )
+    files = dict(PROGRAM_FILES)
+    if all((folder / file).is_file() for file in GATE_PROGRAM_FILES.values()):
+        files.update(GATE_PROGRAM_FILES)
+    metas = {role: read_program_meta(folder / file) for role, file in files.items()}
+    for role, meta in metas.items():
+        # The gates program's batch axis counts rows and its output is the table, not a prediction.
+        keys = ("torch", "device") if role == "gates" else ("torch", "device", "dtype", "batch")
+        for key in keys:
+            if meta.get(key) != metas["full"].get(key):
+                raise ExportError(
+                    f"{folder} | {files[role]} and full.pt2 differ in {key} ({meta.get(key)!r} vs "
+                    f"{metas['full'].get(key)!r}) | export all programs in one build"
+                )
     full = metas["full"]
     return {
-        "programs": dict(PROGRAM_FILES),
+        "programs": files,
         "torch": full["torch"],
         "device": full["device"],
         "dtype": full["dtype"],

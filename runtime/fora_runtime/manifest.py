@@ -19,6 +19,10 @@ MANIFEST_NAME = "manifest.json"
 BATCH_AXIS = "batch"
 DTYPES = ("float32", "float16", "bfloat16", "int64")
 GRAPH_ROLES = ("full", "reuse")
+#: Optional, always together: ``gates`` computes the gate table of many (step, sample)
+#: rows at once, ``reuse_gated`` is the reuse step reading its row instead of computing it.
+GATE_TABLE_ROLES = ("gates", "reuse_gated")
+GATES_NAME = "gates"
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,11 @@ class CacheSpec(TensorSpec):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One exported subgraph: its file (relative to the engine folder) and IO."""
+    """One exported subgraph: its file (relative to the engine folder) and IO.
+
+    In the ``gates`` graph the ``batch`` axis counts rows (one per step and sample),
+    within the manifest's ``gate_rows`` range rather than its ``batch`` range.
+    """
 
     file: str
     inputs: tuple[TensorSpec, ...]
@@ -119,6 +127,8 @@ class Manifest:
     config_hash: str
     # Backend-specific build records (e.g. TensorRT version, GPU) keyed by backend.
     backends: dict[str, Any] = field(default_factory=dict)
+    #: Rows the ``gates`` graph takes per call; None when the build has no gate-table graphs.
+    gate_rows: BatchRange | None = None
     schema_version: int = SCHEMA_VERSION
 
     # -- IO helpers used by the runtime -------------------------------------------------
@@ -147,6 +157,20 @@ class Manifest:
                 f"[{bounds[0]}, {bounds[1]}] | ({where})"
             )
 
+    @property
+    def has_gate_table(self) -> bool:
+        """True when the build has the ``gates`` and ``reuse_gated`` graphs."""
+        return self.gate_rows is not None
+
+    @property
+    def gate_table_shape(self) -> tuple[int, ...]:
+        """Shape of one row of the gate table (the ``gates`` output without its row axis)."""
+        return tuple(int(d) for d in self.graphs["gates"].outputs[0].shape[1:])
+
+    @property
+    def gate_table_dtype(self) -> str:
+        return self.graphs["gates"].outputs[0].dtype
+
     def input_spec(self, name: str) -> TensorSpec:
         for spec in self.graphs["full"].inputs:
             if spec.name == name:
@@ -158,6 +182,7 @@ class Manifest:
         data = asdict(self)
         data["resolution"] = list(self.resolution)
         data["batch"] = asdict(self.batch)
+        data["gate_rows"] = asdict(self.gate_rows) if self.gate_rows is not None else None
         data["schedule"] = self.schedule.to_dict()
         data["graphs"] = {role: g.to_dict() for role, g in self.graphs.items()}
         data["caches"] = [c.to_dict() for c in self.caches]
@@ -180,7 +205,9 @@ class Manifest:
                 f"{SCHEMA_VERSION}) | rebuild with a matching fora-export or upgrade fora-runtime"
             )
         try:
-            graphs = {role: GraphSpec.from_dict(data["graphs"][role]) for role in GRAPH_ROLES}
+            roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in data["graphs"])
+            graphs = {role: GraphSpec.from_dict(data["graphs"][role]) for role in roles}
+            gate_rows = data.get("gate_rows")
             manifest = cls(
                 model_class=data["model_class"],
                 family=data["family"],
@@ -198,6 +225,7 @@ class Manifest:
                 export=dict(data["export"]),
                 config_hash=data["config_hash"],
                 backends=dict(data.get("backends", {})),
+                gate_rows=BatchRange(**gate_rows) if gate_rows is not None else None,
             )
         except ManifestError:
             raise
@@ -246,6 +274,36 @@ class Manifest:
         for role, graph in self.graphs.items():
             if graph.file not in self.files:
                 raise ManifestError(f"{where} | {role} graph file '{graph.file}' is not listed in 'files'")
+        self._check_gate_table(where)
+
+    def _check_gate_table(self, where: str) -> None:
+        present = [role for role in GATE_TABLE_ROLES if role in self.graphs]
+        if not present and self.gate_rows is None:
+            return
+        if len(present) != len(GATE_TABLE_ROLES) or self.gate_rows is None:
+            raise ManifestError(
+                f"{where} | gate-table graphs {present} with gate_rows {self.gate_rows} | expected both "
+                f"{list(GATE_TABLE_ROLES)} and gate_rows, or none; rebuild the engines"
+            )
+        rows = self.gate_rows
+        if not 1 <= rows.min <= rows.opt <= rows.max:
+            raise ManifestError(f"{where} | invalid gate_rows {rows} | expected 1 <= min <= opt <= max")
+        outputs = self.graphs["gates"].outputs
+        if [t.name for t in outputs] != [GATES_NAME] or outputs[0].shape[:1] != (BATCH_AXIS,):
+            raise ManifestError(f"{where} | the gates graph must output only '{GATES_NAME}' [batch, ...]")
+        gated_inputs = {t.name: t for t in self.graphs["reuse_gated"].inputs}
+        table = gated_inputs.get(GATES_NAME)
+        if table is None or (table.dtype, table.shape) != (outputs[0].dtype, outputs[0].shape):
+            raise ManifestError(
+                f"{where} | reuse_gated input '{GATES_NAME}' does not match the gates graph's output"
+            )
+        if not {c.name for c in self.caches} <= set(gated_inputs):
+            raise ManifestError(f"{where} | reuse_gated graph does not take every cache tensor")
+        known = {t.name for t in self.graphs["full"].inputs} | {GATES_NAME} | {c.name for c in self.caches}
+        for role in GATE_TABLE_ROLES:
+            for spec in self.graphs[role].inputs:
+                if spec.name not in known:
+                    raise ManifestError(f"{where} | {role} input '{spec.name}' is not a step input or cache")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

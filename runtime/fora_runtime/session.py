@@ -13,6 +13,15 @@ caller cannot reuse caches written by another generation or batch size.
         for t in timesteps:
             noise = gen.step(latents, t, class_labels=labels)
             latents = scheduler.step(noise, t, latents).prev_sample
+
+When the timesteps are known up front (schedulers know them), pass them and the
+conditioning to ``start``: builds with gate-table graphs then compute the gates
+of every step in one call, and each reuse step only reads caches. ``step`` then
+needs only the latents:
+
+        gen = session.start(20, 2, timesteps=scheduler.timesteps, class_labels=labels)
+        for t in scheduler.timesteps:
+            noise = gen.step(latents)
 """
 
 from __future__ import annotations
@@ -38,10 +47,12 @@ class ForaSession:
         schedule: CacheSchedule | None = None,
         verify_files: bool = True,
         check_inputs: bool = True,
+        gate_table: bool = True,
         **backend_options: Any,
     ) -> None:
         """``check_inputs=False`` skips the per-step shape, dtype and value checks (for
-        hot loops whose inputs are known good; a bad input then fails inside the backend)."""
+        hot loops whose inputs are known good; a bad input then fails inside the backend).
+        ``gate_table=False`` never precomputes gates (reuse steps compute their own)."""
         self.engine_dir = Path(engine_dir)
         self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
         self.schedule = schedule if schedule is not None else self.manifest.schedule
@@ -52,6 +63,7 @@ class ForaSession:
         )
         self._generation_id = 0
         self.check_inputs = check_inputs
+        self.gate_table = gate_table
 
     # -- lifecycle ------------------------------------------------------------------
     def activate(self) -> ForaSession:
@@ -69,13 +81,75 @@ class ForaSession:
         self.deactivate()
 
     # -- generations ----------------------------------------------------------------
-    def start(self, num_steps: int, batch_size: int, *, schedule: CacheSchedule | None = None) -> Generation:
-        """Begin a new generation; earlier generations of this session become stale."""
+    def start(
+        self,
+        num_steps: int,
+        batch_size: int,
+        *,
+        schedule: CacheSchedule | None = None,
+        timesteps: Any = None,
+        **conditioning: Any,
+    ) -> Generation:
+        """Begin a new generation; earlier generations of this session become stale.
+
+        ``timesteps`` (one per step, each a number or one per sample) and the
+        generation's conditioning (e.g. ``class_labels``) are optional; given, steps
+        may omit them, and where the build and backend allow, the gates of every
+        step are computed here at once (:attr:`Generation.uses_gate_table`).
+        """
         batch_size = self._check_batch(batch_size)
         plan = (schedule or self.schedule).plan(num_steps)
+        planned = None
+        if timesteps is not None:
+            planned = self._plan_inputs(timesteps, conditioning, len(plan), batch_size)
+        elif conditioning:
+            raise InputError(
+                f"start() | got conditioning {sorted(conditioning)} without timesteps | pass "
+                "timesteps too, or pass conditioning to each step()"
+            )
         buffers = self.backend.buffers(batch_size)
+        table = None
+        if planned is not None and self.gate_table and self.backend.gate_table_enabled:
+            table = self.backend.gate_table(planned.rows(batch_size))
         self._generation_id += 1
-        return Generation(self, buffers, plan, self._generation_id)
+        return Generation(self, buffers, plan, self._generation_id, planned, table)
+
+    def _plan_inputs(
+        self, timesteps: Any, conditioning: dict[str, Any], num_steps: int, batch_size: int
+    ) -> PlannedInputs:
+        """Check a generation's timesteps and conditioning given up front (host copies)."""
+        names = [s.name for s in self.step_inputs if s.name not in ("latents", "timestep")]
+        if sorted(conditioning) != sorted(names):
+            raise InputError(
+                f"start() | got conditioning {sorted(conditioning)} | with timesteps, pass all of "
+                f"{names} (this model's conditioning inputs)"
+            )
+        try:
+            steps = _host(timesteps).astype("float32")
+        except (TypeError, ValueError) as err:
+            raise InputError(f"start() timesteps | got {timesteps!r} | expected numbers") from err
+        if (
+            steps.ndim not in (1, 2)
+            or steps.shape[0] != num_steps
+            or steps.shape[1:] not in ((), (batch_size,))
+        ):
+            raise InputError(
+                f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
+                f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
+            )
+        values = {}
+        for name in names:
+            spec = self.manifest.input_spec(name)
+            value = _host(conditioning[name])
+            want = spec.concrete_shape(batch_size)
+            if tuple(value.shape) != want:
+                raise InputError(
+                    f"start() input '{name}' | got shape {list(value.shape)}, expected {list(want)} "
+                    f"| ({self._where()})"
+                )
+            self.manifest.check_values(name, value, where=self._where())
+            values[name] = value
+        return PlannedInputs(steps, values, dict(conditioning))
 
     def reset(self) -> None:
         """Invalidate the current generation (its caches can no longer be reused)."""
@@ -121,10 +195,12 @@ class ForaSession:
             )
         return size
 
-    def stage(self, buffers: StepBuffers, inputs: dict[str, Any]) -> None:
-        """Check every step input against the manifest and copy it into place."""
+    def stage(self, buffers: StepBuffers, inputs: dict[str, Any], *, only: tuple[str, ...] = ()) -> None:
+        """Check every step input (or those named in ``only``) against the manifest and
+        copy it into place."""
+        specs = [s for s in self.step_inputs if s.name in only] if only else self.step_inputs
         if not self.check_inputs:
-            for spec in self.step_inputs:
+            for spec in specs:
                 value = inputs[spec.name]
                 if spec.name == "timestep":
                     value = self.backend.as_timestep(
@@ -138,7 +214,7 @@ class ForaSession:
             raise InputError(
                 f"Inputs {sorted(unknown)} | not inputs of these engines | expected {sorted(expected)}"
             )
-        for spec in self.step_inputs:
+        for spec in specs:
             if spec.name not in inputs or inputs[spec.name] is None:
                 raise InputError(f"Input '{spec.name}' | missing | this model needs {sorted(expected)}")
             value = inputs[spec.name]
@@ -165,6 +241,60 @@ class ForaSession:
             self.backend.stage_input(buffers, spec.name, value)
 
 
+def _host(value: Any) -> Any:
+    """A host numpy copy of an array-like (numpy, numbers, torch tensors on any device)."""
+    import numpy as np
+
+    if hasattr(value, "detach"):
+        value = value.detach()
+        if value.is_floating_point():
+            value = value.float()  # bf16 has no numpy dtype
+        return value.cpu().numpy()
+    return np.asarray(value)
+
+
+class PlannedInputs:
+    """A generation's timesteps and conditioning, given to ``start``."""
+
+    def __init__(self, timesteps: Any, host: dict[str, Any], given: dict[str, Any]) -> None:
+        self.timesteps = timesteps  # float32 [steps] or [steps, batch]
+        self.host = host  # host copies, for the gate table and for checks
+        self.given = given  # as the caller passed them, staged on full steps
+
+    def rows(self, batch_size: int) -> dict[str, Any]:
+        """Gate-table rows: step-major, ``batch_size`` rows per step."""
+        import numpy as np
+
+        steps = self.timesteps.shape[0]
+        timestep = np.broadcast_to(self.timesteps.reshape(steps, -1), (steps, batch_size)).reshape(-1)
+        rows = {"timestep": np.ascontiguousarray(timestep)}
+        for name, value in self.host.items():
+            rows[name] = np.ascontiguousarray(
+                np.broadcast_to(value[None], (steps, *value.shape)).reshape(-1, *value.shape[1:])
+            )
+        return rows
+
+    def matches(self, step: int, timestep: Any, conditioning: dict[str, Any]) -> str | None:
+        """None when host values given to a step equal the planned ones, else what differs.
+        Device tensors are not compared (that would sync every step)."""
+        import numpy as np
+
+        def host_like(value: Any) -> bool:
+            device = getattr(value, "device", None)
+            return device is None or getattr(device, "type", "cpu") == "cpu"
+
+        if timestep is not None and host_like(timestep):
+            got = np.asarray(_host(timestep), dtype="float32")
+            if not np.array_equal(np.broadcast_to(got, self.timesteps[step].shape), self.timesteps[step]):
+                return (
+                    f"timestep {got.tolist()} at step {step}, start() planned {self.timesteps[step].tolist()}"
+                )
+        for name, value in conditioning.items():
+            if name in self.host and host_like(value) and not np.array_equal(_host(value), self.host[name]):
+                return f"'{name}' differs from the one given to start()"
+        return None
+
+
 def _dtype_compatible(got: str, want: str) -> bool:
     if got == want:
         return True
@@ -176,13 +306,26 @@ class Generation:
     """One sampling run: tracks the step index against the schedule's plan."""
 
     def __init__(
-        self, session: ForaSession, buffers: StepBuffers, plan: tuple[bool, ...], gen_id: int
+        self,
+        session: ForaSession,
+        buffers: StepBuffers,
+        plan: tuple[bool, ...],
+        gen_id: int,
+        planned: PlannedInputs | None = None,
+        gate_table: Any = None,
     ) -> None:
         self._session = session
         self._buffers = buffers
         self.plan = plan
         self._id = gen_id
+        self._planned = planned
+        self._gate_table = gate_table
         self.step_index = 0
+
+    @property
+    def uses_gate_table(self) -> bool:
+        """True when reuse steps read gates computed at ``start`` (they only read caches)."""
+        return self._gate_table is not None
 
     @property
     def num_steps(self) -> int:
@@ -200,8 +343,11 @@ class Generation:
     def num_full(self) -> int:
         return sum(self.plan)
 
-    def step(self, latents: Any, timestep: Any, **conditioning: Any) -> Any:
-        """Run step ``step_index`` (full or reuse per the plan) and advance."""
+    def step(self, latents: Any, timestep: Any = None, **conditioning: Any) -> Any:
+        """Run step ``step_index`` (full or reuse per the plan) and advance.
+
+        ``timestep`` and the conditioning may be omitted when they were given to
+        ``start``; given anyway, host values must equal the planned ones."""
         if self._id != self._session._generation_id:
             raise GenerationError(
                 "Generation | stale: the session started another generation or ran a single step "
@@ -211,9 +357,28 @@ class Generation:
             raise GenerationError(
                 f"Generation | all {self.num_steps} steps already ran | call session.start() for a new one"
             )
-        full = self.plan[self.step_index]
-        self._session.stage(self._buffers, {"latents": latents, "timestep": timestep, **conditioning})
-        backend = self._session.backend
-        (backend.run_full if full else backend.run_reuse)(self._buffers)
+        index = self.step_index
+        full = self.plan[index]
+        session = self._session
+        backend = session.backend
+        planned = self._planned
+        if planned is None:
+            if timestep is None:
+                raise InputError(
+                    "Input 'timestep' | missing | pass it to step(), or the timesteps to start()"
+                )
+        else:
+            if session.check_inputs:
+                problem = planned.matches(index, timestep, conditioning)
+                if problem is not None:
+                    raise InputError(f"step() | {problem} | pass the same values as to start(), or omit them")
+            timestep = planned.timesteps[index] if timestep is None else timestep
+            conditioning = conditioning or planned.given
+        if not full and self._gate_table is not None:
+            session.stage(self._buffers, {"latents": latents}, only=("latents",))
+            backend.run_reuse_gated(self._buffers, self._gate_table, index * self.batch_size)
+        else:
+            session.stage(self._buffers, {"latents": latents, "timestep": timestep, **conditioning})
+            (backend.run_full if full else backend.run_reuse)(self._buffers)
         self.step_index += 1
         return backend.read_prediction(self._buffers)

@@ -34,7 +34,14 @@ def test_manifest_records_what_the_runtime_needs(tiny_engine: Path) -> None:
         "timestep": "float32",
         "class_labels": "int64",
     }
-    assert set(manifest.files) == {"full.onnx", "reuse.onnx"}
+    assert set(manifest.files) == {"full.onnx", "reuse.onnx", "gates.onnx", "reuse_gated.onnx"}
+    # The DiT gate table: two gates per block, then the final layer's shift and scale.
+    assert manifest.has_gate_table and manifest.gate_table_shape == (2 * 2 + 2, 16)
+    assert [t.name for t in manifest.graphs["reuse_gated"].inputs] == [
+        "latents",
+        "gates",
+        *(c.name for c in manifest.caches),
+    ]
     assert {"torch", "diffusers", "onnx"} <= set(manifest.tools)
     assert manifest.export["opset"] == 17
 

@@ -76,6 +76,8 @@ class StepBackend(ABC):
     name: ClassVar[str]
     # True when step inputs are host arrays the session may inspect (value ranges).
     host_inputs: ClassVar[bool] = True
+    #: True when the backend implements the gate-table path (``gates`` + ``reuse_gated``).
+    supports_gate_table: ClassVar[bool] = False
 
     def __init__(self, manifest: Manifest, folder: Path) -> None:
         self.manifest = manifest
@@ -141,6 +143,34 @@ class StepBackend(ABC):
             )
         self._run_impl("reuse", buffers)
 
+    @property
+    def gate_table_enabled(self) -> bool:
+        """Whether generations with known timesteps can precompute their gates here."""
+        return self.supports_gate_table and self.manifest.has_gate_table
+
+    def gate_table(self, rows: dict[str, Any]) -> Any:
+        """Run the ``gates`` graph over ``rows`` (host arrays, one row per step and sample,
+        named as the graph's inputs), in calls of at most ``manifest.gate_rows.max`` rows.
+        Returns the table ``[rows, *row shape]`` as an array of this backend."""
+        self._require_active()
+        if not self.gate_table_enabled:
+            raise BackendError(
+                f"Backend '{self.name}' | has no gate-table path for this build | "
+                "start generations without timesteps"
+            )
+        return self._gate_table_impl(rows)
+
+    def run_reuse_gated(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
+        """Run the reuse step that reads its gates from ``table[first_row : first_row + batch]``
+        (from :meth:`gate_table`) instead of computing them; writes the prediction."""
+        self._require_active()
+        if not buffers.caches_written:
+            raise GenerationError(
+                f"Reuse step | batch {buffers.batch_size} has no caches yet | run a full step first"
+            )
+        self._stage_gates(buffers, table, first_row)
+        self._run_impl("reuse_gated", buffers)
+
     def upload(self, value: Any) -> Any:
         """A host array moved to where this backend's steps read inputs (the device
         for GPU backends), so step loops time the steps rather than transfers."""
@@ -163,6 +193,12 @@ class StepBackend(ABC):
 
     @abstractmethod
     def _run_impl(self, role: str, buffers: StepBuffers) -> None: ...
+
+    def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
+        raise NotImplementedError  # only reached when supports_gate_table is True
+
+    def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
+        raise NotImplementedError
 
     @abstractmethod
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:

@@ -20,7 +20,7 @@ from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBackend, StepBuffers
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import Manifest
+from fora_runtime.manifest import GATES_NAME, Manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 NUMPY_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
@@ -39,6 +39,7 @@ class OnnxRuntimeBackend(StepBackend):
     """Runs the exported ONNX graphs with ONNX Runtime (CPU, or CUDA EP when present)."""
 
     name = "onnxruntime"
+    supports_gate_table = True
 
     def __init__(
         self,
@@ -121,6 +122,9 @@ class OnnxRuntimeBackend(StepBackend):
         for spec in step_inputs:
             shape = spec.concrete_shape(batch_size)
             inputs[spec.name] = self._empty(ort, shape, spec.dtype)
+        if manifest.has_gate_table:  # the reuse_gated step reads its table row from here
+            shape = (batch_size, *manifest.gate_table_shape)
+            inputs[GATES_NAME] = self._empty(ort, shape, manifest.gate_table_dtype)
         pred = manifest.prediction
         prediction = self._empty(ort, pred.concrete_shape(batch_size), pred.dtype)
 
@@ -149,7 +153,8 @@ class OnnxRuntimeBackend(StepBackend):
             bound={"arena": arena},
         )
         for role, session in self._sessions.items():
-            buffers.bound[role] = self._bind(session, buffers, pointers)
+            if role != "gates":  # run once per generation on its own rows, not per batch
+                buffers.bound[role] = self._bind(session, buffers, pointers)
         return buffers
 
     def _empty(self, ort: Any, shape: tuple[int, ...], dtype: str) -> Any:
@@ -198,6 +203,22 @@ class OnnxRuntimeBackend(StepBackend):
             session.run_with_iobinding(binding)
         except self._errors as err:
             raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
+
+    def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
+        session = self._sessions["gates"]
+        count = len(next(iter(rows.values())))
+        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
+        parts = []
+        for start in range(0, count, step):
+            feed = {name: np.ascontiguousarray(value[start : start + step]) for name, value in rows.items()}
+            try:
+                parts.append(session.run([GATES_NAME], feed)[0])
+            except self._errors as err:
+                raise BackendError(f"Backend 'onnxruntime' | gates graph failed: {err}") from err
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
+        self.stage_input(buffers, GATES_NAME, table[first_row : first_row + buffers.batch_size])
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
         target = buffers.inputs[name]

@@ -57,12 +57,14 @@ from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import MANIFEST_NAME, Manifest
+from fora_runtime.manifest import GATES_NAME, MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 
 TORCH_INSTALL = "pip install torch"
 ROLES = ("full", "reuse")
+#: Programs of builds with gate-table graphs (optional, together).
+GATE_ROLES = ("gates", "reuse_gated")
 RECORD_KEYS = ("programs", "torch", "device", "dtype", "inputs", "outputs")
 #: Warm-up runs before capture (lazy init of kernels and cuBLAS workspaces).
 WARMUP_RUNS = 2
@@ -91,10 +93,10 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
         )
     for key in ("programs", "inputs", "outputs"):
         value = record[key]
-        if not isinstance(value, dict) or sorted(value) != sorted(ROLES):
+        if not isinstance(value, dict) or sorted(value) not in (sorted(ROLES), sorted(ROLES + GATE_ROLES)):
             raise BackendError(
                 f"{where} | torch record field '{key}' is {value!r}, expected one entry per role "
-                f"{list(ROLES)} | re-export the torch programs"
+                f"{list(ROLES)} (and optionally {list(GATE_ROLES)}) | re-export the torch programs"
             )
     return record
 
@@ -103,6 +105,7 @@ class TorchBackend(TorchTensorIO):
     """Runs ``full.pt2`` / ``reuse.pt2`` with PyTorch, on CUDA (graphed) or CPU (eager)."""
 
     name = "torch"
+    supports_gate_table = True
 
     def __init__(
         self,
@@ -120,6 +123,7 @@ class TorchBackend(TorchTensorIO):
         self._programs: dict[str, Any] = {}
         self._step_names: tuple[str, ...] = ()
         self._cache_names: tuple[str, ...] = ()
+        self._has_gate_programs = False
         # Owned here (not only by StepBuffers) so deactivate syncs before releasing them.
         self._graphs: list[Any] = []
 
@@ -131,6 +135,10 @@ class TorchBackend(TorchTensorIO):
     def io_device(self) -> Any:
         return self.device
 
+    @property
+    def gate_table_enabled(self) -> bool:
+        return self.manifest.has_gate_table and self._has_gate_programs
+
     # -- lifecycle ------------------------------------------------------------------
     def _activate_impl(self) -> None:
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
@@ -141,7 +149,7 @@ class TorchBackend(TorchTensorIO):
         self.device = self._resolve_device(torch, str(record["device"]))
         self._check_io(record)
         programs: dict[str, Any] = {}
-        for role in ROLES:
+        for role in ROLES + (GATE_ROLES if self._has_gate_programs else ()):
             programs[role] = self._load(torch, record, role)
         self._programs = programs
         log.info(
@@ -211,6 +219,13 @@ class TorchBackend(TorchTensorIO):
             low, high = batch.get("min", 1), batch.get("max", 0)
             if not low <= manifest.batch.min <= manifest.batch.max <= high:
                 problems.append(f"programs accept batch {low}..{high}, not {manifest.batch}")
+        self._has_gate_programs = manifest.has_gate_table and "gates" in record["programs"]
+        if self._has_gate_programs:
+            table_inputs = [t.name for t in manifest.graphs["gates"].inputs]
+            if record["inputs"]["gates"] != table_inputs:
+                problems.append(f"gates inputs {record['inputs']['gates']} differ from the manifest's")
+            if tuple(record["inputs"]["reuse_gated"]) != ("latents", GATES_NAME, *cache_names):
+                problems.append("reuse_gated inputs are not latents, gates and the caches")
         if problems:
             raise BackendError(
                 f"{where} | torch programs do not match the manifest: {'; '.join(problems)} | "
@@ -277,6 +292,12 @@ class TorchBackend(TorchTensorIO):
             inputs[name] = torch.zeros(
                 spec.concrete_shape(batch_size), dtype=self._torch_dtype(spec.dtype), device=self.device
             )
+        if self.gate_table_enabled:  # the reuse_gated step reads its table row from here
+            inputs[GATES_NAME] = torch.zeros(
+                (batch_size, *self.manifest.gate_table_shape),
+                dtype=self._torch_dtype(self.manifest.gate_table_dtype),
+                device=self.device,
+            )
         buffers = StepBuffers(
             batch_size=batch_size, inputs=inputs, caches={}, prediction=None, cache_layout=layout
         )
@@ -294,7 +315,8 @@ class TorchBackend(TorchTensorIO):
         """Capture one CUDA graph per program for this batch size (see module docstring)."""
         torch = self._torch
         full, reuse = self._programs["full"], self._programs["reuse"]
-        args = tuple(buffers.inputs.values())
+        gated = self._programs.get("reuse_gated")
+        args = self._step_args(buffers)
         with torch.cuda.device(self.device), torch.no_grad():
             # On this device: torch.cuda.graph's own default side stream is created once per
             # process, on whichever device was current then. Both captures use it (as the
@@ -305,6 +327,8 @@ class TorchBackend(TorchTensorIO):
                 for _ in range(WARMUP_RUNS):
                     outputs = full(*args)
                     reuse(*args, *outputs[1:])
+                    if gated is not None:
+                        gated(*self._gated_args(buffers, outputs[1:]))
             torch.cuda.current_stream().wait_stream(side)
             del outputs
 
@@ -315,12 +339,25 @@ class TorchBackend(TorchTensorIO):
             reuse_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(reuse_graph, pool=full_graph.pool(), stream=side):
                 reuse_prediction = reuse(*args, *(caches[n] for n in self._cache_names))
-        self._graphs.extend((full_graph, reuse_graph))
+            graphs = {"full": full_graph, "reuse": reuse_graph}
+            predictions = {"full": outputs[0], "reuse": reuse_prediction}
+            if gated is not None:
+                graphs["reuse_gated"] = torch.cuda.CUDAGraph()
+                cache_args = tuple(caches[n] for n in self._cache_names)
+                with torch.cuda.graph(graphs["reuse_gated"], pool=full_graph.pool(), stream=side):
+                    predictions["reuse_gated"] = gated(*self._gated_args(buffers, cache_args))
+        self._graphs.extend(graphs.values())
         buffers.caches.update(caches)
         # Not outputs[0]: capture ran nothing, so there is no prediction until a step replays.
         buffers.prediction = None
-        buffers.bound["graphs"] = {"full": full_graph, "reuse": reuse_graph}
-        buffers.bound["predictions"] = {"full": outputs[0], "reuse": reuse_prediction}
+        buffers.bound["graphs"] = graphs
+        buffers.bound["predictions"] = predictions
+
+    def _step_args(self, buffers: StepBuffers) -> tuple[Any, ...]:
+        return tuple(buffers.inputs[name] for name in self._step_names)
+
+    def _gated_args(self, buffers: StepBuffers, caches: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (buffers.inputs["latents"], buffers.inputs[GATES_NAME], *caches)
 
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
@@ -329,10 +366,11 @@ class TorchBackend(TorchTensorIO):
             graphs[role].replay()
             buffers.prediction = buffers.bound["predictions"][role]
             return
-        args = tuple(buffers.inputs.values())
         program = self._programs[role]
-        if role == "reuse":  # StepBackend.run_reuse has checked that a full step ran
-            args = (*args, *(buffers.caches[n] for n in self._cache_names))
+        args = self._step_args(buffers)
+        if role != "full":  # run_reuse / run_reuse_gated have checked that a full step ran
+            caches = tuple(buffers.caches[n] for n in self._cache_names)
+            args = self._gated_args(buffers, caches) if role == "reuse_gated" else (*args, *caches)
         try:
             with self._torch.no_grad():
                 outputs = program(*args)
@@ -346,6 +384,27 @@ class TorchBackend(TorchTensorIO):
             buffers.caches.update(zip(self._cache_names, outputs[1:], strict=True))
         else:
             buffers.prediction = outputs
+
+    def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
+        torch = self._torch
+        names = [t.name for t in self.manifest.graphs["gates"].inputs]
+        program = self._programs["gates"]
+        count = len(rows[names[0]])
+        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
+        parts = []
+        with torch.no_grad():
+            for start in range(0, count, step):
+                args = [torch.as_tensor(rows[n][start : start + step]).to(self.device) for n in names]
+                try:
+                    parts.append(program(*args))
+                except Exception as err:  # the program's own guards and kernels raise various types
+                    raise BackendError(
+                        f"Backend 'torch' | gates program failed: {type(err).__name__}: {err}"
+                    ) from err
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
+        buffers.inputs[GATES_NAME].copy_(table[first_row : first_row + buffers.batch_size])
 
     def read_prediction(self, buffers: StepBuffers) -> Any:
         if buffers.prediction is None:
