@@ -78,6 +78,8 @@ class BenchReport:
     schedule_mode: str
     full_ms: float
     reuse_ms: float
+    #: A reuse step reading gates precomputed at start(); None without a gate table.
+    gated_reuse_ms: float | None = None
     intervals: list[IntervalResult] = field(default_factory=list)
     eager: EagerBaseline | None = None
 
@@ -141,16 +143,35 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
     return statistics.median(times)
 
 
+def _median_gated_reuse_ms(session: ForaSession, batch: int, inputs: dict[str, Any], runs: int) -> float:
+    """Median latency of reuse steps that read the gate table (one full step, then ``runs``
+    reuse steps of one generation, each timed alone)."""
+    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
+    timesteps = np.linspace(999, 0, runs + 1)
+    generation = session.start(
+        runs + 1, batch, schedule=CacheSchedule.explicit([0]), timesteps=timesteps, **conditioning
+    )
+    _synchronize(generation.step(inputs["latents"]))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _synchronize(generation.step(inputs["latents"]))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def _generation_ms(
     session: ForaSession, schedule: CacheSchedule, steps: int, batch: int, inputs: dict[str, Any]
 ) -> float:
+    """One whole generation, timesteps and conditioning given up front (so builds with a
+    gate table compute it inside the timed region, once)."""
     latents = inputs["latents"].clone() if hasattr(inputs["latents"], "clone") else inputs["latents"].copy()
     conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
     timesteps = np.linspace(999, 0, steps)
     start = time.perf_counter()
-    generation = session.start(steps, batch, schedule=schedule)
-    for t in timesteps:
-        output = generation.step(latents, float(t), **conditioning)
+    generation = session.start(steps, batch, schedule=schedule, timesteps=timesteps, **conditioning)
+    for _ in range(steps):
+        output = generation.step(latents)
         latents -= 0.01 * output[:, : latents.shape[1]]
     _synchronize(latents)
     return (time.perf_counter() - start) * 1e3
@@ -268,6 +289,10 @@ def bench(
         _synchronize(warm)  # queued warm-up work must not land in the first timed step
         full_ms = _median_step_ms(session, "full", batch, inputs, step_runs)
         reuse_ms = _median_step_ms(session, "reuse", batch, inputs, step_runs)
+        gated_reuse_ms = None
+        if session.backend.gate_table_enabled:
+            _median_gated_reuse_ms(session, batch, inputs, 2)  # warm-up (first runs allocate)
+            gated_reuse_ms = _median_gated_reuse_ms(session, batch, inputs, step_runs)
         runs: dict[int, list[float]] = {n: [] for n in schedules}
         for _ in range(repeats):
             for n, schedule in schedules.items():
@@ -283,6 +308,7 @@ def bench(
         schedule_mode=plan.schedule_mode,
         full_ms=full_ms,
         reuse_ms=reuse_ms,
+        gated_reuse_ms=gated_reuse_ms,
         eager=eager,
     )
     baseline = statistics.median(runs[1])

@@ -47,7 +47,8 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
     if trajectory:
         console.print(
             f"Trajectory ({trajectory.scheduler}, {trajectory.steps} steps, batch {trajectory.batch_size}, "
-            f"{trajectory.schedule}, {trajectory.num_full} full): runtime vs PyTorch FORA rel. L2 "
+            f"{trajectory.schedule}, {trajectory.num_full} full"
+            f"{', gate table' if trajectory.gate_table else ''}): runtime vs PyTorch FORA rel. L2 "
             f"{trajectory.runtime_vs_fora_rel_l2:.2e} (allowed {trajectory.tolerance:g}) "
             f"{_verdict(trajectory.passed)}"
         )
@@ -103,6 +104,12 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
         f"step latency (median): full {report.full_ms:.2f} ms, reuse {report.reuse_ms:.2f} ms "
         f"(reuse = {100 * report.reuse_to_full:.1f}% of full)"
     )
+    if report.gated_reuse_ms is not None:
+        console.print(
+            f"reuse with the gate table (gates computed once per generation): "
+            f"{report.gated_reuse_ms:.3f} ms ({100 * report.gated_reuse_ms / report.full_ms:.1f}% of full); "
+            "the end-to-end runs below use it"
+        )
     table = Table(title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule)")
     columns = ["N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"]
     if report.eager:

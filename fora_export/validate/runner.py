@@ -86,6 +86,8 @@ class TrajectoryResult:
     tolerance: float
     fora_vs_nocache_rel_l2: float
     final_nonfinite: bool
+    #: Whether the runtime's reuse steps read gates precomputed at start().
+    gate_table: bool = False
 
     @property
     def passed(self) -> bool:
@@ -193,8 +195,34 @@ def validate_graphs(
             cases.append(
                 GraphCase("reuse", batch, reuse_t, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
             )
+            if session.backend.gate_table_enabled:
+                gated_pred = _gated_reuse_step(session, feed(inputs), batch, (cache_t, reuse_t))
+                cases.append(
+                    GraphCase(
+                        "reuse_gated",
+                        batch,
+                        reuse_t,
+                        [compare("prediction", gated_pred, ref_reuse, tolerance)],
+                    )
+                )
             log.debug("graphs: batch %d t=%d done", batch, timestep)
     return cases
+
+
+def _gated_reuse_step(
+    session: ForaSession, inputs: dict[str, Any], batch: int, timesteps: tuple[int, int]
+) -> Any:
+    """The reuse prediction of a two-step generation (full at ``timesteps[0]``, reuse at
+    ``timesteps[1]``) whose gates come from the gate table computed at ``start``: the
+    ``gates`` and ``reuse_gated`` graphs together, through the session as users run them."""
+    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
+    generation = session.start(
+        2, batch, schedule=CacheSchedule.explicit([0]), timesteps=list(timesteps), **conditioning
+    )
+    if not generation.uses_gate_table:
+        raise ConfigError("validate | the session did not use its gate table | report this bug")
+    generation.step(inputs["latents"])
+    return generation.step(inputs["latents"])
 
 
 def make_scheduler(name: str, steps: int) -> Any:
@@ -253,7 +281,12 @@ def validate_trajectory(
             **conditioning,
         }
 
-    generation = session.start(steps, batch_size, schedule=schedule)
+    # With the timesteps given up front, as schedulers allow: builds with gate-table
+    # graphs then precompute every step's gates, the path users get.
+    timesteps = make_scheduler(scheduler, steps).timesteps.numpy()
+    generation = session.start(
+        steps, batch_size, schedule=schedule, timesteps=timesteps, **feed(conditioning)
+    )
 
     def runtime_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> Any:
         fed = feed(step_inputs(latents, t))
@@ -286,6 +319,7 @@ def validate_trajectory(
         tolerance=TRAJECTORY_TOLERANCES[manifest.precision],
         fora_vs_nocache_rel_l2=relative_l2(final_fora, final_nocache),
         final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
+        gate_table=generation.uses_gate_table,
     )
 
 

@@ -285,10 +285,13 @@ class PlannedInputs:
 
         if timestep is not None and host_like(timestep):
             got = np.asarray(_host(timestep), dtype="float32")
-            if not np.array_equal(np.broadcast_to(got, self.timesteps[step].shape), self.timesteps[step]):
-                return (
-                    f"timestep {got.tolist()} at step {step}, start() planned {self.timesteps[step].tolist()}"
-                )
+            planned = self.timesteps[step]
+            try:  # a number and one per sample both match when the values agree
+                same = bool(np.all(np.equal(*np.broadcast_arrays(got, planned))))
+            except ValueError:
+                same = False
+            if not same:
+                return f"timestep {got.tolist()} at step {step}, start() planned {planned.tolist()}"
         for name, value in conditioning.items():
             if name in self.host and host_like(value) and not np.array_equal(_host(value), self.host[name]):
                 return f"'{name}' differs from the one given to start()"
