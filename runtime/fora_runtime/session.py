@@ -267,10 +267,12 @@ class PlannedInputs:
 
         steps = self.timesteps.shape[0]
         timestep = np.broadcast_to(self.timesteps.reshape(steps, -1), (steps, batch_size)).reshape(-1)
-        rows = {"timestep": np.ascontiguousarray(timestep)}
+        # Copies: broadcast views are read-only, and backends may wrap rows without copying.
+        rows = {"timestep": np.array(timestep, copy=True)}
         for name, value in self.host.items():
-            rows[name] = np.ascontiguousarray(
-                np.broadcast_to(value[None], (steps, *value.shape)).reshape(-1, *value.shape[1:])
+            rows[name] = np.array(
+                np.broadcast_to(value[None], (steps, *value.shape)).reshape(-1, *value.shape[1:]),
+                copy=True,
             )
         return rows
 

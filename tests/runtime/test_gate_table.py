@@ -1,0 +1,241 @@
+"""Gate tables: a generation whose timesteps are known computes every step's gates at
+``start`` (the ``gates`` graph) and its reuse steps only read caches (``reuse_gated``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fora_export.adapters.dit import DiTGatedReuseStep, DiTGateTable
+from fora_export.adapters.registry import adapter_for
+from fora_export.build.config import BuildConfig
+from fora_export.build.pipeline import build
+from fora_export.demo import make_demo_dit
+from fora_export.split.graphs import split_model
+from fora_runtime import ForaSession, InputError, ManifestError, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, BatchRange
+from fora_runtime.schedule import CacheSchedule
+from tests.conftest import OTHER_DIT, TINY_DIT
+
+NAMES = ("latents", "timestep", "class_labels")
+STEPS = 7
+BATCH = 2
+TIMESTEPS = np.linspace(999, 0, STEPS).astype(np.float32)
+LABELS = np.array([3, 7], dtype=np.int64)
+BACKENDS = ["onnxruntime", "torch"]
+
+
+@pytest.fixture(scope="module")
+def gated_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) -> Path:
+    """The tiny DiT built with ONNX graphs and torch programs (both with gate tables)."""
+    out = tmp_path_factory.mktemp("gated") / "tiny"
+    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu")
+    build(str(tiny_dit_dir), out, config, progress=False)
+    return out
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    return value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def generate(
+    session: ForaSession, *, up_front: bool, per_sample: bool = False
+) -> tuple[list[np.ndarray], bool]:
+    """Predictions of one generation (latents moved a little each step, as in sampling)."""
+    latents = np.random.default_rng(0).standard_normal((BATCH, 4, 8, 8)).astype(np.float32)
+    timesteps = np.repeat(TIMESTEPS[:, None], BATCH, axis=1) if per_sample else TIMESTEPS
+    if up_front:
+        gen = session.start(STEPS, BATCH, timesteps=timesteps, class_labels=LABELS)
+    else:
+        gen = session.start(STEPS, BATCH)
+    outputs = []
+    for t in timesteps:
+        out = to_numpy(gen.step(latents) if up_front else gen.step(latents, t, class_labels=LABELS))
+        outputs.append(out)
+        latents = latents - 0.05 * out[:, :4]
+    return outputs, gen.uses_gate_table
+
+
+def test_dit_gated_modules_equal_the_lean_reuse_step() -> None:
+    for config in (TINY_DIT, OTHER_DIT):
+        model = make_demo_dit(config)
+        adapter = adapter_for(model)
+        split = split_model(adapter, NAMES)
+        lean = adapter.lean_reuse_graph(NAMES, split.cache_names)
+        inputs = adapter.random_inputs(
+            3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(1)
+        )
+        with torch.no_grad():
+            _, caches = split.run_full(inputs)
+            cache_args = [caches[n] for n in split.cache_names]
+            table = DiTGateTable(model)(inputs["timestep"], inputs["class_labels"])
+            gated = DiTGatedReuseStep(model)(inputs["latents"], table, *cache_args)
+            expected = lean(*(inputs[n] for n in NAMES), *cache_args)
+        # Two gates per block, then the final shift and scale.
+        assert table.shape == (3, 2 * config["num_layers"] + 2, model.inner_dim)
+        torch.testing.assert_close(gated, expected, atol=0, rtol=0)
+
+
+def test_build_writes_gate_table_graphs_and_programs(gated_engine: Path) -> None:
+    manifest = load_manifest(gated_engine)
+    assert manifest.gate_rows == BatchRange(1, 512, 16384)
+    assert set(manifest.graphs) == {"full", "reuse", "gates", "reuse_gated"}
+    assert [t.name for t in manifest.graphs["gates"].inputs] == ["timestep", "class_labels"]
+    assert set(manifest.backends["torch"]["programs"]) == {"full", "reuse", "gates", "reuse_gated"}
+    assert {"gates.onnx", "reuse_gated.onnx", "gates.pt2", "reuse_gated.pt2"} <= set(manifest.files)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_table_generation_equals_per_step_gates(gated_engine: Path, backend: str) -> None:
+    with ForaSession(gated_engine, backend=backend) as session:
+        per_step, used_per_step = generate(session, up_front=False)
+        gated, used_table = generate(session, up_front=True)
+        per_sample, _ = generate(session, up_front=True, per_sample=True)
+    assert not used_per_step and used_table
+    # Same fp32 arithmetic in another grouping (one GEMM over all rows): ~1e-6.
+    for want, got, got_per_sample in zip(per_step, gated, per_sample, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got_per_sample, got, atol=1e-5, rtol=0)
+
+
+def test_gate_table_can_be_switched_off(gated_engine: Path) -> None:
+    with ForaSession(gated_engine, gate_table=False) as session:
+        _, used = generate(session, up_front=True)
+    assert not used
+
+
+def test_gate_table_in_several_calls_equals_one(gated_engine: Path) -> None:
+    with ForaSession(gated_engine) as session:
+        rows = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH).rows(BATCH)
+        whole = session.backend.gate_table(rows)
+        small = dataclasses.replace(session.manifest, gate_rows=BatchRange(1, 1, 3))
+        session.backend.manifest = small  # 14 rows in calls of at most 3
+        parts = session.backend.gate_table(rows)
+    assert parts.shape == whole.shape == (STEPS * BATCH, 6, 16)
+    np.testing.assert_allclose(parts, whole, atol=1e-6, rtol=0)
+
+
+def test_validate_checks_the_gated_reuse_step(gated_engine: Path) -> None:
+    from fora_export.validate.runner import validate
+
+    for backend in BACKENDS:
+        report = validate(gated_engine, backend=backend, steps=6, batch_sizes=[1, 2])
+        roles = {case.role for case in report.graph_cases}
+        assert roles == {"full", "reuse", "reuse_gated"}
+        assert report.trajectory is not None and report.trajectory.gate_table
+        assert report.passed, report.to_dict()
+
+
+# -- what a caller gets wrong --------------------------------------------------------
+
+
+def test_steps_may_omit_planned_inputs_but_not_change_them(gated_engine: Path) -> None:
+    latents = np.zeros((BATCH, 4, 8, 8), np.float32)
+    with ForaSession(gated_engine) as session:
+        gen = session.start(STEPS, BATCH, timesteps=TIMESTEPS, class_labels=LABELS)
+        gen.step(latents, float(TIMESTEPS[0]), class_labels=LABELS)  # the same values are fine
+        with pytest.raises(InputError, match=r"timestep \[5\.0\] at step 1, start\(\) planned"):
+            gen.step(latents, np.array([5.0]))
+        with pytest.raises(InputError, match="'class_labels' differs from the one given to start"):
+            gen.step(latents, class_labels=LABELS + 1)
+        assert gen.step_index == 1  # refused steps did not advance
+        plain = session.start(STEPS, BATCH)
+        with pytest.raises(InputError, match=re.escape("Input 'timestep' | missing")):
+            plain.step(latents)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_labels": LABELS}, "without timesteps"),
+        ({"timesteps": TIMESTEPS}, r"pass all of \['class_labels'\]"),
+        (
+            {"timesteps": TIMESTEPS[:3], "class_labels": LABELS},
+            r"got shape \[3\] \| expected \[7\] or \[7, 2\]",
+        ),
+        (
+            {"timesteps": TIMESTEPS, "class_labels": LABELS[:1]},
+            r"'class_labels' \| got shape \[1\], expected \[2\]",
+        ),
+        ({"timesteps": TIMESTEPS, "class_labels": np.array([3, 99])}, r"values 3\.\.99 outside \[0, 10\]"),
+        ({"timesteps": ["a"] * STEPS, "class_labels": LABELS}, "expected numbers"),
+    ],
+)
+def test_start_rejects_bad_planned_inputs(gated_engine: Path, kwargs: dict[str, Any], message: str) -> None:
+    with ForaSession(gated_engine) as session, pytest.raises(InputError, match=message):
+        session.start(STEPS, BATCH, **kwargs)
+
+
+def test_builds_without_gate_table_take_timesteps_up_front(tmp_path: Path, tiny_dit_dir: Path) -> None:
+    out = tmp_path / "plain"
+    build(
+        str(tiny_dit_dir), out, BuildConfig.from_options(batch="1:2:4", reuse_graph="plain"), progress=False
+    )
+    manifest = load_manifest(out)
+    assert not manifest.has_gate_table and "gates" not in manifest.graphs
+    with ForaSession(out) as session:
+        per_step, _ = generate(session, up_front=False)
+        planned, used = generate(session, up_front=True)
+    assert not used
+    for want, got in zip(per_step, planned, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("broken", ["no gate_rows", "no gates graph", "table mismatch"])
+def test_manifest_refuses_half_a_gate_table(gated_engine: Path, tmp_path: Path, broken: str) -> None:
+    folder = tmp_path / "engine"
+    shutil.copytree(gated_engine, folder)
+    path = folder / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    if broken == "no gate_rows":
+        data["gate_rows"] = None
+    elif broken == "no gates graph":
+        del data["graphs"]["gates"]
+    else:
+        data["graphs"]["reuse_gated"]["inputs"][1]["shape"][1] = 5
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"gate-table graphs|gate_rows|reuse_gated input 'gates'"):
+        load_manifest(folder, verify_files=False)
+
+
+def test_explicit_schedule_reuse_reads_its_own_row(gated_engine: Path) -> None:
+    """Row ``index * batch``: a reuse step at step 3 must use step 3's gates, not step 1's."""
+    latents = np.random.default_rng(2).standard_normal((BATCH, 4, 8, 8)).astype(np.float32)
+    with ForaSession(gated_engine) as session:
+        gen = session.start(
+            4, BATCH, schedule=CacheSchedule.explicit([0]), timesteps=TIMESTEPS[:4], class_labels=LABELS
+        )
+        gated = [to_numpy(gen.step(latents)) for _ in range(4)]
+        gen = session.start(4, BATCH, schedule=CacheSchedule.explicit([0]))
+        per_step = [to_numpy(gen.step(latents, t, class_labels=LABELS)) for t in TIMESTEPS[:4]]
+    for want, got in zip(per_step, gated, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.abs(gated[3] - gated[1]).max() > 1e-3  # the rows differ, so the check can fail
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphed_gate_table_equals_per_step_gates(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cuda"
+    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cuda")
+    build(str(tiny_dit_dir), out, config, progress=False)
+    with ForaSession(out, backend="torch") as session:
+        assert session.backend.uses_cuda_graphs  # type: ignore[attr-defined]
+        per_step, _ = generate(session, up_front=False)
+        gated, used = generate(session, up_front=True)
+    assert used
+    for want, got in zip(per_step, gated, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
