@@ -6,14 +6,17 @@ modules, captures each variant in a CUDA graph and times its replays in one run:
 - ``full``: the diffusers model's forward (what a full step costs);
 - ``lean reuse``: :class:`DiTLeanReuseStep` (gate table + residual sum + final layer);
 - ``gated reuse``: :class:`DiTGatedReuseStep` (the table row given: only reads caches);
-- the same two through ``torch.compile`` (inductor fuses the residual chain);
-- ``gate table``: one step's table, and every step's of a generation at once.
+- ``gate table``: one step's table, and every step's of a generation at once;
+- the weighted residual sum alone and the gated reuse step with other sums: the
+  chain of multiply-adds the graphs use, ``addcmul``, one product-and-sum over the
+  caches stacked in one tensor, and a Triton kernel summing 8 caches per launch;
+- with ``--compile``: the gated and lean steps through ``torch.compile``.
 
 Then a kernel profile of the eager lean reuse step. Ratios are to ``full`` in the
 same run. This is a developer probe for the GPU machine, not a product benchmark
 (``fora-export bench`` is that).
 
-    python tools/reuse_variants.py [--batch 2] [--steps 250] [--no-compile] [--small]
+    python tools/reuse_variants.py [--batch 2] [--steps 250] [--compile] [--small]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fora_export.adapters.dit import DiTGatedReuseStep, DiTGateTable, DiTLeanReuseStep
+from fora_export.adapters.dit import DiTGatedResidual, DiTGatedReuseStep, DiTGateTable, DiTLeanReuseStep
 from fora_export.adapters.registry import adapter_for
 from fora_export.demo import make_demo_dit, make_demo_dit_xl
 from fora_export.split.graphs import split_model
@@ -70,12 +73,155 @@ def eager_ms(fn: Callable[..., Any], args: tuple[Any, ...], iters: int) -> float
     return (time.perf_counter() - begin) * 1e3 / iters
 
 
+WeightedSum = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+def chain_sum(hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    for index, cache in enumerate(caches):
+        hidden = gates[:, index].unsqueeze(1) * cache + hidden
+    return hidden
+
+
+def addcmul_sum(hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    for index, cache in enumerate(caches):
+        hidden = torch.addcmul(hidden, gates[:, index].unsqueeze(1), cache)
+    return hidden
+
+
+def stacked_sum(hidden: torch.Tensor, gates: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked``: the caches as one [n, B, T, D] tensor (as if the full step wrote them so)."""
+    weights = gates[:, : stacked.shape[0]].transpose(0, 1).unsqueeze(2)  # [n, B, 1, D]
+    return hidden + (weights * stacked).sum(0)
+
+
+def make_triton_sum() -> WeightedSum:
+    """A Triton kernel adding ``gate * cache`` of up to 8 caches per launch (fp32 sums)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gated_sum8(
+        acc_ptr, gates_ptr, c0, c1, c2, c3, c4, c5, c6, c7,
+        numel, sample_size, dim, gates_stride, first,
+        COUNT: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = gates_ptr + (offs // sample_size) * gates_stride + first * dim + offs % dim
+        acc = tl.load(acc_ptr + offs, mask=mask).to(tl.float32)
+        acc += tl.load(g, mask=mask).to(tl.float32) * tl.load(c0 + offs, mask=mask).to(tl.float32)
+        if COUNT > 1:
+            acc += tl.load(g + dim, mask=mask).to(tl.float32) * tl.load(c1 + offs, mask=mask).to(tl.float32)
+        if COUNT > 2:
+            acc += tl.load(g + 2 * dim, mask=mask).to(tl.float32) * tl.load(c2 + offs, mask=mask).to(
+                tl.float32
+            )
+        if COUNT > 3:
+            acc += tl.load(g + 3 * dim, mask=mask).to(tl.float32) * tl.load(c3 + offs, mask=mask).to(
+                tl.float32
+            )
+        if COUNT > 4:
+            acc += tl.load(g + 4 * dim, mask=mask).to(tl.float32) * tl.load(c4 + offs, mask=mask).to(
+                tl.float32
+            )
+        if COUNT > 5:
+            acc += tl.load(g + 5 * dim, mask=mask).to(tl.float32) * tl.load(c5 + offs, mask=mask).to(
+                tl.float32
+            )
+        if COUNT > 6:
+            acc += tl.load(g + 6 * dim, mask=mask).to(tl.float32) * tl.load(c6 + offs, mask=mask).to(
+                tl.float32
+            )
+        if COUNT > 7:
+            acc += tl.load(g + 7 * dim, mask=mask).to(tl.float32) * tl.load(c7 + offs, mask=mask).to(
+                tl.float32
+            )
+        tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=mask)
+
+    def triton_sum(
+        hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        out = hidden.contiguous().clone()
+        gates = gates.contiguous()
+        numel, block = out.numel(), 1024
+        grid = (triton.cdiv(numel, block),)
+        for first in range(0, len(caches), 8):
+            group = list(caches[first : first + 8])
+            count = len(group)
+            group += [group[0]] * (8 - count)
+            gated_sum8[grid](
+                out, gates, *group, numel, out.shape[1] * out.shape[2], out.shape[2], gates.stride(0), first,
+                COUNT=count, BLOCK=block,
+            )  # fmt: skip
+        return out
+
+    return triton_sum
+
+
+def residual_with(
+    residual: DiTGatedResidual, weighted_sum: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """:class:`DiTGatedResidual`'s forward with another weighted sum (same final layer)."""
+
+    def run(latents: torch.Tensor, gates: torch.Tensor, caches: Any, count: int) -> torch.Tensor:
+        patch = residual.patch_size
+        height, width = latents.shape[-2] // patch, latents.shape[-1] // patch
+        hidden = weighted_sum(residual.pos_embed(latents), gates, caches)
+        shift, scale = gates[:, count], gates[:, count + 1]
+        hidden = residual.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
+        hidden = residual.proj_out_2(hidden)
+        hidden = hidden.reshape(-1, height, width, patch, patch, residual.out_channels)
+        hidden = hidden.permute(0, 5, 1, 3, 2, 4)
+        return hidden.reshape(-1, residual.out_channels, height * patch, width * patch)
+
+    return run
+
+
+def sum_variants(
+    residual: DiTGatedResidual,
+    latents: torch.Tensor,
+    gates: torch.Tensor,
+    caches: tuple[torch.Tensor, ...],
+    iters: int,
+    on_gpu: bool,
+) -> list[tuple[str, float, str]]:
+    """The weighted sum alone and inside the gated reuse step, per implementation."""
+    count = len(caches)
+    hidden = residual.pos_embed(latents)
+    stacked = torch.stack(caches)
+    reference = residual_with(residual, chain_sum)(latents, gates, caches, count)
+    sums: dict[str, tuple[Callable[..., torch.Tensor], Any]] = {
+        "chain": (chain_sum, caches),
+        "addcmul": (addcmul_sum, caches),
+        "stacked": (stacked_sum, stacked),
+    }
+    if on_gpu:
+        try:
+            sums["triton x8"] = (make_triton_sum(), caches)
+        except Exception as err:  # report and go on: this is a probe
+            print(f"triton sum unavailable: {type(err).__name__}: {err}")
+    results = [("stack caches (full-step cost)", graphed_ms(lambda *c: torch.stack(c), caches, iters), "")]
+    for name, (weighted_sum, cache_arg) in sums.items():
+        try:
+            alone = graphed_ms(weighted_sum, (hidden, gates, cache_arg), iters)
+            step = residual_with(residual, weighted_sum)
+            ms = graphed_ms(step, (latents, gates, cache_arg, count), iters)
+            error = (step(latents, gates, cache_arg, count).float() - reference.float()).abs().max().item()
+            results.append((f"sum only: {name}", alone, ""))
+            results.append((f"gated reuse, sum {name}", ms, f"max abs diff to chain {error:.1e}"))
+        except Exception as err:  # report and go on: this is a probe
+            results.append(
+                (f"gated reuse, sum {name}", float("nan"), f"failed: {type(err).__name__}: {err}"[:200])
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=250, help="steps of a generation (gate table)")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variants")
     parser.add_argument("--small", action="store_true", help="the small demo-dit instead of DiT-XL/2")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -127,7 +273,8 @@ def main() -> None:
         )
         reference_gated = gated(latents, gates, *caches)
         reference_lean = lean(latents, timestep, labels, *caches)
-        if not args.no_compile:
+        results += sum_variants(DiTGatedResidual(model), latents, gates, caches, args.iters, on_gpu)
+        if args.compile:
             for name, module, inputs, reference in (
                 ("gated reuse, compiled", gated, (latents, gates, *caches), reference_gated),
                 ("lean reuse, compiled", lean, (latents, timestep, labels, *caches), reference_lean),
