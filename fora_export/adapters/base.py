@@ -8,6 +8,8 @@ adapter file; nothing else branches on the family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -48,6 +50,21 @@ class AdapterOptions:
         return cls(
             cache=tuple(cache) if cache is not None else None, caption_length=data.get("caption_length")
         )
+
+
+@contextmanager
+def torch_program_ops(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, submodules with a ``torch_program`` flag compute as torch programs
+    should: through custom ops the runtime registers (fused kernels), where ONNX graphs
+    spell the same arithmetic out in standard operators."""
+    flagged = [m for module in modules for m in module.modules() if hasattr(m, "torch_program")]
+    for sub in flagged:
+        setattr(sub, "torch_program", True)  # noqa: B010 - a flag some modules define
+    try:
+        yield
+    finally:
+        for sub in flagged:
+            setattr(sub, "torch_program", False)  # noqa: B010
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fora_export.adapters.base import (
 )
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
+from fora_runtime.backends.torch_ops import gated_residual_sum_op
 from fora_runtime.manifest import BATCH_AXIS, TensorSpec
 
 
@@ -222,6 +223,9 @@ class DiTGatedResidual(nn.Module):
 
     def __init__(self, model: Any) -> None:
         super().__init__()
+        #: Set while exporting torch programs (see :func:`torch_program_ops`): the sum is then
+        #: one ``fora::gated_residual_sum`` op, fused into one kernel per 8 caches on CUDA.
+        self.torch_program = False
         self.pos_embed = model.pos_embed
         self.norm_out = model.norm_out
         self.proj_out_2 = model.proj_out_2
@@ -236,8 +240,11 @@ class DiTGatedResidual(nn.Module):
         # The weighted residual sum: each cache is read once, in the blocks' order of
         # addition; TensorRT fuses the chain into one pointwise kernel. (Not addcmul: its
         # ONNX export computes in fp32 and would change the graph's output type.)
-        for index, cache in enumerate(caches):
-            hidden = gates[:, index].unsqueeze(1) * cache + hidden
+        if self.torch_program:
+            hidden = gated_residual_sum_op(torch)(hidden, gates, list(caches))
+        else:
+            for index, cache in enumerate(caches):
+                hidden = gates[:, index].unsqueeze(1) * cache + hidden
         shift, scale = gates[:, len(caches)], gates[:, len(caches) + 1]
         hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
         hidden = self.proj_out_2(hidden)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import fora_export
-from fora_export.adapters.base import DTYPE_NAMES, GateTableGraphs
+from fora_export.adapters.base import DTYPE_NAMES, GateTableGraphs, torch_program_ops
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.build import tensorrt as trt_build
@@ -324,12 +324,25 @@ def _export_torch_programs(
     config: BuildConfig,
 ) -> dict[str, object]:
     """Trace the step graphs as torch.export programs (on the example's device)."""
-    from fora_export.export.torch_program import (
-        GATE_PROGRAM_FILES,
-        PROGRAM_FILES,
-        export_program,
-        torch_manifest_record,
-    )
+    from fora_export.export.torch_program import torch_manifest_record
+
+    # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
+    gated = (gate_graphs.gated_reuse,) if gate_graphs is not None else ()
+    with torch_program_ops(reuse_module, *gated):
+        _trace_programs(split, reuse_module, gate_graphs, example, caches, folder, config)
+    return torch_manifest_record(folder)
+
+
+def _trace_programs(
+    split: SplitModel,
+    reuse_module: torch.nn.Module,
+    gate_graphs: GateTableGraphs | None,
+    example: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
+    folder: Path,
+    config: BuildConfig,
+) -> None:
+    from fora_export.export.torch_program import GATE_PROGRAM_FILES, PROGRAM_FILES, export_program
 
     names = list(split.input_names)
     export_program(
@@ -366,7 +379,6 @@ def _export_torch_programs(
             input_names=["latents", GATES_NAME, *split.cache_names],
             output_names=[PREDICTION],
         )
-    return torch_manifest_record(folder)
 
 
 def _torch_device(requested: str) -> str:

@@ -43,7 +43,7 @@ def test_build_validate_bench(tiny_dit_dir: Path, tmp_path: Path) -> None:
     report = json.loads(stdout)
     assert report["passed"] is True
     assert report["trajectory"]["runtime_vs_fora_rel_l2"] <= 1e-4
-    assert {g["role"] for g in report["graphs"]} == {"full", "reuse"}
+    assert {g["role"] for g in report["graphs"]} == {"full", "reuse", "reuse_gated"}
 
     code, stdout, _ = invoke(
         "bench", str(out), "--steps", "6", "--intervals", "1,3", "--repeats", "1", "--json"

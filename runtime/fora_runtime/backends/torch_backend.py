@@ -55,6 +55,7 @@ from typing import Any
 from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
+from fora_runtime.backends.torch_ops import gated_residual_sum_op
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import GATES_NAME, MANIFEST_NAME, Manifest
@@ -148,6 +149,8 @@ class TorchBackend(TorchTensorIO):
         self._torch = torch
         self.device = self._resolve_device(torch, str(record["device"]))
         self._check_io(record)
+        # Reuse programs call fora's custom ops: they must exist before a program loads.
+        gated_residual_sum_op(torch)
         programs: dict[str, Any] = {}
         for role in ROLES + (GATE_ROLES if self._has_gate_programs else ()):
             programs[role] = self._load(torch, record, role)
