@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 GRAPH_FILES = {"full": "full.onnx", "reuse": "reuse.onnx"}
 GATE_GRAPH_FILES = {"gates": "gates.onnx", "reuse_gated": "reuse_gated.onnx"}
 #: Rows (steps x samples) one call of the gates graph takes; the runtime splits longer
-#: generations into calls of at most ``max`` rows.
-GATE_ROWS = BatchRange(min=1, opt=512, max=16384)
+#: generations into calls of at most ``max`` rows (a TensorRT engine's activation memory
+#: grows with its profile's largest shape; calls are once per generation, so few is enough).
+GATE_ROWS = BatchRange(min=1, opt=256, max=1024)
 PREDICTION = "prediction"
 
 
@@ -212,10 +213,15 @@ def export_folder(
             )
         if with_tensorrt:
             stages.stage("building TensorRT engines")
-            # The TensorRT backend runs full and reuse only (it has no gate-table path yet).
-            step_graphs = {role: graphs[role] for role in GRAPH_FILES}
-            trt_build.build_engines(folder, step_graphs, batch, config.tensorrt)
-            backends["tensorrt"] = trt_build.tensorrt_record(folder, batch, config.tensorrt)
+            engines = dict(trt_build.ENGINE_FILES)
+            profiles = {}
+            if gate_graphs is not None:
+                engines.update(trt_build.GATE_ENGINE_FILES)
+                profiles["gates"] = GATE_ROWS
+            trt_build.build_engines(
+                folder, graphs, batch, config.tensorrt, engines=engines, profiles=profiles
+            )
+            backends["tensorrt"] = trt_build.tensorrt_record(folder, batch, config.tensorrt, engines=engines)
         stages.stage("writing manifest")
         manifest = Manifest(
             model_class=type(adapter.model).__name__,

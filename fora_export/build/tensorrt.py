@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_FILES: dict[str, str] = {"full": "full.plan", "reuse": "reuse.plan"}
+#: Engines of builds with gate-table graphs (the ``gates`` engine's profile is the
+#: manifest's ``gate_rows``, not its batch range).
+GATE_ENGINE_FILES: dict[str, str] = {"gates": "gates.plan", "reuse_gated": "reuse_gated.plan"}
 TIMING_CACHE_FILE = "timing.cache"
 MAX_OPT_LEVEL = 5  # builder_optimization_level accepts 0..5 in TensorRT 10.x and 11.x
 
@@ -419,10 +422,13 @@ def build_engines(
     config: TrtBuildConfig | None = None,
     *,
     engines: Mapping[str, str] = ENGINE_FILES,
+    profiles: Mapping[str, BatchRange] | None = None,
 ) -> dict[str, Path]:
-    """Build ``full.plan`` and ``reuse.plan`` in ``folder`` from the graphs' ONNX files.
+    """Build ``full.plan`` and ``reuse.plan`` (or the roles of ``engines``) in ``folder``
+    from the graphs' ONNX files, each with the batch profile ``batch`` unless
+    ``profiles`` gives its role another range.
 
-    Both builds share ``folder/timing.cache`` (created, or reused when present).
+    All builds share ``folder/timing.cache`` (created, or reused when present).
     Returns role -> engine path.
     """
     folder = Path(folder)
@@ -432,7 +438,8 @@ def build_engines(
         if role not in graphs:
             raise BuildError(f"{folder} | no '{role}' graph in the manifest | expected {sorted(graphs)}")
         graph = graphs[role]
-        built[role] = build_engine(folder / graph.file, graph.inputs, batch, cache, folder / file, config)
+        profile = (profiles or {}).get(role, batch)
+        built[role] = build_engine(folder / graph.file, graph.inputs, profile, cache, folder / file, config)
     return built
 
 

@@ -22,6 +22,7 @@ from fora_export.build.config import BuildConfig
 from fora_export.build.pipeline import build
 from fora_export.build.tensorrt import (
     ENGINE_FILES,
+    GATE_ENGINE_FILES,
     TIMING_CACHE_FILE,
     TrtBuildConfig,
     build_engine,
@@ -249,8 +250,9 @@ def test_engines_and_record_are_written(engine_folder: tuple[Path, str]) -> None
     assert record["tensorrt_version"] == tensorrt.__version__
     assert record["compute_capability"] == f"{major}.{minor}"
     assert record["profile"] == {"min": 1, "opt": 2, "max": 4}
-    assert record["engines"] == ENGINE_FILES
-    for file in ENGINE_FILES.values():
+    # DiT builds have gate-table graphs: their engines come along, gates with its rows profile.
+    assert record["engines"] == {**ENGINE_FILES, **GATE_ENGINE_FILES}
+    for file in record["engines"].values():
         assert record["sha256"][file] == manifest.files[file]["sha256"]
     assert (folder / TIMING_CACHE_FILE).stat().st_size > 0
 

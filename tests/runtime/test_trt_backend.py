@@ -129,6 +129,18 @@ def test_build_record_mismatches_are_refused() -> None:
             running_capability="9.0",
             where=where,
         )
+    # Gate-table engines come both or not at all.
+    gated = {**record["engines"], "gates": "gates.plan", "reuse_gated": "reuse_gated.plan"}
+    assert check_build_record(
+        {**record, "engines": gated}, running_version="10.13.0.35", running_capability="9.0", where=where
+    )
+    with pytest.raises(BackendError, match=r"optionally \['gates', 'reuse_gated'\]"):
+        check_build_record(
+            {**record, "engines": {**record["engines"], "gates": "gates.plan"}},
+            running_version="10.13.0.35",
+            running_capability="9.0",
+            where=where,
+        )
 
 
 def test_activation_refuses_clearly_without_tensorrt_or_gpu(tiny_engine: Path) -> None:
@@ -257,6 +269,22 @@ def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> Non
         assert kinds["prediction"] == "prediction" and kinds["latents"] == "inputs"
         assert kinds["cache.0.ff"] == "caches"
 
+    # Gate-table engines: the gates engine writes the table, reuse_gated reads its row from
+    # a staging buffer.
+    gates = TensorRTBackend(manifest, tiny_engine)._check_io(
+        FAKE_TRT, "gates", engine_like(manifest, "gates"), path
+    )
+    assert {b.name: b.buffer for b in gates} == {
+        "timestep": "inputs",
+        "class_labels": "inputs",
+        "gates": "table",
+    }
+    gated = TensorRTBackend(manifest, tiny_engine)._check_io(
+        FAKE_TRT, "reuse_gated", engine_like(manifest, "reuse_gated"), path
+    )
+    kinds = {b.name: b.buffer for b in gated}
+    assert kinds["gates"] == "inputs" and kinds["latents"] == "inputs" and kinds["cache.1.attn1"] == "caches"
+
     # The reuse graph declares an fp16 prediction, but both engines write the one prediction
     # buffer, allocated from the full graph's fp32 spec.
     (prediction,) = manifest.graphs["reuse"].outputs
@@ -368,3 +396,27 @@ def test_other_tensorrt_version_or_gpu_is_refused(trt_folder: tuple[Path, str], 
     other_gpu = edited_copy(folder, tmp_path / "other-gpu", compute_capability="7.5")
     with pytest.raises(BackendError, match=r"compute capability 7\.5 .* \| rebuild the engines on this GPU"):
         ForaSession(other_gpu, backend="tensorrt").activate()
+
+
+@pytest.mark.tensorrt
+def test_gate_table_generation_matches_onnxruntime(trt_folder: tuple[Path, str]) -> None:
+    """Timesteps given up front: TensorRT's gates + reuse_gated engines against ONNX Runtime's
+    graphs, both through their gate tables (and per-step gates on ONNX Runtime)."""
+    import torch
+
+    folder, precision = trt_folder
+    latents, labels, timesteps = loop_inputs(precision)
+    with (
+        ForaSession(folder, backend="onnxruntime") as ort_session,
+        ForaSession(folder, backend="tensorrt", use_cuda_graphs=True) as trt,
+    ):
+        assert load_manifest(folder).backends["tensorrt"]["engines"]["gates"] == "gates.plan"
+        ort_gen = ort_session.start(NUM_STEPS, BATCH_SIZE, timesteps=timesteps, class_labels=labels)
+        trt_gen = trt.start(NUM_STEPS, BATCH_SIZE, timesteps=timesteps, class_labels=labels)
+        assert ort_gen.uses_gate_table and trt_gen.uses_gate_table
+        for step in range(NUM_STEPS):
+            want = ort_gen.step(latents)
+            got = trt_gen.step(torch.from_numpy(latents).cuda())
+            kind = "full" if ort_gen.plan[step] else "reuse (gate table)"
+            assert_matches(got.float().cpu().numpy(), want, precision, f"step {step} ({kind})")
+            latents = (latents - 0.05 * want[:, :4]).astype(latents.dtype)

@@ -45,7 +45,7 @@ from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import BATCH_AXIS, MANIFEST_NAME, Manifest, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, GATES_NAME, MANIFEST_NAME, Manifest, TensorSpec
 
 if TYPE_CHECKING:
     import tensorrt
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_ROLES = ("full", "reuse")
+#: Engines of builds with gate-table graphs (optional, together).
+GATE_ENGINE_ROLES = ("gates", "reuse_gated")
 TORCH_INSTALL = "pip install torch (a CUDA build)"
 TENSORRT_INSTALL = "pip install tensorrt"
 # device_memory_size_v2 and the two-argument set_device_memory (setDeviceMemoryV2) exist from 10.1.
@@ -132,10 +134,13 @@ def check_build_record(
             f"this GPU has {running_capability} | rebuild the engines on this GPU"
         )
     engines = record["engines"]
-    if not isinstance(engines, dict) or sorted(engines) != sorted(ENGINE_ROLES):
+    if not isinstance(engines, dict) or sorted(engines) not in (
+        sorted(ENGINE_ROLES),
+        sorted(ENGINE_ROLES + GATE_ENGINE_ROLES),
+    ):
         raise BackendError(
             f"{where} | TensorRT record lists engines {engines!r}, expected one per role "
-            f"{list(ENGINE_ROLES)} | rebuild the engines"
+            f"{list(ENGINE_ROLES)} (and optionally {list(GATE_ENGINE_ROLES)}) | rebuild the engines"
         )
     return record
 
@@ -176,6 +181,7 @@ class TensorRTBackend(TorchTensorIO):
     """Runs the full and reuse TensorRT engines of one engine folder on one CUDA device."""
 
     name = "tensorrt"
+    supports_gate_table = True
 
     def __init__(
         self,
@@ -206,6 +212,9 @@ class TensorRTBackend(TorchTensorIO):
         # alive at least as long as its context.
         self._runtime_configs: dict[tuple[str, int], Any] = {}
         self._graphs: dict[tuple[str, int], Any] = {}
+        # The gates engine's context (run per generation on its own rows, not per batch size).
+        self._gates_context: tensorrt.IExecutionContext | None = None
+        self._gates_runtime_config: Any = None
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -216,6 +225,15 @@ class TensorRTBackend(TorchTensorIO):
     @property
     def io_device(self) -> Any:
         return self._device
+
+    @property
+    def gate_table_enabled(self) -> bool:
+        return self.manifest.has_gate_table and "gates" in self._engines
+
+    @property
+    def _step_roles(self) -> tuple[str, ...]:
+        """The engines bound and captured per batch size."""
+        return ENGINE_ROLES + (("reuse_gated",) if self.gate_table_enabled else ())
 
     def _activate_impl(self) -> None:
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
@@ -249,8 +267,11 @@ class TensorRTBackend(TorchTensorIO):
         runtime = trt.Runtime(logger)
         engines: dict[str, tensorrt.ICudaEngine] = {}
         io: dict[str, list[_Binding]] = {}
+        roles: tuple[str, ...] = ENGINE_ROLES
+        if self.manifest.has_gate_table and "gates" in record["engines"]:
+            roles += GATE_ENGINE_ROLES
         with torch.cuda.device(device):
-            for role in ENGINE_ROLES:
+            for role in roles:
                 path = self._engine_path(record, role)
                 engine = runtime.deserialize_cuda_engine(path.read_bytes())
                 if engine is None:
@@ -260,7 +281,7 @@ class TensorRTBackend(TorchTensorIO):
                     )
                 io[role] = self._check_io(trt, role, engine, path)
                 engines[role] = engine
-            # One activation buffer for every context of both engines: they never run concurrently.
+            # One activation buffer for every context of every engine: they never run concurrently.
             size = max(int(engine.device_memory_size_v2) for engine in engines.values())
             activation = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=device)
             _require_aligned(activation, "shared activation buffer")
@@ -271,10 +292,14 @@ class TensorRTBackend(TorchTensorIO):
         self._stream = stream
         self._inputs_ready = torch.cuda.Event()
         self._outputs_ready = torch.cuda.Event()
+        if "gates" in engines:
+            with torch.cuda.device(device):
+                self._gates_context, self._gates_runtime_config = self._create_context("gates")
+                self._gates_context.set_device_memory(self._activation.data_ptr(), self._activation_bytes)
         log.info(
             "TensorRT %s: loaded %s on %s, shared activation buffer %d bytes",
             version,
-            ", ".join(str(record["engines"][role]) for role in ENGINE_ROLES),
+            ", ".join(str(record["engines"][role]) for role in roles),
             gpu,
             self._activation_bytes,
         )
@@ -321,6 +346,9 @@ class TensorRTBackend(TorchTensorIO):
         declared_out = {t.name: t for t in graph.outputs}
         caches = {c.name: c for c in self.manifest.caches}
         staged = {t.name: t for t in self.manifest.graphs["full"].inputs if t.name not in caches}
+        gates = self.manifest.graphs["gates"].outputs[0] if self.manifest.has_gate_table else None
+        if gates is not None:  # reuse_gated reads its table row from a staging buffer
+            staged[GATES_NAME] = gates
         prediction = self.manifest.prediction
         rebuild = "engines and manifest come from different builds; rebuild"
         io: list[_Binding] = []
@@ -340,6 +368,8 @@ class TensorRTBackend(TorchTensorIO):
                 buffer, target, what = "inputs", staged[name], "its staging buffer (the full graph's input)"
             elif not is_input and name == prediction.name:
                 buffer, target, what = "prediction", prediction, "the prediction buffer (the full graph's)"
+            elif not is_input and role == "gates" and gates is not None and name == GATES_NAME:
+                buffer, target, what = "table", gates, "the gate table (the gates graph's output)"
             elif is_input:
                 raise BackendError(
                     f"{path} | input '{name}' is neither a step input of the full graph nor a cache "
@@ -390,6 +420,7 @@ class TensorRTBackend(TorchTensorIO):
         self._graphs.clear()
         self._contexts.clear()
         self._runtime_configs.clear()
+        self._gates_context = self._gates_runtime_config = None
         self._engines.clear()
         self._io.clear()
         self._runtime = None
@@ -414,6 +445,8 @@ class TensorRTBackend(TorchTensorIO):
             for spec in manifest.graphs["full"].inputs
             if spec.name not in cache_names
         }
+        if self.gate_table_enabled:  # the reuse_gated step reads its table row from here
+            inputs[GATES_NAME] = self._zeros(manifest.graphs["gates"].outputs[0], batch_size)
         prediction = self._zeros(manifest.prediction, batch_size)
 
         # One allocation for all caches; each cache is a 256-byte aligned view of it.
@@ -436,13 +469,13 @@ class TensorRTBackend(TorchTensorIO):
         contexts: dict[str, tensorrt.IExecutionContext] = {}
         runtime_configs: dict[str, Any] = {}
         with torch.cuda.device(self._device):
-            for role in ENGINE_ROLES:
+            for role in self._step_roles:
                 contexts[role], runtime_configs[role] = self._bind(role, buffers)
             buffers.bound["contexts"].update(contexts)
             if self.use_cuda_graphs:
                 self._capture(buffers)
-        # Kept only once both roles are bound (and captured): a failure leaves nothing half made.
-        for role in ENGINE_ROLES:
+        # Kept only once every role is bound (and captured): a failure leaves nothing half made.
+        for role in self._step_roles:
             self._contexts[(role, batch_size)] = contexts[role]
             self._runtime_configs[(role, batch_size)] = runtime_configs[role]
         return buffers
@@ -535,7 +568,7 @@ class TensorRTBackend(TorchTensorIO):
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self._device))
         graphs: dict[str, Any] = {}
-        for role in ENGINE_ROLES:
+        for role in self._step_roles:
             context = buffers.bound["contexts"][role]
             # Enqueue once outside the capture: the first enqueue after shapes or addresses
             # are set does deferred setup work that must not end up in the graph.
@@ -585,6 +618,57 @@ class TensorRTBackend(TorchTensorIO):
             # The caller's stream (prediction reads, next staging) waits for the engine.
             self._outputs_ready.record(stream)
             current.wait_event(self._outputs_ready)
+
+    def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
+        """Run the gates engine over ``rows`` in calls of at most ``gate_rows.max`` rows (its
+        profile), on the engine stream, into one device table."""
+        torch = self._torch
+        context = self._gates_context
+        if context is None:  # gate_table() checked gate_table_enabled: the engine is loaded
+            raise BackendError("Backend 'tensorrt' | the gates engine is not loaded")
+        graph = self.manifest.graphs["gates"]
+        table_spec = graph.outputs[0]
+        count = len(rows[graph.inputs[0].name])
+        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
+        dtype = self._torch_dtype(table_spec.dtype)
+        table = torch.empty((count, *self.manifest.gate_table_shape), dtype=dtype, device=self._device)
+        stream = self._stream
+        with torch.cuda.device(self._device):
+            current = torch.cuda.current_stream(self._device)
+            for start in range(0, count, step):
+                size = min(step, count - start)
+                tensors = {
+                    spec.name: torch.as_tensor(rows[spec.name][start : start + size])
+                    .to(self._device, dtype=self._torch_dtype(spec.dtype))
+                    .contiguous()
+                    for spec in graph.inputs
+                }
+                # Its own output buffer: fresh allocations are aligned, slices of the table may not be.
+                tensors[GATES_NAME] = torch.empty((size, *table.shape[1:]), dtype=dtype, device=self._device)
+                for name, tensor in tensors.items():
+                    if name != GATES_NAME and not context.set_input_shape(name, tuple(tensor.shape)):
+                        raise BackendError(
+                            f"Backend 'tensorrt' | gates engine refuses shape {list(tensor.shape)} for "
+                            f"'{name}' | rebuild the engines"
+                        )
+                    if not context.set_tensor_address(name, int(tensor.data_ptr())):
+                        raise BackendError(
+                            f"Backend 'tensorrt' | gates engine refuses the address of '{name}'"
+                        )
+                    tensor.record_stream(stream)  # in use on the engine stream until it is done
+                self._inputs_ready.record(current)
+                stream.wait_event(self._inputs_ready)
+                if not context.execute_async_v3(stream.cuda_stream):
+                    raise BackendError(
+                        "Backend 'tensorrt' | gates engine failed to run (see the TensorRT error above)"
+                    )
+                self._outputs_ready.record(stream)
+                current.wait_event(self._outputs_ready)
+                table[start : start + size].copy_(tensors[GATES_NAME])
+        return table
+
+    def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
+        buffers.inputs[GATES_NAME].copy_(table[first_row : first_row + buffers.batch_size])
 
     def read_prediction(self, buffers: StepBuffers) -> Any:
         return buffers.prediction.clone()
