@@ -299,6 +299,19 @@ class Manifest:
             )
         if not {c.name for c in self.caches} <= set(gated_inputs):
             raise ManifestError(f"{where} | reuse_gated graph does not take every cache tensor")
+        gated_outputs = self.graphs["reuse_gated"].outputs
+        if [(t.name, t.dtype, t.shape) for t in gated_outputs] != [
+            (self.prediction.name, self.prediction.dtype, self.prediction.shape)
+        ]:
+            raise ManifestError(f"{where} | reuse_gated graph must output only the full graph's prediction")
+        step_inputs = {t.name: t for t in self.graphs["full"].inputs}
+        for spec in self.graphs["gates"].inputs:
+            want = step_inputs.get(spec.name)
+            if spec.name == "latents" or want is None or want.dtype != spec.dtype:
+                raise ManifestError(
+                    f"{where} | gates input '{spec.name}' ({spec.dtype}) is not a conditioning input "
+                    "of the full graph (timestep, labels, ...) of the same dtype"
+                )
         known = {t.name for t in self.graphs["full"].inputs} | {GATES_NAME} | {c.name for c in self.caches}
         for role in GATE_TABLE_ROLES:
             for spec in self.graphs[role].inputs:

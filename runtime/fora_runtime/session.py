@@ -57,13 +57,14 @@ class ForaSession:
         self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
         self.schedule = schedule if schedule is not None else self.manifest.schedule
         self.backend: StepBackend = create_backend(backend, self.manifest, self.engine_dir, **backend_options)
+        # Before activation: without it the backend loads no gate-table graphs at all.
+        self.backend.use_gate_table = gate_table
         cache_names = {c.name for c in self.manifest.caches}
         self.step_inputs: tuple[TensorSpec, ...] = tuple(
             t for t in self.manifest.graphs["full"].inputs if t.name not in cache_names
         )
         self._generation_id = 0
         self.check_inputs = check_inputs
-        self.gate_table = gate_table
 
     # -- lifecycle ------------------------------------------------------------------
     def activate(self) -> ForaSession:
@@ -109,8 +110,11 @@ class ForaSession:
             )
         buffers = self.backend.buffers(batch_size)
         table = None
-        if planned is not None and self.gate_table and self.backend.gate_table_enabled:
-            table = self.backend.gate_table(planned.rows(batch_size))
+        if planned is not None and self.backend.gate_table_enabled:
+            # Rows for the reuse steps only: full steps compute their own gates.
+            reuse_steps = [index for index, full in enumerate(plan) if not full]
+            if reuse_steps:
+                table = GateTable(self.backend.gate_table(planned.rows(batch_size, reuse_steps)), reuse_steps)
         self._generation_id += 1
         return Generation(self, buffers, plan, self._generation_id, planned, table)
 
@@ -141,6 +145,11 @@ class ForaSession:
         for name in names:
             spec = self.manifest.input_spec(name)
             value = _host(conditioning[name])
+            if not _dtype_compatible(value.dtype.name, spec.dtype):
+                raise InputError(
+                    f"start() input '{name}' | got {value.dtype.name}, expected {spec.dtype} "
+                    f"| ({self._where()})"
+                )
             want = spec.concrete_shape(batch_size)
             if tuple(value.shape) != want:
                 raise InputError(
@@ -253,6 +262,14 @@ def _host(value: Any) -> Any:
     return np.asarray(value)
 
 
+class GateTable:
+    """A backend's gate table and the step each block of ``batch`` rows belongs to."""
+
+    def __init__(self, table: Any, steps: list[int]) -> None:
+        self.table = table
+        self.block_of = {step: block for block, step in enumerate(steps)}
+
+
 class PlannedInputs:
     """A generation's timesteps and conditioning, given to ``start``."""
 
@@ -261,17 +278,18 @@ class PlannedInputs:
         self.host = host  # host copies, for the gate table and for checks
         self.given = given  # as the caller passed them, staged on full steps
 
-    def rows(self, batch_size: int) -> dict[str, Any]:
-        """Gate-table rows: step-major, ``batch_size`` rows per step."""
+    def rows(self, batch_size: int, steps: list[int]) -> dict[str, Any]:
+        """Gate-table rows of ``steps``: step-major, ``batch_size`` rows per step."""
         import numpy as np
 
-        steps = self.timesteps.shape[0]
-        timestep = np.broadcast_to(self.timesteps.reshape(steps, -1), (steps, batch_size)).reshape(-1)
+        count = len(steps)
+        planned = self.timesteps[steps].reshape(count, -1)
+        timestep = np.broadcast_to(planned, (count, batch_size)).reshape(-1)
         # Copies: broadcast views are read-only, and backends may wrap rows without copying.
         rows = {"timestep": np.array(timestep, copy=True)}
         for name, value in self.host.items():
             rows[name] = np.array(
-                np.broadcast_to(value[None], (steps, *value.shape)).reshape(-1, *value.shape[1:]),
+                np.broadcast_to(value[None], (count, *value.shape)).reshape(-1, *value.shape[1:]),
                 copy=True,
             )
         return rows
@@ -317,7 +335,7 @@ class Generation:
         plan: tuple[bool, ...],
         gen_id: int,
         planned: PlannedInputs | None = None,
-        gate_table: Any = None,
+        gate_table: GateTable | None = None,
     ) -> None:
         self._session = session
         self._buffers = buffers
@@ -378,10 +396,11 @@ class Generation:
                 if problem is not None:
                     raise InputError(f"step() | {problem} | pass the same values as to start(), or omit them")
             timestep = planned.timesteps[index] if timestep is None else timestep
-            conditioning = conditioning or planned.given
+            conditioning = {**planned.given, **conditioning}
         if not full and self._gate_table is not None:
             session.stage(self._buffers, {"latents": latents}, only=("latents",))
-            backend.run_reuse_gated(self._buffers, self._gate_table, index * self.batch_size)
+            first_row = self._gate_table.block_of[index] * self.batch_size
+            backend.run_reuse_gated(self._buffers, self._gate_table.table, first_row)
         else:
             session.stage(self._buffers, {"latents": latents, "timestep": timestep, **conditioning})
             (backend.run_full if full else backend.run_reuse)(self._buffers)

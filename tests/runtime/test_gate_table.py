@@ -20,7 +20,7 @@ from fora_export.build.config import BuildConfig
 from fora_export.build.pipeline import build
 from fora_export.demo import make_demo_dit
 from fora_export.split.graphs import split_model
-from fora_runtime import ForaSession, InputError, ManifestError, load_manifest
+from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange
 from fora_runtime.schedule import CacheSchedule
 from tests.conftest import OTHER_DIT, TINY_DIT
@@ -107,14 +107,39 @@ def test_gate_table_generation_equals_per_step_gates(gated_engine: Path, backend
 
 
 def test_gate_table_can_be_switched_off(gated_engine: Path) -> None:
-    with ForaSession(gated_engine, gate_table=False) as session:
-        _, used = generate(session, up_front=True)
-    assert not used
+    for backend in BACKENDS:
+        with ForaSession(gated_engine, backend=backend, gate_table=False) as session:
+            _, used = generate(session, up_front=True)
+            assert not session.backend.gate_table_enabled
+            loaded = getattr(session.backend, "_sessions", None) or session.backend._programs  # type: ignore[attr-defined]
+            assert "gates" not in loaded and "reuse_gated" not in loaded  # not even loaded
+        assert not used
+
+
+def test_table_holds_the_reuse_steps_only(gated_engine: Path) -> None:
+    with ForaSession(gated_engine) as session:
+        gen = session.start(STEPS, BATCH, timesteps=TIMESTEPS, class_labels=LABELS)
+    reuse_steps = [i for i, full in enumerate(gen.plan) if not full]
+    assert gen._gate_table is not None and len(reuse_steps) < STEPS
+    assert gen._gate_table.table.shape[0] == len(reuse_steps) * BATCH
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_narrower_integer_labels_are_widened_for_the_table(gated_engine: Path, backend: str) -> None:
+    latents = np.zeros((BATCH, 4, 8, 8), np.float32)
+    with ForaSession(gated_engine, backend=backend) as session:
+        narrow = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS.astype(np.int32))
+        got = [to_numpy(narrow.step(latents)) for _ in range(3)]
+        wide = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS)
+        want = [to_numpy(wide.step(latents)) for _ in range(3)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gate_table_in_several_calls_equals_one(gated_engine: Path) -> None:
     with ForaSession(gated_engine) as session:
-        rows = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH).rows(BATCH)
+        planned = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
+        rows = planned.rows(BATCH, list(range(STEPS)))
         whole = session.backend.gate_table(rows)
         small = dataclasses.replace(session.manifest, gate_rows=BatchRange(1, 1, 3))
         session.backend.manifest = small  # 14 rows in calls of at most 3
@@ -167,6 +192,7 @@ def test_steps_may_omit_planned_inputs_but_not_change_them(gated_engine: Path) -
         ),
         ({"timesteps": TIMESTEPS, "class_labels": np.array([3, 99])}, r"values 3\.\.99 outside \[0, 10\]"),
         ({"timesteps": ["a"] * STEPS, "class_labels": LABELS}, "expected numbers"),
+        ({"timesteps": TIMESTEPS, "class_labels": LABELS.astype(np.float32)}, "got float32, expected int64"),
     ],
 )
 def test_start_rejects_bad_planned_inputs(gated_engine: Path, kwargs: dict[str, Any], message: str) -> None:
@@ -189,7 +215,9 @@ def test_builds_without_gate_table_take_timesteps_up_front(tmp_path: Path, tiny_
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("broken", ["no gate_rows", "no gates graph", "table mismatch"])
+@pytest.mark.parametrize(
+    "broken", ["no gate_rows", "no gates graph", "table mismatch", "gated output", "latents to gates"]
+)
 def test_manifest_refuses_half_a_gate_table(gated_engine: Path, tmp_path: Path, broken: str) -> None:
     folder = tmp_path / "engine"
     shutil.copytree(gated_engine, folder)
@@ -199,10 +227,17 @@ def test_manifest_refuses_half_a_gate_table(gated_engine: Path, tmp_path: Path, 
         data["gate_rows"] = None
     elif broken == "no gates graph":
         del data["graphs"]["gates"]
-    else:
+    elif broken == "table mismatch":
         data["graphs"]["reuse_gated"]["inputs"][1]["shape"][1] = 5
+    elif broken == "gated output":
+        data["graphs"]["reuse_gated"]["outputs"][0]["name"] = "noise"
+    else:
+        data["graphs"]["gates"]["inputs"].append(data["graphs"]["full"]["inputs"][0])
     path.write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"gate-table graphs|gate_rows|reuse_gated input 'gates'"):
+    match = (
+        r"gate-table graphs|gate_rows|reuse_gated input 'gates'|only the full graph's prediction|'latents'"
+    )
+    with pytest.raises(ManifestError, match=match):
         load_manifest(folder, verify_files=False)
 
 
@@ -239,3 +274,12 @@ def test_cuda_graphed_gate_table_equals_per_step_gates(tiny_dit_dir: Path, tmp_p
     assert used
     for want, got in zip(per_step, gated, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_torch_record_with_half_the_gate_programs_is_refused(gated_engine: Path) -> None:
+    from fora_runtime.backends.torch_backend import check_program_record
+
+    record = load_manifest(gated_engine).backends["torch"]
+    inputs = {k: v for k, v in record["inputs"].items() if k in ("full", "reuse")}
+    with pytest.raises(BackendError, match="the same in 'programs', 'inputs' and 'outputs'"):
+        check_program_record({**record, "inputs": inputs}, running_torch=torch.__version__, where="m.json")

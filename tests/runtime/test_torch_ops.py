@@ -65,6 +65,19 @@ def test_op_on_cpu_is_the_chain_and_registers_once() -> None:
     assert torch.equal(op(hidden, gates, caches), chain_sum(hidden, gates, caches))
 
 
+def test_op_passes_opcheck_and_returns_contiguous_results() -> None:
+    """Fake and real outputs agree (shape, dtype, strides) also for a transposed hidden, as
+    DiT's patch embedding produces; mixed dtypes are refused."""
+    op = gated_residual_sum_op(torch)
+    hidden, gates, caches = random_sum_inputs(4, torch.float32)
+    transposed = hidden.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((hidden, gates, caches), (transposed, gates, caches), (hidden, gates, [])):
+        torch.library.opcheck(op, args)
+        assert op(*args).is_contiguous()
+    with pytest.raises(ValueError, match=r"gates/caches include torch\.float16"):
+        op(hidden, gates.half(), caches)
+
+
 def test_kernel_layout_problems_are_named() -> None:
     hidden, gates, caches = random_sum_inputs(3, torch.float32)
     assert kernel_layout_problem(hidden, gates, caches) is None

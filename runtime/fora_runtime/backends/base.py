@@ -82,6 +82,8 @@ class StepBackend(ABC):
     def __init__(self, manifest: Manifest, folder: Path) -> None:
         self.manifest = manifest
         self.folder = Path(folder)
+        #: False: load no gate-table graphs (set before activation; sessions pass theirs).
+        self.use_gate_table = True
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 
@@ -146,7 +148,7 @@ class StepBackend(ABC):
     @property
     def gate_table_enabled(self) -> bool:
         """Whether generations with known timesteps can precompute their gates here."""
-        return self.supports_gate_table and self.manifest.has_gate_table
+        return self.supports_gate_table and self.use_gate_table and self.manifest.has_gate_table
 
     def gate_table(self, rows: dict[str, Any]) -> Any:
         """Run the ``gates`` graph over ``rows`` (host arrays, one row per step and sample,
@@ -155,8 +157,8 @@ class StepBackend(ABC):
         self._require_active()
         if not self.gate_table_enabled:
             raise BackendError(
-                f"Backend '{self.name}' | has no gate-table path for this build | "
-                "start generations without timesteps"
+                f"Backend '{self.name}' | no gate-table graphs loaded (the build has none, or "
+                "use_gate_table is off) | run reuse steps with per-step gates"
             )
         return self._gate_table_impl(rows)
 

@@ -20,7 +20,7 @@ from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBackend, StepBuffers
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import GATES_NAME, Manifest
+from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, Manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 NUMPY_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
@@ -80,6 +80,8 @@ class OnnxRuntimeBackend(StepBackend):
             "session.intra_op.allow_spinning", "1" if self._allow_spinning else "0"
         )
         for role, graph in self.manifest.graphs.items():
+            if role in GATE_TABLE_ROLES and not self.use_gate_table:
+                continue
             path = self.folder / graph.file
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -122,7 +124,7 @@ class OnnxRuntimeBackend(StepBackend):
         for spec in step_inputs:
             shape = spec.concrete_shape(batch_size)
             inputs[spec.name] = self._empty(ort, shape, spec.dtype)
-        if manifest.has_gate_table:  # the reuse_gated step reads its table row from here
+        if self.gate_table_enabled:  # the reuse_gated step reads its table row from here
             shape = (batch_size, *manifest.gate_table_shape)
             inputs[GATES_NAME] = self._empty(ort, shape, manifest.gate_table_dtype)
         pred = manifest.prediction
@@ -206,11 +208,17 @@ class OnnxRuntimeBackend(StepBackend):
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         session = self._sessions["gates"]
-        count = len(next(iter(rows.values())))
+        inputs = self.manifest.graphs["gates"].inputs
+        count = len(rows[inputs[0].name])
         step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
         parts = []
         for start in range(0, count, step):
-            feed = {name: np.ascontiguousarray(value[start : start + step]) for name, value in rows.items()}
+            feed = {
+                spec.name: np.ascontiguousarray(
+                    rows[spec.name][start : start + step], dtype=_numpy_dtype(spec.dtype)
+                )
+                for spec in inputs
+            }
             try:
                 parts.append(session.run([GATES_NAME], feed)[0])
             except self._errors as err:

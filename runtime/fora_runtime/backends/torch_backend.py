@@ -92,18 +92,26 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
             f"{where} | programs were saved by torch {built}, this is torch {running_torch} | "
             f"re-export the programs with this torch, or install torch {built}"
         )
+    roles = record["programs"]
     for key in ("programs", "inputs", "outputs"):
         value = record[key]
-        if not isinstance(value, dict) or sorted(value) not in (sorted(ROLES), sorted(ROLES + GATE_ROLES)):
+        if (
+            not isinstance(value, dict)
+            or sorted(value) not in (sorted(ROLES), sorted(ROLES + GATE_ROLES))
+            or sorted(value) != sorted(roles)
+        ):
             raise BackendError(
                 f"{where} | torch record field '{key}' is {value!r}, expected one entry per role "
-                f"{list(ROLES)} (and optionally {list(GATE_ROLES)}) | re-export the torch programs"
+                f"{list(ROLES)} (and optionally {list(GATE_ROLES)}), the same in 'programs', 'inputs' "
+                "and 'outputs' | re-export the torch programs"
             )
     return record
 
 
 class TorchBackend(TorchTensorIO):
-    """Runs ``full.pt2`` / ``reuse.pt2`` with PyTorch, on CUDA (graphed) or CPU (eager)."""
+    """Runs ``full.pt2`` / ``reuse.pt2`` (and ``gates.pt2`` / ``reuse_gated.pt2`` where built)
+    with PyTorch, on CUDA (graphed: full, reuse, reuse_gated; gates runs eagerly once per
+    generation) or CPU (eager)."""
 
     name = "torch"
     supports_gate_table = True
@@ -222,13 +230,21 @@ class TorchBackend(TorchTensorIO):
             low, high = batch.get("min", 1), batch.get("max", 0)
             if not low <= manifest.batch.min <= manifest.batch.max <= high:
                 problems.append(f"programs accept batch {low}..{high}, not {manifest.batch}")
-        self._has_gate_programs = manifest.has_gate_table and "gates" in record["programs"]
+        self._has_gate_programs = (
+            self.use_gate_table and manifest.has_gate_table and "gates" in record["programs"]
+        )
         if self._has_gate_programs:
             table_inputs = [t.name for t in manifest.graphs["gates"].inputs]
             if record["inputs"]["gates"] != table_inputs:
                 problems.append(f"gates inputs {record['inputs']['gates']} differ from the manifest's")
+            if record["outputs"]["gates"] != [GATES_NAME]:
+                problems.append(f"gates outputs are {record['outputs']['gates']}, expected ['{GATES_NAME}']")
             if tuple(record["inputs"]["reuse_gated"]) != ("latents", GATES_NAME, *cache_names):
                 problems.append("reuse_gated inputs are not latents, gates and the caches")
+            if tuple(record["outputs"]["reuse_gated"]) != (manifest.prediction.name,):
+                problems.append(
+                    f"reuse_gated outputs are {record['outputs']['reuse_gated']}, expected the prediction"
+                )
         if problems:
             raise BackendError(
                 f"{where} | torch programs do not match the manifest: {'; '.join(problems)} | "
@@ -390,14 +406,20 @@ class TorchBackend(TorchTensorIO):
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         torch = self._torch
-        names = [t.name for t in self.manifest.graphs["gates"].inputs]
+        specs = self.manifest.graphs["gates"].inputs
+        names = [t.name for t in specs]
         program = self._programs["gates"]
         count = len(rows[names[0]])
         step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
         parts = []
         with torch.no_grad():
             for start in range(0, count, step):
-                args = [torch.as_tensor(rows[n][start : start + step]).to(self.device) for n in names]
+                args = [
+                    torch.as_tensor(rows[spec.name][start : start + step]).to(
+                        self.device, dtype=self._torch_dtype(spec.dtype)
+                    )
+                    for spec in specs
+                ]
                 try:
                     parts.append(program(*args))
                 except Exception as err:  # the program's own guards and kernels raise various types

@@ -42,12 +42,25 @@ def gated_residual_sum_op(torch: Any) -> Any:
         _op = torch.library.custom_op(
             OP_NAME, _make_impl(torch), mutates_args=(), schema=SCHEMA, device_types=None
         )
-        _op.register_fake(lambda hidden, gates, caches: torch.empty_like(hidden))
+        # Contiguous, like both implementations' results (hidden itself may be a transposed view).
+        _op.register_fake(
+            lambda hidden, gates, caches: _check_dtypes(hidden, gates, caches).new_empty(hidden.shape)
+        )
     return _op
 
 
+def _check_dtypes(hidden: Any, gates: Any, caches: Any) -> Any:
+    """The op computes in one dtype: gates and caches must have hidden's."""
+    odd = [t.dtype for t in (gates, *caches) if t.dtype != hidden.dtype]
+    if odd:
+        raise ValueError(f"{OP_NAME}: hidden is {hidden.dtype}, gates/caches include {odd[0]}")
+    return hidden
+
+
 def chain_sum(hidden: Any, gates: Any, caches: Any) -> Any:
-    """The weighted sum as the ONNX graphs compute it: one multiply-add per cache."""
+    """The weighted sum as the ONNX graphs compute it: one multiply-add per cache.
+    The result is contiguous (a fresh tensor, never ``hidden`` itself)."""
+    hidden = hidden.contiguous()
     if not caches:
         return hidden.clone()  # an op's output must not alias its input
     for index, cache in enumerate(caches):
@@ -57,6 +70,7 @@ def chain_sum(hidden: Any, gates: Any, caches: Any) -> Any:
 
 def _make_impl(torch: Any) -> Any:
     def gated_residual_sum(hidden: Any, gates: Any, caches: list[Any]) -> Any:
+        _check_dtypes(hidden, gates, caches)
         if hidden.is_cuda:
             problem = "Triton is not available" if triton_kernel() is None else None
             if problem is None:
@@ -87,7 +101,7 @@ def kernel_layout_problem(hidden: Any, gates: Any, caches: list[Any]) -> str | N
     if hidden.dim() != 3 or not hidden.is_contiguous():
         return f"hidden is {list(hidden.shape)}, not a contiguous [B, T, D]"
     if gates.dim() != 3 or gates.dtype != hidden.dtype or gates.shape[1] < len(caches):
-        return f"gates are {gates.dtype}{list(gates.shape)}"
+        return f"gates are {gates.dtype}{list(gates.shape)}, expected {hidden.dtype}[B, >= {len(caches)}, D]"
     if gates.shape[0] != hidden.shape[0] or gates.shape[2] != hidden.shape[2]:
         return f"gates {list(gates.shape)} do not match hidden {list(hidden.shape)}"
     for index, cache in enumerate(caches):

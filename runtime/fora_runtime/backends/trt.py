@@ -268,7 +268,7 @@ class TensorRTBackend(TorchTensorIO):
         engines: dict[str, tensorrt.ICudaEngine] = {}
         io: dict[str, list[_Binding]] = {}
         roles: tuple[str, ...] = ENGINE_ROLES
-        if self.manifest.has_gate_table and "gates" in record["engines"]:
+        if self.use_gate_table and self.manifest.has_gate_table and "gates" in record["engines"]:
             roles += GATE_ENGINE_ROLES
         with torch.cuda.device(device):
             for role in roles:
