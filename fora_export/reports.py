@@ -75,6 +75,14 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
         f"{cache_bytes / 2**20:.1f} MiB per sample; reuse graph: {reuse_graph}"
     )
+    if manifest.gate_rows is not None:
+        row_kib = ITEMSIZE[manifest.gate_table_dtype] * prod(manifest.gate_table_shape) / 2**10
+        console.print(
+            f"gate table: yes ({row_kib:.1f} KiB per step and sample, up to {manifest.gate_rows.max} "
+            "rows per call of the gates graph)"
+        )
+    else:
+        console.print("gate table: no (reuse steps compute their gates)")
     table = Table(title="Graphs")
     for column in ("graph", "file", "inputs", "outputs"):
         table.add_column(column)

@@ -202,8 +202,11 @@ def test_info_describes_the_engine_folder(tiny_engine: Path) -> None:
     assert code == 0
     assert "DiTTransformer2DModel (dit)" in stdout and "batch 1:2:4" in stdout
     assert "4 tensors (attn1, ff)" in stdout and "full.onnx" in stdout
+    # 2 blocks x 2 gates + final shift and scale, 16 floats each: 6 x 16 x 4 bytes.
+    assert "gate table: yes (0.4 KiB per step and sample, up to 1024 rows" in stdout
     code, stdout, _ = invoke("info", str(tiny_engine), "--json")
-    assert json.loads(stdout)["schema_version"] == 1
+    data = json.loads(stdout)
+    assert data["schema_version"] == 1 and data["gate_rows"] == {"min": 1, "opt": 256, "max": 1024}
 
 
 def test_info_refuses_a_tampered_folder(engine_copy: Path) -> None:
