@@ -13,9 +13,10 @@ from fora_runtime.errors import (
     ManifestError,
     ScheduleError,
 )
+from fora_runtime.generation import Generation
 from fora_runtime.manifest import Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
-from fora_runtime.session import ForaSession, Generation
+from fora_runtime.session import ForaSession
 
 __version__ = "0.1.0"
 

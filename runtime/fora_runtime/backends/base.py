@@ -62,11 +62,17 @@ class StepBuffers:
     caches_written: bool = False
 
 
-def _to_host(value: Any) -> Any:
+def host_copy(value: Any) -> Any:
+    """A host numpy copy (never a view) of an array-like: numpy arrays, numbers, torch
+    tensors on any device. Floating tensors come back as float32 (bf16 has no numpy
+    dtype); integers keep their dtype."""
     import numpy as np
 
-    if hasattr(value, "detach"):  # a torch tensor on any device; bf16 has no numpy dtype
-        return value.detach().float().cpu().numpy()
+    if hasattr(value, "detach"):
+        value = value.detach()
+        if value.is_floating_point():
+            value = value.float()
+        value = value.cpu().numpy()
     return np.array(value, copy=True)
 
 
@@ -181,7 +187,7 @@ class StepBackend(ABC):
     def read_caches(self, buffers: StepBuffers) -> dict[str, Any]:
         """Host (numpy) copies of every cache tensor; for validation, not the hot path."""
         self._require_active()
-        return {name: _to_host(value) for name, value in buffers.caches.items()}
+        return {name: host_copy(value) for name, value in buffers.caches.items()}
 
     # -- subclass hooks -------------------------------------------------------------
     @abstractmethod

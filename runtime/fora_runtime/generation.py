@@ -1,0 +1,159 @@
+"""A generation: one sampling run of a :class:`~fora_runtime.session.ForaSession`.
+
+It tracks the step index against the cache schedule's plan and, when the
+timesteps and conditioning were given to ``start``, holds them
+(:class:`PlannedInputs`) and the gate table computed from them (:class:`GateTable`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fora_runtime.backends.base import StepBuffers, host_copy
+from fora_runtime.errors import GenerationError, InputError
+
+if TYPE_CHECKING:
+    from fora_runtime.session import ForaSession
+
+
+class GateTable:
+    """A backend's gate table and the step each block of ``batch`` rows belongs to."""
+
+    def __init__(self, table: Any, steps: list[int]) -> None:
+        self.table = table
+        self.block_of = {step: block for block, step in enumerate(steps)}
+
+
+class PlannedInputs:
+    """A generation's timesteps and conditioning, given to ``start``."""
+
+    def __init__(self, timesteps: Any, host: dict[str, Any], given: dict[str, Any]) -> None:
+        self.timesteps = timesteps  # float32 [steps] or [steps, batch]
+        self.host = host  # host copies, for the gate table and for checks
+        self.given = given  # as the caller passed them, staged on full steps
+
+    def rows(self, batch_size: int, steps: list[int]) -> dict[str, Any]:
+        """Gate-table rows of ``steps``: step-major, ``batch_size`` rows per step."""
+        import numpy as np
+
+        count = len(steps)
+        planned = self.timesteps[steps].reshape(count, -1)
+        timestep = np.broadcast_to(planned, (count, batch_size)).reshape(-1)
+        # Copies: broadcast views are read-only, and backends may wrap rows without copying.
+        rows = {"timestep": np.array(timestep, copy=True)}
+        for name, value in self.host.items():
+            rows[name] = np.array(
+                np.broadcast_to(value[None], (count, *value.shape)).reshape(-1, *value.shape[1:]),
+                copy=True,
+            )
+        return rows
+
+    def matches(self, step: int, timestep: Any, conditioning: dict[str, Any]) -> str | None:
+        """None when host values given to a step equal the planned ones, else what differs.
+        Device tensors are not compared (that would sync every step)."""
+        import numpy as np
+
+        def host_like(value: Any) -> bool:
+            device = getattr(value, "device", None)
+            return device is None or getattr(device, "type", "cpu") == "cpu"
+
+        if timestep is not None and host_like(timestep):
+            got = np.asarray(host_copy(timestep), dtype="float32")
+            planned = self.timesteps[step]
+            try:  # a number and one per sample both match when the values agree
+                same = bool(np.all(np.equal(*np.broadcast_arrays(got, planned))))
+            except ValueError:
+                same = False
+            if not same:
+                return f"timestep {got.tolist()} at step {step}, start() planned {planned.tolist()}"
+        for name, value in conditioning.items():
+            if (
+                name in self.host
+                and host_like(value)
+                and not np.array_equal(host_copy(value), self.host[name])
+            ):
+                return f"'{name}' differs from the one given to start()"
+        return None
+
+
+class Generation:
+    """One sampling run: tracks the step index against the schedule's plan."""
+
+    def __init__(
+        self,
+        session: ForaSession,
+        buffers: StepBuffers,
+        plan: tuple[bool, ...],
+        gen_id: int,
+        planned: PlannedInputs | None = None,
+        gate_table: GateTable | None = None,
+    ) -> None:
+        self._session = session
+        self._buffers = buffers
+        self.plan = plan
+        self._id = gen_id
+        self._planned = planned
+        self._gate_table = gate_table
+        self.step_index = 0
+
+    @property
+    def uses_gate_table(self) -> bool:
+        """True when reuse steps read gates computed at ``start`` (they only read caches)."""
+        return self._gate_table is not None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def batch_size(self) -> int:
+        return self._buffers.batch_size
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.plan)
+
+    @property
+    def num_full(self) -> int:
+        return sum(self.plan)
+
+    def step(self, latents: Any, timestep: Any = None, **conditioning: Any) -> Any:
+        """Run step ``step_index`` (full or reuse per the plan) and advance.
+
+        ``timestep`` and the conditioning may be omitted when they were given to
+        ``start``; given anyway, host values must equal the planned ones."""
+        if self._id != self._session._generation_id:
+            raise GenerationError(
+                "Generation | stale: the session started another generation or ran a single step "
+                "since | call session.start() again"
+            )
+        if self.done:
+            raise GenerationError(
+                f"Generation | all {self.num_steps} steps already ran | call session.start() for a new one"
+            )
+        index = self.step_index
+        full = self.plan[index]
+        session = self._session
+        backend = session.backend
+        planned = self._planned
+        if planned is None:
+            if timestep is None:
+                raise InputError(
+                    "Input 'timestep' | missing | pass it to step(), or the timesteps to start()"
+                )
+        else:
+            if session.check_inputs:
+                problem = planned.matches(index, timestep, conditioning)
+                if problem is not None:
+                    raise InputError(f"step() | {problem} | pass the same values as to start(), or omit them")
+            timestep = planned.timesteps[index] if timestep is None else timestep
+            conditioning = {**planned.given, **conditioning}
+        if not full and self._gate_table is not None:
+            session.stage(self._buffers, {"latents": latents}, only=("latents",))
+            first_row = self._gate_table.block_of[index] * self.batch_size
+            backend.run_reuse_gated(self._buffers, self._gate_table.table, first_row)
+        else:
+            session.stage(self._buffers, {"latents": latents, "timestep": timestep, **conditioning})
+            (backend.run_full if full else backend.run_reuse)(self._buffers)
+        self.step_index += 1
+        return backend.read_prediction(self._buffers)
