@@ -221,7 +221,9 @@ def export_folder(
             trt_build.build_engines(
                 folder, graphs, batch, config.tensorrt, engines=engines, profiles=profiles
             )
-            backends["tensorrt"] = trt_build.tensorrt_record(folder, batch, config.tensorrt, engines=engines)
+            backends["tensorrt"] = trt_build.tensorrt_record(
+                folder, batch, config.tensorrt, engines=engines, gate_rows=profiles.get("gates")
+            )
         stages.stage("writing manifest")
         manifest = Manifest(
             model_class=type(adapter.model).__name__,

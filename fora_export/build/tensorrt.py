@@ -472,8 +472,10 @@ def tensorrt_record(
     config: TrtBuildConfig | None = None,
     *,
     engines: Mapping[str, str] = ENGINE_FILES,
+    gate_rows: BatchRange | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``backends["tensorrt"]`` entry for the engines built in ``folder``.
+    """The manifest's ``backends["tensorrt"]`` entry for the engines built in ``folder``
+    (``gate_rows``: the gates engine's profile, when there is one).
 
     Call it on the machine that built the engines: it records the running
     TensorRT version and GPU, which the runtime compares against its own.
@@ -487,6 +489,7 @@ def tensorrt_record(
         "gpu": gpu,
         "compute_capability": capability,
         "profile": {"min": batch.min, "opt": batch.opt, "max": batch.max},
+        "gate_profile": asdict(gate_rows) if gate_rows is not None else None,
         "engines": dict(engines),
         "sha256": {file: record["sha256"] for file, record in files.items()},
         "timing_cache": TIMING_CACHE_FILE if (Path(folder) / TIMING_CACHE_FILE).is_file() else None,

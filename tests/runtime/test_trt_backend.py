@@ -420,3 +420,14 @@ def test_gate_table_generation_matches_onnxruntime(trt_folder: tuple[Path, str])
             kind = "full" if ort_gen.plan[step] else "reuse (gate table)"
             assert_matches(got.float().cpu().numpy(), want, precision, f"step {step} ({kind})")
             latents = (latents - 0.05 * want[:, :4]).astype(latents.dtype)
+
+
+def test_gates_engine_profile_must_cover_the_manifest_rows(tiny_engine: Path) -> None:
+    manifest = load_manifest(tiny_engine)
+    backend = TensorRTBackend(manifest, tiny_engine)
+    profile = {"min": 1, "opt": 2, "max": 4}
+    backend._check_profile({"profile": profile, "gate_profile": {"min": 1, "opt": 256, "max": 1024}})
+    with pytest.raises(
+        BackendError, match="the gates engine takes up to 8 rows, the manifest's gate_rows up to 1024"
+    ):
+        backend._check_profile({"profile": profile, "gate_profile": {"min": 1, "opt": 4, "max": 8}})

@@ -305,6 +305,12 @@ class TensorRTBackend(TorchTensorIO):
         )
 
     def _check_profile(self, record: dict[str, Any]) -> None:
+        gate_profile, rows = record.get("gate_profile"), self.manifest.gate_rows
+        if isinstance(gate_profile, dict) and rows is not None and gate_profile.get("max", 0) < rows.max:
+            raise BackendError(
+                f"{self._where()} | the gates engine takes up to {gate_profile.get('max')} rows, the "
+                f"manifest's gate_rows up to {rows.max} | rebuild the engines"
+            )
         profile = record.get("profile")
         batch = self.manifest.batch
         if isinstance(profile, dict) and not (
@@ -643,9 +649,13 @@ class TensorRTBackend(TorchTensorIO):
                     .contiguous()
                     for spec in graph.inputs
                 }
-                # Its own output buffer: fresh allocations are aligned, slices of the table may not be.
-                tensors[GATES_NAME] = torch.empty((size, *table.shape[1:]), dtype=dtype, device=self._device)
+                # The engine writes the table in place where the slice is aligned (the usual
+                # case: rows of whole 256-byte multiples), else a fresh buffer copied over.
+                target = table[start : start + size]
+                output = target if target.data_ptr() % ALIGNMENT == 0 else torch.empty_like(target)
+                tensors[GATES_NAME] = output
                 for name, tensor in tensors.items():
+                    _require_aligned(tensor, f"gates engine tensor '{name}'")
                     if name != GATES_NAME and not context.set_input_shape(name, tuple(tensor.shape)):
                         raise BackendError(
                             f"Backend 'tensorrt' | gates engine refuses shape {list(tensor.shape)} for "
@@ -656,6 +666,13 @@ class TensorRTBackend(TorchTensorIO):
                             f"Backend 'tensorrt' | gates engine refuses the address of '{name}'"
                         )
                     tensor.record_stream(stream)  # in use on the engine stream until it is done
+                dims = context.get_tensor_shape(GATES_NAME)
+                got = tuple(int(dims[i]) for i in range(len(dims)))
+                if got != tuple(output.shape):
+                    raise BackendError(
+                        f"Backend 'tensorrt' | gates engine output has shape {list(got)} for {size} rows, "
+                        f"expected {list(output.shape)} | rebuild the engines"
+                    )
                 self._inputs_ready.record(current)
                 stream.wait_event(self._inputs_ready)
                 if not context.execute_async_v3(stream.cuda_stream):
@@ -664,7 +681,8 @@ class TensorRTBackend(TorchTensorIO):
                     )
                 self._outputs_ready.record(stream)
                 current.wait_event(self._outputs_ready)
-                table[start : start + size].copy_(tensors[GATES_NAME])
+                if output is not target:
+                    target.copy_(output)
         return table
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
