@@ -252,6 +252,7 @@ def test_engines_and_record_are_written(engine_folder: tuple[Path, str]) -> None
     assert record["profile"] == {"min": 1, "opt": 2, "max": 4}
     # DiT builds have gate-table graphs: their engines come along, gates with its rows profile.
     assert record["engines"] == {**ENGINE_FILES, **GATE_ENGINE_FILES}
+    assert record["gate_profile"] == {"min": 1, "opt": 256, "max": 1024}
     for file in record["engines"].values():
         assert record["sha256"][file] == manifest.files[file]["sha256"]
     assert (folder / TIMING_CACHE_FILE).stat().st_size > 0
