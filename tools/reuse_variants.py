@@ -9,7 +9,7 @@ modules, captures each variant in a CUDA graph and times its replays in one run:
 - ``gate table``: one step's table, and every step's of a generation at once;
 - the weighted residual sum alone and the gated reuse step with other sums: the
   chain of multiply-adds the graphs use, ``addcmul``, one product-and-sum over the
-  caches stacked in one tensor, and a Triton kernel summing 8 caches per launch;
+  caches stacked in one tensor, and the runtime's Triton kernel (8 caches per launch);
 - with ``--compile``: the gated and lean steps through ``torch.compile``.
 
 Then a kernel profile of the eager lean reuse step. Ratios are to ``full`` in the
@@ -32,6 +32,7 @@ from fora_export.adapters.dit import DiTGatedResidual, DiTGatedReuseStep, DiTGat
 from fora_export.adapters.registry import adapter_for
 from fora_export.demo import make_demo_dit, make_demo_dit_xl
 from fora_export.split.graphs import split_model
+from fora_runtime.backends.torch_ops import triton_gated_sum, triton_kernel
 
 NAMES = ("latents", "timestep", "class_labels")
 
@@ -73,9 +74,6 @@ def eager_ms(fn: Callable[..., Any], args: tuple[Any, ...], iters: int) -> float
     return (time.perf_counter() - begin) * 1e3 / iters
 
 
-WeightedSum = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
-
-
 def chain_sum(hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
     for index, cache in enumerate(caches):
         hidden = gates[:, index].unsqueeze(1) * cache + hidden
@@ -92,70 +90,6 @@ def stacked_sum(hidden: torch.Tensor, gates: torch.Tensor, stacked: torch.Tensor
     """``stacked``: the caches as one [n, B, T, D] tensor (as if the full step wrote them so)."""
     weights = gates[:, : stacked.shape[0]].transpose(0, 1).unsqueeze(2)  # [n, B, 1, D]
     return hidden + (weights * stacked).sum(0)
-
-
-def make_triton_sum() -> WeightedSum:
-    """A Triton kernel adding ``gate * cache`` of up to 8 caches per launch (fp32 sums)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gated_sum8(
-        acc_ptr, gates_ptr, c0, c1, c2, c3, c4, c5, c6, c7,
-        numel, sample_size, dim, gates_stride, first,
-        COUNT: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = gates_ptr + (offs // sample_size) * gates_stride + first * dim + offs % dim
-        acc = tl.load(acc_ptr + offs, mask=mask).to(tl.float32)
-        acc += tl.load(g, mask=mask).to(tl.float32) * tl.load(c0 + offs, mask=mask).to(tl.float32)
-        if COUNT > 1:
-            acc += tl.load(g + dim, mask=mask).to(tl.float32) * tl.load(c1 + offs, mask=mask).to(tl.float32)
-        if COUNT > 2:
-            acc += tl.load(g + 2 * dim, mask=mask).to(tl.float32) * tl.load(c2 + offs, mask=mask).to(
-                tl.float32
-            )
-        if COUNT > 3:
-            acc += tl.load(g + 3 * dim, mask=mask).to(tl.float32) * tl.load(c3 + offs, mask=mask).to(
-                tl.float32
-            )
-        if COUNT > 4:
-            acc += tl.load(g + 4 * dim, mask=mask).to(tl.float32) * tl.load(c4 + offs, mask=mask).to(
-                tl.float32
-            )
-        if COUNT > 5:
-            acc += tl.load(g + 5 * dim, mask=mask).to(tl.float32) * tl.load(c5 + offs, mask=mask).to(
-                tl.float32
-            )
-        if COUNT > 6:
-            acc += tl.load(g + 6 * dim, mask=mask).to(tl.float32) * tl.load(c6 + offs, mask=mask).to(
-                tl.float32
-            )
-        if COUNT > 7:
-            acc += tl.load(g + 7 * dim, mask=mask).to(tl.float32) * tl.load(c7 + offs, mask=mask).to(
-                tl.float32
-            )
-        tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=mask)
-
-    def triton_sum(
-        hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        out = hidden.contiguous().clone()
-        gates = gates.contiguous()
-        numel, block = out.numel(), 1024
-        grid = (triton.cdiv(numel, block),)
-        for first in range(0, len(caches), 8):
-            group = list(caches[first : first + 8])
-            count = len(group)
-            group += [group[0]] * (8 - count)
-            gated_sum8[grid](
-                out, gates, *group, numel, out.shape[1] * out.shape[2], out.shape[2], gates.stride(0), first,
-                COUNT=count, BLOCK=block,
-            )  # fmt: skip
-        return out
-
-    return triton_sum
 
 
 def residual_with(
@@ -195,11 +129,9 @@ def sum_variants(
         "addcmul": (addcmul_sum, caches),
         "stacked": (stacked_sum, stacked),
     }
-    if on_gpu:
-        try:
-            sums["triton x8"] = (make_triton_sum(), caches)
-        except Exception as err:  # report and go on: this is a probe
-            print(f"triton sum unavailable: {type(err).__name__}: {err}")
+    if on_gpu and triton_kernel() is not None:
+        # The runtime's fused op kernel (fora::gated_residual_sum on CUDA).
+        sums["triton x8"] = (lambda h, g, c: triton_gated_sum(h.contiguous(), g, list(c)), caches)
     results = [("stack caches (full-step cost)", graphed_ms(lambda *c: torch.stack(c), caches, iters), "")]
     for name, (weighted_sum, cache_arg) in sums.items():
         try:
