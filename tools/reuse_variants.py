@@ -32,7 +32,7 @@ from fora_export.adapters.dit import DiTGatedResidual, DiTGatedReuseStep, DiTGat
 from fora_export.adapters.registry import adapter_for
 from fora_export.demo import make_demo_dit, make_demo_dit_xl
 from fora_export.split.graphs import split_model
-from fora_runtime.backends.torch_ops import triton_gated_sum, triton_kernel
+from fora_runtime.backends.torch_ops import chain_sum, triton_gated_sum, triton_kernel
 
 NAMES = ("latents", "timestep", "class_labels")
 
@@ -72,12 +72,6 @@ def eager_ms(fn: Callable[..., Any], args: tuple[Any, ...], iters: int) -> float
         fn(*args)
     sync()
     return (time.perf_counter() - begin) * 1e3 / iters
-
-
-def chain_sum(hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    for index, cache in enumerate(caches):
-        hidden = gates[:, index].unsqueeze(1) * cache + hidden
-    return hidden
 
 
 def addcmul_sum(hidden: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
