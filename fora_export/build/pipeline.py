@@ -196,26 +196,26 @@ def export_folder(
             config.export,
             batch_range=batch,
         )
-        gate_graphs = _gate_table_graphs(split, reuse_module)
-        if gate_graphs is not None:
+        gate_table = _gate_table_export(split, reuse_module, example, caches)
+        if gate_table is not None:
             stages.add_stages(1)
             stages.stage("exporting gate-table graphs")
-            _export_gate_table_onnx(gate_graphs, split, example, caches, folder, config)
-        files = {**GRAPH_FILES, **(GATE_GRAPH_FILES if gate_graphs is not None else {})}
+            _export_gate_table_onnx(gate_table, folder, config)
+        files = {**GRAPH_FILES, **(GATE_GRAPH_FILES if gate_table is not None else {})}
         graphs = {role: _graph_spec(folder, file) for role, file in files.items()}
-        gates_spec = graphs["gates"].outputs[0] if gate_graphs is not None else None
+        gates_spec = graphs["gates"].outputs[0] if gate_table is not None else None
         _check_graphs(graphs, step_specs, cache_specs, gates_spec)
         backends = {}
         if config.backend == "torch":
             stages.stage("exporting torch programs")
             backends["torch"] = _export_torch_programs(
-                split, reuse_module, gate_graphs, example, caches, folder, config
+                split, reuse_module, gate_table, example, caches, folder, config
             )
         if with_tensorrt:
             stages.stage("building TensorRT engines")
             engines = dict(trt_build.ENGINE_FILES)
             profiles = {}
-            if gate_graphs is not None:
+            if gate_table is not None:
                 engines.update(trt_build.GATE_ENGINE_FILES)
                 profiles["gates"] = GATE_ROWS
             trt_build.build_engines(
@@ -249,7 +249,7 @@ def export_folder(
             },
             config_hash=_config_hash(adapter.config, loaded.source, config),
             backends=backends,
-            gate_rows=GATE_ROWS if gate_graphs is not None else None,
+            gate_rows=GATE_ROWS if gate_table is not None else None,
         )
         manifest.write(folder)
         return manifest
@@ -272,49 +272,54 @@ def _reuse_module(split: SplitModel, config: BuildConfig) -> torch.nn.Module:
     return lean.eval()
 
 
-def _gate_table_graphs(split: SplitModel, reuse_module: torch.nn.Module) -> GateTableGraphs | None:
+@dataclass
+class _GateTableExport:
+    """A family's gate-table graphs with their example inputs and IO names, made once for
+    every exporter (ONNX and torch programs trace the same examples)."""
+
+    graphs: GateTableGraphs
+    table_args: tuple[torch.Tensor, ...]
+    gated_args: tuple[torch.Tensor, ...]
+    gated_names: list[str]  # latents, the table row, the caches
+
+
+def _gate_table_export(
+    split: SplitModel,
+    reuse_module: torch.nn.Module,
+    example: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
+) -> _GateTableExport | None:
     """The family's gate-table graphs, built along with a lean reuse graph only."""
     if reuse_module is split.reuse:
         return None
-    return split.adapter.gate_table_graphs(split.cache_names)
-
-
-def _gate_table_examples(
-    graphs: GateTableGraphs,
-    example: dict[str, torch.Tensor],
-    caches: dict[str, torch.Tensor],
-    split: SplitModel,
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Example inputs of the gates graph (the step's rows) and of the gated reuse graph."""
+    graphs = split.adapter.gate_table_graphs(split.cache_names)
+    if graphs is None:
+        return None
     table_args = tuple(example[n] for n in graphs.table_inputs)
     with torch.no_grad():
         gates = graphs.table(*table_args)
-    gated_args = (example["latents"], gates, *(caches[n] for n in split.cache_names))
-    return table_args, gated_args
+    return _GateTableExport(
+        graphs=graphs,
+        table_args=table_args,
+        gated_args=(example["latents"], gates, *(caches[n] for n in split.cache_names)),
+        gated_names=["latents", GATES_NAME, *split.cache_names],
+    )
 
 
-def _export_gate_table_onnx(
-    graphs: GateTableGraphs,
-    split: SplitModel,
-    example: dict[str, torch.Tensor],
-    caches: dict[str, torch.Tensor],
-    folder: Path,
-    config: BuildConfig,
-) -> None:
-    table_args, gated_args = _gate_table_examples(graphs, example, caches, split)
+def _export_gate_table_onnx(gate_table: _GateTableExport, folder: Path, config: BuildConfig) -> None:
     export_onnx(
-        graphs.table,
-        table_args,
-        list(graphs.table_inputs),
+        gate_table.graphs.table,
+        gate_table.table_args,
+        list(gate_table.graphs.table_inputs),
         [GATES_NAME],
         folder / GATE_GRAPH_FILES["gates"],
         config.export,
         batch_range=GATE_ROWS,
     )
     export_onnx(
-        graphs.gated_reuse,
-        gated_args,
-        ["latents", GATES_NAME, *split.cache_names],
+        gate_table.graphs.gated_reuse,
+        gate_table.gated_args,
+        gate_table.gated_names,
         [PREDICTION],
         folder / GATE_GRAPH_FILES["reuse_gated"],
         config.export,
@@ -325,68 +330,58 @@ def _export_gate_table_onnx(
 def _export_torch_programs(
     split: SplitModel,
     reuse_module: torch.nn.Module,
-    gate_graphs: GateTableGraphs | None,
+    gate_table: _GateTableExport | None,
     example: dict[str, torch.Tensor],
     caches: dict[str, torch.Tensor],
     folder: Path,
     config: BuildConfig,
 ) -> dict[str, object]:
     """Trace the step graphs as torch.export programs (on the example's device)."""
-    from fora_export.export.torch_program import torch_manifest_record
-
-    # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
-    gated = (gate_graphs.gated_reuse,) if gate_graphs is not None else ()
-    with torch_program_ops(reuse_module, *gated):
-        _trace_programs(split, reuse_module, gate_graphs, example, caches, folder, config)
-    return torch_manifest_record(folder)
-
-
-def _trace_programs(
-    split: SplitModel,
-    reuse_module: torch.nn.Module,
-    gate_graphs: GateTableGraphs | None,
-    example: dict[str, torch.Tensor],
-    caches: dict[str, torch.Tensor],
-    folder: Path,
-    config: BuildConfig,
-) -> None:
-    from fora_export.export.torch_program import GATE_PROGRAM_FILES, PROGRAM_FILES, export_program
+    from fora_export.export.torch_program import (
+        GATE_PROGRAM_FILES,
+        PROGRAM_FILES,
+        export_program,
+        torch_manifest_record,
+    )
 
     names = list(split.input_names)
-    export_program(
-        split.full,
-        tuple(example[n] for n in names),
-        folder / PROGRAM_FILES["full"],
-        config.batch,
-        input_names=names,
-        output_names=[PREDICTION, *split.cache_names],
-    )
-    export_program(
-        reuse_module,
-        (*(example[n] for n in names), *(caches[n] for n in split.cache_names)),
-        folder / PROGRAM_FILES["reuse"],
-        config.batch,
-        input_names=[*names, *split.cache_names],
-        output_names=[PREDICTION],
-    )
-    if gate_graphs is not None:
-        table_args, gated_args = _gate_table_examples(gate_graphs, example, caches, split)
+    gated = (gate_table.graphs.gated_reuse,) if gate_table is not None else ()
+    # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
+    with torch_program_ops(reuse_module, *gated):
         export_program(
-            gate_graphs.table,
-            table_args,
-            folder / GATE_PROGRAM_FILES["gates"],
-            GATE_ROWS,
-            input_names=list(gate_graphs.table_inputs),
-            output_names=[GATES_NAME],
+            split.full,
+            tuple(example[n] for n in names),
+            folder / PROGRAM_FILES["full"],
+            config.batch,
+            input_names=names,
+            output_names=[PREDICTION, *split.cache_names],
         )
         export_program(
-            gate_graphs.gated_reuse,
-            gated_args,
-            folder / GATE_PROGRAM_FILES["reuse_gated"],
+            reuse_module,
+            (*(example[n] for n in names), *(caches[n] for n in split.cache_names)),
+            folder / PROGRAM_FILES["reuse"],
             config.batch,
-            input_names=["latents", GATES_NAME, *split.cache_names],
+            input_names=[*names, *split.cache_names],
             output_names=[PREDICTION],
         )
+        if gate_table is not None:
+            export_program(
+                gate_table.graphs.table,
+                gate_table.table_args,
+                folder / GATE_PROGRAM_FILES["gates"],
+                GATE_ROWS,
+                input_names=list(gate_table.graphs.table_inputs),
+                output_names=[GATES_NAME],
+            )
+            export_program(
+                gate_table.graphs.gated_reuse,
+                gate_table.gated_args,
+                folder / GATE_PROGRAM_FILES["reuse_gated"],
+                config.batch,
+                input_names=gate_table.gated_names,
+                output_names=[PREDICTION],
+            )
+    return torch_manifest_record(folder)
 
 
 def _torch_device(requested: str) -> str:
