@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +168,15 @@ class StepBackend(ABC):
                 "use_gate_table is off) | run reuse steps with per-step gates"
             )
         return self._gate_table_impl(rows)
+
+    def gate_row_chunks(self, rows: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(first row, {input name: its rows})`` for each call of the gates graph: the
+        graph's inputs only, at most ``manifest.gate_rows.max`` rows per call."""
+        inputs = self.manifest.graphs["gates"].inputs
+        count = len(rows[inputs[0].name])
+        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
+        for start in range(0, count, step):
+            yield start, {spec.name: rows[spec.name][start : start + step] for spec in inputs}
 
     def run_reuse_gated(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
         """Run the reuse step that reads its gates from ``table[first_row : first_row + batch]``

@@ -208,17 +208,10 @@ class OnnxRuntimeBackend(StepBackend):
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         session = self._sessions["gates"]
-        inputs = self.manifest.graphs["gates"].inputs
-        count = len(rows[inputs[0].name])
-        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
+        dtypes = {spec.name: _numpy_dtype(spec.dtype) for spec in self.manifest.graphs["gates"].inputs}
         parts = []
-        for start in range(0, count, step):
-            feed = {
-                spec.name: np.ascontiguousarray(
-                    rows[spec.name][start : start + step], dtype=_numpy_dtype(spec.dtype)
-                )
-                for spec in inputs
-            }
+        for _, chunk in self.gate_row_chunks(rows):
+            feed = {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in chunk.items()}
             try:
                 parts.append(session.run([GATES_NAME], feed)[0])
             except self._errors as err:

@@ -407,17 +407,12 @@ class TorchBackend(TorchTensorIO):
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         torch = self._torch
         specs = self.manifest.graphs["gates"].inputs
-        names = [t.name for t in specs]
         program = self._programs["gates"]
-        count = len(rows[names[0]])
-        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
         parts = []
         with torch.no_grad():
-            for start in range(0, count, step):
+            for _, chunk in self.gate_row_chunks(rows):
                 args = [
-                    torch.as_tensor(rows[spec.name][start : start + step]).to(
-                        self.device, dtype=self._torch_dtype(spec.dtype)
-                    )
+                    torch.as_tensor(chunk[spec.name]).to(self.device, dtype=self._torch_dtype(spec.dtype))
                     for spec in specs
                 ]
                 try:

@@ -633,22 +633,20 @@ class TensorRTBackend(TorchTensorIO):
         if context is None:  # gate_table() checked gate_table_enabled: the engine is loaded
             raise BackendError("Backend 'tensorrt' | the gates engine is not loaded")
         graph = self.manifest.graphs["gates"]
-        table_spec = graph.outputs[0]
         count = len(rows[graph.inputs[0].name])
-        step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
-        dtype = self._torch_dtype(table_spec.dtype)
+        dtype = self._torch_dtype(graph.outputs[0].dtype)
         table = torch.empty((count, *self.manifest.gate_table_shape), dtype=dtype, device=self._device)
         stream = self._stream
         with torch.cuda.device(self._device):
             current = torch.cuda.current_stream(self._device)
-            for start in range(0, count, step):
-                size = min(step, count - start)
+            for start, chunk in self.gate_row_chunks(rows):
                 tensors = {
-                    spec.name: torch.as_tensor(rows[spec.name][start : start + size])
+                    spec.name: torch.as_tensor(chunk[spec.name])
                     .to(self._device, dtype=self._torch_dtype(spec.dtype))
                     .contiguous()
                     for spec in graph.inputs
                 }
+                size = int(tensors[graph.inputs[0].name].shape[0])
                 # The engine writes the table in place where the slice is aligned (the usual
                 # case: rows of whole 256-byte multiples), else a fresh buffer copied over.
                 target = table[start : start + size]
