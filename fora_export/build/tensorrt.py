@@ -27,7 +27,8 @@ per role (its ``file`` and ``inputs``; shapes come from
 optimization profile (min/opt/max on axis 0 of every graph input).
 
 Outputs, written into the folder: ``full.plan`` and ``reuse.plan`` (serialized
-engines, see ``ENGINE_FILES``) and ``timing.cache`` (``TIMING_CACHE_FILE``),
+engines, see ``ENGINE_FILES``; builds with gate-table graphs add ``GATE_ENGINE_FILES``,
+the gates engine with its own rows profile via ``profiles=``) and ``timing.cache`` (``TIMING_CACHE_FILE``),
 shared by both builds and read again by later rebuilds. ``tensorrt_record``
 returns the ``backends["tensorrt"]`` entry of the manifest (TensorRT version,
 GPU, compute capability, profile, engine files with sha256); the runtime refuses
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fora_export.errors import BuildError, ConfigError
-from fora_runtime.backends.trt import MIN_TENSORRT_VERSION, tensorrt_too_old
+from fora_runtime.backends.trt import unusable_tensorrt
 from fora_runtime.manifest import BatchRange, GraphSpec, TensorSpec, sha256_of
 
 if TYPE_CHECKING:
@@ -113,21 +114,10 @@ def _tensorrt_version() -> str:
             f"TensorRT | cannot import 'tensorrt' ({err}) | install it (pip install tensorrt) on a machine "
             "with an NVIDIA GPU, or build without TensorRT engines"
         ) from err
-    version = getattr(trt, "__version__", None)
-    if not isinstance(version, str) or not hasattr(trt, "Builder"):
-        # A bare `tensorrt/` folder (e.g. from tensorrt-stubs) imports as an empty namespace package.
-        raise BuildError(
-            "TensorRT | 'tensorrt' imports but has no runtime library (only type stubs are installed) "
-            "| install the real package: pip install tensorrt"
-        )
-    problem = tensorrt_too_old(version)
+    problem = unusable_tensorrt(trt, "Builder", ", or build without TensorRT engines")
     if problem is not None:
-        needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
-        raise BuildError(
-            f"TensorRT | {problem} | upgrade: pip install 'tensorrt>={needed}', or build without "
-            "TensorRT engines"
-        )
-    return version
+        raise BuildError(f"TensorRT | {problem}")
+    return str(trt.__version__)
 
 
 def _cuda_device() -> tuple[str, str]:

@@ -85,24 +85,33 @@ def tensorrt_too_old(version: str) -> str | None:
     return None
 
 
-def _tensorrt_version() -> str:
-    """Import tensorrt (lazily) and return its version; refuse a stub-only or too old install."""
-    module = import_optional("tensorrt", backend=TensorRTBackend.name, install=TENSORRT_INSTALL)
+def unusable_tensorrt(module: Any, entry_point: str, after_upgrade: str) -> str | None:
+    """Why an imported ``tensorrt`` cannot be used ("problem | fix" of an error), or None.
+
+    ``entry_point`` is the class the caller needs (``Builder``, ``Runtime``): a bare
+    ``tensorrt/`` folder (e.g. from tensorrt-stubs) imports as an empty namespace package.
+    ``after_upgrade`` ends the upgrade advice for a too old version.
+    """
     version = getattr(module, "__version__", None)
-    if not isinstance(version, str) or not hasattr(module, "Runtime"):
-        # A bare `tensorrt/` folder (e.g. from tensorrt-stubs) imports as an empty namespace package.
-        raise BackendError(
-            "Backend 'tensorrt' | 'tensorrt' imports but has no runtime library (only type stubs are "
-            f"installed) | install the real package: {TENSORRT_INSTALL}"
+    if not isinstance(version, str) or not hasattr(module, entry_point):
+        return (
+            "'tensorrt' imports but has no runtime library (only type stubs are installed) "
+            f"| install the real package: {TENSORRT_INSTALL}"
         )
     problem = tensorrt_too_old(version)
     if problem is not None:
         needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
-        raise BackendError(
-            f"Backend 'tensorrt' | {problem} | upgrade: pip install 'tensorrt>={needed}', and rebuild "
-            "the engines with it"
-        )
-    return version
+        return f"{problem} | upgrade: pip install 'tensorrt>={needed}'{after_upgrade}"
+    return None
+
+
+def _tensorrt_version() -> str:
+    """Import tensorrt (lazily) and return its version; refuse a stub-only or too old install."""
+    module = import_optional("tensorrt", backend=TensorRTBackend.name, install=TENSORRT_INSTALL)
+    problem = unusable_tensorrt(module, "Runtime", ", and rebuild the engines with it")
+    if problem is not None:
+        raise BackendError(f"Backend 'tensorrt' | {problem}")
+    return str(module.__version__)
 
 
 def check_build_record(
