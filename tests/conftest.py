@@ -93,6 +93,15 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) ->
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) -> Path:
+    """The tiny DiT with ONNX graphs and CPU torch programs, gate tables included (read-only)."""
+    out = tmp_path_factory.mktemp("engines") / "tiny-torch"
+    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu")
+    build(str(tiny_dit_dir), out, config, progress=False)
+    return out
+
+
 @pytest.fixture
 def engine_copy(tiny_engine: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny engine folder, safe to tamper with."""

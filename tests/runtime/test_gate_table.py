@@ -33,15 +33,6 @@ LABELS = np.array([3, 7], dtype=np.int64)
 BACKENDS = ["onnxruntime", "torch"]
 
 
-@pytest.fixture(scope="module")
-def gated_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) -> Path:
-    """The tiny DiT built with ONNX graphs and torch programs (both with gate tables)."""
-    out = tmp_path_factory.mktemp("gated") / "tiny"
-    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu")
-    build(str(tiny_dit_dir), out, config, progress=False)
-    return out
-
-
 def to_numpy(value: Any) -> np.ndarray:
     return value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
@@ -84,8 +75,8 @@ def test_dit_gated_modules_equal_the_lean_reuse_step() -> None:
         torch.testing.assert_close(gated, expected, atol=0, rtol=0)
 
 
-def test_build_writes_gate_table_graphs_and_programs(gated_engine: Path) -> None:
-    manifest = load_manifest(gated_engine)
+def test_build_writes_gate_table_graphs_and_programs(tiny_torch_engine: Path) -> None:
+    manifest = load_manifest(tiny_torch_engine)
     assert manifest.gate_rows == BatchRange(1, 256, 1024)
     assert set(manifest.graphs) == {"full", "reuse", "gates", "reuse_gated"}
     assert [t.name for t in manifest.graphs["gates"].inputs] == ["timestep", "class_labels"]
@@ -94,8 +85,8 @@ def test_build_writes_gate_table_graphs_and_programs(gated_engine: Path) -> None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gate_table_generation_equals_per_step_gates(gated_engine: Path, backend: str) -> None:
-    with ForaSession(gated_engine, backend=backend) as session:
+def test_gate_table_generation_equals_per_step_gates(tiny_torch_engine: Path, backend: str) -> None:
+    with ForaSession(tiny_torch_engine, backend=backend) as session:
         per_step, used_per_step = generate(session, up_front=False)
         gated, used_table = generate(session, up_front=True)
         per_sample, _ = generate(session, up_front=True, per_sample=True)
@@ -106,9 +97,9 @@ def test_gate_table_generation_equals_per_step_gates(gated_engine: Path, backend
         np.testing.assert_allclose(got_per_sample, got, atol=1e-5, rtol=0)
 
 
-def test_gate_table_can_be_switched_off(gated_engine: Path) -> None:
+def test_gate_table_can_be_switched_off(tiny_torch_engine: Path) -> None:
     for backend in BACKENDS:
-        with ForaSession(gated_engine, backend=backend, gate_table=False) as session:
+        with ForaSession(tiny_torch_engine, backend=backend, gate_table=False) as session:
             _, used = generate(session, up_front=True)
             assert not session.backend.gate_table_enabled
             loaded = getattr(session.backend, "_sessions", None) or session.backend._programs  # type: ignore[attr-defined]
@@ -116,8 +107,8 @@ def test_gate_table_can_be_switched_off(gated_engine: Path) -> None:
         assert not used
 
 
-def test_table_holds_the_reuse_steps_only(gated_engine: Path) -> None:
-    with ForaSession(gated_engine) as session:
+def test_table_holds_the_reuse_steps_only(tiny_torch_engine: Path) -> None:
+    with ForaSession(tiny_torch_engine) as session:
         gen = session.start(STEPS, BATCH, timesteps=TIMESTEPS, class_labels=LABELS)
     reuse_steps = [i for i, full in enumerate(gen.plan) if not full]
     assert gen._gate_table is not None and len(reuse_steps) < STEPS
@@ -125,9 +116,9 @@ def test_table_holds_the_reuse_steps_only(gated_engine: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_narrower_integer_labels_are_widened_for_the_table(gated_engine: Path, backend: str) -> None:
+def test_narrower_integer_labels_are_widened_for_the_table(tiny_torch_engine: Path, backend: str) -> None:
     latents = np.zeros((BATCH, 4, 8, 8), np.float32)
-    with ForaSession(gated_engine, backend=backend) as session:
+    with ForaSession(tiny_torch_engine, backend=backend) as session:
         narrow = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS.astype(np.int32))
         got = [to_numpy(narrow.step(latents)) for _ in range(3)]
         wide = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS)
@@ -136,8 +127,8 @@ def test_narrower_integer_labels_are_widened_for_the_table(gated_engine: Path, b
         np.testing.assert_array_equal(a, b)
 
 
-def test_gate_table_in_several_calls_equals_one(gated_engine: Path) -> None:
-    with ForaSession(gated_engine) as session:
+def test_gate_table_in_several_calls_equals_one(tiny_torch_engine: Path) -> None:
+    with ForaSession(tiny_torch_engine) as session:
         planned = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
         rows = planned.rows(BATCH, list(range(STEPS)))
         whole = session.backend.gate_table(rows)
@@ -148,11 +139,11 @@ def test_gate_table_in_several_calls_equals_one(gated_engine: Path) -> None:
     np.testing.assert_allclose(parts, whole, atol=1e-6, rtol=0)
 
 
-def test_validate_checks_the_gated_reuse_step(gated_engine: Path) -> None:
+def test_validate_checks_the_gated_reuse_step(tiny_torch_engine: Path) -> None:
     from fora_export.validate.runner import validate
 
     for backend in BACKENDS:
-        report = validate(gated_engine, backend=backend, steps=6, batch_sizes=[1, 2])
+        report = validate(tiny_torch_engine, backend=backend, steps=6, batch_sizes=[1, 2])
         roles = {case.role for case in report.graph_cases}
         assert roles == {"full", "reuse", "reuse_gated"}
         assert report.trajectory is not None and report.trajectory.gate_table
@@ -162,9 +153,9 @@ def test_validate_checks_the_gated_reuse_step(gated_engine: Path) -> None:
 # -- what a caller gets wrong --------------------------------------------------------
 
 
-def test_steps_may_omit_planned_inputs_but_not_change_them(gated_engine: Path) -> None:
+def test_steps_may_omit_planned_inputs_but_not_change_them(tiny_torch_engine: Path) -> None:
     latents = np.zeros((BATCH, 4, 8, 8), np.float32)
-    with ForaSession(gated_engine) as session:
+    with ForaSession(tiny_torch_engine) as session:
         gen = session.start(STEPS, BATCH, timesteps=TIMESTEPS, class_labels=LABELS)
         gen.step(latents, float(TIMESTEPS[0]), class_labels=LABELS)  # the same values are fine
         with pytest.raises(InputError, match=r"timestep \[5\.0\] at step 1, start\(\) planned"):
@@ -195,8 +186,10 @@ def test_steps_may_omit_planned_inputs_but_not_change_them(gated_engine: Path) -
         ({"timesteps": TIMESTEPS, "class_labels": LABELS.astype(np.float32)}, "got float32, expected int64"),
     ],
 )
-def test_start_rejects_bad_planned_inputs(gated_engine: Path, kwargs: dict[str, Any], message: str) -> None:
-    with ForaSession(gated_engine) as session, pytest.raises(InputError, match=message):
+def test_start_rejects_bad_planned_inputs(
+    tiny_torch_engine: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with ForaSession(tiny_torch_engine) as session, pytest.raises(InputError, match=message):
         session.start(STEPS, BATCH, **kwargs)
 
 
@@ -218,9 +211,9 @@ def test_builds_without_gate_table_take_timesteps_up_front(tmp_path: Path, tiny_
 @pytest.mark.parametrize(
     "broken", ["no gate_rows", "no gates graph", "table mismatch", "gated output", "latents to gates"]
 )
-def test_manifest_refuses_half_a_gate_table(gated_engine: Path, tmp_path: Path, broken: str) -> None:
+def test_manifest_refuses_half_a_gate_table(tiny_torch_engine: Path, tmp_path: Path, broken: str) -> None:
     folder = tmp_path / "engine"
-    shutil.copytree(gated_engine, folder)
+    shutil.copytree(tiny_torch_engine, folder)
     path = folder / MANIFEST_NAME
     data = json.loads(path.read_text())
     if broken == "no gate_rows":
@@ -241,10 +234,10 @@ def test_manifest_refuses_half_a_gate_table(gated_engine: Path, tmp_path: Path, 
         load_manifest(folder, verify_files=False)
 
 
-def test_explicit_schedule_reuse_reads_its_own_row(gated_engine: Path) -> None:
+def test_explicit_schedule_reuse_reads_its_own_row(tiny_torch_engine: Path) -> None:
     """Row ``index * batch``: a reuse step at step 3 must use step 3's gates, not step 1's."""
     latents = np.random.default_rng(2).standard_normal((BATCH, 4, 8, 8)).astype(np.float32)
-    with ForaSession(gated_engine) as session:
+    with ForaSession(tiny_torch_engine) as session:
         gen = session.start(
             4, BATCH, schedule=CacheSchedule.explicit([0]), timesteps=TIMESTEPS[:4], class_labels=LABELS
         )
@@ -276,10 +269,10 @@ def test_cuda_graphed_gate_table_equals_per_step_gates(tiny_dit_dir: Path, tmp_p
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_torch_record_with_half_the_gate_programs_is_refused(gated_engine: Path) -> None:
+def test_torch_record_with_half_the_gate_programs_is_refused(tiny_torch_engine: Path) -> None:
     from fora_runtime.backends.torch_backend import check_program_record
 
-    record = load_manifest(gated_engine).backends["torch"]
+    record = load_manifest(tiny_torch_engine).backends["torch"]
     inputs = {k: v for k, v in record["inputs"].items() if k in ("full", "reuse")}
     with pytest.raises(BackendError, match="the same in 'programs', 'inputs' and 'outputs'"):
         check_program_record({**record, "inputs": inputs}, running_torch=torch.__version__, where="m.json")

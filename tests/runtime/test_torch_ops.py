@@ -14,8 +14,6 @@ import onnx
 import pytest
 import torch
 
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
 from fora_runtime.backends.torch_ops import chain_sum, gated_residual_sum_op, kernel_layout_problem
 
 needs_triton = pytest.mark.skipif(
@@ -120,14 +118,8 @@ def test_triton_kernel_matches_the_definition_in_the_interpreter() -> None:
     assert result.stdout.strip().endswith("ok")
 
 
-def test_torch_programs_call_the_op_and_onnx_graphs_do_not(tiny_dit_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "engine"
-    build(
-        str(tiny_dit_dir),
-        out,
-        BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu"),
-        progress=False,
-    )
+def test_torch_programs_call_the_op_and_onnx_graphs_do_not(tiny_torch_engine: Path) -> None:
+    out = tiny_torch_engine
     for program in ("reuse.pt2", "reuse_gated.pt2"):
         graph = torch.export.load(str(out / program)).graph
         assert any("fora.gated_residual_sum" in str(node.target) for node in graph.nodes), program
@@ -136,15 +128,9 @@ def test_torch_programs_call_the_op_and_onnx_graphs_do_not(tiny_dit_dir: Path, t
         assert domains <= {"", "ai.onnx"}, (file, domains)  # standard operators only
 
 
-def test_runtime_registers_the_op_itself(tiny_dit_dir: Path, tmp_path: Path) -> None:
+def test_runtime_registers_the_op_itself(tiny_torch_engine: Path) -> None:
     """A fresh process with the exporter blocked loads and runs programs calling the op."""
-    out = tmp_path / "engine"
-    build(
-        str(tiny_dit_dir),
-        out,
-        BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu"),
-        progress=False,
-    )
+    out = tiny_torch_engine
     code = textwrap.dedent(
         f"""
         import sys
