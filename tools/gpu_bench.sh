@@ -19,12 +19,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$ROOT"
 
 PY="${PYTHON:-python3}"
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/fora-site "$ROOT"/.whl/*.whl
-    export PYTHONPATH="/tmp/fora-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$ROOT:$ROOT/runtime${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=tools/gpu_env.sh
+source "$ROOT/tools/gpu_env.sh"
 export PYTHONUNBUFFERED=1
 FORA=("$PY" -m fora_export.cli)
 

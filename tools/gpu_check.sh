@@ -31,14 +31,8 @@ elif [[ -x "$ROOT/.venv/bin/python" ]]; then
 else
     PY="$(command -v python3 || command -v python || echo python3)"
 fi
-# Packages missing on a bare GPU machine (diffusers there) can travel as wheels in ./.whl.
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/fora-site "$ROOT"/.whl/*.whl
-    export PYTHONPATH="/tmp/fora-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# Make the packages importable without an install (fresh machines get a bare checkout).
-export PYTHONPATH="$ROOT:$ROOT/runtime${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=tools/gpu_env.sh
+source "$ROOT/tools/gpu_env.sh"
 
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
