@@ -58,14 +58,11 @@ from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.backends.torch_ops import gated_residual_sum_op
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import GATES_NAME, MANIFEST_NAME, Manifest
+from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, GRAPH_ROLES, MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 
 TORCH_INSTALL = "pip install torch"
-ROLES = ("full", "reuse")
-#: Programs of builds with gate-table graphs (optional, together).
-GATE_ROLES = ("gates", "reuse_gated")
 RECORD_KEYS = ("programs", "torch", "device", "dtype", "inputs", "outputs")
 #: Warm-up runs before capture (lazy init of kernels and cuBLAS workspaces).
 WARMUP_RUNS = 2
@@ -97,13 +94,13 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
         value = record[key]
         if (
             not isinstance(value, dict)
-            or sorted(value) not in (sorted(ROLES), sorted(ROLES + GATE_ROLES))
+            or sorted(value) not in (sorted(GRAPH_ROLES), sorted(GRAPH_ROLES + GATE_TABLE_ROLES))
             or sorted(value) != sorted(roles)
         ):
             raise BackendError(
                 f"{where} | torch record field '{key}' is {value!r}, expected one entry per role "
-                f"{list(ROLES)} (and optionally {list(GATE_ROLES)}), the same in 'programs', 'inputs' "
-                "and 'outputs' | re-export the torch programs"
+                f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}), the same in 'programs', "
+                "'inputs' and 'outputs' | re-export the torch programs"
             )
     return record
 
@@ -160,7 +157,7 @@ class TorchBackend(TorchTensorIO):
         # Reuse programs call fora's custom ops: they must exist before a program loads.
         gated_residual_sum_op(torch)
         programs: dict[str, Any] = {}
-        for role in ROLES + (GATE_ROLES if self._has_gate_programs else ()):
+        for role in GRAPH_ROLES + (GATE_TABLE_ROLES if self._has_gate_programs else ()):
             programs[role] = self._load(torch, record, role)
         self._programs = programs
         log.info(

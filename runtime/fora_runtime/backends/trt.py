@@ -45,16 +45,21 @@ from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import BATCH_AXIS, GATES_NAME, MANIFEST_NAME, Manifest, TensorSpec
+from fora_runtime.manifest import (
+    BATCH_AXIS,
+    GATE_TABLE_ROLES,
+    GATES_NAME,
+    GRAPH_ROLES,
+    MANIFEST_NAME,
+    Manifest,
+    TensorSpec,
+)
 
 if TYPE_CHECKING:
     import tensorrt
 
 log = logging.getLogger(__name__)
 
-ENGINE_ROLES = ("full", "reuse")
-#: Engines of builds with gate-table graphs (optional, together).
-GATE_ENGINE_ROLES = ("gates", "reuse_gated")
 TORCH_INSTALL = "pip install torch (a CUDA build)"
 TENSORRT_INSTALL = "pip install tensorrt"
 # device_memory_size_v2 and the two-argument set_device_memory (setDeviceMemoryV2) exist from 10.1.
@@ -144,12 +149,12 @@ def check_build_record(
         )
     engines = record["engines"]
     if not isinstance(engines, dict) or sorted(engines) not in (
-        sorted(ENGINE_ROLES),
-        sorted(ENGINE_ROLES + GATE_ENGINE_ROLES),
+        sorted(GRAPH_ROLES),
+        sorted(GRAPH_ROLES + GATE_TABLE_ROLES),
     ):
         raise BackendError(
             f"{where} | TensorRT record lists engines {engines!r}, expected one per role "
-            f"{list(ENGINE_ROLES)} (and optionally {list(GATE_ENGINE_ROLES)}) | rebuild the engines"
+            f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}) | rebuild the engines"
         )
     return record
 
@@ -242,7 +247,7 @@ class TensorRTBackend(TorchTensorIO):
     @property
     def _step_roles(self) -> tuple[str, ...]:
         """The engines bound and captured per batch size."""
-        return ENGINE_ROLES + (("reuse_gated",) if self.gate_table_enabled else ())
+        return GRAPH_ROLES + (("reuse_gated",) if self.gate_table_enabled else ())
 
     def _activate_impl(self) -> None:
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
@@ -276,9 +281,9 @@ class TensorRTBackend(TorchTensorIO):
         runtime = trt.Runtime(logger)
         engines: dict[str, tensorrt.ICudaEngine] = {}
         io: dict[str, list[_Binding]] = {}
-        roles: tuple[str, ...] = ENGINE_ROLES
+        roles: tuple[str, ...] = GRAPH_ROLES
         if self.use_gate_table and self.manifest.has_gate_table and "gates" in record["engines"]:
-            roles += GATE_ENGINE_ROLES
+            roles += GATE_TABLE_ROLES
         with torch.cuda.device(device):
             for role in roles:
                 path = self._engine_path(record, role)
