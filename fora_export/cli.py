@@ -177,8 +177,8 @@ def build(
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
     a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart.
     """
-    from fora_export.build.config import BuildConfig
-    from fora_export.build.pipeline import build as run_build
+    from fora_export.builder.config import BuildConfig
+    from fora_export.builder.pipeline import build as run_build
 
     config = BuildConfig.from_options(
         batch=batch,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import build
 from fora_export.demo import make_demo_dit, make_demo_pixart
 
 # learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.

@@ -106,7 +106,7 @@ try:
 except Exception as err:
     print("torch.cuda   unavailable:", err)
 try:
-    from fora_export.build.tensorrt import tensorrt_available
+    from fora_export.builder.tensorrt import tensorrt_available
     print("tensorrt_available:", tensorrt_available())
 except Exception as err:
     print("tensorrt_available: cannot tell:", type(err).__name__, err)

@@ -33,7 +33,7 @@ Device and dtype
     different torch major.minor. Both facts are recorded in the program archive
     (``extra/fora_program.json``) and in the manifest record.
 
-How ``fora_export.build.pipeline.export_folder`` should call this (after the two
+How ``fora_export.builder.pipeline.export_folder`` should call this (after the two
 ONNX exports, same ``example``/``caches``/``input_names`` as for ONNX, with the
 model and the example tensors on the target device)::
 

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
-from fora_export.build import pipeline
-from fora_export.build.config import BuildConfig, parse_batch, parse_resolution
+from fora_export.builder import pipeline
+from fora_export.builder.config import BuildConfig, parse_batch, parse_resolution
 from fora_export.errors import BuildError, ConfigError, ExportError
 from fora_runtime import ForaSession, load_manifest
 

@@ -1,4 +1,4 @@
-"""TensorRT engine builds (fora_export.build.tensorrt).
+"""TensorRT engine builds (fora_export.builder.tensorrt).
 
 The tests marked ``tensorrt`` build a tiny random-weight DiT, export it with the
 build pipeline, build both engines from the folder's ONNX graphs and compare
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fora_export.build import tensorrt as trt_build
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
-from fora_export.build.tensorrt import (
+from fora_export.builder import tensorrt as trt_build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import build
+from fora_export.builder.tensorrt import (
     ENGINE_FILES,
     GATE_ENGINE_FILES,
     TIMING_CACHE_FILE,
@@ -197,7 +197,7 @@ def test_one_logger_whose_error_list_is_swapped(
     assert trt_build._logger(fake_trt) is logger  # the same object for every build
     error = _FakeILogger.Severity.ERROR
     logger.log(error, "outside any build")  # logged, collected nowhere
-    with caplog.at_level(logging.INFO, logger="fora_export.build.tensorrt"):
+    with caplog.at_level(logging.INFO, logger="fora_export.builder.tensorrt"):
         with trt_build._capture(logger) as first:
             logger.log(error, "first build")
             # Timing-cache complaints go to their own list, at INFO.
@@ -292,7 +292,7 @@ def test_rebuild_reuses_the_timing_cache(
     for role in ("full", "reuse"):
         shutil.copy(folder / manifest.graphs[role].file, work / manifest.graphs[role].file)
     assert seed_timing_cache(folder, work)
-    with caplog.at_level("INFO", logger="fora_export.build.tensorrt"):
+    with caplog.at_level("INFO", logger="fora_export.builder.tensorrt"):
         build_engines(work, manifest.graphs, manifest.batch, TEST_BUILD)
     assert "reusing TensorRT timing cache" in caplog.text
     assert all((work / file).stat().st_size > 0 for file in ENGINE_FILES.values())

@@ -16,8 +16,8 @@ import torch
 
 from fora_export.adapters.dit import DiTGatedReuseStep, DiTGateTable
 from fora_export.adapters.registry import adapter_for
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import build
 from fora_export.demo import make_demo_dit
 from fora_export.split.graphs import split_model
 from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest

@@ -25,8 +25,8 @@ from torch import nn
 from fora_export.adapters.base import TORCH_DTYPES
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import PREDICTION, build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import PREDICTION, build
 from fora_export.demo import make_demo_dit
 from fora_export.errors import ExportError
 from fora_export.export.torch_program import (

@@ -11,8 +11,8 @@ import torch
 
 from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.registry import adapter_for
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import build
 from fora_export.demo import make_demo_pixart
 from fora_export.errors import ConfigError
 from fora_export.split.graphs import split_model

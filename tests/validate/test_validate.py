@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fora_export.build.config import BuildConfig
-from fora_export.build.pipeline import build
+from fora_export.builder.config import BuildConfig
+from fora_export.builder.pipeline import build
 from fora_export.errors import ConfigError
 from fora_export.validate.runner import validate
 from fora_runtime import CacheSchedule

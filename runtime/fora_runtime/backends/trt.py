@@ -28,7 +28,7 @@ device allocation happens inside a step; ``read_prediction`` returns a copy
 
 Inputs may be torch tensors (CUDA or CPU) or numpy arrays; scalar timesteps are
 filled in place. The engine folder's manifest must carry a ``backends["tensorrt"]``
-record (written by ``fora_export.build.tensorrt.tensorrt_record``); engines built
+record (written by ``fora_export.builder.tensorrt.tensorrt_record``); engines built
 by another TensorRT version or for another compute capability are refused.
 """
 

@@ -24,8 +24,8 @@ import fora_export
 from fora_export.adapters.base import DTYPE_NAMES, GateTableGraphs, torch_program_ops
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
-from fora_export.build import tensorrt as trt_build
-from fora_export.build.config import BuildConfig
+from fora_export.builder import tensorrt as trt_build
+from fora_export.builder.config import BuildConfig
 from fora_export.errors import BuildError, ExportError
 from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model

@@ -11,7 +11,7 @@ imported inside the functions that need them, so importing this module is free.
 How the build pipeline calls it, after both ONNX graphs are exported into the
 temporary build folder and before the manifest is written::
 
-    from fora_export.build import tensorrt as trt_build
+    from fora_export.builder import tensorrt as trt_build
 
     ok, why = trt_build.tensorrt_available()        # for `--backend auto`: build engines if ok
     trt_config = trt_build.TrtBuildConfig(opt_level=3, workspace_bytes=None)
