@@ -97,9 +97,8 @@ def _default_out(model: str) -> Path:
 @click.option(
     "--exporter",
     type=click.Choice(["torchscript", "dynamo"]),
-    default="torchscript",
-    show_default=True,
-    help="torch.onnx exporter.",
+    default=None,
+    help="torch.onnx exporter. [default: the family's: torchscript for DiT/PixArt, dynamo for Flux/SD3]",
 )
 @click.option(
     "--fp32-islands/--no-fp32-islands",
@@ -113,7 +112,12 @@ def _default_out(model: str) -> Path:
     help="Sublayer kinds to cache, e.g. attn1,attn2,ff. [default: all the family caches]",
 )
 @click.option(
-    "--caption-length", type=int, default=None, help="Caption tokens per prompt (PixArt). [default: 120]"
+    "--caption-length",
+    "--text-length",
+    "caption_length",
+    type=int,
+    default=None,
+    help="Text tokens per prompt, fixed per build (PixArt: 120, SD3: 333, Flux: 512).",
 )
 @click.option(
     "--backend",
@@ -161,7 +165,7 @@ def build(
     schedule_mode: str,
     precision: str,
     opset: int | None,
-    exporter: str,
+    exporter: str | None,
     fp32_islands: bool,
     cache: str | None,
     caption_length: int | None,
@@ -215,7 +219,13 @@ def build(
 @click.option("--model", default=None, help="PyTorch model to compare with. [default: the build's source]")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend to validate.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Trajectory length.")
-@click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
+@click.option(
+    "--scheduler",
+    type=click.Choice(["ddim", "dpm", "flow-euler"]),
+    default=None,
+    help="Sampling scheduler of the trajectory. [default: ddim for DDPM families, flow-euler for "
+    "flow-matching ones]",
+)
 @click.option(
     "--interval", type=int, default=None, help="Cache interval for the trajectory. [default: manifest]"
 )
@@ -228,7 +238,7 @@ def validate(
     model: str | None,
     backend: str,
     steps: int,
-    scheduler: str,
+    scheduler: str | None,
     interval: int | None,
     batch_sizes: str | None,
     seed: int,

@@ -96,8 +96,38 @@ def make_demo_dit_xl() -> nn.Module:
     return make_demo_dit(DIT_XL_2_CONFIG)
 
 
+#: A tiny Flux.1-dev: 2 dual-stream and 2 single-stream blocks, guidance embedding,
+#: 16-channel packed latents (a 4-channel VAE latent in 2x2 patches).
+DEMO_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def make_demo_flux(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    model: Any = FluxTransformer2DModel(**(config or DEMO_FLUX_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
+    "demo-flux": make_demo_flux,
+}
+#: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
+#: text tokens): latent resolution and text length, used where the build gives none.
+DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "demo-flux": {"resolution": (16, 16), "caption_length": 32},
 }

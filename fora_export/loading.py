@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fora_export.adapters.registry import adapter_class_for, supported_classes
-from fora_export.demo import DEMO_MODELS
+from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
 from fora_export.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class LoadedModel:
     #: How to load it again: demo name, absolute folder path or Hub id.
     source: str
     subfolder: str | None = None
+    #: Build options this model defaults to where the build gives none (demos).
+    build_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -55,7 +57,12 @@ def load_model(ref: str) -> LoadedModel:
     """Load MODEL (see module docstring) in fp32, eval mode."""
     if ref in DEMO_MODELS:
         model = DEMO_MODELS[ref]()
-        return LoadedModel(model=model, class_name=type(model).__name__, source=ref)
+        return LoadedModel(
+            model=model,
+            class_name=type(model).__name__,
+            source=ref,
+            build_defaults=dict(DEMO_BUILD_DEFAULTS.get(ref, {})),
+        )
     path = Path(ref).expanduser()
     if path.exists():
         return _load_local(path)

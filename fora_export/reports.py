@@ -12,7 +12,7 @@ from fora_export.bench import BenchReport
 from fora_export.errors import ConfigError
 from fora_export.validate.compare import GRAPH_TOLERANCES
 from fora_export.validate.runner import ValidationReport
-from fora_runtime.caches import ITEMSIZE
+from fora_runtime.dtypes import itemsize
 from fora_runtime.manifest import Manifest
 
 
@@ -68,7 +68,7 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     )
     kinds = sorted({c.kind for c in manifest.caches})
     cache_bytes = sum(
-        ITEMSIZE[c.dtype] * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
+        itemsize(c.dtype) * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
     )
     reuse_graph = manifest.export.get("reuse_graph", "plain")
     console.print(
@@ -76,7 +76,7 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         f"{cache_bytes / 2**20:.1f} MiB per sample; reuse graph: {reuse_graph}"
     )
     if manifest.gate_rows is not None:
-        row_kib = ITEMSIZE[manifest.gate_table_dtype] * prod(manifest.gate_table_shape) / 2**10
+        row_kib = itemsize(manifest.gate_table_dtype) * prod(manifest.gate_table_shape) / 2**10
         console.print(
             f"gate table: yes ({row_kib:.1f} KiB per step and sample, up to {manifest.gate_rows.max} "
             "rows per call of the gates graph)"

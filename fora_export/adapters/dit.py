@@ -30,7 +30,7 @@ from fora_export.adapters.base import (
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
 from fora_runtime.backends.torch_ops import gated_residual_sum_op
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, InputSpec
 
 
 class DiTAdapter(ModelAdapter):
@@ -66,16 +66,17 @@ class DiTAdapter(ModelAdapter):
     def num_classes(self) -> int:
         return int(self.model.config.num_embeds_ada_norm)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
+    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
         height, width = resolution
         return [
-            TensorSpec(
+            InputSpec(
                 "latents",
                 DTYPE_NAMES[TORCH_DTYPES[precision]],
                 (BATCH_AXIS, self.latent_channels, height, width),
+                role="latents",
             ),
-            TensorSpec("timestep", "float32", (BATCH_AXIS,)),
-            TensorSpec("class_labels", "int64", (BATCH_AXIS,)),
+            InputSpec("timestep", "float32", (BATCH_AXIS,), role="timestep"),
+            InputSpec("class_labels", "int64", (BATCH_AXIS,)),
         ]
 
     def family_conditioning(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class DiTAdapter(ModelAdapter):
         height, width = resolution
         dtype = TORCH_DTYPES[precision]
         latents = torch.randn(batch_size, self.latent_channels, height, width, generator=generator)
-        timestep = torch.randint(0, 1000, (batch_size,), generator=generator).to(torch.float32)
+        timestep = self.random_timesteps(batch_size, generator)
         labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
         return {"latents": latents.to(dtype), "timestep": timestep, "class_labels": labels}
 

@@ -21,6 +21,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
 
 
+def default_opset(exporter: str) -> int:
+    """17 for TorchScript (the first opset with LayerNormalization), 18 for dynamo (its minimum)."""
+    return 17 if exporter == "torchscript" else 18
+
+
 def parse_batch(text: str) -> BatchRange:
     """``MIN:OPT:MAX``, ``MIN:MAX`` or a single size."""
     if not re.fullmatch(r"\d+(:\d+){0,2}", text.strip()):
@@ -89,7 +94,7 @@ class BuildConfig:
         schedule_mode: str = "paper",
         precision: str = "fp32",
         opset: int | None = None,
-        exporter: str = "torchscript",
+        exporter: str | None = None,
         fp32_islands: bool = True,
         cache: str | None = None,
         caption_length: int | None = None,
@@ -105,8 +110,9 @@ class BuildConfig:
             schedule = CacheSchedule.interval_of(interval, schedule_mode)
         except ScheduleError as err:
             raise ConfigError(f"--interval | {err}") from err
-        if opset is None:
-            opset = 17 if exporter == "torchscript" else 18
+        # exporter None: the family's (resolved by the build with the model in hand).
+        if opset is None and exporter is not None:
+            opset = default_opset(exporter)
         kinds = None
         if cache is not None:
             kinds = tuple(k.strip() for k in cache.split(",") if k.strip())
@@ -123,7 +129,10 @@ class BuildConfig:
             resolution=parse_resolution(resolution),
             schedule=schedule,
             export=ExportConfig(
-                precision=precision, opset=opset, exporter=exporter, fp32_islands=fp32_islands
+                precision=precision,
+                opset=opset if opset is not None else 0,
+                exporter=exporter or "",
+                fp32_islands=fp32_islands,
             ),
         )
 

@@ -19,20 +19,19 @@ import numpy as np
 from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBackend, StepBuffers
 from fora_runtime.caches import ArenaLayout
+from fora_runtime.dtypes import name_of, numpy_dtype
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, Manifest
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-NUMPY_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
-
 
 def _numpy_dtype(dtype: str) -> Any:
-    if dtype not in NUMPY_DTYPES:
+    try:
+        return numpy_dtype(dtype)
+    except KeyError:
         raise BackendError(
             f"Backend 'onnxruntime' | dtype {dtype} is not supported by its Python IO | "
             "build with --precision fp32 or fp16 for ONNX Runtime"
-        )
-    return NUMPY_DTYPES[dtype]
+        ) from None
 
 
 class OnnxRuntimeBackend(StepBackend):
@@ -240,7 +239,7 @@ class OnnxRuntimeBackend(StepBackend):
 
     def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
         array = np.asarray(value)
-        return tuple(array.shape), NUMPY_NAMES.get(array.dtype, str(array.dtype))
+        return tuple(array.shape), name_of(array.dtype)
 
 
 def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
