@@ -120,14 +120,43 @@ def make_demo_flux(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) 
     return model.eval()
 
 
+#: A tiny SD3.5-Medium shape: 3 joint blocks (the last context_pre_only), dual attention
+#: in the first two, qk RMSNorm, 16-channel latents.
+DEMO_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 64,
+    "pooled_projection_dim": 32,
+    "out_channels": 16,
+    "pos_embed_max_size": 32,
+    "dual_attention_layers": (0, 1),
+    "qk_norm": "rms_norm",
+}
+
+
+def make_demo_sd3(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    model: Any = SD3Transformer2DModel(**(config or DEMO_SD3_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
     "demo-flux": make_demo_flux,
+    "demo-sd3": make_demo_sd3,
 }
 #: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
 #: text tokens): latent resolution and text length, used where the build gives none.
 DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
     "demo-flux": {"resolution": (16, 16), "caption_length": 32},
+    "demo-sd3": {"caption_length": 24},
 }

@@ -54,8 +54,13 @@ class ExportConfig:
         return bool(self.exporter)
 
     def __post_init__(self) -> None:
-        if not self.exporter:
-            return  # the family's exporter (and opset, if 0), resolved by the build; checked then
+        if not self.exporter:  # the family's exporter, resolved by the build (checked again then)
+            if self.opset and (not isinstance(self.opset, int) or self.opset < 17):
+                raise ConfigError(
+                    f"Opset | got {self.opset!r} | the exporters need opset >= 17 "
+                    "(17 is the first with LayerNormalization)"
+                )
+            return
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"Exporter | got {self.exporter!r} | expected one of {', '.join(EXPORTERS)}")
         minimum = 18 if self.exporter == "dynamo" else 17
