@@ -3,7 +3,8 @@
 ``JointTransformerBlock``s over image and text tokens, one conditioning vector
 ``temb = time_text_embed(t, pooled)`` for every adaLN projection. Per block:
 
-    shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift2, scale2, gate_msa2] = norm1.linear(silu(temb))
+    shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift2, scale2, gate_msa2] = (
+        norm1.linear(silu(temb)))
     A, A_ctx = attn(norm1(x), norm1_context(ctx))   # cached: "attn" (parts image, context)
     x = x + gate_msa * A
     A2 = attn2(modulate2(norm1(x_in)))              # cached: "attn2" (SD3.5 dual attention)
