@@ -96,19 +96,20 @@ def make_demo_dit_xl() -> nn.Module:
     return make_demo_dit(DIT_XL_2_CONFIG)
 
 
-#: A tiny Flux.1-dev: 2 dual-stream and 2 single-stream blocks, guidance embedding,
-#: 16-channel packed latents (a 4-channel VAE latent in 2x2 patches).
+#: A small Flux.1-dev (about demo-dit's size and cost): 4 dual-stream and 8 single-stream
+#: blocks of hidden 384, guidance embedding, 16-channel packed latents (a 4-channel VAE
+#: latent in 2x2 patches); built at a 32x32 latent (256 image tokens) and 64 text tokens.
 DEMO_FLUX_CONFIG: dict[str, Any] = {
     "patch_size": 1,
     "in_channels": 16,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 64,
-    "pooled_projection_dim": 32,
+    "num_layers": 4,
+    "num_single_layers": 8,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 128,
     "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),
+    "axes_dims_rope": (16, 24, 24),
 }
 
 
@@ -120,20 +121,21 @@ def make_demo_flux(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) 
     return model.eval()
 
 
-#: A tiny SD3.5-Medium shape: 3 joint blocks (the last context_pre_only), dual attention
-#: in the first two, qk RMSNorm, 16-channel latents.
+#: A small SD3.5-Medium shape: 6 joint blocks of hidden 384 (the last context_pre_only),
+#: dual attention in the first two, qk RMSNorm, 16-channel latents; 32x32 latent (256
+#: tokens) and 64 text tokens.
 DEMO_SD3_CONFIG: dict[str, Any] = {
-    "sample_size": 16,
+    "sample_size": 32,
     "patch_size": 2,
     "in_channels": 16,
-    "num_layers": 3,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 64,
-    "caption_projection_dim": 64,
-    "pooled_projection_dim": 32,
+    "num_layers": 6,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "caption_projection_dim": 384,
+    "pooled_projection_dim": 128,
     "out_channels": 16,
-    "pos_embed_max_size": 32,
+    "pos_embed_max_size": 48,
     "dual_attention_layers": (0, 1),
     "qk_norm": "rms_norm",
 }
@@ -157,6 +159,6 @@ DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
 #: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
 #: text tokens): latent resolution and text length, used where the build gives none.
 DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "demo-flux": {"resolution": (16, 16), "caption_length": 32},
-    "demo-sd3": {"caption_length": 24},
+    "demo-flux": {"resolution": (32, 32), "caption_length": 64},
+    "demo-sd3": {"caption_length": 64},
 }

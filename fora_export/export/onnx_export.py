@@ -57,7 +57,7 @@ class ExportConfig:
         if not self.exporter:  # the family's exporter, resolved by the build (checked again then)
             if self.opset and (not isinstance(self.opset, int) or self.opset < 17):
                 raise ConfigError(
-                    f"Opset | got {self.opset!r} | the exporters need opset >= 17 "
+                    f"Opset | got {self.opset!r} | every exporter needs opset >= 17 "
                     "(17 is the first with LayerNormalization)"
                 )
             return
