@@ -58,6 +58,12 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
     console.print(f"Result: {_verdict(report.passed)}")
 
 
+def _graph_bytes(manifest: Manifest, role: str) -> int:
+    """Bytes of a graph's ONNX file and its external data (its weights, nearly all)."""
+    file = manifest.graphs[role].file
+    return sum(int(manifest.files.get(name, {}).get("bytes", 0)) for name in (file, f"{file}.data"))
+
+
 def print_manifest(manifest: Manifest, folder: Path, console: Console | None = None) -> None:
     console = console or Console()
     height, width = manifest.resolution
@@ -73,8 +79,17 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     reuse_graph = manifest.export.get("reuse_graph", "plain")
     console.print(
         f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
-        f"{cache_bytes / 2**20:.1f} MiB per sample; reuse graph: {reuse_graph}"
+        f"{cache_bytes / 2**20:.1f} MiB per sample, {cache_bytes * manifest.batch.max / 2**20:.1f} MiB "
+        f"at batch {manifest.batch.max}; reuse graph: {reuse_graph}"
     )
+    roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
+    console.print(f"inputs: {roles}")
+    full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))
+    if full_bytes:
+        console.print(
+            f"reuse graph weights: {reuse_bytes / 2**20:.1f} MiB, {reuse_bytes / full_bytes:.1%} of the full "
+            f"graph's {full_bytes / 2**20:.1f} MiB"
+        )
     if manifest.gate_rows is not None:
         row_kib = itemsize(manifest.gate_table_dtype) * prod(manifest.gate_table_shape) / 2**10
         console.print(
