@@ -53,10 +53,18 @@ def _diffusers_class(class_name: str, where: str) -> Any:
     return getattr(diffusers, class_name)
 
 
-def load_model(ref: str) -> LoadedModel:
-    """Load MODEL (see module docstring) in fp32, eval mode."""
+def load_model(ref: str, dtype: Any = None) -> LoadedModel:
+    """Load MODEL (see module docstring) in eval mode, its weights in ``dtype`` (a torch
+    dtype; None: as saved for folders, fp32 for demos).
+
+    Saved models load straight into ``dtype`` with empty (meta) initialisation, so the
+    weights are held once, in the target precision: Flux.1-dev loaded in fp32 and cast
+    would need ~48 GB on the way.
+    """
     if ref in DEMO_MODELS:
         model = DEMO_MODELS[ref]()
+        if dtype is not None:
+            model = model.to(dtype)
         return LoadedModel(
             model=model,
             class_name=type(model).__name__,
@@ -65,17 +73,28 @@ def load_model(ref: str) -> LoadedModel:
         )
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_local(path)
+        return _load_local(path, dtype)
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
     if looks_like_path or not _HUB_ID.match(ref):
         raise ConfigError(
             f"MODEL '{ref}' | no such folder, and not a built-in model ({', '.join(DEMO_MODELS)}) "
             "or a Hub id (org/name) | check the path"
         )
-    return _load_hub(ref)
+    return _load_hub(ref, dtype)
 
 
-def _load_local(path: Path) -> LoadedModel:
+def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` into ``dtype``, initialised on the meta device when accelerate
+    is installed (weights then exist once, never as a random fp32 copy first)."""
+    import importlib.util
+
+    meta_init = importlib.util.find_spec("accelerate") is not None
+    if not meta_init:
+        log.info("accelerate is not installed: %s loads through a random fp32 initialisation", ref)
+    return cls.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=meta_init, **kwargs)
+
+
+def _load_local(path: Path, dtype: Any = None) -> LoadedModel:
     if not path.is_dir():
         raise ConfigError(f"MODEL '{path}' | is a file | pass the folder written by save_pretrained")
     subfolder: str | None = None
@@ -98,7 +117,7 @@ def _load_local(path: Path) -> LoadedModel:
         )
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
     try:
-        model = cls.from_pretrained(str(folder), low_cpu_mem_usage=False)
+        model = _from_pretrained(cls, str(folder), dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
     return LoadedModel(
@@ -106,7 +125,7 @@ def _load_local(path: Path) -> LoadedModel:
     )
 
 
-def _load_hub(repo_id: str) -> LoadedModel:
+def _load_hub(repo_id: str, dtype: Any = None) -> LoadedModel:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -120,7 +139,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
         class_name = _read_config(Path(config_path)).get("_class_name", "")
         cls = _diffusers_class(class_name, where=f"MODEL '{repo_id}'")
         try:
-            model = cls.from_pretrained(repo_id, subfolder=subfolder, low_cpu_mem_usage=False)
+            model = _from_pretrained(cls, repo_id, dtype, subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             raise ConfigError(f"MODEL '{repo_id}' | diffusers could not load it: {err}") from err
         return LoadedModel(model=model.eval(), class_name=class_name, source=repo_id, subfolder=subfolder)

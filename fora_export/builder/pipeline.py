@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fora_export
-from fora_export.adapters.base import DTYPE_NAMES, torch_program_ops
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, torch_program_ops
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
@@ -79,7 +79,7 @@ def build(
         stage_count = 6 if with_tensorrt or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
-            loaded = load_model(model_ref)
+            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision))
             tmp.mkdir(parents=True)
             if with_tensorrt and out.is_dir():
                 trt_build.seed_timing_cache(out, tmp)  # rebuilds reuse the earlier tuning

@@ -127,7 +127,7 @@ class ValidationReport:
 def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     """The PyTorch model the engines were built from, in the engines' precision."""
     ref = model_ref or manifest.source
-    loaded = load_model(ref)
+    loaded = load_model(ref, TORCH_DTYPES[manifest.precision])
     options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
