@@ -346,7 +346,7 @@ def _allow_attention_decomposition(trt: TrtModule, network: Any) -> int:
             layer.attention.decomposable = True
             count += 1
     if count:
-        log.info("TensorRT: %d Attention node(s) may be decomposed where no fused kernel fits", count)
+        log.info("%d Attention node(s) may be decomposed where no fused kernel fits", count)
     return count
 
 
