@@ -23,6 +23,7 @@ from fora_runtime.backends.trt import TensorRTBackend
 from fora_runtime.backends.trt_flavor import (
     DATACENTER,
     RTX,
+    RTX_INSTALL,
     RTX_VERSION,
     check_build_record,
     describe_record,
@@ -54,7 +55,9 @@ def rtx_gpu_capability() -> str:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU is visible; running TensorRT-RTX plans needs an RTX GPU")
-    import tensorrt_rtx_bindings
+    tensorrt_rtx_bindings = pytest.importorskip(
+        "tensorrt_rtx_bindings", reason=f"TensorRT-RTX is not installed here ({RTX_INSTALL})"
+    )
 
     major, minor = torch.cuda.get_device_capability()
     capability = f"{major}.{minor}"
