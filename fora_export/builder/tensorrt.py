@@ -1,41 +1,45 @@
-"""TensorRT engines for the two step graphs (``full`` and ``reuse``).
+"""TensorRT engines for the step graphs (``full``, ``reuse``, and the gate-table graphs).
 
-Works with TensorRT 10.1+ and 11.x (older versions are refused: the runtime needs
-``device_memory_size_v2`` and ``set_device_memory(ptr, size)``, both new in 10.1, and
-engines only load under the TensorRT that built them). Networks are always strongly typed: the
-precision of every tensor comes from the ONNX graph (the exporter writes fp16 /
-bf16 graphs itself), so no precision builder flag is ever set (TensorRT 11
-removed ``BuilderFlag.FP16`` / ``BF16``). ``tensorrt`` and ``torch`` are
+Two flavours build through this one module: datacenter TensorRT 10.1+ / 11.x
+(older versions are refused: the runtime needs ``device_memory_size_v2`` and
+``set_device_memory(ptr, size)``, both new in 10.1) on and for the visible GPU,
+and TensorRT-RTX 1.7+, which needs no GPU and compiles plans for a list of RTX
+compute capabilities. What differs between them is in ``trt_flavors.py`` (a
+``BuildFlavor`` argument, datacenter TensorRT by default); engines only load
+under the library version that built them. Networks are always strongly typed:
+the precision of every tensor comes from the ONNX graph (the exporter writes
+fp16 / bf16 graphs itself), so no precision builder flag is ever set (TensorRT 11
+removed ``BuilderFlag.FP16`` / ``BF16``). TensorRT modules and ``torch`` are
 imported inside the functions that need them, so importing this module is free.
 
-How the build pipeline calls it, after both ONNX graphs are exported into the
+How the build pipeline calls it, after the ONNX graphs are exported into the
 temporary build folder and before the manifest is written::
 
     from fora_export.builder import tensorrt as trt_build
 
-    ok, why = trt_build.tensorrt_available()        # for `--backend auto`: build engines if ok
-    trt_config = trt_build.TrtBuildConfig(opt_level=3, workspace_bytes=None)
-    trt_build.seed_timing_cache(out, tmp)           # rebuilding `out`: reuse its timing cache
-    trt_build.build_engines(tmp, graphs, config.batch, trt_config)
-    record = trt_build.tensorrt_record(tmp, config.batch, trt_config)
+    flavor, note = trt_build.resolve_tensorrt(config.backend)  # None: no engines (auto, none here)
+    trt_build.seed_timing_cache(out, tmp, flavor)              # rebuilding `out`: reuse its timing cache
+    record = trt_build.build_folder_engines(tmp, graphs, config.batch, config.tensorrt,
+                                            gate_rows=GATE_ROWS or None, flavor=flavor)
     manifest = Manifest(..., files=_file_records(tmp), backends={"tensorrt": record})
 
-Inputs: the build folder holding ``full.onnx`` / ``reuse.onnx`` (external data
-beside them is fine: graphs are parsed by path), the manifest's ``GraphSpec``
-per role (its ``file`` and ``inputs``; shapes come from
-``TensorSpec.concrete_shape``) and the ``BatchRange``, which becomes the single
-optimization profile (min/opt/max on axis 0 of every graph input).
+Inputs: the build folder holding the ONNX graphs (external data beside them is
+fine: graphs are parsed by path), the manifest's ``GraphSpec`` per role (its
+``file``, ``inputs`` and ``outputs``: every parsed network's IO must be exactly
+these; profile shapes come from ``TensorSpec.concrete_shape``) and the
+``BatchRange``, which becomes the single optimization profile (min/opt/max on
+axis 0 of every graph input; the gates engine's is ``gate_rows``).
 
 Outputs, written into the folder: ``full.plan`` and ``reuse.plan`` (serialized
-engines, see ``ENGINE_FILES``; builds with gate-table graphs add ``GATE_ENGINE_FILES``,
-the gates engine with its own rows profile via ``profiles=``) and ``timing.cache`` (``TIMING_CACHE_FILE``),
-shared by both builds and read again by later rebuilds. ``tensorrt_record``
-returns the ``backends["tensorrt"]`` entry of the manifest (TensorRT version,
-GPU, compute capability, profile, engine files with sha256); the runtime refuses
-engines whose recorded TensorRT version or compute capability differ from the
-running ones. The engine files must also be listed in ``Manifest.files``
-(``_file_records`` does that when it runs after ``build_engines``; or merge
-``engine_file_records``) so ``load_manifest`` verifies them.
+engines, see ``ENGINE_FILES``; builds with gate-table graphs add ``GATE_ENGINE_FILES``)
+and, for datacenter TensorRT, ``timing.cache`` (``TIMING_CACHE_FILE``), shared by the
+builds and read again by later rebuilds. ``tensorrt_record`` returns the
+``backends["tensorrt"]`` entry of the manifest (flavour, library version, where the
+engines run, profile, engine files with sha256); the runtime refuses engines whose
+recorded version or compute capability does not fit the running ones. The engine
+files must also be listed in ``Manifest.files`` (``_file_records`` does that when it
+runs after ``build_engines``; or merge ``engine_file_records``) so ``load_manifest``
+verifies them.
 """
 
 from __future__ import annotations
