@@ -75,6 +75,11 @@ class BuildConfig:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
             )
+        if self.tensorrt.compute_capabilities is not None and self.backend != "tensorrt-rtx":
+            raise ConfigError(
+                "--compute-capabilities | applies to --backend tensorrt-rtx only "
+                f"(this build: {self.backend}) | add --backend tensorrt-rtx, or leave it out"
+            )
         if self.reuse_graph not in ("lean", "plain"):
             raise ConfigError(f"--reuse-graph | got {self.reuse_graph!r} | expected lean or plain")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -67,3 +67,9 @@ def test_compute_capabilities_are_checked(tiny_dit_dir: Path, tmp_path: Path) ->
     assert_user_error(
         code, stderr, r"--compute-capabilities \| got \('8\.6', 'nine'\) \| expected major\.minor"
     )
+    code, _, stderr = invoke(
+        "build", str(tiny_dit_dir), "--out", str(tmp_path / "x"), "--compute-capabilities", "8.6"
+    )
+    assert_user_error(
+        code, stderr, r"--compute-capabilities \| applies to --backend tensorrt-rtx only \(this build: auto\)"
+    )
