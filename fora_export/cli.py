@@ -121,10 +121,11 @@ def _default_out(model: str) -> Path:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
+    type=click.Choice(["auto", "onnx", "tensorrt", "tensorrt-rtx", "torch"]),
     default="auto",
     show_default=True,
-    help="Besides ONNX: tensorrt engines, torch.export programs, or auto (TensorRT when present).",
+    help="Besides ONNX: tensorrt engines, tensorrt-rtx plans (RTX GPUs; built without a GPU), "
+    "torch.export programs, or auto (TensorRT when present).",
 )
 @click.option(
     "--reuse-graph",
@@ -154,6 +155,12 @@ def _default_out(model: str) -> Path:
     default=None,
     help="TensorRT workspace limit in MiB. [default: TensorRT's]",
 )
+@click.option(
+    "--compute-capabilities",
+    "trt_compute_capabilities",
+    default=None,
+    help="TensorRT-RTX target GPUs, e.g. 8.6,8.9,12.0 (7.5: Turing, fp16 only). [default: 8.6,8.9,12.0]",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
 def build(
@@ -172,6 +179,7 @@ def build(
     backend: str,
     trt_opt_level: int,
     trt_workspace_mib: int | None,
+    trt_compute_capabilities: str | None,
     device: str,
     reuse_graph: str,
     force: bool,
@@ -198,6 +206,7 @@ def build(
         backend=backend,
         trt_opt_level=trt_opt_level,
         trt_workspace_mib=trt_workspace_mib,
+        trt_compute_capabilities=trt_compute_capabilities,
         device=device,
         reuse_graph=reuse_graph,
     )
@@ -328,6 +337,7 @@ def bench(
     from fora_export.bench import eager_baseline, plan_bench
     from fora_export.errors import ConfigError
     from fora_export.reports import plot_bench, print_bench
+    from fora_runtime.backends.base import create_backend
     from fora_runtime.manifest import load_manifest
 
     try:
@@ -344,6 +354,8 @@ def bench(
         repeats=repeats,
         schedule_mode=schedule_mode,
     )
+    for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
+        create_backend(name, manifest, engine_dir).preflight()
     baseline = None
     if eager:
         try:

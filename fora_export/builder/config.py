@@ -16,9 +16,10 @@ from fora_runtime.schedule import CacheSchedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: What a build produces beyond the ONNX graphs (always written): ``auto`` adds
-#: TensorRT engines when TensorRT imports and a GPU is visible; ``torch`` adds
+#: TensorRT engines when TensorRT imports and a GPU is visible; ``tensorrt-rtx`` adds
+#: TensorRT-RTX plans for RTX GPUs (built without a GPU); ``torch`` adds
 #: ``torch.export`` programs for the runtime's torch backend.
-BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
+BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "tensorrt-rtx", "torch")
 
 
 def default_opset(exporter: str) -> int:
@@ -79,6 +80,11 @@ class BuildConfig:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
             )
+        if self.tensorrt.compute_capabilities is not None and self.backend != "tensorrt-rtx":
+            raise ConfigError(
+                "--compute-capabilities | applies to --backend tensorrt-rtx only "
+                f"(this build: {self.backend}) | add --backend tensorrt-rtx, or leave it out"
+            )
         if self.reuse_graph not in ("lean", "plain"):
             raise ConfigError(f"--reuse-graph | got {self.reuse_graph!r} | expected lean or plain")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -101,6 +107,7 @@ class BuildConfig:
         backend: str = "auto",
         trt_opt_level: int = 3,
         trt_workspace_mib: int | None = None,
+        trt_compute_capabilities: str | None = None,
         device: str = "auto",
         reuse_graph: str = "lean",
     ) -> BuildConfig:
@@ -119,12 +126,17 @@ class BuildConfig:
             if not kinds:
                 raise ConfigError(f"--cache | got {cache!r} | expected sublayer kinds, e.g. attn1,attn2,ff")
         workspace = trt_workspace_mib * 2**20 if trt_workspace_mib is not None else None
+        targets = None
+        if trt_compute_capabilities is not None:
+            targets = tuple(cc.strip() for cc in trt_compute_capabilities.split(",") if cc.strip())
         return cls(
             adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
             backend=backend,
             device=device,
             reuse_graph=reuse_graph,
-            tensorrt=TrtBuildConfig(opt_level=trt_opt_level, workspace_bytes=workspace),
+            tensorrt=TrtBuildConfig(
+                opt_level=trt_opt_level, workspace_bytes=workspace, compute_capabilities=targets
+            ),
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
             schedule=schedule,

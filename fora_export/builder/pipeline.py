@@ -28,6 +28,7 @@ from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
 from fora_export.builder.config import BuildConfig, default_opset
+from fora_export.builder.trt_flavors import BuildFlavor
 from fora_export.errors import BuildError, ExportError
 from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model
@@ -70,20 +71,20 @@ def build(
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
-    with_tensorrt, backend_note = resolve_backend(config.backend)
+    tensorrt_flavor, backend_note = resolve_backend(config.backend)
     log.info("%s", backend_note)
     started = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stage_count = 6 if with_tensorrt or config.backend == "torch" else 5
+        stage_count = 6 if tensorrt_flavor or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
             loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision))
             tmp.mkdir(parents=True)
-            if with_tensorrt and out.is_dir():
-                trt_build.seed_timing_cache(out, tmp)  # rebuilds reuse the earlier tuning
-            manifest = export_folder(loaded, tmp, config, stages, with_tensorrt=with_tensorrt)
+            if tensorrt_flavor and out.is_dir():
+                trt_build.seed_timing_cache(out, tmp, tensorrt_flavor)  # rebuilds reuse the earlier tuning
+            manifest = export_folder(loaded, tmp, config, stages, tensorrt_flavor=tensorrt_flavor)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,18 +94,14 @@ def build(
     return BuildResult(folder=out, manifest=manifest, seconds=seconds, backend_note=backend_note)
 
 
-def resolve_backend(backend: str) -> tuple[bool, str]:
-    """Resolve ``--backend``: whether this build also makes TensorRT engines, and what
-    it will write, in words (``auto`` says why it chose)."""
+def resolve_backend(backend: str) -> tuple[BuildFlavor | None, str]:
+    """Resolve ``--backend``: the TensorRT flavour this build also makes engines with (None:
+    no engines), and what it will write, in words (``auto`` says why it chose)."""
     if backend == "onnx":
-        return False, "backend onnx: ONNX graphs"
+        return None, "backend onnx: ONNX graphs"
     if backend == "torch":
-        return False, "backend torch: ONNX graphs + torch.export programs"
-    available, why = trt_build.tensorrt_available()
-    if backend == "tensorrt" and not available:
-        raise BuildError(f"--backend tensorrt | {why} | run the build on a GPU machine with TensorRT")
-    what = "ONNX graphs + TensorRT engines" if available else "ONNX graphs only"
-    return available, f"backend {backend}: {what} ({why})"
+        return None, "backend torch: ONNX graphs + torch.export programs"
+    return trt_build.resolve_tensorrt(backend)
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -165,7 +162,7 @@ def export_folder(
     config: BuildConfig,
     stages: StageProgress,
     *,
-    with_tensorrt: bool = False,
+    tensorrt_flavor: BuildFlavor | None = None,
 ) -> Manifest:
     """Split ``loaded`` and write graphs + manifest into ``folder``."""
     stages.stage("splitting")
@@ -216,15 +213,11 @@ def export_folder(
         if config.backend == "torch":
             stages.stage("exporting torch programs")
             backends["torch"] = _export_torch_programs(jobs, folder)
-        if with_tensorrt:
-            stages.stage("building TensorRT engines")
-            engines = {job.role: graph_file(job.role, "tensorrt") for job in jobs}
+        if tensorrt_flavor:
+            stages.stage(f"building {tensorrt_flavor.title} engines")
             profiles = {job.role: job.batch_range for job in jobs if job.batch_range != batch}
-            trt_build.build_engines(
-                folder, graphs, batch, config.tensorrt, engines=engines, profiles=profiles
-            )
-            backends["tensorrt"] = trt_build.tensorrt_record(
-                folder, batch, config.tensorrt, engines=engines, gate_rows=profiles.get("gates")
+            backends["tensorrt"] = trt_build.build_folder_engines(
+                folder, graphs, batch, config.tensorrt, profiles=profiles, flavor=tensorrt_flavor
             )
         stages.stage("writing manifest")
         manifest = Manifest(
