@@ -15,6 +15,7 @@ import logging
 import platform
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import GATE_ROWS, build
 from fora_export.builder.tensorrt import TrtBuildConfig, build_engine, parse_network_io
 from fora_export.builder.trt_flavors import DATACENTER_BUILD, DEFAULT_RTX_TARGETS, RTX_BUILD
+from fora_export.demo import make_demo_flux, make_demo_sd3
 from fora_export.errors import BuildError, ConfigError
 from fora_runtime import load_manifest
 from fora_runtime.backends.trt_flavor import RTX_VERSION
 from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
 from tests.conftest import OTHER_PIXART, TINY_DIT, TINY_PIXART, save_dit, save_pixart
+from tests.validate.test_mmdit import TINY_FLUX_DEV, TINY_SD35
 
 # The TensorRT-RTX wheels exist for x86-64 Linux (and Windows); there, a missing install
 # is a failure, not a skip.
@@ -40,10 +43,16 @@ pytestmark = pytest.mark.skipif(
 
 BATCH = "1:2:4"
 
+
 # name -> (save the tiny model, its config, build options). Together they cover every graph
 # kind we export: lean reuse + gate table (DiT), plain reuse, PixArt with and without size
 # conditions, cached subsets (the reuse graph runs the uncached sublayers), and each precision
 # (fp16/bf16 graphs carry fp32 islands: Cast around LayerNorm, Softmax, bf16 Einsum/Conv).
+def _save_model(make: Callable[..., Any], folder: Path, config: dict[str, Any]) -> Path:
+    make(config, seed=0).save_pretrained(folder)
+    return folder
+
+
 FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] = {
     "dit": (save_dit, TINY_DIT, {}),
     "dit-bf16": (save_dit, TINY_DIT, {"precision": "bf16"}),
@@ -53,6 +62,18 @@ FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] 
         save_pixart,
         OTHER_PIXART,
         {"precision": "fp16", "cache": "attn1,ff", "caption_length": 6},
+    ),
+    # MMDiT: image-stream caches and gate tables; SD3.5's dual attention and qk RMSNorm
+    # (TorchScript, opset 17), Flux's rotary attention and decomposed RMSNorm (dynamo, opset 18).
+    "sd3.5-bf16": (
+        partial(_save_model, make_demo_sd3),
+        TINY_SD35,
+        {"precision": "bf16", "caption_length": 6},
+    ),
+    "flux-dev": (
+        partial(_save_model, make_demo_flux),
+        TINY_FLUX_DEV,
+        {"resolution": "8x8", "caption_length": 6},
     ),
 }
 
@@ -90,7 +111,8 @@ def test_every_graph_has_a_tensorrt_rtx_plan(rtx_folder: Path) -> None:
     assert record["profile"] == {"min": 1, "opt": 2, "max": 4}
     has_gates = "gates" in manifest.graphs
     assert record["gate_profile"] == ({"min": 1, "opt": 256, "max": 1024} if has_gates else None)
-    assert has_gates == (manifest.family == "dit" and manifest.export["reuse_graph"] == "lean")
+    # Gate tables come with the lean reuse graphs of the adaLN-Zero families (DiT, SD3, Flux).
+    assert has_gates == (manifest.family != "pixart" and manifest.export["reuse_graph"] == "lean")
     for file in record["engines"].values():
         assert (rtx_folder / file).stat().st_size > 0
         assert record["sha256"][file] == manifest.files[file]["sha256"]
