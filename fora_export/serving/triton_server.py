@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -84,9 +85,18 @@ def make_backend_dir(folder: Path, install: TritonInstall) -> Path:
 
 def server_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: the wheel's libraries on LD_LIBRARY_PATH and this
-    environment's interpreter first on PATH (the stub then runs inside it)."""
+    environment's interpreter first on PATH (the stub then runs inside it).
+
+    The stub links ``libpython3.X.so.1.0`` by name; with this interpreter's own shared
+    libpython first on LD_LIBRARY_PATH the stub embeds exactly this Python, whose
+    standard-library extension modules it then loads (another build of 3.X, e.g. the
+    distribution's, fails on some of them: ``_ssl``: undefined symbol)."""
     env = dict(os.environ if base is None else base)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
+    libs = [str(install.libs)]
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname and (Path(libdir) / soname).exists():
+        libs.insert(0, libdir)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH")) if p)
     env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
     return env
 
