@@ -370,13 +370,24 @@ def bench(
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option(
-    "--out", "repository", type=click.Path(path_type=Path), required=True, help="Model repository to write into."
+    "--out",
+    "repository",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Model repository to write into.",
 )
 @click.option("--name", default="fora", show_default=True, help="Model name (its folder in the repository).")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (one per GPU on GPUs).")
-@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Instance kind.")
 @click.option(
-    "--max-batch", type=int, default=None, help="Most samples per request and per batch. [default: the build's max]"
+    "--instances", type=int, default=1, show_default=True, help="Model instances (one per GPU on GPUs)."
+)
+@click.option(
+    "--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Instance kind."
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=None,
+    help="Most samples per request and per batch. [default: the build's max]",
 )
 @click.option(
     "--backend",
@@ -397,8 +408,12 @@ def bench(
     show_default=True,
     help="Let Triton batch concurrent requests into one execute().",
 )
-@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batcher delay.")
-@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime threads (0: its default).")
+@click.option(
+    "--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batcher delay."
+)
+@click.option(
+    "--threads", type=int, default=0, show_default=True, help="ONNX Runtime threads (0: its default)."
+)
 @click.option(
     "--python-path",
     multiple=True,

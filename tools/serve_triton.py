@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fora_export.serving.triton_server import (
     LOCALHOST,
+    environment_prefixes,
     find_triton,
     make_backend_dir,
     server_command,
@@ -38,10 +39,14 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 switches metrics off")
     parser.add_argument("--address", default=LOCALHOST, help="address to bind HTTP, gRPC and metrics to")
     parser.add_argument("--backend-dir", type=Path, default=None, help="[default: a temporary folder]")
-    parser.add_argument("--print-command", action="store_true", help="print the command instead of running it")
+    parser.add_argument(
+        "--print-command", action="store_true", help="print the command instead of running it"
+    )
     args = parser.parse_args()
     if not args.repository.is_dir():
-        sys.exit(f"error: {args.repository} | not a folder | write one with `fora-export triton ENGINE --out DIR`")
+        sys.exit(
+            f"error: {args.repository} | not a folder | write one with `fora-export triton ENGINE --out DIR`"
+        )
     install = find_triton()
     backend_dir = args.backend_dir or Path(tempfile.mkdtemp(prefix="fora-triton-backends-"))
     make_backend_dir(backend_dir, install)
@@ -54,12 +59,16 @@ def main() -> None:
         metrics_port=args.metrics_port or None,
         address=args.address,
     )
-    env = server_environment(install)
     if args.print_command:
-        print(f"LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])} PATH={shlex.quote(env['PATH'])} \\")
+        for name, prefixes in environment_prefixes(install).items():
+            print(f"{name}={shlex.quote(os.pathsep.join(prefixes))}:${name} \\")
         print("  " + " \\\n    ".join(shlex.quote(part) for part in command))
         return
-    print(f"serving {args.repository} on http {args.address}:{args.http_port}, grpc {args.address}:{args.grpc_port}")
+    env = server_environment(install)
+    print(
+        f"serving {args.repository}: http {args.address}:{args.http_port}, "
+        f"grpc {args.address}:{args.grpc_port}"
+    )
     sys.stdout.flush()
     os.execve(command[0], command, env)
 

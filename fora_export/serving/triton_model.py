@@ -96,10 +96,14 @@ class TritonPythonModel:
         kind = args.get("model_instance_kind", "CPU").lower()
         device = int(args.get("model_instance_device_id", "0"))
         backend = params["fora_backend"]
-        options = instance_backend_options(backend, kind, device, threads=int(params.get("fora_threads", "0")))
+        options = instance_backend_options(
+            backend, kind, device, threads=int(params.get("fora_threads", "0"))
+        )
         self._session = ForaSession(VERSION_DIR / params["fora_engine"], backend=backend, **options)
         self._session.activate()
-        self._spec = ServingSpec.from_manifest(self._session.manifest, max_batch=int(config["max_batch_size"]))
+        self._spec = ServingSpec.from_manifest(
+            self._session.manifest, max_batch=int(config["max_batch_size"])
+        )
         scheduler = json.loads((VERSION_DIR / params["fora_scheduler"]).read_text())
         if scheduler.get("_class_name") == "DDIMScheduler":
             self._generator = BatchedGenerator(self._session, self._spec, lambda: DDIMSampler(scheduler))

@@ -45,7 +45,12 @@ _BACKEND_FILE = {"onnxruntime": "full.onnx", "torch": "full.pt2", "tensorrt": "f
 #: The Python-backend model copied as model.py (a module of this package, linted and type-checked,
 #: never imported here: it imports triton_python_backend_utils, which only Triton's stub has).
 MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
-_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+_TRITON_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+}
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,9 @@ def _check_repository(repository: Path, target: Path, force: bool) -> None:
 def _tensor_block(tensor: ServedTensor) -> str:
     dims = ", ".join(str(d) for d in tensor.shape)
     optional = " optional: true" if tensor.optional else ""
-    return f'  {{ name: "{tensor.name}" data_type: {_TRITON_DTYPES[tensor.dtype]} dims: [ {dims} ]{optional} }}'
+    return (
+        f'  {{ name: "{tensor.name}" data_type: {_TRITON_DTYPES[tensor.dtype]} dims: [ {dims} ]{optional} }}'
+    )
 
 
 def config_pbtxt(spec: ServingSpec, config: TritonModelConfig, backend: str) -> str:
@@ -234,7 +241,8 @@ def config_pbtxt(spec: ServingSpec, config: TritonModelConfig, backend: str) -> 
     lines.append("parameters [")
     lines.append(
         ",\n".join(
-            f'  {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}' for key, value in params.items()
+            f'  {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
+            for key, value in params.items()
         )
     )
     lines.append("]")

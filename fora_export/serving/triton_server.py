@@ -83,21 +83,27 @@ def make_backend_dir(folder: Path, install: TritonInstall) -> Path:
     return folder
 
 
-def server_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: the wheel's libraries on LD_LIBRARY_PATH and this
-    environment's interpreter first on PATH (the stub then runs inside it).
+def environment_prefixes(install: TritonInstall) -> dict[str, list[str]]:
+    """Folders the server needs in front of ``LD_LIBRARY_PATH`` and ``PATH``: the wheel's
+    libraries, and this environment's interpreter (the stub then runs inside it).
 
     The stub links ``libpython3.X.so.1.0`` by name; with this interpreter's own shared
     libpython first on LD_LIBRARY_PATH the stub embeds exactly this Python, whose
     standard-library extension modules it then loads (another build of 3.X, e.g. the
     distribution's, fails on some of them: ``_ssl``: undefined symbol)."""
-    env = dict(os.environ if base is None else base)
     libs = [str(install.libs)]
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname and (Path(libdir) / soname).exists():
+    shared = sysconfig.get_config_var("Py_ENABLE_SHARED")
+    if shared and libdir and soname and (Path(libdir) / soname).exists():
         libs.insert(0, libdir)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH")) if p)
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+    return {"LD_LIBRARY_PATH": libs, "PATH": [str(Path(sys.executable).parent)]}
+
+
+def server_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with :func:`environment_prefixes`."""
+    env = dict(os.environ if base is None else base)
+    for name, prefixes in environment_prefixes(install).items():
+        env[name] = os.pathsep.join(p for p in (*prefixes, env.get(name)) if p)
     return env
 
 
@@ -129,7 +135,11 @@ def server_command(
     if metrics_port is None:
         command.append("--allow-metrics=false")
     else:
-        command += [f"--metrics-address={address}", f"--metrics-port={metrics_port}", "--allow-gpu-metrics=false"]
+        command += [
+            f"--metrics-address={address}",
+            f"--metrics-port={metrics_port}",
+            "--allow-gpu-metrics=false",
+        ]
     return command
 
 
@@ -143,8 +153,8 @@ def free_port() -> int:
 class TritonServer:
     """A tritonserver process on 127.0.0.1 with free ports, for tests and benchmarks.
 
-        with TritonServer(repository, workdir) as server:
-            client = tritonclient.http.InferenceServerClient(server.http_url)
+    with TritonServer(repository, workdir) as server:
+        client = tritonclient.http.InferenceServerClient(server.http_url)
     """
 
     def __init__(self, repository: Path, workdir: Path, *, metrics: bool = False) -> None:
@@ -196,10 +206,12 @@ class TritonServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=1.0) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")

@@ -118,7 +118,9 @@ def reference(
     with ForaSession(engine) as session:
         if guided:
             null = session.manifest.conditioning["null_class"]
-            conditioning = {"class_labels": np.concatenate([conditioning["class_labels"], np.full(count, null)])}
+            conditioning = {
+                "class_labels": np.concatenate([conditioning["class_labels"], np.full(count, null)])
+            }
         schedule = CacheSchedule.interval_of(interval) if interval else None
         generation = session.start(
             steps, count * (2 if guided else 1), schedule=schedule, timesteps=timesteps, **conditioning
@@ -173,7 +175,11 @@ def test_grpc_request_with_seed_guidance_and_interval(server: TritonServer, repo
     )
     np.testing.assert_array_equal(served, expected)
     # Guidance and interval changed the result: the inputs really reached the loop.
-    plain = reference(served_engine(repository, "dit"), seeded_latents(np.array([11]), LATENT), {"class_labels": np.array([5])})
+    plain = reference(
+        served_engine(repository, "dit"),
+        seeded_latents(np.array([11]), LATENT),
+        {"class_labels": np.array([5])},
+    )
     assert np.abs(served - plain).max() > 1e-3
 
 
@@ -192,7 +198,9 @@ def test_pixart_request_equals_in_process_generation(server: TritonServer, repos
     served = client.infer("pixart", tensors(httpclient, **request)).as_numpy("final_latents")
     client.close()
     conditioning = {"encoder_hidden_states": captions, "encoder_attention_mask": mask}
-    np.testing.assert_array_equal(served, reference(served_engine(repository, "pixart"), latents, conditioning))
+    np.testing.assert_array_equal(
+        served, reference(served_engine(repository, "pixart"), latents, conditioning)
+    )
 
 
 class DiffusersLoop:
@@ -224,12 +232,17 @@ class DiffusersLoop:
 def test_pipeline_scheduler_drives_the_loop(server: TritonServer, repository: Path) -> None:
     latents = latents_for(8)
     client = httpclient.InferenceServerClient(server.http_url)
-    served = client.infer("dit_dpm", tensors(httpclient, **dit_request(latents, [4]))).as_numpy("final_latents")
+    served = client.infer("dit_dpm", tensors(httpclient, **dit_request(latents, [4]))).as_numpy(
+        "final_latents"
+    )
     client.close()
     config = json.loads((repository / "dit_dpm" / "1" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "DPMSolverMultistepScheduler"
     expected = reference(
-        served_engine(repository, "dit_dpm"), latents, {"class_labels": np.array([4])}, sampler=DiffusersLoop(config)
+        served_engine(repository, "dit_dpm"),
+        latents,
+        {"class_labels": np.array([4])},
+        sampler=DiffusersLoop(config),
     )
     np.testing.assert_array_equal(served, expected)
 
@@ -250,7 +263,9 @@ def test_concurrent_clients_get_their_own_results(server: TritonServer, reposito
                 bad = dit_request(latents_for(0), [42])
                 return client.infer("dit", tensors(httpclient, **bad))
             latents, labels = cases[index]
-            return client.infer("dit", tensors(httpclient, **dit_request(latents, labels))).as_numpy("final_latents")
+            return client.infer("dit", tensors(httpclient, **dit_request(latents, labels))).as_numpy(
+                "final_latents"
+            )
         except InferenceServerException as err:
             return err
         finally:
@@ -339,4 +354,7 @@ def _stats(server: TritonServer, model: str) -> dict[str, int]:
     client = httpclient.InferenceServerClient(server.http_url)
     stats = client.get_inference_statistics(model)["model_stats"][0]
     client.close()
-    return {"inference_count": int(stats["inference_count"]), "execution_count": int(stats["execution_count"])}
+    return {
+        "inference_count": int(stats["inference_count"]),
+        "execution_count": int(stats["execution_count"]),
+    }

@@ -83,7 +83,9 @@ class BatchedGenerator:
         padding = max(0, -(-self.spec.batch.min // factor) - samples)
         if padding:
             latents = np.concatenate([latents, np.repeat(latents[:1], padding, axis=0)])
-            conditioning = {k: np.concatenate([v, np.repeat(v[:1], padding, axis=0)]) for k, v in conditioning.items()}
+            conditioning = {
+                k: np.concatenate([v, np.repeat(v[:1], padding, axis=0)]) for k, v in conditioning.items()
+            }
         final = self._loop(latents, conditioning, first)[:samples]
         bounds = np.cumsum([r.batch_size for r in requests])[:-1]
         return [np.array(part, copy=True) for part in np.split(final, bounds)]

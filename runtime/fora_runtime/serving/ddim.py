@@ -109,7 +109,9 @@ class DDIMSampler:
         elif cfg["beta_schedule"] == "linear":
             betas = np.linspace(cfg["beta_start"], cfg["beta_end"], count, dtype=np.float32)
         elif cfg["beta_schedule"] == "scaled_linear":
-            betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, count, dtype=np.float32) ** 2
+            betas = (
+                np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, count, dtype=np.float32) ** 2
+            )
         elif cfg["beta_schedule"] == "squaredcos_cap_v2":
             betas = _cosine_betas(count)
         else:

@@ -72,7 +72,9 @@ class ServingSpec:
             if spec.name in cache_names or spec.name in _STEP_ONLY:
                 continue
             per_sample = tuple(int(d) for d in spec.shape[1:])
-            conditioning.append(ServedTensor(spec.name, spec.dtype, per_sample or (1,), graph_shape=per_sample))
+            conditioning.append(
+                ServedTensor(spec.name, spec.dtype, per_sample or (1,), graph_shape=per_sample)
+            )
         limit = manifest.batch.max
         if max_batch is not None and not 1 <= max_batch <= limit:
             raise InputError(
@@ -205,7 +207,9 @@ def parse_request(inputs: dict[str, np.ndarray], spec: ServingSpec) -> Generatio
 
 def _latents(inputs: dict[str, np.ndarray], spec: ServingSpec, batch_size: int) -> np.ndarray:
     if (LATENTS in inputs) == (SEED in inputs):
-        raise InputError(f"Request | needs exactly one of '{LATENTS}' and '{SEED}' | send initial latents or seeds")
+        raise InputError(
+            f"Request | needs exactly one of '{LATENTS}' and '{SEED}' | send initial latents or seeds"
+        )
     if SEED in inputs:
         seeds = np.asarray(inputs[SEED])
         if seeds.dtype.kind not in "iu" or seeds.shape != (batch_size, 1):
@@ -220,7 +224,8 @@ def _latents(inputs: dict[str, np.ndarray], spec: ServingSpec, batch_size: int) 
     want = (batch_size, *spec.latent_shape)
     if latents.dtype != np.float32 or latents.shape != want:
         raise InputError(
-            f"Input '{LATENTS}' | got {latents.dtype.name} {list(latents.shape)} | expected float32 {list(want)}"
+            f"Input '{LATENTS}' | got {latents.dtype.name} {list(latents.shape)} | "
+            f"expected float32 {list(want)}"
         )
     if not np.isfinite(latents).all():
         raise InputError(f"Input '{LATENTS}' | holds NaN or Inf | send finite initial latents")
