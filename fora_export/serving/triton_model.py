@@ -105,10 +105,9 @@ class TritonPythonModel:
             self._session.manifest, max_batch=int(config["max_batch_size"])
         )
         scheduler = json.loads((VERSION_DIR / params["fora_scheduler"]).read_text())
-        if scheduler.get("_class_name") == "DDIMScheduler":
-            self._generator = BatchedGenerator(self._session, self._spec, lambda: DDIMSampler(scheduler))
-        else:
-            self._generator = BatchedGenerator(self._session, self._spec, lambda: DiffusersSampler(scheduler))
+        sampler_class = DDIMSampler if scheduler.get("_class_name") == "DDIMScheduler" else DiffusersSampler
+        sampler_class(scheduler)  # a bad config fails the load, not the first request; imports now
+        self._generator = BatchedGenerator(self._session, self._spec, lambda: sampler_class(scheduler))
         self._input_names = [t.name for t in self._spec.inputs()]
         self._output_name = self._spec.outputs()[0].name
         pb_utils.Logger.log_info(
