@@ -28,7 +28,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from fora_export.serving.triton_server import TritonServer, find_triton  # noqa: E402
+from fora_export.serving.triton_server import TritonServer  # noqa: E402
 
 DTYPES = {"float32": "FP32", "int64": "INT64", "int32": "INT32"}
 STEPS = 6
@@ -72,7 +72,7 @@ def repository(
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    find_triton()  # a missing wheel is a clear ConfigError, not a skip: it is a dev dependency
+    # A missing nvidia-pytriton wheel is a ConfigError here, not a skip: it is a dev dependency.
     with TritonServer(repository, tmp_path_factory.mktemp("server")) as running:
         yield running
 
