@@ -161,6 +161,20 @@ def _default_out(model: str) -> Path:
     default=None,
     help="TensorRT-RTX target GPUs, e.g. 8.6,8.9,12.0 (7.5: Turing, fp16 only). [default: 8.6,8.9,12.0]",
 )
+@click.option(
+    "--frames", type=int, default=None, help="Latent frames, fixed per build (video: Wan). [default: 21]"
+)
+@click.option(
+    "--subfolder",
+    default=None,
+    help="The pipeline folder's transformer to build, e.g. transformer_2 (Wan 2.2's low-noise expert).",
+)
+@click.option(
+    "--max-cache-gib",
+    type=float,
+    default=None,
+    help="Refuse a build whose caches at the largest batch exceed this (lists the --cache subsets that fit).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
 def build(
@@ -182,12 +196,16 @@ def build(
     trt_compute_capabilities: str | None,
     device: str,
     reuse_graph: str,
+    frames: int | None,
+    subfolder: str | None,
+    max_cache_gib: float | None,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
-    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart.
+    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart,
+    demo-sd3, demo-flux, demo-wan.
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
@@ -209,6 +227,9 @@ def build(
         trt_compute_capabilities=trt_compute_capabilities,
         device=device,
         reuse_graph=reuse_graph,
+        frames=frames,
+        subfolder=subfolder,
+        max_cache_gib=max_cache_gib,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest

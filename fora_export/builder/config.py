@@ -71,11 +71,21 @@ class BuildConfig:
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
     #: Where torch programs are traced and will run: "auto" (cuda when visible), "cpu", "cuda".
     device: str = "auto"
+    #: A pipeline folder's transformer to build (None: ``transformer``; ``transformer_2``:
+    #: Wan 2.2's low-noise expert).
+    subfolder: str | None = None
+    #: Refuse builds whose caches at the largest batch exceed this many GiB (None: no limit).
+    max_cache_gib: float | None = None
     #: "lean": the family's reuse step computing only gates and the residual sum
     #: (when it has one); "plain": every block's forward with replayed sublayers.
     reuse_graph: str = "lean"
 
     def __post_init__(self) -> None:
+        limit = self.max_cache_gib
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0
+        ):
+            raise ConfigError(f"--max-cache-gib | got {limit!r} | expected a positive number of GiB")
         if self.backend not in BUILD_BACKENDS:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
@@ -110,6 +120,9 @@ class BuildConfig:
         trt_compute_capabilities: str | None = None,
         device: str = "auto",
         reuse_graph: str = "lean",
+        frames: int | None = None,
+        subfolder: str | None = None,
+        max_cache_gib: float | None = None,
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -130,7 +143,9 @@ class BuildConfig:
         if trt_compute_capabilities is not None:
             targets = tuple(cc.strip() for cc in trt_compute_capabilities.split(",") if cc.strip())
         return cls(
-            adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
+            adapter=AdapterOptions(cache=kinds, caption_length=caption_length, frames=frames),
+            subfolder=subfolder,
+            max_cache_gib=max_cache_gib,
             backend=backend,
             device=device,
             reuse_graph=reuse_graph,
@@ -163,4 +178,6 @@ class BuildConfig:
             "device": self.device,
             "reuse_graph": self.reuse_graph,
             "tensorrt": self.tensorrt.to_dict(),
+            "subfolder": self.subfolder,
+            "max_cache_gib": self.max_cache_gib,
         }

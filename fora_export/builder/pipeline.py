@@ -80,7 +80,7 @@ def build(
         stage_count = 6 if tensorrt_flavor or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
-            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision))
+            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision), config.subfolder)
             tmp.mkdir(parents=True)
             if tensorrt_flavor and out.is_dir():
                 trt_build.seed_timing_cache(out, tmp, tensorrt_flavor)  # rebuilds reuse the earlier tuning
@@ -190,6 +190,7 @@ def export_folder(
         with torch.no_grad():
             _, caches = split.run_full(example)
         reuse_module, reuse_caches = _reuse_module(split, config)
+        _check_cache_memory(split, caches, reuse_caches, config)
         reuse_module = reuse_module.to(device)
         jobs = _graph_jobs(split, reuse_module, reuse_caches, example, caches, batch)
         cache_specs = _cache_specs(split, caches, reuse_caches)
@@ -269,7 +270,55 @@ def _with_model_defaults(config: BuildConfig, loaded: LoadedModel) -> BuildConfi
     if config.adapter.caption_length is None and "caption_length" in defaults:
         adapter = dataclasses.replace(config.adapter, caption_length=int(defaults["caption_length"]))
         config = dataclasses.replace(config, adapter=adapter)
+    if config.adapter.frames is None and "frames" in defaults:
+        adapter = dataclasses.replace(config.adapter, frames=int(defaults["frames"]))
+        config = dataclasses.replace(config, adapter=adapter)
+    if "expert_range" in defaults:
+        adapter = dataclasses.replace(config.adapter, expert_range=tuple(defaults["expert_range"]))
+        config = dataclasses.replace(config, adapter=adapter)
     return config
+
+
+def _check_cache_memory(
+    split: SplitModel,
+    caches: dict[str, torch.Tensor],
+    kept: tuple[str, ...],
+    config: BuildConfig,
+) -> None:
+    """Refuse, before any export, a build whose caches at the largest batch exceed
+    ``--max-cache-gib`` (video caches reach tens of GiB per sample); say which ``--cache``
+    subsets would fit."""
+    limit = config.max_cache_gib
+    if limit is None:
+        return
+    batch = config.batch.max
+
+    def per_sample(tensor: torch.Tensor) -> int:
+        return tensor[0].numel() * tensor.element_size()
+
+    total = sum(per_sample(caches[name]) for name in kept) * batch
+    if total <= limit * 2**30:
+        return
+    by_kind: dict[str, int] = {}
+    for point in split.taps.points:
+        by_kind[point.kind] = by_kind.get(point.kind, 0) + sum(
+            per_sample(caches[n]) for n in point.cache_names
+        )
+    kinds = list(by_kind)
+    fitting = []
+    for mask in range(1, 2 ** len(kinds)):
+        subset = [k for i, k in enumerate(kinds) if mask >> i & 1]
+        if subset != kinds and sum(by_kind[k] for k in subset) * batch <= limit * 2**30:
+            fitting.append(",".join(subset))
+    fix = (
+        f"pass --cache with one of: {'; '.join(fitting)} (uncached sublayers then run in reuse steps)"
+        if fitting
+        else "lower --batch MAX, the resolution or frames, or raise --max-cache-gib"
+    )
+    raise BuildError(
+        f"--max-cache-gib {limit:g} | the caches need {total / 2**30:.2f} GiB at batch {batch} "
+        f"({total / batch / 2**30:.3f} GiB per sample) | {fix}"
+    )
 
 
 def _reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
