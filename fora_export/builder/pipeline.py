@@ -305,20 +305,29 @@ def _check_cache_memory(
             per_sample(caches[n]) for n in point.cache_names
         )
     kinds = list(by_kind)
-    fitting = []
-    for mask in range(1, 2 ** len(kinds)):
-        subset = [k for i, k in enumerate(kinds) if mask >> i & 1]
-        if subset != kinds and sum(by_kind[k] for k in subset) * batch <= limit * 2**30:
-            fitting.append(",".join(subset))
+    fits = []
+    for mask in range(1, 2 ** len(kinds) - 1):
+        subset = {k for i, k in enumerate(kinds) if mask >> i & 1}
+        if sum(by_kind[k] for k in subset) * batch <= limit * 2**30:
+            fits.append(subset)
+    # The largest subsets only: any subset of one of them fits too.
+    fitting = [",".join(k for k in kinds if k in s) for s in fits if not any(s < other for other in fits)]
     fix = (
         f"pass --cache with one of: {'; '.join(fitting)} (uncached sublayers then run in reuse steps)"
         if fitting
         else "lower --batch MAX, the resolution or frames, or raise --max-cache-gib"
     )
     raise BuildError(
-        f"--max-cache-gib {limit:g} | the caches need {total / 2**30:.2f} GiB at batch {batch} "
-        f"({total / batch / 2**30:.3f} GiB per sample) | {fix}"
+        f"--max-cache-gib {limit:g} | the caches need {_size(total)} at batch {batch} "
+        f"({_size(total // batch)} per sample) | {fix}"
     )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
