@@ -193,7 +193,7 @@ def test_expand_timesteps_pipelines_are_refused(tmp_path: Path) -> None:
     make_demo_wan(TINY_WAN, seed=1).save_pretrained(pipe / "transformer")
     index = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}
     (pipe / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    with pytest.raises(ConfigError, match="expand_timesteps .* is not supported"):
+    with pytest.raises(ConfigError, match=r"expand_timesteps .* is not supported"):
         load_model(str(pipe))
 
 
