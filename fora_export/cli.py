@@ -98,7 +98,7 @@ def _default_out(model: str) -> Path:
     "--exporter",
     type=click.Choice(["torchscript", "dynamo"]),
     default=None,
-    help="torch.onnx exporter. [default: the family's: torchscript for DiT/PixArt, dynamo for Flux/SD3]",
+    help="torch.onnx exporter. [default: the family's: torchscript for DiT, PixArt, SD3; dynamo for Flux, Wan]",
 )
 @click.option(
     "--fp32-islands/--no-fp32-islands",
