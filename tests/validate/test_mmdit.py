@@ -167,7 +167,8 @@ def test_flux_inputs_fixed_per_build_get_one_line_errors(flux_dev: Path) -> None
     img_ids = np.array(manifest.input_spec("img_ids").value, dtype=np.float32)
     with ForaSession(flux_dev) as session:
         gen = session.start(4, 1)
-        latents, timestep = inputs.pop("latents"), inputs.pop("timestep")
+        latents, timestep = inputs.pop("latents"), np.float32(0.5)
+        inputs.pop("timestep")
         gen.step(latents, timestep, **inputs, img_ids=img_ids)  # the built ids are accepted
         with pytest.raises(InputError, match=r"Input 'img_ids' \| differs from the value the engines"):
             gen.step(latents, timestep, **inputs, img_ids=np.zeros((64, 3), np.float32))
