@@ -9,6 +9,7 @@ multiplied by zero and caching errors would be invisible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,8 +97,27 @@ def make_demo_dit_xl() -> nn.Module:
     return make_demo_dit(DIT_XL_2_CONFIG)
 
 
+#: ``demo-digits``: the one demo with trained weights, a DiT trained on scikit-learn's
+#: 8x8 digits by ``tools/train_digits.py``, shipped in the package as a save_pretrained folder.
+DEMO_DIGITS_DIR = Path(__file__).parent / "demo_weights" / "digits"
+
+
+def load_demo_digits() -> nn.Module:
+    """The trained digits DiT, read from the package like any local MODEL folder (offline)."""
+    from fora_export.errors import ConfigError
+    from fora_export.loading import load_model  # here: loading imports this module
+
+    if not (DEMO_DIGITS_DIR / "config.json").is_file():
+        raise ConfigError(
+            f"demo-digits | no trained weights in {DEMO_DIGITS_DIR} | reinstall fora-export, "
+            "or train them: python tools/train_digits.py"
+        )
+    return load_model(str(DEMO_DIGITS_DIR)).model
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
+    "demo-digits": load_demo_digits,
 }
