@@ -175,7 +175,8 @@ def build(
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
-    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart.
+    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart, demo-dit-xl
+    (random weights), demo-digits (trained on scikit-learn's 8x8 digits).
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
@@ -392,6 +393,7 @@ def bench(
     "--batch", "batch_size", type=int, default=None, help="Samples per generation. [default: the build's max]"
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise and the classifier.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per schedule (median).")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
 @click.option("--save-json", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
@@ -411,6 +413,7 @@ def quality(
     steps: int,
     batch_size: int | None,
     seed: int,
+    repeats: int,
     backend: str,
     as_json: bool,
     save_json: Path | None,
@@ -436,6 +439,7 @@ def quality(
         steps=steps,
         batch_size=batch_size,
         seed=seed,
+        repeats=repeats,
         where=str(engine_dir),
     )
     report = run_quality(engine_dir, plan, backend=backend)

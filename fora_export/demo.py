@@ -1,6 +1,7 @@
-"""Built-in demo models: small diffusers transformers with seeded random weights.
+"""Built-in demo models: small diffusers transformers with seeded random weights, and
+``demo-digits``, the one with trained weights (shipped in the package, see below).
 
-Created from a config, nothing downloaded. Every parameter is drawn from a
+The random ones are created from a config, nothing downloaded. Every parameter is drawn from a
 seeded generator, including the layers DiT initialises to zero for training
 (adaLN modulation, final projection): with zero gates every cache would be
 multiplied by zero and caching errors would be invisible.

@@ -131,10 +131,28 @@ def train(
     log_every: int = 100,
     quiet: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train; returns the EMA model (tied embedders) and the training log."""
+    """Train; returns the EMA model (tied embedders) and the training log. Deterministic
+    algorithms are on for the run (and restored after)."""
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(iterations, batch_size, peak_lr, warmup, ema_decay, seed, log_every, quiet)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _train(
+    iterations: int,
+    batch_size: int,
+    peak_lr: float,
+    warmup: int,
+    ema_decay: float,
+    seed: int,
+    log_every: int,
+    quiet: bool,
+) -> tuple[nn.Module, dict[str, Any]]:
     from diffusers import DDPMScheduler
 
-    torch.use_deterministic_algorithms(True)
     images, labels = digits_dataset()
     noise_schedule = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear")
     model = make_model(seed).train()

@@ -24,7 +24,7 @@ def print_quality(report: QualityReport, console: Console | None = None) -> None
     console.print(
         f"[bold]quality[/bold] {report.engine_dir} ({report.model}): {report.samples_per_class} samples "
         f"per class ({total}), {report.steps} steps {report.scheduler}, seed {report.seed}, "
-        f"batch {report.batch_size}, backend {report.backend}"
+        f"batch {report.batch_size}, backend {report.backend}; time: median of {report.repeats} runs"
     )
     console.print(f"machine: {report.machine}")
     console.print(
@@ -32,19 +32,9 @@ def print_quality(report: QualityReport, console: Console | None = None) -> None
         f"held-out real digits; Fréchet distance of {total} real digits to all: {report.real_frechet:.2f}"
     )
     table = Table(title="Against the uncached samples (same seeds), and against the real digits")
-    columns = (
-        "schedule",
-        "full steps",
-        "time (s)",
-        "speedup",
-        "ideal",
-        "PSNR (dB)",
-        "rel. L2",
-        "accuracy",
-        "Fréchet",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "schedule" else "right")
+    table.add_column("schedule", no_wrap=True)
+    for column in ("full", "time s", "speedup", "ideal", "PSNR dB", "rel. L2", "accuracy", "Fréchet"):
+        table.add_column(column, justify="right")
     for row in report.results:
         table.add_row(
             row.label,
@@ -73,7 +63,7 @@ def _pyplot() -> Any:
 
 def _save(figure: Any, path: Path, option: str, plt: Any) -> Path:
     try:
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=120, bbox_inches="tight")
     except OSError as err:
         raise ConfigError(f"{option} '{path}' | cannot write: {err}") from err
     finally:
@@ -104,14 +94,20 @@ def plot_quality(report: QualityReport, path: Path) -> Path:
     )
     for axis, (title, value) in zip(axes, panels, strict=True):
         for kind, (marker, name) in _STYLES.items():
-            rows = [r for r in report.results if r.kind == kind]
+            rows = sorted((r for r in report.results if r.kind == kind), key=lambda r: r.speedup)
             if not rows:
                 continue
-            axis.scatter([r.speedup for r in rows], [value(r) for r in rows], marker=marker, label=name)
+            xs, ys = [r.speedup for r in rows], [value(r) for r in rows]
+            # FORA's N in order of speedup, joined so each counting reads as one curve.
+            style = "-" if kind in ("paper", "reference") else ""
+            axis.plot(xs, ys, marker=marker, linestyle=style, linewidth=0.8, label=name)
             for r in rows:
-                text = (
-                    f"N={r.interval}" if r.interval not in (None, 1) else ("" if kind == "none" else "list")
-                )
+                if kind in ("paper", "both"):
+                    text = f"N={r.interval}"
+                elif kind == "explicit":
+                    text = f"{r.num_full} full"
+                else:
+                    continue  # reference points sit by their paper twins; uncached is at 1x
                 axis.annotate(
                     text, (r.speedup, value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )

@@ -8,13 +8,15 @@ schedule is always N=1 (no caching, through the runtime too): the reference.
 Per schedule: PSNR (pixels in [0, 1]) and relative L2 (the final samples) against the
 reference, the digit classifier's accuracy on the conditioning labels, the Fréchet
 distance of its features to the real digits', the full steps, and the time of the same
-generations. Generations run round-robin (for each batch of samples, every schedule in
-turn) so drift in machine load affects every schedule alike.
+generations (the median of ``repeats`` timed runs). Generations run round-robin (for each
+run and batch of samples, every schedule in turn) so drift in machine load affects every
+schedule alike.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,8 @@ class QualityPlan:
     batch_size: int
     seed: int
     cases: tuple[ScheduleCase, ...]
+    #: Timed runs of every schedule (the time is their median; the samples are the same).
+    repeats: int = 1
 
     @property
     def labels(self) -> np.ndarray:
@@ -133,11 +137,12 @@ def plan_quality(
     steps: int = 50,
     batch_size: int | None = None,
     seed: int = 0,
+    repeats: int = 3,
     where: str = "ENGINE_DIR",
 ) -> QualityPlan:
     """Check every option against the manifest before anything runs."""
     check_digit_model(manifest, where)
-    for name, value in (("--samples", samples_per_class), ("--steps", steps)):
+    for name, value in (("--samples", samples_per_class), ("--steps", steps), ("--repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
     if modes not in SCHEDULE_MODES:
@@ -175,7 +180,12 @@ def plan_quality(
         schedule.plan(steps)  # refuses steps past the last one
         cases.append(ScheduleCase(f"full at {','.join(map(str, schedule.full_steps))}", schedule, "explicit"))
     return QualityPlan(
-        steps=steps, samples_per_class=samples_per_class, batch_size=batch, seed=seed, cases=tuple(cases)
+        steps=steps,
+        samples_per_class=samples_per_class,
+        batch_size=batch,
+        seed=seed,
+        cases=tuple(cases),
+        repeats=repeats,
     )
 
 
@@ -186,7 +196,9 @@ class ScheduleResult:
     interval: int | None
     schedule: dict[str, Any]
     num_full: int
+    #: Median over the repeats of the time to generate every sample.
     seconds: float
+    runs_seconds: list[float]
     speedup: float
     ideal: float
     #: None when the samples equal the uncached ones exactly (infinite PSNR).
@@ -209,6 +221,7 @@ class QualityReport:
     samples_per_class: int
     batch_size: int
     seed: int
+    repeats: int
     scheduler: str
     classifier_accuracy: float
     #: The Fréchet distance of as many real digits as were generated to all real digits.
@@ -279,7 +292,8 @@ def run_quality(
     require_sklearn()
     chunks = plan.chunks
     labels = plan.labels
-    with StageProgress(1 + len(chunks) * len(plan.cases), title="quality", enabled=progress) as bar:
+    total = 1 + plan.repeats * len(chunks) * len(plan.cases)
+    with StageProgress(total, title="quality", enabled=progress) as bar:
         bar.stage("training the digit classifier")
         classifier = DigitClassifier.fit(seed=plan.seed)
         with ForaSession(engine_dir, backend=backend) as session:
@@ -294,15 +308,19 @@ def run_quality(
             for size in sorted({end - start for start, end in chunks}):
                 _generate(session, scheduler, timesteps[:2], warm, noise[:size], labels[:size])
             samples = {case.label: np.empty(tuple(noise.shape), np.float32) for case in plan.cases}
-            seconds = dict.fromkeys(samples, 0.0)
-            for start, end in chunks:
-                for case in plan.cases:
-                    bar.stage(f"{case.label}, samples {start + 1}-{end} of {len(labels)}")
-                    out, took = _generate(
-                        session, scheduler, timesteps, case.schedule, noise[start:end], labels[start:end]
-                    )
-                    samples[case.label][start:end] = out
-                    seconds[case.label] += took
+            runs: dict[str, list[float]] = {label: [0.0] * plan.repeats for label in samples}
+            for repeat in range(plan.repeats):
+                for start, end in chunks:
+                    for case in plan.cases:
+                        bar.stage(
+                            f"{case.label}, samples {start + 1}-{end} of {len(labels)}"
+                            + (f", run {repeat + 1} of {plan.repeats}" if plan.repeats > 1 else "")
+                        )
+                        out, took = _generate(
+                            session, scheduler, timesteps, case.schedule, noise[start:end], labels[start:end]
+                        )
+                        samples[case.label][start:end] = out  # the same in every repeat
+                        runs[case.label][repeat] += took
     report = QualityReport(
         engine_dir=str(engine_dir),
         backend=backend,
@@ -312,11 +330,13 @@ def run_quality(
         samples_per_class=plan.samples_per_class,
         batch_size=plan.batch_size,
         seed=plan.seed,
+        repeats=plan.repeats,
         scheduler="ddim (linear betas)",
         classifier_accuracy=classifier.real_accuracy,
         real_frechet=classifier.real_subset_distance(len(labels), seed=plan.seed),
         labels=labels,
     )
+    seconds = {label: statistics.median(times) for label, times in runs.items()}
     reference = plan.cases[0].label
     reference_pixels = to_pixels(samples[reference])
     for case in plan.cases:
@@ -331,6 +351,7 @@ def run_quality(
                 schedule=case.schedule.to_dict(),
                 num_full=case.schedule.num_full(plan.steps),
                 seconds=seconds[case.label],
+                runs_seconds=runs[case.label],
                 speedup=seconds[reference] / seconds[case.label],
                 ideal=case.schedule.ideal_speedup(plan.steps),
                 psnr_db=None if value == float("inf") else value,

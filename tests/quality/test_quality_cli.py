@@ -20,7 +20,8 @@ ACCURACY_MARGIN = 0.15
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
+    # Wide enough that rich does not wrap the table's schedule names.
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -34,6 +35,8 @@ def report(digits_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "4",
         "--steps",
         str(STEPS),
+        "--repeats",
+        "1",
         "--intervals",
         "1,3",
         "--schedule-mode",
@@ -67,7 +70,7 @@ def test_report_lists_every_schedule_with_its_full_steps(report: dict) -> None:
     assert list(by_label) == ["no caching (N=1)", "N=3 paper", f"full at {ALL_STEPS}", "full at 0"]
     assert [r["num_full"] for r in by_label.values()] == [STEPS, 7, STEPS, 1]
     assert report["steps"] == STEPS and report["samples_per_class"] == 4
-    assert all(r["seconds"] > 0 for r in by_label.values())
+    assert all(r["seconds"] > 0 and len(r["runs_seconds"]) == 1 for r in by_label.values())
     assert by_label["no caching (N=1)"]["speedup"] == 1.0
     assert json.loads(Path(report["_out"], "quality.json").read_text())["schedules"] == report["schedules"]
 
@@ -104,7 +107,7 @@ def test_plot_and_grid_are_written(report: dict) -> None:
 
 def test_table_output(digits_engine: Path) -> None:
     code, stdout, stderr = run_cli(
-        "quality", str(digits_engine), "--samples", "1", "--steps", "4", "--intervals", "2"
+        "quality", str(digits_engine), "--samples", "1", "--steps", "4", "--intervals", "2", "--repeats", "2"
     )
     assert code == 0, stderr
     assert "N=2 paper" in stdout and "N=2 reference" in stdout and "PSNR" in stdout
