@@ -80,7 +80,8 @@ class ScheduleCase:
     label: str
     schedule: CacheSchedule
     #: "none" (N=1, the reference), "paper", "reference", "both" (the two readings give the
-    #: same plan at these steps), or "explicit".
+    #: same plan at these steps: one row), or "explicit" (labelled "list K", K from 1 in the
+    #: order given).
     kind: str
     interval: int | None = None
 
@@ -171,14 +172,14 @@ def plan_quality(
         plans = {mode: schedule.plan(steps) for mode, schedule in by_mode.items()}
         if len(chosen_modes) == 2 and plans["paper"] == plans["reference"]:
             # Both readings give the same plan at these steps: one row.
-            cases.append(ScheduleCase(f"N={n} paper = reference", by_mode["paper"], "both", n))
+            cases.append(ScheduleCase(f"N={n} both", by_mode["paper"], "both", n))
             continue
         for mode, schedule in by_mode.items():
             cases.append(ScheduleCase(f"N={n} {mode}", schedule, mode, n))
-    for full_steps in lists:
+    for number, full_steps in enumerate(lists, start=1):
         schedule = CacheSchedule.explicit(full_steps)
-        schedule.plan(steps)  # refuses steps past the last one
-        cases.append(ScheduleCase(f"full at {','.join(map(str, schedule.full_steps))}", schedule, "explicit"))
+        full = schedule.num_full(steps)  # refuses steps past the last one
+        cases.append(ScheduleCase(f"list {number} ({full} full)", schedule, "explicit"))
     return QualityPlan(
         steps=steps,
         samples_per_class=samples_per_class,

@@ -67,7 +67,7 @@ def rows(report: dict) -> dict[str, dict]:
 
 def test_report_lists_every_schedule_with_its_full_steps(report: dict) -> None:
     by_label = rows(report)
-    assert list(by_label) == ["no caching (N=1)", "N=3 paper", f"full at {ALL_STEPS}", "full at 0"]
+    assert list(by_label) == ["no caching (N=1)", "N=3 paper", f"list 1 ({STEPS} full)", "list 2 (1 full)"]
     assert [r["num_full"] for r in by_label.values()] == [STEPS, 7, STEPS, 1]
     assert report["steps"] == STEPS and report["samples_per_class"] == 4
     assert all(r["seconds"] > 0 and len(r["runs_seconds"]) == 1 for r in by_label.values())
@@ -77,7 +77,7 @@ def test_report_lists_every_schedule_with_its_full_steps(report: dict) -> None:
 
 def test_identical_schedules_give_infinite_psnr_and_zero_distance(report: dict) -> None:
     by_label = rows(report)
-    reference, same = by_label["no caching (N=1)"], by_label[f"full at {ALL_STEPS}"]
+    reference, same = by_label["no caching (N=1)"], by_label[f"list 1 ({STEPS} full)"]
     for row in (reference, same):
         assert row["psnr_db"] is None  # infinite: identical to the uncached samples
         assert row["rel_l2"] == 0.0
@@ -93,7 +93,7 @@ def test_uncached_samples_score_like_real_digits(report: dict) -> None:
 
 def test_a_broken_schedule_scores_worse(report: dict) -> None:
     by_label = rows(report)
-    reference, fora, broken = by_label["no caching (N=1)"], by_label["N=3 paper"], by_label["full at 0"]
+    reference, fora, broken = by_label["no caching (N=1)"], by_label["N=3 paper"], by_label["list 2 (1 full)"]
     assert broken["psnr_db"] < fora["psnr_db"]
     assert broken["rel_l2"] > fora["rel_l2"]
     assert broken["accuracy"] < reference["accuracy"]
