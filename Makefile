@@ -33,10 +33,11 @@ demo: $(STAMP)
 # Every schedule samples all QUALITY_SAMPLES x 10 digits in one generation. The lists: full
 # at step 0 only (broken on purpose), then 13 full steps (as N=4) front- and back-loaded.
 QUALITY_SAMPLES ?= 50
+QUALITY_REPEATS ?= 5
 QUALITY_OUT ?= tools/assets
 quality: $(STAMP)
 	$(BIN)/fora-export build demo-digits --out engines/demo-digits --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --force
-	$(BIN)/fora-export quality engines/demo-digits --samples $(QUALITY_SAMPLES) --steps 50 \
+	$(BIN)/fora-export quality engines/demo-digits --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
 		--schedule-list 0 --schedule-list 0,1,2,3,4,6,8,11,15,20,26,33,41 \
 		--schedule-list 0,9,17,24,30,35,39,42,44,46,47,48,49 \
 		--save-json $(QUALITY_OUT)/quality.json --plot $(QUALITY_OUT)/quality.png --grid $(QUALITY_OUT)/quality-grid.png
