@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from fora_export.errors import ConfigError
-from fora_runtime.manifest import Manifest, TensorSpec
+from fora_runtime.dtypes import numpy_dtype
+from fora_runtime.manifest import InputSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
-
-NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 @dataclass
@@ -114,7 +113,7 @@ def describe_machine() -> str:
 
 
 def random_step_inputs(
-    manifest: Manifest, specs: tuple[TensorSpec, ...], batch: int, seed: int
+    manifest: Manifest, specs: tuple[InputSpec, ...], batch: int, seed: int
 ) -> dict[str, Any]:
     """Valid random inputs for every step input, from the manifest alone."""
     rng = np.random.default_rng(seed)
@@ -122,16 +121,32 @@ def random_step_inputs(
     inputs: dict[str, Any] = {}
     for spec in specs:
         shape = spec.concrete_shape(batch)
-        if spec.name == "timestep":
-            inputs[spec.name] = np.full(shape, 999.0, dtype=np.float32)
-        elif spec.name.endswith("attention_mask"):
-            inputs[spec.name] = np.ones(shape, dtype=NUMPY[spec.dtype])  # every caption token kept
+        dtype = numpy_dtype(spec.dtype)
+        if spec.role == "timestep":
+            high = manifest.denoising.timestep_range[1] if manifest.denoising else 999.0
+            inputs[spec.name] = np.full(shape, high, dtype=dtype)
+        elif spec.name in ranges and ranges[spec.name] == [0, 1]:
+            inputs[spec.name] = np.ones(shape, dtype=dtype)  # masks and flags: every token kept
         elif spec.dtype == "int64":
             low, high = ranges.get(spec.name, (1, 1))
             inputs[spec.name] = rng.integers(low, high + 1, size=shape, dtype=np.int64)
         else:
-            inputs[spec.name] = rng.standard_normal(shape).astype(NUMPY.get(spec.dtype, np.float32))
+            inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
     return inputs
+
+
+def _split_inputs(session: ForaSession, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(latents, the conditioning inputs) of a step's inputs."""
+    conditioning = {k: v for k, v in inputs.items() if k not in (session.latents_name, session.timestep_name)}
+    return inputs[session.latents_name], conditioning
+
+
+def _noise_slice(manifest: Manifest, output: Any) -> Any:
+    """The prediction's latent channels (drops learned-variance channels)."""
+    assert manifest.denoising is not None  # checked when the manifest was read
+    axis = manifest.denoising.channel_axis
+    index = [slice(None)] * axis + [slice(0, manifest.denoising.latent_channels)]
+    return output[tuple(index)]
 
 
 def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[str, Any], runs: int) -> float:
@@ -146,16 +161,16 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
 def _median_gated_reuse_ms(session: ForaSession, batch: int, inputs: dict[str, Any], runs: int) -> float:
     """Median latency of reuse steps that read the gate table (one full step, then ``runs``
     reuse steps of one generation, each timed alone)."""
-    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
-    timesteps = np.linspace(999, 0, runs + 1)
+    latents, conditioning = _split_inputs(session, inputs)
+    timesteps = _timesteps(session.manifest, runs + 1)
     generation = session.start(
         runs + 1, batch, schedule=CacheSchedule.explicit([0]), timesteps=timesteps, **conditioning
     )
-    _synchronize(generation.step(inputs["latents"]))
+    _synchronize(generation.step(latents))
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        _synchronize(generation.step(inputs["latents"]))
+        _synchronize(generation.step(latents))
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -165,16 +180,22 @@ def _generation_ms(
 ) -> float:
     """One whole generation, timesteps and conditioning given up front (so builds with a
     gate table compute it inside the timed region, once)."""
-    latents = inputs["latents"].clone() if hasattr(inputs["latents"], "clone") else inputs["latents"].copy()
-    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
-    timesteps = np.linspace(999, 0, steps)
+    latents, conditioning = _split_inputs(session, inputs)
+    latents = latents.clone() if hasattr(latents, "clone") else latents.copy()
+    timesteps = _timesteps(session.manifest, steps)
     start = time.perf_counter()
     generation = session.start(steps, batch, schedule=schedule, timesteps=timesteps, **conditioning)
     for _ in range(steps):
         output = generation.step(latents)
-        latents -= 0.01 * output[:, : latents.shape[1]]
+        latents -= 0.01 * _noise_slice(session.manifest, output)
     _synchronize(latents)
     return (time.perf_counter() - start) * 1e3
+
+
+def _timesteps(manifest: Manifest, steps: int) -> Any:
+    """``steps`` graph timesteps from the top of the family's range down to its bottom."""
+    low, high = manifest.denoising.timestep_range if manifest.denoising else (0.0, 999.0)
+    return np.linspace(high, low, steps, dtype=np.float32)
 
 
 def _synchronize(value: Any) -> None:
@@ -200,17 +221,18 @@ def eager_baseline(
     generator = torch.Generator().manual_seed(0)
     inputs = adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
     inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-    timesteps = np.linspace(999, 0, steps)
+    timesteps = _timesteps(manifest, steps)
+    latents_name, timestep_name = manifest.latents_input.name, manifest.timestep_input.name
     runs = []
     with torch.no_grad():
         adapter.predict(inputs)  # warm-up: lazy initialisation, kernel selection
         for _ in range(repeats):
-            latents = inputs["latents"].clone()
+            latents = inputs[latents_name].clone()
             start = time.perf_counter()
             for t in timesteps:
-                timestep = torch.full_like(inputs["timestep"], float(t))
-                output = adapter.predict({**inputs, "latents": latents, "timestep": timestep})
-                latents -= 0.01 * output[:, : latents.shape[1]]
+                timestep = torch.full_like(inputs[timestep_name], float(t))
+                output = adapter.predict({**inputs, latents_name: latents, timestep_name: timestep})
+                latents -= 0.01 * adapter.noise_prediction(output)
             _synchronize(latents)
             runs.append((time.perf_counter() - start) * 1e3)
     return EagerBaseline(

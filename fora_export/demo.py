@@ -116,9 +116,98 @@ def load_demo_digits() -> nn.Module:
     return load_model(str(DEMO_DIGITS_DIR)).model
 
 
+#: A small Flux.1-dev (about demo-dit's size and cost): 4 dual-stream and 8 single-stream
+#: blocks of hidden 384, guidance embedding, 16-channel packed latents (a 4-channel VAE
+#: latent in 2x2 patches); built at a 32x32 latent (256 image tokens) and 64 text tokens.
+DEMO_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 4,
+    "num_single_layers": 8,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 128,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 24, 24),
+}
+
+
+def make_demo_flux(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    model: Any = FluxTransformer2DModel(**(config or DEMO_FLUX_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
+#: A small SD3.5-Medium shape: 6 joint blocks of hidden 384 (the last context_pre_only),
+#: dual attention in the first two, qk RMSNorm, 16-channel latents; 32x32 latent (256
+#: tokens) and 64 text tokens.
+DEMO_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 6,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "caption_projection_dim": 384,
+    "pooled_projection_dim": 128,
+    "out_channels": 16,
+    "pos_embed_max_size": 48,
+    "dual_attention_layers": (0, 1),
+    "qk_norm": "rms_norm",
+}
+
+
+def make_demo_sd3(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    model: Any = SD3Transformer2DModel(**(config or DEMO_SD3_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
+#: A small Wan 2.1 T2V shape: 4 blocks of hidden 384 (6 heads of 64), 16-channel video
+#: latents in 1x2x2 patches; built at 5 latent frames of 16x16 (320 tokens), 64 text tokens.
+DEMO_WAN_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 6,
+    "attention_head_dim": 64,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 256,
+    "freq_dim": 256,
+    "ffn_dim": 1536,
+    "num_layers": 4,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+}
+
+
+def make_demo_wan(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    model: Any = WanTransformer3DModel(**(config or DEMO_WAN_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
     "demo-digits": load_demo_digits,
+    "demo-flux": make_demo_flux,
+    "demo-sd3": make_demo_sd3,
+    "demo-wan": make_demo_wan,
+}
+#: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
+#: text tokens): latent resolution and text length, used where the build gives none.
+DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "demo-flux": {"resolution": (32, 32), "caption_length": 64},
+    "demo-sd3": {"caption_length": 64},
+    "demo-wan": {"resolution": (16, 16), "caption_length": 64, "frames": 5},
 }

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fora_export.adapters.registry import adapter_class_for, supported_classes
-from fora_export.demo import DEMO_MODELS
+from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
 from fora_export.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class LoadedModel:
     #: How to load it again: demo name, absolute folder path or Hub id.
     source: str
     subfolder: str | None = None
+    #: Build options this model defaults to where the build gives none (demos).
+    build_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -51,32 +53,91 @@ def _diffusers_class(class_name: str, where: str) -> Any:
     return getattr(diffusers, class_name)
 
 
-def load_model(ref: str) -> LoadedModel:
-    """Load MODEL (see module docstring) in fp32, eval mode."""
+def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> LoadedModel:
+    """Load MODEL (see module docstring) in eval mode, its weights in ``dtype`` (a torch
+    dtype; None: as saved for folders, fp32 for demos).
+
+    Saved models load straight into ``dtype`` with empty (meta) initialisation, so the
+    weights are held once, in the target precision: Flux.1-dev loaded in fp32 and cast
+    would need ~48 GB on the way. ``subfolder`` picks a pipeline folder's transformer
+    (``transformer_2``: Wan 2.2 A14B's low-noise expert).
+    """
     if ref in DEMO_MODELS:
+        if subfolder is not None:
+            raise ConfigError(f"--subfolder | {ref} is a built-in model | pass a pipeline folder with it")
         model = DEMO_MODELS[ref]()
-        return LoadedModel(model=model, class_name=type(model).__name__, source=ref)
+        if dtype is not None:
+            model = model.to(dtype)
+        return LoadedModel(
+            model=model,
+            class_name=type(model).__name__,
+            source=ref,
+            build_defaults=dict(DEMO_BUILD_DEFAULTS.get(ref, {})),
+        )
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_local(path)
+        return _load_local(path, dtype, subfolder)
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
     if looks_like_path or not _HUB_ID.match(ref):
         raise ConfigError(
             f"MODEL '{ref}' | no such folder, and not a built-in model ({', '.join(DEMO_MODELS)}) "
             "or a Hub id (org/name) | check the path"
         )
-    return _load_hub(ref)
+    return _load_hub(ref, dtype)
 
 
-def _load_local(path: Path) -> LoadedModel:
+def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` into ``dtype``, initialised on the meta device when accelerate
+    is installed (weights then exist once, never as a random fp32 copy first)."""
+    import importlib.util
+
+    meta_init = importlib.util.find_spec("accelerate") is not None
+    if not meta_init:
+        log.info("accelerate is not installed: %s loads through a random fp32 initialisation", ref)
+    return cls.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=meta_init, **kwargs)
+
+
+def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
+    """Build defaults a pipeline's ``model_index.json`` implies for one of its transformers,
+    and refusals of what the exported graphs cannot represent."""
+    index = _read_config(path / "model_index.json")
+    if not isinstance(index, dict):
+        raise ConfigError(f"{path / 'model_index.json'} | is not a JSON object | re-save the pipeline")
+    if index.get("expand_timesteps"):
+        raise ConfigError(
+            f"MODEL '{path}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a timestep "
+            "per token) is not supported: its gates differ per token, and the gate table and lean reuse "
+            "graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
+        )
+    ratio = index.get("boundary_ratio")
+    experts = [name for name in ("transformer", "transformer_2") if index.get(name) and index[name][0]]
+    if ratio is None or len(experts) < 2:
+        return {}
+    # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
+    boundary = float(ratio) * 1000.0
+    return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
+
+
+def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> LoadedModel:
     if not path.is_dir():
         raise ConfigError(f"MODEL '{path}' | is a file | pass the folder written by save_pretrained")
     subfolder: str | None = None
     folder = path
-    if not (path / "config.json").is_file():
+    defaults: dict[str, Any] = {}
+    if requested is not None:
+        if not (path / requested / "config.json").is_file():
+            raise ConfigError(
+                f"--subfolder '{requested}' | {path / requested / 'config.json'} does not exist | pass "
+                "a subfolder of the pipeline holding a transformer (e.g. transformer_2)"
+            )
+        subfolder, folder = requested, path / requested
+        if (path / "model_index.json").is_file():
+            defaults = _pipeline_facts(path, requested)
+    elif not (path / "config.json").is_file():
         if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
             subfolder = "transformer"
             folder = path / "transformer"
+            defaults = _pipeline_facts(path, subfolder)
         else:
             raise ConfigError(
                 f"MODEL '{path}' | no config.json, and not a pipeline folder with transformer/ "
@@ -91,15 +152,19 @@ def _load_local(path: Path) -> LoadedModel:
         )
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
     try:
-        model = cls.from_pretrained(str(folder), low_cpu_mem_usage=False)
+        model = _from_pretrained(cls, str(folder), dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
     return LoadedModel(
-        model=model.eval(), class_name=class_name, source=str(path.resolve()), subfolder=subfolder
+        model=model.eval(),
+        class_name=class_name,
+        source=str(path.resolve()),
+        subfolder=subfolder,
+        build_defaults=defaults,
     )
 
 
-def _load_hub(repo_id: str) -> LoadedModel:
+def _load_hub(repo_id: str, dtype: Any = None) -> LoadedModel:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -113,7 +178,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
         class_name = _read_config(Path(config_path)).get("_class_name", "")
         cls = _diffusers_class(class_name, where=f"MODEL '{repo_id}'")
         try:
-            model = cls.from_pretrained(repo_id, subfolder=subfolder, low_cpu_mem_usage=False)
+            model = _from_pretrained(cls, repo_id, dtype, subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             raise ConfigError(f"MODEL '{repo_id}' | diffusers could not load it: {err}") from err
         return LoadedModel(model=model.eval(), class_name=class_name, source=repo_id, subfolder=subfolder)

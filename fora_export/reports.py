@@ -12,7 +12,7 @@ from fora_export.bench import BenchReport
 from fora_export.errors import ConfigError
 from fora_export.validate.compare import GRAPH_TOLERANCES
 from fora_export.validate.runner import ValidationReport
-from fora_runtime.caches import ITEMSIZE
+from fora_runtime.dtypes import itemsize
 from fora_runtime.manifest import Manifest
 
 
@@ -58,6 +58,12 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
     console.print(f"Result: {_verdict(report.passed)}")
 
 
+def _graph_bytes(manifest: Manifest, role: str) -> int:
+    """Bytes of a graph's ONNX file and its external data (its weights, nearly all)."""
+    file = manifest.graphs[role].file
+    return sum(int(manifest.files.get(name, {}).get("bytes", 0)) for name in (file, f"{file}.data"))
+
+
 def print_manifest(manifest: Manifest, folder: Path, console: Console | None = None) -> None:
     console = console or Console()
     height, width = manifest.resolution
@@ -68,15 +74,24 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     )
     kinds = sorted({c.kind for c in manifest.caches})
     cache_bytes = sum(
-        ITEMSIZE[c.dtype] * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
+        itemsize(c.dtype) * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
     )
     reuse_graph = manifest.export.get("reuse_graph", "plain")
     console.print(
         f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
-        f"{cache_bytes / 2**20:.1f} MiB per sample; reuse graph: {reuse_graph}"
+        f"{cache_bytes / 2**20:.1f} MiB per sample, {cache_bytes * manifest.batch.max / 2**20:.1f} MiB "
+        f"at batch {manifest.batch.max}; reuse graph: {reuse_graph}"
     )
+    roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
+    console.print(f"inputs: {roles}")
+    full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))
+    if full_bytes:
+        console.print(
+            f"reuse graph weights: {reuse_bytes / 2**20:.1f} MiB, {reuse_bytes / full_bytes:.1%} of the full "
+            f"graph's {full_bytes / 2**20:.1f} MiB"
+        )
     if manifest.gate_rows is not None:
-        row_kib = ITEMSIZE[manifest.gate_table_dtype] * prod(manifest.gate_table_shape) / 2**10
+        row_kib = itemsize(manifest.gate_table_dtype) * prod(manifest.gate_table_shape) / 2**10
         console.print(
             f"gate table: yes ({row_kib:.1f} KiB per step and sample, up to {manifest.gate_rows.max} "
             "rows per call of the gates graph)"
@@ -95,10 +110,16 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     for name, record in manifest.files.items():
         files.add_row(name, f"{int(record['bytes']) / 2**20:.1f}")
     console.print(files)
-    backends = ", ".join(manifest.backends) or "none (ONNX only)"
-    console.print(
-        f"built backends: {backends}; tools: " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
-    )
+    backends = ", ".join(_describe_backend(name, record) for name, record in manifest.backends.items())
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
+    console.print(f"built backends: {backends or 'none (ONNX only)'}; tools: {tools}")
+
+
+def _describe_backend(name: str, record: object) -> str:
+    """A built backend in words: TensorRT records say their flavour, version and target GPUs."""
+    from fora_runtime.backends.trt_flavor import describe_record
+
+    return describe_record(record) if name == "tensorrt" else name
 
 
 def print_bench(report: BenchReport, console: Console | None = None) -> None:

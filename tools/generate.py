@@ -32,7 +32,7 @@ def generate(
         guided = guidance > 1.0
         if guided and null_class is None:
             raise SystemExit(f"{engine_dir}: the model has no null class; --guidance needs one")
-        channels = manifest.conditioning["latent_channels"]
+        channels = manifest.denoising.latent_channels if manifest.denoising else 4
         height, width = manifest.resolution
         schedule = CacheSchedule.interval_of(interval) if interval is not None else None
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)

@@ -18,15 +18,12 @@ from torch import nn
 
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import TensorSpec
+from fora_runtime.dtypes import MANIFEST_DTYPES, PRECISION_DTYPES, torch_dtype
+from fora_runtime.manifest import DenoisingSpec, InputSpec
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-}
+#: ``--precision`` -> torch dtype, and torch dtype -> manifest name (from the one table).
+TORCH_DTYPES = {precision: torch_dtype(name) for precision, name in PRECISION_DTYPES.items()}
+DTYPE_NAMES = {torch_dtype(name): name for name in MANIFEST_DTYPES}
 
 
 @dataclass(frozen=True)
@@ -35,12 +32,18 @@ class AdapterOptions:
 
     #: Sublayer kinds to cache (None: every kind the family caches).
     cache: tuple[str, ...] | None = None
-    #: Caption tokens per prompt, for text-conditioned families (None: family default).
+    #: Caption (text) tokens per prompt, for text-conditioned families (None: family default).
     caption_length: int | None = None
+    #: Latent frames, for video families (None: family default).
+    frames: int | None = None
+    #: The graph timesteps this model serves when it is one expert of several (Wan 2.2
+    #: A14B: the high-noise ``transformer`` or the low-noise ``transformer_2``).
+    expert_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["cache"] = list(self.cache) if self.cache is not None else None
+        data["expert_range"] = list(self.expert_range) if self.expert_range is not None else None
         return data
 
     @classmethod
@@ -48,7 +51,10 @@ class AdapterOptions:
         data = data or {}
         cache = data.get("cache")
         return cls(
-            cache=tuple(cache) if cache is not None else None, caption_length=data.get("caption_length")
+            cache=tuple(cache) if cache is not None else None,
+            caption_length=data.get("caption_length"),
+            frames=data.get("frames"),
+            expert_range=tuple(data["expert_range"]) if data.get("expert_range") else None,
         )
 
 
@@ -83,12 +89,26 @@ class GateTableGraphs:
 
 
 class ModelAdapter(ABC):
-    """Family-specific knowledge about a diffusers transformer."""
+    """Family-specific knowledge about a diffusers transformer.
+
+    What a family *is* is declared as data (class attributes and
+    :meth:`step_input_specs`): its inputs and their roles, latent layout, timestep
+    convention, scheduler family and cache points. Its code is the family's real
+    math: gates, lean reuse graphs, gate tables.
+    """
 
     family: ClassVar[str]
     model_class: ClassVar[str]
     #: Sublayer kinds this family can cache per block, in cache order.
     cache_kinds: ClassVar[tuple[str, ...]]
+    #: Axis letters of the latents input (see ``DenoisingSpec.latent_layout``).
+    latent_layout: ClassVar[str] = "BCHW"
+    #: ``ddpm`` (epsilon, DDIM/DPM-Solver) or ``flow_match`` (velocity, flow-matching Euler).
+    scheduler: ClassVar[str] = "ddpm"
+    #: graph timestep = scheduler timestep * timestep_scale.
+    timestep_scale: ClassVar[float] = 1.0
+    #: The torch.onnx exporter this family's graphs need (``--exporter`` overrides).
+    onnx_exporter: ClassVar[str] = "torchscript"
 
     def __init__(self, model: nn.Module, options: AdapterOptions | None = None) -> None:
         # diffusers models expose config values and submodules as dynamic attributes.
@@ -173,17 +193,64 @@ class ModelAdapter(ABC):
         return int(self.model.out_channels)
 
     @abstractmethod
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
-        """Graph inputs other than caches; the first is ``latents``, the second ``timestep``."""
+    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
+        """Step graph inputs other than caches, each with its role: one ``latents``, one
+        ``timestep``, then ``conditioning`` inputs (build constants: :meth:`build_constants`)."""
+
+    def build_constants(self, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Values fixed per build and baked into the graphs (none for most families)."""
+        return {}
+
+    def input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
+        """Every step input with its role: the graph inputs, then the build constants."""
+        specs = self.step_input_specs(resolution, precision)
+        for name, value in self.build_constants(resolution).items():
+            specs.append(
+                InputSpec(
+                    name,
+                    DTYPE_NAMES[value.dtype],
+                    tuple(value.shape),
+                    role="build_constant",
+                    value=value.tolist(),
+                )
+            )
+        return specs
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The sampling scheduler's config (``num_train_timesteps`` and family options)."""
+        return {"num_train_timesteps": 1000}
+
+    def timestep_range(self) -> tuple[float, float]:
+        """Valid graph timesteps: the training schedule's integer steps (DDPM) or the
+        flow-matching time scaled to the graph's convention."""
+        train_steps = float(self.scheduler_config()["num_train_timesteps"])
+        if self.scheduler == "ddpm":
+            return (0.0, train_steps - 1)
+        return (0.0, train_steps * self.timestep_scale)
+
+    def denoising(self) -> DenoisingSpec:
+        return DenoisingSpec(
+            latent_layout=self.latent_layout,
+            latent_channels=self.latent_channels,
+            output_channels=self.output_channels,
+            scheduler=self.scheduler,
+            scheduler_config=self.scheduler_config(),
+            timestep_scale=self.timestep_scale,
+            timestep_range=self.timestep_range(),
+        )
+
+    def random_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Random valid graph timesteps (float32)."""
+        low, high = self.timestep_range()
+        if self.scheduler == "ddpm":  # integer timesteps of the training schedule
+            return torch.randint(int(low), int(high) + 1, (batch_size,), generator=generator).to(
+                torch.float32
+            )
+        return low + (high - low) * torch.rand(batch_size, generator=generator)
 
     def conditioning(self) -> dict[str, Any]:
         """Conditioning facts the runtime and validate need (recorded in the manifest)."""
-        return {
-            **self.family_conditioning(),
-            "num_train_timesteps": 1000,
-            "latent_channels": self.latent_channels,
-            "output_channels": self.output_channels,
-        }
+        return self.family_conditioning()
 
     @abstractmethod
     def family_conditioning(self) -> dict[str, Any]:
@@ -218,8 +285,13 @@ class ModelAdapter(ABC):
         return None
 
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
-        """The epsilon part of a model output (drops learned-variance channels)."""
-        return output[:, : self.latent_channels]
+        """The part of a model output the scheduler takes (drops learned-variance channels)."""
+        axis = self.latent_layout.index("C")
+        return output.narrow(axis, 0, self.latent_channels)
+
+    def lean_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
+        """The caches the family's lean reuse graph reads (default: all of them)."""
+        return cache_names
 
     def check_precision(self, precision: str) -> torch.dtype:
         if precision not in TORCH_DTYPES:

@@ -27,10 +27,10 @@ from fora_export.adapters.base import (
     GateTableGraphs,
     ModelAdapter,
 )
+from fora_export.adapters.gated import WeightedCacheSum
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.backends.torch_ops import gated_residual_sum_op
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, InputSpec
 
 
 class DiTAdapter(ModelAdapter):
@@ -66,16 +66,17 @@ class DiTAdapter(ModelAdapter):
     def num_classes(self) -> int:
         return int(self.model.config.num_embeds_ada_norm)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
+    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
         height, width = resolution
         return [
-            TensorSpec(
+            InputSpec(
                 "latents",
                 DTYPE_NAMES[TORCH_DTYPES[precision]],
                 (BATCH_AXIS, self.latent_channels, height, width),
+                role="latents",
             ),
-            TensorSpec("timestep", "float32", (BATCH_AXIS,)),
-            TensorSpec("class_labels", "int64", (BATCH_AXIS,)),
+            InputSpec("timestep", "float32", (BATCH_AXIS,), role="timestep"),
+            InputSpec("class_labels", "int64", (BATCH_AXIS,)),
         ]
 
     def family_conditioning(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class DiTAdapter(ModelAdapter):
         height, width = resolution
         dtype = TORCH_DTYPES[precision]
         latents = torch.randn(batch_size, self.latent_channels, height, width, generator=generator)
-        timestep = torch.randint(0, 1000, (batch_size,), generator=generator).to(torch.float32)
+        timestep = self.random_timesteps(batch_size, generator)
         labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
         return {"latents": latents.to(dtype), "timestep": timestep, "class_labels": labels}
 
@@ -223,9 +224,7 @@ class DiTGatedResidual(nn.Module):
 
     def __init__(self, model: Any) -> None:
         super().__init__()
-        #: Set while exporting torch programs (see :func:`torch_program_ops`): the sum is then
-        #: one ``fora::gated_residual_sum`` op, fused into one kernel per 8 caches on CUDA.
-        self.torch_program = False
+        self.cache_sum = WeightedCacheSum()
         self.pos_embed = model.pos_embed
         self.norm_out = model.norm_out
         self.proj_out_2 = model.proj_out_2
@@ -236,15 +235,7 @@ class DiTGatedResidual(nn.Module):
         self, latents: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         height, width = latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size
-        hidden = self.pos_embed(latents)
-        # The weighted residual sum: each cache is read once, in the blocks' order of
-        # addition; TensorRT fuses the chain into one pointwise kernel. (Not addcmul: its
-        # ONNX export computes in fp32 and would change the graph's output type.)
-        if self.torch_program:
-            hidden = gated_residual_sum_op(torch)(hidden, gates, list(caches))
-        else:
-            for index, cache in enumerate(caches):
-                hidden = gates[:, index].unsqueeze(1) * cache + hidden
+        hidden = self.cache_sum(self.pos_embed(latents), gates, caches)
         shift, scale = gates[:, len(caches)], gates[:, len(caches) + 1]
         hidden = self.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
         hidden = self.proj_out_2(hidden)

@@ -34,7 +34,7 @@ import torch
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, InputSpec
 
 #: PixArt-alpha uses 120 T5 tokens; PixArt-Sigma 300.
 DEFAULT_CAPTION_LENGTH = 120
@@ -90,21 +90,21 @@ class PixArtAdapter(ModelAdapter):
     def caption_channels(self) -> int:
         return int(self.model.config.caption_channels)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[TensorSpec]:
+    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
         height, width = resolution
         dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
         specs = [
-            TensorSpec("latents", dtype, (BATCH_AXIS, self.latent_channels, height, width)),
-            TensorSpec("timestep", "float32", (BATCH_AXIS,)),
-            TensorSpec(
+            InputSpec("latents", dtype, (BATCH_AXIS, self.latent_channels, height, width), role="latents"),
+            InputSpec("timestep", "float32", (BATCH_AXIS,), role="timestep"),
+            InputSpec(
                 "encoder_hidden_states", dtype, (BATCH_AXIS, self.caption_length, self.caption_channels)
             ),
-            TensorSpec("encoder_attention_mask", "int64", (BATCH_AXIS, self.caption_length)),
+            InputSpec("encoder_attention_mask", "int64", (BATCH_AXIS, self.caption_length)),
         ]
         if self.uses_size_conditions:
             specs += [
-                TensorSpec("resolution", "float32", (BATCH_AXIS, 2)),
-                TensorSpec("aspect_ratio", "float32", (BATCH_AXIS, 1)),
+                InputSpec("resolution", "float32", (BATCH_AXIS, 2)),
+                InputSpec("aspect_ratio", "float32", (BATCH_AXIS, 1)),
             ]
         return specs
 
@@ -132,7 +132,7 @@ class PixArtAdapter(ModelAdapter):
             "latents": torch.randn(batch_size, self.latent_channels, height, width, generator=generator).to(
                 dtype
             ),
-            "timestep": torch.randint(0, 1000, (batch_size,), generator=generator).to(torch.float32),
+            "timestep": self.random_timesteps(batch_size, generator),
             "encoder_hidden_states": torch.randn(
                 batch_size, length, self.caption_channels, generator=generator
             ).to(dtype),

@@ -6,12 +6,18 @@ from torch import nn
 
 from fora_export.adapters.base import AdapterOptions, ModelAdapter
 from fora_export.adapters.dit import DiTAdapter
+from fora_export.adapters.flux import FluxAdapter
 from fora_export.adapters.pixart import PixArtAdapter
+from fora_export.adapters.sd3 import SD3Adapter
+from fora_export.adapters.wan import WanAdapter
 from fora_export.errors import ConfigError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     DiTAdapter.model_class: DiTAdapter,
     PixArtAdapter.model_class: PixArtAdapter,
+    FluxAdapter.model_class: FluxAdapter,
+    SD3Adapter.model_class: SD3Adapter,
+    WanAdapter.model_class: WanAdapter,
 }
 
 

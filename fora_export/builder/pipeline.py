@@ -7,6 +7,7 @@ interrupted build never leaves a folder claiming graphs that do not exist.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,11 +23,12 @@ from pathlib import Path
 import torch
 
 import fora_export
-from fora_export.adapters.base import DTYPE_NAMES, GateTableGraphs, torch_program_ops
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, torch_program_ops
 from fora_export.adapters.casting import cast_model
-from fora_export.adapters.registry import adapter_for
+from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
-from fora_export.builder.config import BuildConfig
+from fora_export.builder.config import BuildConfig, default_opset
+from fora_export.builder.trt_flavors import BuildFlavor
 from fora_export.errors import BuildError, ExportError
 from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model
@@ -40,13 +43,12 @@ from fora_runtime.manifest import (
     GraphSpec,
     Manifest,
     TensorSpec,
+    graph_file,
     sha256_of,
 )
 
 log = logging.getLogger(__name__)
 
-GRAPH_FILES = {"full": "full.onnx", "reuse": "reuse.onnx"}
-GATE_GRAPH_FILES = {"gates": "gates.onnx", "reuse_gated": "reuse_gated.onnx"}
 #: Rows (steps x samples) one call of the gates graph takes; the runtime splits longer
 #: generations into calls of at most ``max`` rows (a TensorRT engine's activation memory
 #: grows with its profile's largest shape; calls are once per generation, so few is enough).
@@ -69,20 +71,20 @@ def build(
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
-    with_tensorrt, backend_note = resolve_backend(config.backend)
+    tensorrt_flavor, backend_note = resolve_backend(config.backend)
     log.info("%s", backend_note)
     started = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stage_count = 6 if with_tensorrt or config.backend == "torch" else 5
+        stage_count = 6 if tensorrt_flavor or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
-            loaded = load_model(model_ref)
+            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision), config.subfolder)
             tmp.mkdir(parents=True)
-            if with_tensorrt and out.is_dir():
-                trt_build.seed_timing_cache(out, tmp)  # rebuilds reuse the earlier tuning
-            manifest = export_folder(loaded, tmp, config, stages, with_tensorrt=with_tensorrt)
+            if tensorrt_flavor and out.is_dir():
+                trt_build.seed_timing_cache(out, tmp, tensorrt_flavor)  # rebuilds reuse the earlier tuning
+            manifest = export_folder(loaded, tmp, config, stages, tensorrt_flavor=tensorrt_flavor)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,18 +94,14 @@ def build(
     return BuildResult(folder=out, manifest=manifest, seconds=seconds, backend_note=backend_note)
 
 
-def resolve_backend(backend: str) -> tuple[bool, str]:
-    """Resolve ``--backend``: whether this build also makes TensorRT engines, and what
-    it will write, in words (``auto`` says why it chose)."""
+def resolve_backend(backend: str) -> tuple[BuildFlavor | None, str]:
+    """Resolve ``--backend``: the TensorRT flavour this build also makes engines with (None:
+    no engines), and what it will write, in words (``auto`` says why it chose)."""
     if backend == "onnx":
-        return False, "backend onnx: ONNX graphs"
+        return None, "backend onnx: ONNX graphs"
     if backend == "torch":
-        return False, "backend torch: ONNX graphs + torch.export programs"
-    available, why = trt_build.tensorrt_available()
-    if backend == "tensorrt" and not available:
-        raise BuildError(f"--backend tensorrt | {why} | run the build on a GPU machine with TensorRT")
-    what = "ONNX graphs + TensorRT engines" if available else "ONNX graphs only"
-    return available, f"backend {backend}: {what} ({why})"
+        return None, "backend torch: ONNX graphs + torch.export programs"
+    return trt_build.resolve_tensorrt(backend)
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -142,16 +140,33 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class GraphJob:
+    """One graph of the build: every exporter (ONNX, torch programs, TensorRT) and the
+    manifest iterate the same list of jobs, so adding a graph is one entry."""
+
+    role: str
+    module: torch.nn.Module
+    example_args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    #: The range of axis 0: the batch, or gate-table rows for the ``gates`` graph.
+    batch_range: BatchRange
+    #: Reuse graphs compute their residual sums through fora's fused ops as torch programs.
+    fused_ops: bool = False
+
+
 def export_folder(
     loaded: LoadedModel,
     folder: Path,
     config: BuildConfig,
     stages: StageProgress,
     *,
-    with_tensorrt: bool = False,
+    tensorrt_flavor: BuildFlavor | None = None,
 ) -> Manifest:
     """Split ``loaded`` and write graphs + manifest into ``folder``."""
     stages.stage("splitting")
+    config = _with_model_defaults(config, loaded)
     adapter = adapter_for(loaded.model, config.adapter, where=f"MODEL '{loaded.source}'")
     dtype = adapter.check_precision(config.precision)
     cast_model(adapter.model, dtype)
@@ -162,7 +177,8 @@ def export_folder(
     resolution = config.resolution or adapter.default_resolution()
     adapter.check_resolution(resolution)
     adapter.fix_resolution(resolution)
-    step_specs = adapter.step_input_specs(resolution, config.precision)
+    input_specs = adapter.input_specs(resolution, config.precision)
+    step_specs = [s for s in input_specs if s.role != "build_constant"]
     input_names = tuple(s.name for s in step_specs)
     split = split_model(adapter, input_names)
     try:
@@ -173,56 +189,36 @@ def export_folder(
         example = {name: tensor.to(device) for name, tensor in example.items()}
         with torch.no_grad():
             _, caches = split.run_full(example)
-        cache_specs = _cache_specs(split, caches)
-        reuse_module = _reuse_module(split, config).to(device)
+        reuse_module, reuse_caches = _reuse_module(split, config)
+        _check_cache_memory(split, caches, reuse_caches, config)
+        reuse_module = reuse_module.to(device)
+        jobs = _graph_jobs(split, reuse_module, reuse_caches, example, caches, batch)
+        cache_specs = _cache_specs(split, caches, reuse_caches)
 
-        stages.stage("exporting full graph")
-        export_onnx(
-            split.full,
-            tuple(example[n] for n in input_names),
-            list(input_names),
-            [PREDICTION, *split.cache_names],
-            folder / GRAPH_FILES["full"],
-            config.export,
-            batch_range=batch,
-        )
-        stages.stage("exporting reuse graph")
-        export_onnx(
-            reuse_module,
-            (*(example[n] for n in input_names), *(caches[n] for n in split.cache_names)),
-            [*input_names, *split.cache_names],
-            [PREDICTION],
-            folder / GRAPH_FILES["reuse"],
-            config.export,
-            batch_range=batch,
-        )
-        gate_table = _gate_table_export(split, reuse_module, example, caches)
-        if gate_table is not None:
-            stages.add_stages(1)
-            stages.stage("exporting gate-table graphs")
-            _export_gate_table_onnx(gate_table, folder, config)
-        files = {**GRAPH_FILES, **(GATE_GRAPH_FILES if gate_table is not None else {})}
-        graphs = {role: _graph_spec(folder, file) for role, file in files.items()}
-        gates_spec = graphs["gates"].outputs[0] if gate_table is not None else None
+        for job in jobs:
+            stages.stage(f"exporting {job.role} graph")
+            export_onnx(
+                job.module,
+                job.example_args,
+                job.input_names,
+                job.output_names,
+                folder / graph_file(job.role),
+                config.export,
+                batch_range=job.batch_range,
+            )
+        graphs = {job.role: _graph_spec(folder, graph_file(job.role)) for job in jobs}
+        has_gate_table = "gates" in graphs
+        gates_spec = graphs["gates"].outputs[0] if has_gate_table else None
         _check_graphs(graphs, step_specs, cache_specs, gates_spec)
         backends = {}
         if config.backend == "torch":
             stages.stage("exporting torch programs")
-            backends["torch"] = _export_torch_programs(
-                split, reuse_module, gate_table, example, caches, folder, config
-            )
-        if with_tensorrt:
-            stages.stage("building TensorRT engines")
-            engines = dict(trt_build.ENGINE_FILES)
-            profiles = {}
-            if gate_table is not None:
-                engines.update(trt_build.GATE_ENGINE_FILES)
-                profiles["gates"] = GATE_ROWS
-            trt_build.build_engines(
-                folder, graphs, batch, config.tensorrt, engines=engines, profiles=profiles
-            )
-            backends["tensorrt"] = trt_build.tensorrt_record(
-                folder, batch, config.tensorrt, engines=engines, gate_rows=profiles.get("gates")
+            backends["torch"] = _export_torch_programs(jobs, folder)
+        if tensorrt_flavor:
+            stages.stage(f"building {tensorrt_flavor.title} engines")
+            profiles = {job.role: job.batch_range for job in jobs if job.batch_range != batch}
+            backends["tensorrt"] = trt_build.build_folder_engines(
+                folder, graphs, batch, config.tensorrt, profiles=profiles, flavor=tensorrt_flavor
             )
         stages.stage("writing manifest")
         manifest = Manifest(
@@ -248,8 +244,10 @@ def export_folder(
                 "trace_batch": trace_batch,
             },
             config_hash=_config_hash(adapter.config, loaded.source, config),
+            inputs=tuple(input_specs),
+            denoising=adapter.denoising(),
             backends=backends,
-            gate_rows=GATE_ROWS if gate_table is not None else None,
+            gate_rows=GATE_ROWS if has_gate_table else None,
         )
         manifest.write(folder)
         return manifest
@@ -257,131 +255,172 @@ def export_folder(
         split.remove()
 
 
-def _reuse_module(split: SplitModel, config: BuildConfig) -> torch.nn.Module:
-    """The family's lean reuse step when asked for and available, else the plain one."""
+def _with_model_defaults(config: BuildConfig, loaded: LoadedModel) -> BuildConfig:
+    """``config`` with the model's own defaults (its family's exporter, demo sizes) where the
+    build gave none;
+    the manifest records the result, so validate rebuilds the same adapter."""
+    defaults = loaded.build_defaults
+    if not config.export.resolved:
+        exporter = adapter_class_for(loaded.class_name).onnx_exporter
+        opset = config.export.opset or default_opset(exporter)
+        export = dataclasses.replace(config.export, exporter=exporter, opset=opset)
+        config = dataclasses.replace(config, export=export)
+    if config.resolution is None and "resolution" in defaults:
+        config = dataclasses.replace(config, resolution=tuple(defaults["resolution"]))
+    if config.adapter.caption_length is None and "caption_length" in defaults:
+        adapter = dataclasses.replace(config.adapter, caption_length=int(defaults["caption_length"]))
+        config = dataclasses.replace(config, adapter=adapter)
+    if config.adapter.frames is None and "frames" in defaults:
+        adapter = dataclasses.replace(config.adapter, frames=int(defaults["frames"]))
+        config = dataclasses.replace(config, adapter=adapter)
+    if "expert_range" in defaults:
+        adapter = dataclasses.replace(config.adapter, expert_range=tuple(defaults["expert_range"]))
+        config = dataclasses.replace(config, adapter=adapter)
+    return config
+
+
+def _check_cache_memory(
+    split: SplitModel,
+    caches: dict[str, torch.Tensor],
+    kept: tuple[str, ...],
+    config: BuildConfig,
+) -> None:
+    """Refuse, before any export, a build whose caches at the largest batch exceed
+    ``--max-cache-gib`` (video caches reach tens of GiB per sample); say which ``--cache``
+    subsets would fit."""
+    limit = config.max_cache_gib
+    if limit is None:
+        return
+    batch = config.batch.max
+
+    def per_sample(tensor: torch.Tensor) -> int:
+        return tensor[0].numel() * tensor.element_size()
+
+    total = sum(per_sample(caches[name]) for name in kept) * batch
+    if total <= limit * 2**30:
+        return
+    by_kind: dict[str, int] = {}
+    for point in split.taps.points:
+        by_kind[point.kind] = by_kind.get(point.kind, 0) + sum(
+            per_sample(caches[n]) for n in point.cache_names
+        )
+    kinds = list(by_kind)
+    fits = []
+    for mask in range(1, 2 ** len(kinds) - 1):
+        subset = {k for i, k in enumerate(kinds) if mask >> i & 1}
+        if sum(by_kind[k] for k in subset) * batch <= limit * 2**30:
+            fits.append(subset)
+    # The largest subsets only: any subset of one of them fits too.
+    fitting = [",".join(k for k in kinds if k in s) for s in fits if not any(s < other for other in fits)]
+    fix = (
+        f"pass --cache with one of: {'; '.join(fitting)} (uncached sublayers then run in reuse steps)"
+        if fitting
+        else "lower --batch MAX, the resolution or frames, or raise --max-cache-gib"
+    )
+    raise BuildError(
+        f"--max-cache-gib {limit:g} | the caches need {_size(total)} at batch {batch} "
+        f"({_size(total // batch)} per sample) | {fix}"
+    )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """The family's lean reuse step when asked for and available, else the plain one;
+    with the caches it reads (which the full graph then outputs)."""
     if config.reuse_graph == "plain":
-        return split.reuse
-    lean = split.adapter.lean_reuse_graph(split.input_names, split.cache_names)
+        return split.reuse, split.cache_names
+    lean_caches = split.adapter.lean_cache_names(split.cache_names)
+    lean = split.adapter.lean_reuse_graph(split.input_names, lean_caches)
     if lean is None:
         log.info(
             "reuse graph: plain (%s has no lean variant for caches %s)",
             split.adapter.family,
             ",".join(split.adapter.cached_kinds),
         )
-        return split.reuse
-    return lean.eval()
+        return split.reuse, split.cache_names
+    return lean.eval(), lean_caches
 
 
-@dataclass
-class _GateTableExport:
-    """A family's gate-table graphs with their example inputs and IO names, made once for
-    every exporter (ONNX and torch programs trace the same examples)."""
-
-    graphs: GateTableGraphs
-    table_args: tuple[torch.Tensor, ...]
-    gated_args: tuple[torch.Tensor, ...]
-    gated_names: list[str]  # latents, the table row, the caches
-
-
-def _gate_table_export(
+def _graph_jobs(
     split: SplitModel,
     reuse_module: torch.nn.Module,
+    reuse_caches: tuple[str, ...],
     example: dict[str, torch.Tensor],
     caches: dict[str, torch.Tensor],
-) -> _GateTableExport | None:
-    """The family's gate-table graphs, built along with a lean reuse graph only."""
-    if reuse_module is split.reuse:
-        return None
-    graphs = split.adapter.gate_table_graphs(split.cache_names)
-    if graphs is None:
-        return None
-    table_args = tuple(example[n] for n in graphs.table_inputs)
-    with torch.no_grad():
-        gates = graphs.table(*table_args)
-    return _GateTableExport(
-        graphs=graphs,
-        table_args=table_args,
-        gated_args=(example["latents"], gates, *(caches[n] for n in split.cache_names)),
-        gated_names=["latents", GATES_NAME, *split.cache_names],
-    )
-
-
-def _export_gate_table_onnx(gate_table: _GateTableExport, folder: Path, config: BuildConfig) -> None:
-    export_onnx(
-        gate_table.graphs.table,
-        gate_table.table_args,
-        list(gate_table.graphs.table_inputs),
-        [GATES_NAME],
-        folder / GATE_GRAPH_FILES["gates"],
-        config.export,
-        batch_range=GATE_ROWS,
-    )
-    export_onnx(
-        gate_table.graphs.gated_reuse,
-        gate_table.gated_args,
-        gate_table.gated_names,
-        [PREDICTION],
-        folder / GATE_GRAPH_FILES["reuse_gated"],
-        config.export,
-        batch_range=config.batch,
-    )
-
-
-def _export_torch_programs(
-    split: SplitModel,
-    reuse_module: torch.nn.Module,
-    gate_table: _GateTableExport | None,
-    example: dict[str, torch.Tensor],
-    caches: dict[str, torch.Tensor],
-    folder: Path,
-    config: BuildConfig,
-) -> dict[str, object]:
-    """Trace the step graphs as torch.export programs (on the example's device)."""
-    from fora_export.export.torch_program import (
-        GATE_PROGRAM_FILES,
-        PROGRAM_FILES,
-        export_program,
-        torch_manifest_record,
-    )
-
+    batch: BatchRange,
+) -> list[GraphJob]:
+    """The graphs of this build, in export order: full and reuse, then the gate-table
+    pair when the family has one for its lean reuse graph."""
     names = list(split.input_names)
-    gated = (gate_table.graphs.gated_reuse,) if gate_table is not None else ()
-    # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
-    with torch_program_ops(reuse_module, *gated):
-        export_program(
-            split.full,
-            tuple(example[n] for n in names),
-            folder / PROGRAM_FILES["full"],
-            config.batch,
-            input_names=names,
-            output_names=[PREDICTION, *split.cache_names],
-        )
-        export_program(
+    step_args = tuple(example[n] for n in names)
+    cache_args = tuple(caches[n] for n in reuse_caches)
+    jobs = [
+        GraphJob(
+            "full",
+            split.full_graph(reuse_caches),
+            step_args,
+            names,
+            [PREDICTION, *reuse_caches],
+            batch,
+        ),
+        GraphJob(
+            "reuse",
             reuse_module,
-            (*(example[n] for n in names), *(caches[n] for n in split.cache_names)),
-            folder / PROGRAM_FILES["reuse"],
-            config.batch,
-            input_names=[*names, *split.cache_names],
-            output_names=[PREDICTION],
-        )
-        if gate_table is not None:
+            (*step_args, *cache_args),
+            [*names, *reuse_caches],
+            [PREDICTION],
+            batch,
+            fused_ops=True,
+        ),
+    ]
+    if reuse_module is split.reuse:
+        return jobs
+    gate_table = split.adapter.gate_table_graphs(reuse_caches)
+    if gate_table is None:
+        return jobs
+    table_args = tuple(example[n] for n in gate_table.table_inputs)
+    with torch.no_grad():
+        gates = gate_table.table(*table_args)
+    latents_name = names[0]
+    jobs += [
+        GraphJob(
+            "gates", gate_table.table, table_args, list(gate_table.table_inputs), [GATES_NAME], GATE_ROWS
+        ),
+        GraphJob(
+            "reuse_gated",
+            gate_table.gated_reuse,
+            (example[latents_name], gates, *cache_args),
+            [latents_name, GATES_NAME, *reuse_caches],
+            [PREDICTION],
+            batch,
+            fused_ops=True,
+        ),
+    ]
+    return jobs
+
+
+def _export_torch_programs(jobs: list[GraphJob], folder: Path) -> dict[str, object]:
+    """Trace every graph as a torch.export program (on the example's device)."""
+    from fora_export.export.torch_program import export_program, torch_manifest_record
+
+    # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
+    with torch_program_ops(*(job.module for job in jobs if job.fused_ops)):
+        for job in jobs:
             export_program(
-                gate_table.graphs.table,
-                gate_table.table_args,
-                folder / GATE_PROGRAM_FILES["gates"],
-                GATE_ROWS,
-                input_names=list(gate_table.graphs.table_inputs),
-                output_names=[GATES_NAME],
+                job.module,
+                job.example_args,
+                folder / graph_file(job.role, "torch"),
+                job.batch_range,
+                input_names=job.input_names,
+                output_names=job.output_names,
             )
-            export_program(
-                gate_table.graphs.gated_reuse,
-                gate_table.gated_args,
-                folder / GATE_PROGRAM_FILES["reuse_gated"],
-                config.batch,
-                input_names=gate_table.gated_names,
-                output_names=[PREDICTION],
-            )
-    return torch_manifest_record(folder)
+    return torch_manifest_record(folder, [job.role for job in jobs])
 
 
 def _torch_device(requested: str) -> str:
@@ -392,19 +431,25 @@ def _torch_device(requested: str) -> str:
     return requested
 
 
-def _cache_specs(split: SplitModel, caches: dict[str, torch.Tensor]) -> list[CacheSpec]:
+def _cache_specs(
+    split: SplitModel, caches: dict[str, torch.Tensor], names: tuple[str, ...]
+) -> list[CacheSpec]:
+    """The cache tensors the engines keep (``names``, in order): those the reuse graph reads."""
     specs = []
     for point in split.taps.points:
-        tensor = caches[point.name]
-        specs.append(
-            CacheSpec(
-                name=point.name,
-                dtype=DTYPE_NAMES[tensor.dtype],
-                shape=(BATCH_AXIS, *tensor.shape[1:]),
-                block=point.block,
-                kind=point.kind,
+        for name in point.cache_names:
+            if name not in names:
+                continue
+            tensor = caches[name]
+            specs.append(
+                CacheSpec(
+                    name=name,
+                    dtype=DTYPE_NAMES[tensor.dtype],
+                    shape=(BATCH_AXIS, *tensor.shape[1:]),
+                    block=point.block,
+                    kind=point.kind,
+                )
             )
-        )
     return specs
 
 
@@ -415,7 +460,7 @@ def _graph_spec(folder: Path, file: str) -> GraphSpec:
 
 def _check_graphs(
     graphs: dict[str, GraphSpec],
-    step_specs: list[TensorSpec],
+    step_specs: Sequence[TensorSpec],
     caches: list[CacheSpec],
     gates: TensorSpec | None = None,
 ) -> None:

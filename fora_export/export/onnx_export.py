@@ -25,6 +25,7 @@ from torch import nn
 from fora_export.errors import ConfigError, ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
 from fora_export.export.islands import apply_fp32_islands, island_ops
+from fora_runtime.dtypes import ONNX_ELEM_TYPES
 from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,34 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights
 
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64"}
-
 
 @dataclass(frozen=True)
 class ExportConfig:
     """How graphs are exported: ONNX tensor precision, opset and exporter."""
 
     precision: str = "fp32"
-    opset: int = 17
-    exporter: str = "torchscript"
+    #: 0: the exporter's default (see ``default_opset``).
+    opset: int = 0
+    #: "": the model family's exporter (``ModelAdapter.onnx_exporter``).
+    exporter: str = ""
     #: None: external data only above EXTERNAL_DATA_THRESHOLD; True/False force it.
     external_data: bool | None = None
     #: Run LayerNorm/Softmax (and ops without bf16 support) in fp32 in fp16/bf16 graphs.
     fp32_islands: bool = True
 
+    @property
+    def resolved(self) -> bool:
+        """False while exporter and opset are left to the model family ("" and 0)."""
+        return bool(self.exporter)
+
     def __post_init__(self) -> None:
+        if not self.exporter:  # the family's exporter, resolved by the build (checked again then)
+            if self.opset and (not isinstance(self.opset, int) or self.opset < 17):
+                raise ConfigError(
+                    f"Opset | got {self.opset!r} | every exporter needs opset >= 17 "
+                    "(17 is the first with LayerNormalization)"
+                )
+            return
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"Exporter | got {self.exporter!r} | expected one of {', '.join(EXPORTERS)}")
         minimum = 18 if self.exporter == "dynamo" else 17
@@ -252,13 +265,13 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     def spec(value: Any) -> TensorSpec:
         tensor_type = value.type.tensor_type
-        if tensor_type.elem_type not in ONNX_DTYPES:
+        if tensor_type.elem_type not in ONNX_ELEM_TYPES:
             raise ExportError(
                 f"{path.name} | tensor '{value.name}' has unsupported ONNX type {tensor_type.elem_type}"
             )
         shape: list[int | str] = []
         for dim in tensor_type.shape.dim:
             shape.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or BATCH_AXIS))
-        return TensorSpec(value.name, ONNX_DTYPES[tensor_type.elem_type], tuple(shape))
+        return TensorSpec(value.name, ONNX_ELEM_TYPES[tensor_type.elem_type], tuple(shape))
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]

@@ -33,27 +33,10 @@ Device and dtype
     different torch major.minor. Both facts are recorded in the program archive
     (``extra/fora_program.json``) and in the manifest record.
 
-How ``fora_export.builder.pipeline.export_folder`` should call this (after the two
-ONNX exports, same ``example``/``caches``/``input_names`` as for ONNX, with the
-model and the example tensors on the target device)::
-
-    from fora_export.export.torch_program import PROGRAM_FILES, export_program, torch_manifest_record
-
-    export_program(
-        split.full, tuple(example[n] for n in input_names), folder / PROGRAM_FILES["full"], batch,
-        input_names=list(input_names), output_names=[PREDICTION, *split.cache_names],
-    )
-    export_program(
-        split.reuse, (*(example[n] for n in input_names), *(caches[n] for n in split.cache_names)),
-        folder / PROGRAM_FILES["reuse"], batch,
-        input_names=[*input_names, *split.cache_names], output_names=[PREDICTION],
-    )
-    ...
-    manifest = Manifest(..., files=_file_records(folder),             # lists full.pt2 / reuse.pt2 too
-                        backends={"torch": torch_manifest_record(folder)})
-
-``_file_records`` must run after both programs are written so their bytes and
-sha256 are verified like the ONNX files.
+``fora_export.builder.pipeline`` calls :func:`export_program` once per graph job (the
+files are named by ``fora_runtime.manifest.graph_file``) and records
+:func:`torch_manifest_record` in the manifest; the files are listed in
+``Manifest.files`` like the ONNX graphs, so their sha256 is verified on load.
 """
 
 from __future__ import annotations
@@ -72,13 +55,10 @@ from torch import nn
 from fora_export.adapters.base import DTYPE_NAMES
 from fora_export.errors import ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
-from fora_runtime.manifest import BatchRange
+from fora_runtime.manifest import BatchRange, graph_file
 
 log = logging.getLogger(__name__)
 
-PROGRAM_FILES = {"full": "full.pt2", "reuse": "reuse.pt2"}
-#: Written when the build has gate-table graphs (see ``fora_runtime.manifest.GATE_TABLE_ROLES``).
-GATE_PROGRAM_FILES = {"gates": "gates.pt2", "reuse_gated": "reuse_gated.pt2"}
 #: Name of the metadata file stored in each program archive (under ``extra/``).
 META_NAME = "fora_program.json"
 
@@ -247,7 +227,7 @@ def read_program_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def torch_manifest_record(folder: str | Path) -> dict[str, Any]:
+def torch_manifest_record(folder: str | Path, roles: Sequence[str]) -> dict[str, Any]:
     """The manifest's ``backends["torch"]`` entry for the programs in ``folder``.
 
     ``{"programs": {"full": "full.pt2", "reuse": "reuse.pt2"[, "gates": ..., "reuse_gated":
@@ -256,9 +236,7 @@ def torch_manifest_record(folder: str | Path) -> dict[str, Any]:
     names}, "outputs": {role: names}, "batch": {"min", "max", "dynamic"}}``.
     """
     folder = Path(folder)
-    files = dict(PROGRAM_FILES)
-    if all((folder / file).is_file() for file in GATE_PROGRAM_FILES.values()):
-        files.update(GATE_PROGRAM_FILES)
+    files = {role: graph_file(role, "torch") for role in roles}
     metas = {role: read_program_meta(folder / file) for role, file in files.items()}
     for role, meta in metas.items():
         # The gates program's batch axis counts rows and its output is the table, not a prediction.

@@ -29,7 +29,7 @@ from fora_export.errors import ConfigError
 from fora_export.progress import StageProgress
 from fora_export.quality.classifier import IMAGE_SHAPE, NUM_CLASSES, DigitClassifier, require_sklearn
 from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
-from fora_runtime.manifest import Manifest
+from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
 
@@ -110,21 +110,25 @@ class QualityPlan:
 
 
 def check_digit_model(manifest: Manifest, where: str) -> None:
-    """The classifier judges 8x8 digits of 10 classes, in pixel space."""
-    conditioning = manifest.conditioning
+    """The classifier judges 8x8 digits of 10 classes in pixel space, sampled with DDIM
+    (an epsilon-predicting, DDPM-trained model)."""
+    conditioning, denoising = manifest.conditioning, manifest.denoising
+    channels = denoising.latent_channels if denoising is not None else None
+    scheduler = denoising.scheduler if denoising is not None else None
     found = (
         f"{conditioning.get('kind')} with {conditioning.get('num_classes')} classes, "
-        f"{conditioning.get('latent_channels')}x{manifest.resolution[0]}x{manifest.resolution[1]} latents"
+        f"{channels}x{manifest.resolution[0]}x{manifest.resolution[1]} latents, {scheduler} sampling"
     )
     if (
         conditioning.get("kind") != "class_labels"
         or conditioning.get("num_classes") != NUM_CLASSES
-        or conditioning.get("latent_channels") != 1
+        or channels != 1
+        or scheduler != "ddpm"
         or tuple(manifest.resolution) != IMAGE_SHAPE
     ):
         raise ConfigError(
-            f"{where} | quality scores 8x8 digit models (class labels 0-9, 1x8x8 pixel latents), "
-            f"this one has {found} | build demo-digits: fora-export build demo-digits"
+            f"{where} | quality scores 8x8 digit models (class labels 0-9, 1x8x8 pixel latents, "
+            f"DDPM-trained), this one has {found} | build demo-digits: fora-export build demo-digits"
         )
 
 
@@ -243,11 +247,16 @@ def to_pixels(samples: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(samples, np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
+def _denoising(manifest: Manifest) -> DenoisingSpec:
+    assert manifest.denoising is not None, "check_digit_model refuses manifests without one"
+    return manifest.denoising
+
+
 def _timesteps(manifest: Manifest, steps: int) -> tuple[Any, np.ndarray]:
     from diffusers import DDIMScheduler
 
     scheduler: Any = DDIMScheduler(
-        num_train_timesteps=int(manifest.conditioning.get("num_train_timesteps", 1000)),
+        num_train_timesteps=_denoising(manifest).num_train_timesteps,
         beta_schedule="linear",
         clip_sample=False,
     )
@@ -267,7 +276,7 @@ def _generate(
     steps and scheduler updates, the gate table's computation at start included)."""
     import torch
 
-    channels = int(session.manifest.conditioning["latent_channels"])
+    channels = _denoising(session.manifest).latent_channels
     latents = noise.clone()
     started = time.perf_counter()
     generation = session.start(
@@ -300,7 +309,7 @@ def run_quality(
         with ForaSession(engine_dir, backend=backend) as session:
             manifest = session.manifest
             scheduler, timesteps = _timesteps(manifest, plan.steps)
-            channels = int(manifest.conditioning["latent_channels"])
+            channels = _denoising(manifest).latent_channels
             generator = torch.Generator().manual_seed(plan.seed)
             noise = torch.randn(len(labels), channels, *manifest.resolution, generator=generator)
             # Warm-up per batch size (first runs allocate buffers and pick kernels), so the

@@ -30,14 +30,31 @@ class _StepGraph(nn.Module):
         self._adapter = adapter
         self._taps = taps
         self.input_names = input_names
-        self.cache_names = tuple(p.name for p in taps.points)
+        self.cache_names = taps.cache_names
 
 
 class FullStepGraph(_StepGraph):
+    """The whole step; outputs the prediction and the caches named by ``cache_outputs``
+    (default: all; a lean reuse graph may need fewer, e.g. only image-stream caches)."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        taps: SublayerTaps,
+        input_names: tuple[str, ...],
+        cache_outputs: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(adapter, taps, input_names)
+        if cache_outputs is not None:
+            unknown = set(cache_outputs) - set(taps.cache_names)
+            if unknown:
+                raise ValueError(f"cache outputs {sorted(unknown)} are not recorded by the taps")
+            self.cache_names = cache_outputs
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._taps.recording() as recorded:
             prediction = self._adapter.predict(dict(zip(self.input_names, inputs, strict=True)))
-        return (prediction, *(recorded[p.name] for p in self._taps.points))
+        return (prediction, *(recorded[name] for name in self.cache_names))
 
 
 class ReuseStepGraph(_StepGraph):
@@ -61,7 +78,14 @@ class SplitModel:
 
     @property
     def cache_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.taps.points)
+        """Every cache tensor the taps record (the plain reuse graph takes them all)."""
+        return self.taps.cache_names
+
+    def full_graph(self, cache_outputs: tuple[str, ...]) -> FullStepGraph:
+        """A full step graph outputting only ``cache_outputs`` (same weights and taps)."""
+        if cache_outputs == self.cache_names:
+            return self.full
+        return FullStepGraph(self.adapter, self.taps, self.input_names, cache_outputs).eval()
 
     def run_full(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.full(*(inputs[n] for n in self.input_names))

@@ -7,7 +7,11 @@ own forward still computes and applies the gates:
 
 - ``passthrough``: the sublayer runs as usual;
 - ``record``: the sublayer runs and its output is recorded;
-- ``replay``: the sublayer does not run; the given cache tensor is returned.
+- ``replay``: the sublayer does not run; its output is rebuilt from the given caches.
+
+A sublayer whose output is several tensors (a joint attention returns the image
+and the context stream's outputs) is cached as several parts, one cache tensor
+each; replay rebuilds the output from them.
 
 A forward pre-hook cannot skip a module, which is why the forward is replaced.
 ``remove()`` restores the original forwards.
@@ -26,17 +30,46 @@ from torch import nn
 TapMode = Literal["passthrough", "record", "replay"]
 
 
+def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(output)
+
+
 @dataclass(frozen=True)
 class CachePoint:
-    """One cacheable sublayer: block index, sublayer kind and the module itself."""
+    """One cacheable sublayer: block index, sublayer kind and the module itself.
+
+    ``parts`` names the tensors its output is cached as: one unnamed part for a
+    sublayer returning one tensor; otherwise ``split(output)`` gives one tensor per
+    part and ``join(parts)`` rebuilds the output (default: the output is the tuple
+    of parts, in order).
+    """
 
     block: int
     kind: str
     module: nn.Module
+    parts: tuple[str, ...] = ("",)
+    split: Callable[[Any], tuple[torch.Tensor, ...]] = _as_tuple
+    join: Callable[[tuple[torch.Tensor, ...]], Any] = tuple
 
     @property
     def name(self) -> str:
         return f"cache.{self.block}.{self.kind}"
+
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        """One cache tensor name per part: ``cache.<block>.<kind>[.<part>]``."""
+        return tuple(f"{self.name}.{part}" if part else self.name for part in self.parts)
+
+    def record(self, output: Any) -> dict[str, torch.Tensor]:
+        if self.parts == ("",):
+            return {self.name: output}
+        tensors = self.split(output)
+        return dict(zip(self.cache_names, tensors, strict=True))
+
+    def rebuild(self, caches: dict[str, torch.Tensor]) -> Any:
+        if self.parts == ("",):
+            return caches[self.name]
+        return self.join(tuple(caches[name] for name in self.cache_names))
 
 
 class SublayerTaps:
@@ -47,6 +80,8 @@ class SublayerTaps:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate cache points: {names}")
         self.points = tuple(points)
+        #: Every cache tensor, point by point and part by part.
+        self.cache_names = tuple(name for point in self.points for name in point.cache_names)
         self.mode: TapMode = "passthrough"
         self.recorded: dict[str, torch.Tensor] = {}
         self._replay: dict[str, torch.Tensor] = {}
@@ -56,15 +91,15 @@ class SublayerTaps:
                 raise RuntimeError(f"{point.name}: sublayer forward is already replaced (tapped twice?)")
             original = point.module.forward
             self._originals[point.name] = original
-            point.module.forward = self._make_forward(point.name, original)  # type: ignore[method-assign]
+            point.module.forward = self._make_forward(point, original)  # type: ignore[method-assign]
 
-    def _make_forward(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _make_forward(self, point: CachePoint, original: Callable[..., Any]) -> Callable[..., Any]:
         def tapped_forward(*args: Any, **kwargs: Any) -> Any:
             if self.mode == "replay":
-                return self._replay[name]
+                return point.rebuild(self._replay)
             output = original(*args, **kwargs)
             if self.mode == "record":
-                self.recorded[name] = output
+                self.recorded.update(point.record(output))
             return output
 
         return tapped_forward
@@ -82,7 +117,7 @@ class SublayerTaps:
     @contextmanager
     def replaying(self, caches: dict[str, torch.Tensor]) -> Iterator[None]:
         """Run the model inside with every tapped sublayer returning its cache."""
-        missing = [p.name for p in self.points if p.name not in caches]
+        missing = [name for name in self.cache_names if name not in caches]
         if missing:
             raise KeyError(f"replay needs every cache tensor; missing {missing[:3]}...")
         self._replay = caches

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,13 +35,12 @@ from fora_export.validate.compare import (
     relative_l2,
     to_numpy,
 )
-from fora_runtime.manifest import Manifest
+from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("ddim", "dpm")
 GRAPH_TIMESTEPS = (999, 500, 0)
 #: The reuse case reuses caches written this many timesteps earlier.
 REUSE_GAP = 40
@@ -50,7 +50,7 @@ REUSE_GAP = 40
 class GraphCase:
     role: str
     batch_size: int
-    timestep: int
+    timestep: float
     comparisons: list[Comparison]
 
     @property
@@ -127,7 +127,8 @@ class ValidationReport:
 def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     """The PyTorch model the engines were built from, in the engines' precision."""
     ref = model_ref or manifest.source
-    loaded = load_model(ref)
+    subfolder = manifest.export.get("subfolder") if model_ref is None else None
+    loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
     options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
@@ -137,13 +138,16 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
         )
     config = {k: v for k, v in adapter.config.items() if not k.startswith("_")}
     built = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
-    differing = sorted(k for k in built if str(built[k]) != str(config.get(k)))
+    # Compared as the manifest stores them (JSON: tuples become lists).
+    as_json = json.loads(json.dumps(config, default=str))
+    differing = sorted(k for k in built if built[k] != as_json.get(k))
     if differing:
         raise ConfigError(
             f"MODEL '{ref}' | config differs from the one the engines were built from in {differing} "
             "| pass the right model with --model"
         )
     cast_model(adapter.model, TORCH_DTYPES[manifest.precision])
+    adapter.fix_resolution(manifest.resolution)  # the build's static sizes (and Flux's position ids)
     return adapter
 
 
@@ -167,26 +171,36 @@ def validate_graphs(
     feed = _Feeder(session)
     cases = []
     generator = torch.Generator().manual_seed(seed)
+    timestep_name = session.timestep_name
+    # Graph timesteps are the family's scheduler timesteps (0..999 for DDPM) in its convention.
+    scale = split.adapter.timestep_scale
+    assert manifest.denoising is not None  # checked when the manifest was read
+    low, top = (bound / scale for bound in manifest.denoising.timestep_range)
+    # An expert serves part of the range: its top, middle and bottom instead.
+    timesteps: tuple[float, ...] = GRAPH_TIMESTEPS
+    if not all(low <= t <= top for t in GRAPH_TIMESTEPS):
+        timesteps = (top, (low + top) / 2, low)
     for batch in batch_sizes:
-        for timestep in GRAPH_TIMESTEPS:
+        for timestep in timesteps:
             inputs = split.adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
-            inputs["timestep"] = torch.full((batch,), float(timestep))
+            inputs[timestep_name] = torch.full((batch,), float(timestep) * scale)
             with torch.no_grad():
                 ref_pred, ref_caches = split.run_full(inputs)
             pred = session.run_step("full", batch, feed(inputs))
             caches = session.read_caches(batch)
             comparisons = [compare("prediction", pred, ref_pred, tolerance)]
             comparisons += [
-                compare(name, caches[name], ref_caches[name], tolerance) for name in split.cache_names
+                compare(spec.name, caches[spec.name], ref_caches[spec.name], tolerance)
+                for spec in manifest.caches
             ]
             cases.append(GraphCase("full", batch, timestep, comparisons))
 
             # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling;
-            # at t=999 there is none, so the reuse step moves to t-REUSE_GAP instead.
-            cache_t = timestep + REUSE_GAP if timestep + REUSE_GAP <= 999 else timestep
+            # at the top there is none, so the reuse step moves to t-REUSE_GAP instead.
+            cache_t = timestep + REUSE_GAP if timestep + REUSE_GAP <= top else timestep
             reuse_t = cache_t - REUSE_GAP
-            earlier = dict(inputs, timestep=torch.full((batch,), float(cache_t)))
-            inputs = dict(inputs, timestep=torch.full((batch,), float(reuse_t)))
+            earlier = dict(inputs, **{timestep_name: torch.full((batch,), float(cache_t) * scale)})
+            inputs = dict(inputs, **{timestep_name: torch.full((batch,), float(reuse_t) * scale)})
             with torch.no_grad():
                 _, earlier_caches = split.run_full(earlier)
                 ref_reuse = split.run_reuse(inputs, earlier_caches)
@@ -196,7 +210,9 @@ def validate_graphs(
                 GraphCase("reuse", batch, reuse_t, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
             )
             if session.backend.gate_table_enabled:
-                gated_pred = _gated_reuse_step(session, feed(inputs), batch, (cache_t, reuse_t))
+                gated_pred = _gated_reuse_step(
+                    session, feed(inputs), batch, (cache_t * scale, reuse_t * scale)
+                )
                 cases.append(
                     GraphCase(
                         "reuse_gated",
@@ -210,31 +226,55 @@ def validate_graphs(
 
 
 def _gated_reuse_step(
-    session: ForaSession, inputs: dict[str, Any], batch: int, timesteps: tuple[int, int]
+    session: ForaSession, inputs: dict[str, Any], batch: int, timesteps: tuple[float, float]
 ) -> Any:
     """The reuse prediction of a two-step generation (full at ``timesteps[0]``, reuse at
     ``timesteps[1]``) whose gates come from the gate table computed at ``start``: the
     ``gates`` and ``reuse_gated`` graphs together, through the session as users run them."""
-    conditioning = {k: v for k, v in inputs.items() if k not in ("latents", "timestep")}
+    latents = inputs[session.latents_name]
+    conditioning = {k: v for k, v in inputs.items() if k not in (session.latents_name, session.timestep_name)}
     generation = session.start(
         2, batch, schedule=CacheSchedule.explicit([0]), timesteps=list(timesteps), **conditioning
     )
     if not generation.uses_gate_table:
         raise ConfigError("validate | the session did not use its gate table | report this bug")
-    generation.step(inputs["latents"])
-    return generation.step(inputs["latents"])
+    generation.step(latents)
+    return generation.step(latents)
 
 
-def make_scheduler(name: str, steps: int) -> Any:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+#: Schedulers validate can sample with, per scheduler family (the first is the default).
+SCHEDULERS_BY_FAMILY = {"ddpm": ("ddim", "dpm"), "flow_match": ("flow-euler",)}
 
+
+def default_scheduler(denoising: DenoisingSpec) -> str:
+    return SCHEDULERS_BY_FAMILY[denoising.scheduler][0]
+
+
+def make_scheduler(name: str, steps: int, denoising: DenoisingSpec) -> Any:
+    """The sampling scheduler ``name`` of the family's scheduler family, configured as the
+    manifest records (``num_train_timesteps``, flow-matching ``shift``)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    allowed = SCHEDULERS_BY_FAMILY.get(denoising.scheduler, ())
+    if name not in allowed:
+        raise ConfigError(
+            f"--scheduler | got {name!r} | a {denoising.scheduler} model samples with "
+            f"{', '.join(allowed) or 'no scheduler validate knows'}"
+        )
+    config = denoising.scheduler_config
     scheduler: Any
     if name == "ddim":
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+        scheduler = DDIMScheduler(
+            num_train_timesteps=denoising.num_train_timesteps, beta_schedule="linear", clip_sample=False
+        )
     elif name == "dpm":
-        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=denoising.num_train_timesteps, beta_schedule="linear"
+        )
     else:
-        raise ConfigError(f"--scheduler | got {name!r} | expected one of {', '.join(SCHEDULERS)}")
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=denoising.num_train_timesteps, shift=float(config.get("shift", 1.0))
+        )
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -243,16 +283,41 @@ StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample(
-    step_fn: StepFn, adapter: ModelAdapter, latents: torch.Tensor, scheduler_name: str, steps: int
+    step_fn: StepFn,
+    adapter: ModelAdapter,
+    latents: torch.Tensor,
+    scheduler_name: str,
+    steps: int,
+    denoising: DenoisingSpec,
+    served: list[int] | None = None,
 ) -> torch.Tensor:
-    """Run a sampling loop; ``step_fn(k, latents, t)`` returns the model output."""
-    scheduler = make_scheduler(scheduler_name, steps)
+    """Run a sampling loop; ``step_fn(k, latents, t)`` returns the model output for the
+    graph timestep ``t`` (the scheduler's timestep in the family's convention). ``served``:
+    the indices of the schedule's steps to run (an expert's part), default all."""
+    scheduler = make_scheduler(scheduler_name, steps, denoising)
     latents = latents.float()
-    for k, t in enumerate(scheduler.timesteps):
-        output = step_fn(k, latents, t)
+    indices = served if served is not None else list(range(len(scheduler.timesteps)))
+    if indices and indices[0] > 0:
+        scheduler.set_begin_index(indices[0])  # the schedule continues where the other expert left it
+    for k, index in enumerate(indices):
+        t = scheduler.timesteps[index]
+        output = step_fn(k, latents, t * denoising.timestep_scale)
         eps = adapter.noise_prediction(torch.from_numpy(to_numpy(output)))
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
+
+
+def _served_steps(timesteps: Any, denoising: DenoisingSpec) -> list[int]:
+    """Indices of the schedule's (graph) timesteps inside the engines' range."""
+    low, high = denoising.timestep_range
+    slack = 1e-6 * max(abs(high), 1.0)
+    served = [i for i, t in enumerate(timesteps) if low - slack <= float(t) <= high + slack]
+    if not served:
+        raise ConfigError(
+            f"validate | no step of the schedule falls in the engines' timestep range [{low:g}, {high:g}] "
+            "| use more --steps"
+        )
+    return served
 
 
 def validate_trajectory(
@@ -269,28 +334,35 @@ def validate_trajectory(
     dtype = TORCH_DTYPES[manifest.precision]
     generator = torch.Generator().manual_seed(seed + 1)
     base = split.adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
-    latents0 = base["latents"].float()
-    conditioning = {k: v for k, v in base.items() if k not in ("latents", "timestep")}
-    plan = schedule.plan(steps)
+    latents_name, timestep_name = session.latents_name, session.timestep_name
+    denoising = manifest.denoising
+    assert denoising is not None  # checked when the manifest was read
+    latents0 = base[latents_name].float()
+    conditioning = {k: v for k, v in base.items() if k not in (latents_name, timestep_name)}
     feed = _Feeder(session)
 
     def step_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
-            "latents": latents.to(dtype),
-            "timestep": torch.full((batch_size,), float(t)),
+            latents_name: latents.to(dtype),
+            timestep_name: torch.full((batch_size,), float(t)),
             **conditioning,
         }
 
     # With the timesteps given up front, as schedulers allow: builds with gate-table
     # graphs then precompute every step's gates, the path users get.
-    timesteps = make_scheduler(scheduler, steps).timesteps.numpy()
+    timesteps = make_scheduler(scheduler, steps, denoising).timesteps.numpy() * denoising.timestep_scale
+    total = steps
+    served = _served_steps(timesteps, denoising)
+    timesteps = timesteps[served]
+    steps = len(served)  # an expert runs its part of the schedule only
+    plan = schedule.plan(steps)
     generation = session.start(
         steps, batch_size, schedule=schedule, timesteps=timesteps, **feed(conditioning)
     )
 
     def runtime_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> Any:
         fed = feed(step_inputs(latents, t))
-        return generation.step(fed.pop("latents"), fed.pop("timestep"), **fed)
+        return generation.step(fed.pop(latents_name), fed.pop(timestep_name), **fed)
 
     caches: dict[str, torch.Tensor] = {}
 
@@ -306,9 +378,9 @@ def validate_trajectory(
         with torch.no_grad():
             return split.adapter.predict(step_inputs(latents, t))
 
-    final_runtime = sample(runtime_step, split.adapter, latents0, scheduler, steps)
-    final_fora = sample(fora_step, split.adapter, latents0, scheduler, steps)
-    final_nocache = sample(nocache_step, split.adapter, latents0, scheduler, steps)
+    final_runtime = sample(runtime_step, split.adapter, latents0, scheduler, total, denoising, served)
+    final_fora = sample(fora_step, split.adapter, latents0, scheduler, total, denoising, served)
+    final_nocache = sample(nocache_step, split.adapter, latents0, scheduler, total, denoising, served)
     return TrajectoryResult(
         scheduler=scheduler,
         steps=steps,
@@ -329,7 +401,7 @@ def validate(
     model: str | None = None,
     backend: str = "onnxruntime",
     steps: int = 20,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     schedule: CacheSchedule | None = None,
     interval: int | None = None,
     batch_sizes: list[int] | None = None,
@@ -338,12 +410,13 @@ def validate(
     trajectory: bool = True,
 ) -> ValidationReport:
     """Validate an engine folder; see the module docstring for what is checked."""
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"--scheduler | got {scheduler!r} | expected one of {', '.join(SCHEDULERS)}")
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
     with ForaSession(engine_dir, backend=backend) as session:
         manifest = session.manifest
+        assert manifest.denoising is not None  # checked when the manifest was read
+        scheduler = scheduler or default_scheduler(manifest.denoising)
+        make_scheduler(scheduler, steps, manifest.denoising)  # refuses a wrong family before work
         if schedule is None and interval is not None:
             # Count the interval the way the engines' own schedule does.
             mode = manifest.schedule.mode if manifest.schedule.kind == "interval" else "paper"

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+from fora_runtime.dtypes import itemsize
 from fora_runtime.manifest import TensorSpec
 
 # 256 bytes satisfies every backend we bind to (CUDA wants 256 for TensorRT IO).
 ALIGNMENT = 256
-
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class ArenaLayout:
         offset = 0
         for spec in specs:
             shape = spec.concrete_shape(batch_size)
-            nbytes = prod(shape) * ITEMSIZE[spec.dtype]
+            nbytes = prod(shape) * itemsize(spec.dtype)
             slots.append(Slot(spec=spec, shape=shape, offset=offset, nbytes=nbytes))
             offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
         return cls(batch_size=batch_size, slots=tuple(slots), nbytes=offset)

@@ -27,21 +27,27 @@ class GateTable:
 class PlannedInputs:
     """A generation's timesteps and conditioning, given to ``start``."""
 
-    def __init__(self, timesteps: Any, host: dict[str, Any], given: dict[str, Any]) -> None:
+    def __init__(
+        self, timesteps: Any, host: dict[str, Any], given: dict[str, Any], *, timestep_name: str
+    ) -> None:
         self.timesteps = timesteps  # float32 [steps] or [steps, batch]
+        self.timestep_name = timestep_name
         self.host = host  # host copies, for the gate table and for checks
         self.given = given  # as the caller passed them, staged on full steps
 
-    def rows(self, batch_size: int, steps: list[int]) -> dict[str, Any]:
-        """Gate-table rows of ``steps``: step-major, ``batch_size`` rows per step."""
+    def rows(self, batch_size: int, steps: list[int], names: tuple[str, ...]) -> dict[str, Any]:
+        """Gate-table rows of ``steps`` for the inputs ``names`` (the gates graph's): step-major,
+        ``batch_size`` rows per step. Other conditioning (text embeddings) is not tiled."""
         import numpy as np
 
         count = len(steps)
         planned = self.timesteps[steps].reshape(count, -1)
         timestep = np.broadcast_to(planned, (count, batch_size)).reshape(-1)
         # Copies: broadcast views are read-only, and backends may wrap rows without copying.
-        rows = {"timestep": np.array(timestep, copy=True)}
+        rows = {self.timestep_name: np.array(timestep, copy=True)}
         for name, value in self.host.items():
+            if name not in names:
+                continue
             rows[name] = np.array(
                 np.broadcast_to(value[None], (count, *value.shape)).reshape(-1, *value.shape[1:]),
                 copy=True,
@@ -149,11 +155,12 @@ class Generation:
             timestep = planned.timesteps[index] if timestep is None else timestep
             conditioning = {**planned.given, **conditioning}
         if not full and self._gate_table is not None:
-            session.stage(self._buffers, {"latents": latents}, only=("latents",))
+            session.stage(self._buffers, {session.latents_name: latents}, only=(session.latents_name,))
             first_row = self._gate_table.block_of[index] * self.batch_size
             backend.run_reuse_gated(self._buffers, self._gate_table.table, first_row)
         else:
-            session.stage(self._buffers, {"latents": latents, "timestep": timestep, **conditioning})
+            inputs = {session.latents_name: latents, session.timestep_name: timestep, **conditioning}
+            session.stage(self._buffers, inputs)
             (backend.run_full if full else backend.run_reuse)(self._buffers)
         self.step_index += 1
         return backend.read_prediction(self._buffers)

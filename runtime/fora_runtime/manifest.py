@@ -11,18 +11,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fora_runtime.dtypes import MANIFEST_DTYPES
 from fora_runtime.errors import InputError, ManifestError
 from fora_runtime.schedule import CacheSchedule
 
-SCHEMA_VERSION = 1
+#: 2: step inputs with roles (``inputs``) and the family's denoising contract (``denoising``).
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 BATCH_AXIS = "batch"
-DTYPES = ("float32", "float16", "bfloat16", "int64")
 GRAPH_ROLES = ("full", "reuse")
 #: Optional, always together: ``gates`` computes the gate table of many (step, sample)
 #: rows at once, ``reuse_gated`` is the reuse step reading its row instead of computing it.
 GATE_TABLE_ROLES = ("gates", "reuse_gated")
 GATES_NAME = "gates"
+#: What each step input is. ``build_constant`` inputs (e.g. Flux's position ids) are fixed
+#: per build and baked into the graphs; their values are recorded so a caller who passes
+#: them anyway is checked.
+INPUT_ROLES = ("latents", "timestep", "conditioning", "build_constant")
+#: File suffix of each graph format; a graph's file is ``<role><suffix>``.
+GRAPH_SUFFIXES = {"onnx": ".onnx", "torch": ".pt2", "tensorrt": ".plan"}
+
+
+def graph_file(role: str, kind: str = "onnx") -> str:
+    """The file name of graph ``role`` in format ``kind`` (one naming rule for every backend)."""
+    return f"{role}{GRAPH_SUFFIXES[kind]}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,78 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class InputSpec(TensorSpec):
+    """A step input: its role (one of :data:`INPUT_ROLES`) and, for build constants,
+    the value baked into the graphs (nested lists, without a batch axis)."""
+
+    role: str = "conditioning"
+    value: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {**super().to_dict(), "role": self.role}
+        if self.role == "build_constant":
+            data["value"] = self.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        return cls(
+            name=data["name"],
+            dtype=data["dtype"],
+            shape=tuple(data["shape"]),
+            role=data["role"],
+            value=data.get("value"),
+        )
+
+
+@dataclass(frozen=True)
+class DenoisingSpec:
+    """How a family's steps are driven: what the latents look like, what the graphs'
+    timestep means and which scheduler family samples with them (set by the adapter)."""
+
+    #: Axis letters of the latents, e.g. ``BCHW`` (DiT, PixArt, SD3), ``BSC`` (Flux's
+    #: packed tokens), ``BCFHW`` (video).
+    latent_layout: str
+    latent_channels: int
+    #: Channels of the prediction (twice the latent's with learned sigma).
+    output_channels: int
+    #: ``ddpm`` (epsilon prediction, integer timesteps) or ``flow_match`` (velocity).
+    scheduler: str
+    #: The scheduler's config (``num_train_timesteps``, ``shift``, ...).
+    scheduler_config: dict[str, Any]
+    #: graph timestep = scheduler timestep * timestep_scale (Flux takes t / 1000).
+    timestep_scale: float = 1.0
+    #: Valid graph timesteps [low, high].
+    timestep_range: tuple[float, float] = (0.0, 1000.0)
+
+    @property
+    def channel_axis(self) -> int:
+        return self.latent_layout.index("C")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timestep_range"] = list(self.timestep_range)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DenoisingSpec:
+        low, high = data["timestep_range"]
+        return cls(
+            latent_layout=str(data["latent_layout"]),
+            latent_channels=int(data["latent_channels"]),
+            output_channels=int(data["output_channels"]),
+            scheduler=str(data["scheduler"]),
+            scheduler_config=dict(data["scheduler_config"]),
+            timestep_scale=float(data["timestep_scale"]),
+            timestep_range=(float(low), float(high)),
+        )
 
 
 @dataclass(frozen=True)
@@ -125,6 +209,9 @@ class Manifest:
     tools: dict[str, str]
     export: dict[str, Any]
     config_hash: str
+    #: Every step input with its role, in graph order (build constants last).
+    inputs: tuple[InputSpec, ...] = ()
+    denoising: DenoisingSpec | None = None
     # Backend-specific build records (e.g. TensorRT version, GPU) keyed by backend.
     backends: dict[str, Any] = field(default_factory=dict)
     #: Rows the ``gates`` graph takes per call; None when the build has no gate-table graphs.
@@ -157,6 +244,26 @@ class Manifest:
                 f"[{bounds[0]}, {bounds[1]}] | ({where})"
             )
 
+    def check_timesteps(self, values: Any, *, where: str = MANIFEST_NAME) -> None:
+        """Raise InputError when host timesteps leave the range these engines serve (an
+        expert of a two-expert model serves part of the schedule only)."""
+        if self.denoising is None:
+            return
+        import numpy as np
+
+        low, high = self.denoising.timestep_range
+        array = np.asarray(values, dtype="float64")
+        slack = 1e-6 * max(abs(high), 1.0)  # float32 rounding of the scheduler's timesteps
+        if array.size and not (
+            np.isfinite(array).all() and array.min() >= low - slack and array.max() <= high + slack
+        ):
+            raise InputError(
+                f"Input '{self.timestep_input.name}' | values {array.min():g}..{array.max():g} outside "
+                f"[{low:g}, {high:g}], the timesteps these engines serve | pass timesteps in that range (the "
+                f"graph's convention: scheduler timestep x {self.denoising.timestep_scale:g}); for one "
+                f"expert of a two-expert model run the other steps with the other expert's engines ({where})"
+            )
+
     @property
     def has_gate_table(self) -> bool:
         """True when the build has the ``gates`` and ``reuse_gated`` graphs."""
@@ -171,11 +278,31 @@ class Manifest:
     def gate_table_dtype(self) -> str:
         return self.graphs["gates"].outputs[0].dtype
 
-    def input_spec(self, name: str) -> TensorSpec:
-        for spec in self.graphs["full"].inputs:
+    def input_spec(self, name: str) -> InputSpec:
+        for spec in self.inputs:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+    def inputs_of(self, role: str) -> tuple[InputSpec, ...]:
+        return tuple(spec for spec in self.inputs if spec.role == role)
+
+    @property
+    def step_inputs(self) -> tuple[InputSpec, ...]:
+        """The inputs a step feeds to the graphs (build constants are inside them)."""
+        return tuple(spec for spec in self.inputs if spec.role != "build_constant")
+
+    @property
+    def latents_input(self) -> InputSpec:
+        return self.inputs_of("latents")[0]
+
+    @property
+    def timestep_input(self) -> InputSpec:
+        return self.inputs_of("timestep")[0]
+
+    @property
+    def conditioning_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs_of("conditioning"))
 
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +313,8 @@ class Manifest:
         data["schedule"] = self.schedule.to_dict()
         data["graphs"] = {role: g.to_dict() for role, g in self.graphs.items()}
         data["caches"] = [c.to_dict() for c in self.caches]
+        data["inputs"] = [i.to_dict() for i in self.inputs]
+        data["denoising"] = self.denoising.to_dict() if self.denoising is not None else None
         # Put the version first so a human reading the file sees it.
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -202,7 +331,8 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"{where} | schema_version {version!r} is not supported (this runtime reads "
-                f"{SCHEMA_VERSION}) | rebuild with a matching fora-export or upgrade fora-runtime"
+                f"{SCHEMA_VERSION}) | rebuild the engines with this fora-export (`fora-export build`), "
+                "or use the fora-runtime that matches the one that built them"
             )
         try:
             roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in data["graphs"])
@@ -224,6 +354,8 @@ class Manifest:
                 tools=dict(data["tools"]),
                 export=dict(data["export"]),
                 config_hash=data["config_hash"],
+                inputs=tuple(InputSpec.from_dict(i) for i in data["inputs"]),
+                denoising=DenoisingSpec.from_dict(data["denoising"]),
                 backends=dict(data.get("backends", {})),
                 gate_rows=BatchRange(**gate_rows) if gate_rows is not None else None,
             )
@@ -242,7 +374,7 @@ class Manifest:
             return ManifestError(f"{where} | {what} | rebuild the engines with `fora-export build`")
 
         for spec in (*self.caches, *(t for g in self.graphs.values() for t in (*g.inputs, *g.outputs))):
-            if spec.dtype not in DTYPES:
+            if spec.dtype not in MANIFEST_DTYPES:
                 raise bad(f"tensor '{spec.name}' has unknown dtype {spec.dtype!r}")
             for dim in spec.shape:
                 if dim != BATCH_AXIS and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
@@ -264,6 +396,7 @@ class Manifest:
             raise ManifestError(
                 f"{where} | invalid batch range {self.batch} | expected 1 <= min <= opt <= max"
             )
+        self._check_inputs(bad)
         cache_names = {c.name for c in self.caches}
         full_outputs = {t.name for t in self.graphs["full"].outputs}
         reuse_inputs = {t.name for t in self.graphs["reuse"].inputs}
@@ -275,6 +408,34 @@ class Manifest:
             if graph.file not in self.files:
                 raise ManifestError(f"{where} | {role} graph file '{graph.file}' is not listed in 'files'")
         self._check_gate_table(where)
+
+    def _check_inputs(self, bad: Any) -> None:
+        roles = [spec.role for spec in self.inputs]
+        if any(role not in INPUT_ROLES for role in roles):
+            raise bad(f"input roles {roles} | each must be one of {list(INPUT_ROLES)}")
+        if roles.count("latents") != 1 or roles.count("timestep") != 1:
+            raise bad("the inputs need exactly one 'latents' and one 'timestep' input")
+        for spec in self.inputs:
+            if spec.role == "build_constant" and not isinstance(spec.value, list):
+                raise bad(f"build constant '{spec.name}' has no recorded value")
+        step = {spec.name: spec for spec in self.step_inputs}
+        cache_names = {c.name for c in self.caches}
+        for role, graph in self.graphs.items():
+            if role == "gates":
+                continue
+            for tensor in graph.inputs:
+                if tensor.name in cache_names or tensor.name == GATES_NAME:
+                    continue
+                want = step.get(tensor.name)
+                if want is None or (want.dtype, want.shape) != (tensor.dtype, tensor.shape):
+                    raise bad(f"{role} graph input '{tensor.name}' is not a step input of the manifest")
+        denoising = self.denoising
+        if denoising is None or sorted(denoising.latent_layout) != sorted(set(denoising.latent_layout)):
+            raise bad("denoising.latent_layout is missing or repeats an axis")
+        if "B" not in denoising.latent_layout or "C" not in denoising.latent_layout:
+            raise bad(f"denoising.latent_layout {denoising.latent_layout!r} needs a B and a C axis")
+        if len(denoising.latent_layout) != len(self.latents_input.shape):
+            raise bad("denoising.latent_layout does not match the rank of the latents input")
 
     def _check_gate_table(self, where: str) -> None:
         present = [role for role in GATE_TABLE_ROLES if role in self.graphs]
@@ -307,7 +468,7 @@ class Manifest:
         step_inputs = {t.name: t for t in self.graphs["full"].inputs}
         for spec in self.graphs["gates"].inputs:
             want = step_inputs.get(spec.name)
-            if spec.name == "latents" or want is None or want.dtype != spec.dtype:
+            if spec.name == self.latents_input.name or want is None or want.dtype != spec.dtype:
                 raise ManifestError(
                     f"{where} | gates input '{spec.name}' ({spec.dtype}) is not a conditioning input "
                     "of the full graph (timestep, labels, ...) of the same dtype"

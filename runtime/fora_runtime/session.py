@@ -33,7 +33,7 @@ from typing import Any
 from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, host_copy
 from fora_runtime.errors import InputError
 from fora_runtime.generation import GateTable, Generation, PlannedInputs
-from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
 
 
@@ -60,10 +60,10 @@ class ForaSession:
         self.backend: StepBackend = create_backend(backend, self.manifest, self.engine_dir, **backend_options)
         # Before activation: without it the backend loads no gate-table graphs at all.
         self.backend.use_gate_table = gate_table
-        cache_names = {c.name for c in self.manifest.caches}
-        self.step_inputs: tuple[TensorSpec, ...] = tuple(
-            t for t in self.manifest.graphs["full"].inputs if t.name not in cache_names
-        )
+        #: The inputs each step feeds the graphs, with their roles (manifest order).
+        self.step_inputs: tuple[InputSpec, ...] = self.manifest.step_inputs
+        self.latents_name = self.manifest.latents_input.name
+        self.timestep_name = self.manifest.timestep_input.name
         self._generation_id = 0
         self.check_inputs = check_inputs
 
@@ -115,7 +115,9 @@ class ForaSession:
             # Rows for the reuse steps only: full steps compute their own gates.
             reuse_steps = [index for index, full in enumerate(plan) if not full]
             if reuse_steps:
-                table = GateTable(self.backend.gate_table(planned.rows(batch_size, reuse_steps)), reuse_steps)
+                names = tuple(spec.name for spec in self.manifest.graphs["gates"].inputs)
+                rows = planned.rows(batch_size, reuse_steps, names)
+                table = GateTable(self.backend.gate_table(rows), reuse_steps)
         self._generation_id += 1
         return Generation(self, buffers, plan, self._generation_id, planned, table)
 
@@ -123,7 +125,8 @@ class ForaSession:
         self, timesteps: Any, conditioning: dict[str, Any], num_steps: int, batch_size: int
     ) -> PlannedInputs:
         """Check a generation's timesteps and conditioning given up front (host copies)."""
-        names = [s.name for s in self.step_inputs if s.name not in ("latents", "timestep")]
+        conditioning = self.drop_build_constants(conditioning)
+        names = list(self.manifest.conditioning_names)
         if sorted(conditioning) != sorted(names):
             raise InputError(
                 f"start() | got conditioning {sorted(conditioning)} | with timesteps, pass all of "
@@ -142,6 +145,8 @@ class ForaSession:
                 f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
                 f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
             )
+        if self.check_inputs:
+            self.manifest.check_timesteps(steps, where=self._where())
         values = {}
         for name in names:
             spec = self.manifest.input_spec(name)
@@ -159,7 +164,27 @@ class ForaSession:
                 )
             self.manifest.check_values(name, value, where=self._where())
             values[name] = value
-        return PlannedInputs(steps, values, dict(conditioning))
+        return PlannedInputs(steps, values, dict(conditioning), timestep_name=self.timestep_name)
+
+    def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` without the build constants among them, each checked to equal the
+        value the graphs were built with (e.g. Flux's position ids for the built size)."""
+        constants = {spec.name: spec for spec in self.manifest.inputs_of("build_constant")}
+        if not constants.keys() & inputs.keys():
+            return inputs
+        import numpy as np
+
+        for name in constants.keys() & inputs.keys():
+            built = np.asarray(constants[name].value, dtype="float64")
+            given = inputs[name]
+            given = host_copy(given).astype("float64") if given is not None else built
+            if given.shape != built.shape or not np.array_equal(given, built):
+                raise InputError(
+                    f"Input '{name}' | differs from the value the engines were built with (shape "
+                    f"{list(given.shape)} vs {list(built.shape)}) | it is fixed per build: rebuild with "
+                    f"the resolution / text length you need ({self._where()})"
+                )
+        return {k: v for k, v in inputs.items() if k not in constants}
 
     def reset(self) -> None:
         """Invalidate the current generation (its caches can no longer be reused)."""
@@ -212,12 +237,13 @@ class ForaSession:
         if not self.check_inputs:
             for spec in specs:
                 value = inputs[spec.name]
-                if spec.name == "timestep":
+                if spec.role == "timestep":
                     value = self.backend.as_timestep(
                         value, spec.concrete_shape(buffers.batch_size), spec.dtype
                     )
                 self.backend.stage_input(buffers, spec.name, value)
             return
+        inputs = self.drop_build_constants(inputs)
         expected = {spec.name for spec in self.step_inputs}
         unknown = set(inputs) - expected
         if unknown:
@@ -229,12 +255,12 @@ class ForaSession:
                 raise InputError(f"Input '{spec.name}' | missing | this model needs {sorted(expected)}")
             value = inputs[spec.name]
             want_shape = spec.concrete_shape(buffers.batch_size)
-            if spec.name == "timestep":
+            if spec.role == "timestep":
                 try:
                     value = self.backend.as_timestep(value, want_shape, spec.dtype)
                 except (TypeError, ValueError) as err:
                     raise InputError(
-                        f"Input 'timestep' | got {value!r} | expected a number or one number per sample"
+                        f"Input '{spec.name}' | got {value!r} | expected a number or one number per sample"
                     ) from err
             shape, dtype = self.backend.describe_array(value)
             if shape != want_shape:
@@ -248,6 +274,8 @@ class ForaSession:
                 )
             if self.backend.host_inputs:
                 self.manifest.check_values(spec.name, value, where=self._where())
+                if spec.role == "timestep":
+                    self.manifest.check_timesteps(value, where=self._where())
             self.backend.stage_input(buffers, spec.name, value)
 
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fora_export.cli import main
+from fora_runtime.manifest import SCHEMA_VERSION
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -206,7 +207,11 @@ def test_info_describes_the_engine_folder(tiny_engine: Path) -> None:
     assert "gate table: yes (0.4 KiB per step and sample, up to 1024 rows" in stdout
     code, stdout, _ = invoke("info", str(tiny_engine), "--json")
     data = json.loads(stdout)
-    assert data["schema_version"] == 1 and data["gate_rows"] == {"min": 1, "opt": 256, "max": 1024}
+    assert data["schema_version"] == SCHEMA_VERSION and data["gate_rows"] == {
+        "min": 1,
+        "opt": 256,
+        "max": 1024,
+    }
 
 
 def test_info_refuses_a_tampered_folder(engine_copy: Path) -> None:

@@ -5,9 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from fora_export.errors import ConfigError
 from fora_export.loading import load_model
+from tests.conftest import TINY_DIT, save_dit
 
 
 def test_loads_a_transformer_folder(tiny_dit_dir: Path) -> None:
@@ -92,3 +94,14 @@ def test_hub_id_resolves_from_the_local_cache_offline(tiny_dit_dir: Path, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "test-org/tiny-dit"
     assert manifest["export"]["subfolder"] == subfolder
+
+
+def test_saved_models_load_straight_into_the_build_precision(tmp_path: Path) -> None:
+    """Weights load once, in the target dtype (no fp32 copy first), equal to the saved
+    fp32 weights cast."""
+    folder = save_dit(tmp_path / "dit", TINY_DIT)
+    fp32 = load_model(str(folder)).model
+    half = load_model(str(folder), torch.float16).model
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    for (name, want), (_, got) in zip(fp32.state_dict().items(), half.state_dict().items(), strict=True):
+        assert torch.equal(got, want.to(torch.float16)), name

@@ -63,6 +63,27 @@ def test_corrupt_manifest(engine_copy: Path) -> None:
         load_manifest(engine_copy)
 
 
+def test_a_folder_of_the_previous_schema_says_rebuild(engine_copy: Path) -> None:
+    """Schema 1 folders (no input roles, no denoising contract) are refused with the fix."""
+
+    def downgrade(data: dict) -> None:
+        data.update(schema_version=1)
+        del data["inputs"], data["denoising"]
+
+    rewrite(engine_copy, downgrade)
+    with pytest.raises(ManifestError, match=r"schema_version 1 is not supported .*rebuild the engines"):
+        load_manifest(engine_copy)
+
+
+def test_input_roles_are_checked(engine_copy: Path) -> None:
+    rewrite(engine_copy, lambda d: d["inputs"][1].update(role="latents"))
+    with pytest.raises(ManifestError, match="exactly one 'latents' and one 'timestep'"):
+        load_manifest(engine_copy)
+    rewrite(engine_copy, lambda d: d["inputs"][1].update(role="timestep", name="t"))
+    with pytest.raises(ManifestError, match="input 'timestep' is not a step input"):
+        load_manifest(engine_copy)
+
+
 def test_unknown_schema_version(engine_copy: Path) -> None:
     rewrite(engine_copy, lambda d: d.update(schema_version=99))
     with pytest.raises(ManifestError, match="schema_version 99 is not supported"):

@@ -30,7 +30,6 @@ from fora_export.builder.pipeline import PREDICTION, build
 from fora_export.demo import make_demo_dit
 from fora_export.errors import ExportError
 from fora_export.export.torch_program import (
-    PROGRAM_FILES,
     export_program,
     read_program_meta,
     torch_manifest_record,
@@ -39,7 +38,7 @@ from fora_export.split.graphs import SplitModel, split_model
 from fora_runtime import BackendError, ForaSession, Generation, GenerationError, InputError, load_manifest
 from fora_runtime.backends import backend_names
 from fora_runtime.backends.torch_backend import check_program_record
-from fora_runtime.manifest import MANIFEST_NAME, BatchRange, sha256_of
+from fora_runtime.manifest import MANIFEST_NAME, BatchRange, graph_file, sha256_of
 from tests.conftest import TINY_DIT
 
 INPUT_NAMES = ("latents", "timestep", "class_labels")
@@ -71,7 +70,7 @@ def add_torch_programs(folder: Path, *, device: str = "cpu", precision: str = "f
     export_program(
         split.full,
         tuple(example[n] for n in INPUT_NAMES),
-        folder / PROGRAM_FILES["full"],
+        folder / graph_file("full", "torch"),
         manifest.batch,
         input_names=list(INPUT_NAMES),
         output_names=[PREDICTION, *split.cache_names],
@@ -79,14 +78,14 @@ def add_torch_programs(folder: Path, *, device: str = "cpu", precision: str = "f
     export_program(
         split.reuse,
         (*(example[n] for n in INPUT_NAMES), *(caches[n] for n in split.cache_names)),
-        folder / PROGRAM_FILES["reuse"],
+        folder / graph_file("reuse", "torch"),
         manifest.batch,
         input_names=[*INPUT_NAMES, *split.cache_names],
         output_names=[PREDICTION],
     )
     data = json.loads((folder / MANIFEST_NAME).read_text())
-    data["backends"]["torch"] = torch_manifest_record(folder)
-    for file in PROGRAM_FILES.values():
+    data["backends"]["torch"] = torch_manifest_record(folder, ("full", "reuse"))
+    for file in (graph_file("full", "torch"), graph_file("reuse", "torch")):
         data["files"][file] = {"bytes": (folder / file).stat().st_size, "sha256": sha256_of(folder / file)}
     (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
     return split
@@ -257,13 +256,13 @@ def test_name_count_mismatch_is_an_export_error(tmp_path: Path) -> None:
 
 
 def test_record_is_refused_for_a_program_without_metadata(tmp_path: Path) -> None:
-    for file in PROGRAM_FILES.values():
+    for file in (graph_file("full", "torch"), graph_file("reuse", "torch")):
         program = torch.export.export(nn.Linear(2, 2), (torch.randn(2, 2),))
         torch.export.save(program, str(tmp_path / file))
     with pytest.raises(
         ExportError, match=r"has no extra/fora_program\.json \| not written by export_program"
     ):
-        torch_manifest_record(tmp_path)
+        torch_manifest_record(tmp_path, ("full", "reuse"))
 
 
 # -- CPU runtime --------------------------------------------------------------------------

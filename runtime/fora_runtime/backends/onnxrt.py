@@ -19,20 +19,19 @@ import numpy as np
 from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBackend, StepBuffers
 from fora_runtime.caches import ArenaLayout
+from fora_runtime.dtypes import name_of, numpy_dtype
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, Manifest
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-NUMPY_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
-
 
 def _numpy_dtype(dtype: str) -> Any:
-    if dtype not in NUMPY_DTYPES:
+    try:
+        return numpy_dtype(dtype)
+    except KeyError:
         raise BackendError(
             f"Backend 'onnxruntime' | dtype {dtype} is not supported by its Python IO | "
             "build with --precision fp32 or fp16 for ONNX Runtime"
-        )
-    return NUMPY_DTYPES[dtype]
+        ) from None
 
 
 class OnnxRuntimeBackend(StepBackend):
@@ -56,6 +55,7 @@ class OnnxRuntimeBackend(StepBackend):
         self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
         self._errors: tuple[type[BaseException], ...] = ()
+        self._run_errors: tuple[type[BaseException], ...] = ()
         self.providers: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -90,6 +90,8 @@ class OnnxRuntimeBackend(StepBackend):
             self._check_io(role, session)
             self._sessions[role] = session
         self._errors = _ort_errors(ort)
+        # A failed run (a kernel refusing its shapes) surfaces as a bare RuntimeError.
+        self._run_errors = (*self._errors, RuntimeError)
         self.providers = self._sessions["full"].get_providers()
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -203,7 +205,7 @@ class OnnxRuntimeBackend(StepBackend):
         binding = buffers.bound[role]
         try:
             session.run_with_iobinding(binding)
-        except self._errors as err:
+        except self._run_errors as err:
             raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
@@ -240,7 +242,7 @@ class OnnxRuntimeBackend(StepBackend):
 
     def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
         array = np.asarray(value)
-        return tuple(array.shape), NUMPY_NAMES.get(array.dtype, str(array.dtype))
+        return tuple(array.shape), name_of(array.dtype)
 
 
 def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:

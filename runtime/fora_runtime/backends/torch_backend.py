@@ -236,7 +236,11 @@ class TorchBackend(TorchTensorIO):
                 problems.append(f"gates inputs {record['inputs']['gates']} differ from the manifest's")
             if record["outputs"]["gates"] != [GATES_NAME]:
                 problems.append(f"gates outputs are {record['outputs']['gates']}, expected ['{GATES_NAME}']")
-            if tuple(record["inputs"]["reuse_gated"]) != ("latents", GATES_NAME, *cache_names):
+            if tuple(record["inputs"]["reuse_gated"]) != (
+                manifest.latents_input.name,
+                GATES_NAME,
+                *cache_names,
+            ):
                 problems.append("reuse_gated inputs are not latents, gates and the caches")
             if tuple(record["outputs"]["reuse_gated"]) != (manifest.prediction.name,):
                 problems.append(
@@ -373,7 +377,7 @@ class TorchBackend(TorchTensorIO):
         return tuple(buffers.inputs[name] for name in self._step_names)
 
     def _gated_args(self, buffers: StepBuffers, caches: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (buffers.inputs["latents"], buffers.inputs[GATES_NAME], *caches)
+        return (buffers.inputs[self.manifest.latents_input.name], buffers.inputs[GATES_NAME], *caches)
 
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:

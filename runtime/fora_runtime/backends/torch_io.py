@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.dtypes import DTYPES
 from fora_runtime.errors import BackendError
 
 
@@ -51,19 +52,11 @@ class TorchTensorIO(StepBackend):
         raise NotImplementedError
 
     def _torch_dtype(self, dtype: str) -> Any:
-        torch = self._torch
-        table = {
-            "float32": torch.float32,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "int64": torch.int64,
-            "int32": torch.int32,
-        }
-        if dtype not in table:
+        if dtype not in DTYPES:
             raise BackendError(
                 f"Backend '{self.name}' | dtype {dtype} is not supported | rebuild the engines"
             )
-        return table[dtype]
+        return getattr(self._torch, DTYPES[dtype].torch)
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
         target = buffers.inputs[name]

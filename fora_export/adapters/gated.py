@@ -1,0 +1,66 @@
+"""Pieces every family's lean reuse step is made of (the family files compose them).
+
+A reuse step of an adaLN family is ``x = embed(latents) + sum_i g_i(c) * cache_i``
+followed by the final modulated norm and head, where ``c`` depends only on the
+timestep and conditioning. Two facts are common to all families and live here:
+
+- the gates of every cached sublayer are chunks of per-block adaLN projections of
+  one shared vector: stacking those weight rows makes all of them one matrix product
+  (:func:`stacked_gate_projection`);
+- the weighted residual sum reads each cache once (:class:`WeightedCacheSum`); in
+  torch programs it is one ``fora::gated_residual_sum`` op (a fused kernel on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fora_runtime.backends.torch_ops import gated_residual_sum_op
+
+
+def stacked_gate_projection(pieces: Sequence[tuple[nn.Linear, int, int]]) -> nn.Linear:
+    """One linear layer computing the listed chunks of several adaLN projections.
+
+    ``pieces`` are ``(linear, chunk, chunks)``: rows ``[chunk * D, (chunk + 1) * D)`` of
+    ``linear`` whose output is ``chunks`` vectors of size ``D``. The result's output is
+    the chunks concatenated in order (``[len(pieces) * D]``), computed from the same input.
+    """
+    weights, biases = [], []
+    for linear, chunk, chunks in pieces:
+        size = linear.out_features // chunks
+        weights.append(linear.weight.detach()[chunk * size : (chunk + 1) * size])
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros_like(weights[-1][:, 0])
+        biases.append(bias[chunk * size : (chunk + 1) * size])
+    weight = torch.cat(weights)
+    projection = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        projection.weight.copy_(weight)
+        projection.bias.copy_(torch.cat(biases))
+    return projection
+
+
+class WeightedCacheSum(nn.Module):
+    """``hidden + sum_i gates[:, i, None] * caches[i]``, added in the caches' order (the
+    blocks' order of addition), each cache read once.
+
+    ONNX graphs spell it as a multiply-add chain TensorRT fuses into one pointwise
+    kernel (not ``addcmul``: its ONNX export computes in fp32 and would change the
+    graph's output type). With ``torch_program`` set (see ``torch_program_ops``) it is
+    one ``fora::gated_residual_sum`` op.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.torch_program = False
+
+    def forward(
+        self, hidden: torch.Tensor, gates: torch.Tensor, caches: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        if self.torch_program:
+            return gated_residual_sum_op(torch)(hidden, gates, list(caches))
+        for index, cache in enumerate(caches):
+            hidden = gates[:, index].unsqueeze(1) * cache + hidden
+        return hidden
