@@ -98,9 +98,8 @@ def _default_out(model: str) -> Path:
     "--exporter",
     type=click.Choice(["torchscript", "dynamo"]),
     default=None,
-    help=(
-        "torch.onnx exporter. [default: the family's: torchscript for DiT, PixArt, SD3; dynamo for Flux, Wan]"
-    ),
+    help="torch.onnx exporter. [default: the family's: torchscript for DiT, PixArt, SD3; dynamo for Flux,"
+    " Wan]",
 )
 @click.option(
     "--fp32-islands/--no-fp32-islands",

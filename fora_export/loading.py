@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_class_for, supported_classes
 from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
 from fora_export.errors import ConfigError
@@ -67,7 +68,7 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
             raise ConfigError(f"--subfolder | {ref} is a built-in model | pass a pipeline folder with it")
         model = DEMO_MODELS[ref]()
         if dtype is not None:
-            model = model.to(dtype)
+            model = cast_model(model, dtype)
         return LoadedModel(
             model=model,
             class_name=type(model).__name__,
