@@ -1,6 +1,7 @@
 # Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
 #   make test   lint, type-check and run the test suite
+#   make quality  the README's quality table, plot and grid (tools/assets/) from demo-digits' trained weights
 # CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
@@ -11,7 +12,7 @@ TENSORRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck clean
+.PHONY: setup demo quality test lint typecheck clean
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,18 @@ demo: $(STAMP)
 	$(BIN)/fora-export build demo-dit --out engines/demo-dit --force
 	$(BIN)/fora-export validate engines/demo-dit
 	$(BIN)/fora-export bench engines/demo-dit --steps 20
+
+# Every schedule samples all QUALITY_SAMPLES x 10 digits in one generation. The lists: full
+# at step 0 only (broken on purpose), then 13 full steps (as N=4) front- and back-loaded.
+QUALITY_SAMPLES ?= 50
+QUALITY_REPEATS ?= 5
+QUALITY_OUT ?= tools/assets
+quality: $(STAMP)
+	$(BIN)/fora-export build demo-digits --out engines/demo-digits --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --force
+	$(BIN)/fora-export quality engines/demo-digits --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
+		--schedule-list 0 --schedule-list 0,1,2,3,4,6,8,11,15,20,26,33,41 \
+		--schedule-list 0,9,17,24,30,35,39,42,44,46,47,48,49 \
+		--save-json $(QUALITY_OUT)/quality.json --plot $(QUALITY_OUT)/quality.png --grid $(QUALITY_OUT)/quality-grid.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

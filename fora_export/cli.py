@@ -206,7 +206,7 @@ def build(
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
     a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart,
-    demo-sd3, demo-flux, demo-wan.
+    demo-sd3, demo-flux, demo-wan (random weights), demo-digits (trained on scikit-learn's digits).
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
@@ -502,6 +502,94 @@ def triton(
     )
     click.echo(f"  inputs: {', '.join(t.name for t in spec.inputs())}; output: {spec.outputs()[0].name}")
     click.echo(f"  serve:  python tools/serve_triton.py {repository}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--intervals", default="1,2,3,4,5,6,7,8", show_default=True, help="FORA intervals N to compare."
+)
+@click.option(
+    "--schedule-mode",
+    type=click.Choice(["paper", "reference", "both"]),
+    default="both",
+    show_default=True,
+    help="How the intervals are counted (see README, Schedules); both: a row for each.",
+)
+@click.option(
+    "--schedule-list",
+    "schedule_lists",
+    multiple=True,
+    metavar="STEPS",
+    help="Also an explicit schedule: its full steps, e.g. 0,1,2,5,9 (repeatable).",
+)
+@click.option("--samples", type=int, default=10, show_default=True, help="Seeded samples per class.")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps per sample.")
+@click.option(
+    "--batch", "batch_size", type=int, default=None, help="Samples per generation. [default: the build's max]"
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise and the classifier.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per schedule (median).")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
+@click.option("--save-json", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@click.option(
+    "--plot", type=click.Path(path_type=Path), default=None, help="Write a quality-vs-speedup plot."
+)
+@click.option(
+    "--grid", type=click.Path(path_type=Path), default=None, help="Write an image grid, a row per schedule."
+)
+@_user_errors
+def quality(
+    engine_dir: Path,
+    intervals: str,
+    schedule_mode: str,
+    schedule_lists: tuple[str, ...],
+    samples: int,
+    steps: int,
+    batch_size: int | None,
+    seed: int,
+    repeats: int,
+    backend: str,
+    as_json: bool,
+    save_json: Path | None,
+    plot: Path | None,
+    grid: Path | None,
+) -> None:
+    """Measure what each cache schedule costs in sample quality (digit models, e.g. demo-digits)."""
+    from fora_export.quality.classifier import require_sklearn
+    from fora_export.quality.report import plot_quality, print_quality, save_quality_grid
+    from fora_export.quality.runner import check_output_path, parse_int_list, plan_quality, run_quality
+    from fora_runtime.manifest import load_manifest
+
+    require_sklearn()
+    check_output_path(save_json, "--save-json", image=False)
+    check_output_path(plot, "--plot", image=True)
+    check_output_path(grid, "--grid", image=True)
+    plan = plan_quality(  # every option checked before anything runs
+        load_manifest(engine_dir),
+        intervals=parse_int_list(intervals, "--intervals", "1,2,3,5"),
+        modes=schedule_mode,
+        lists=tuple(parse_int_list(text, "--schedule-list", "0,1,2,5,9") for text in schedule_lists),
+        samples_per_class=samples,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        repeats=repeats,
+        where=str(engine_dir),
+    )
+    report = run_quality(engine_dir, plan, backend=backend)
+    text = json.dumps(report.to_dict(), indent=2)
+    if save_json is not None:
+        save_json.write_text(text + "\n")
+    if plot is not None:
+        plot_quality(report, plot)
+    if grid is not None:
+        save_quality_grid(report, grid)
+    if as_json:
+        click.echo(text)
+    else:
+        print_quality(report)
 
 
 @main.command()

@@ -1,6 +1,7 @@
-"""Built-in demo models: small diffusers transformers with seeded random weights.
+"""Built-in demo models: small diffusers transformers with seeded random weights, and
+``demo-digits``, the one with trained weights (shipped in the package, see below).
 
-Created from a config, nothing downloaded. Every parameter is drawn from a
+The random ones are created from a config, nothing downloaded. Every parameter is drawn from a
 seeded generator, including the layers DiT initialises to zero for training
 (adaLN modulation, final projection): with zero gates every cache would be
 multiplied by zero and caching errors would be invisible.
@@ -9,6 +10,7 @@ multiplied by zero and caching errors would be invisible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,6 +98,24 @@ def make_demo_dit_xl() -> nn.Module:
     return make_demo_dit(DIT_XL_2_CONFIG)
 
 
+#: ``demo-digits``: the one demo with trained weights, a DiT trained on scikit-learn's
+#: 8x8 digits by ``tools/train_digits.py``, shipped in the package as a save_pretrained folder.
+DEMO_DIGITS_DIR = Path(__file__).parent / "demo_weights" / "digits"
+
+
+def load_demo_digits() -> nn.Module:
+    """The trained digits DiT, read from the package like any local MODEL folder (offline)."""
+    from fora_export.errors import ConfigError
+    from fora_export.loading import load_model  # here: loading imports this module
+
+    if not (DEMO_DIGITS_DIR / "config.json").is_file():
+        raise ConfigError(
+            f"demo-digits | no trained weights in {DEMO_DIGITS_DIR} | reinstall fora-export, "
+            "or train them: python tools/train_digits.py"
+        )
+    return load_model(str(DEMO_DIGITS_DIR)).model
+
+
 #: A small Flux.1-dev (about demo-dit's size and cost): 4 dual-stream and 8 single-stream
 #: blocks of hidden 384, guidance embedding, 16-channel packed latents (a 4-channel VAE
 #: latent in 2x2 patches); built at a 32x32 latent (256 image tokens) and 64 text tokens.
@@ -179,6 +199,7 @@ DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
+    "demo-digits": load_demo_digits,
     "demo-flux": make_demo_flux,
     "demo-sd3": make_demo_sd3,
     "demo-wan": make_demo_wan,

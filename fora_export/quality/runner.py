@@ -1,0 +1,375 @@
+"""Sample every schedule through the runtime and score it against the uncached samples.
+
+For a digit model (``demo-digits``: 1x8x8 pixel-space latents, 10 classes), K seeded
+samples per class are drawn with diffusers' DDIM scheduler (``beta_schedule="linear"``,
+the training schedule) for each cache schedule, from the same initial noise. The first
+schedule is always N=1 (no caching, through the runtime too): the reference.
+
+Per schedule: PSNR (pixels in [0, 1]) and relative L2 (the final samples) against the
+reference, the digit classifier's accuracy on the conditioning labels, the Fréchet
+distance of its features to the real digits', the full steps, and the time of the same
+generations (the median of ``repeats`` timed runs). Generations run round-robin (for each
+run and batch of samples, every schedule in turn) so drift in machine load affects every
+schedule alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fora_export.bench import describe_machine
+from fora_export.errors import ConfigError
+from fora_export.progress import StageProgress
+from fora_export.quality.classifier import IMAGE_SHAPE, NUM_CLASSES, DigitClassifier, require_sklearn
+from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
+from fora_runtime.manifest import DenoisingSpec, Manifest
+from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
+from fora_runtime.session import ForaSession
+
+SCHEDULE_MODES = (*INTERVAL_MODES, "both")
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
+    """``"1,2,3"`` as integers, or the one-line error naming the option."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise ConfigError(f"{option} | got {text!r} | expected integers like {example}") from err
+    if not values:
+        raise ConfigError(f"{option} | got {text!r} | expected integers like {example}")
+    return values
+
+
+def check_output_path(path: Path | None, option: str, *, image: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} '{path}' | is a folder | pass a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} '{path}' | folder {parent} does not exist | create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{option} '{path}' | folder {parent} is not writable | choose another")
+    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"{option} '{path}' | unknown image type {path.suffix or '(none)'!r} "
+            f"| end it in one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if image:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                f"{option} | matplotlib is not installed | pip install 'fora-export[quality]'"
+            ) from err
+
+
+@dataclass(frozen=True)
+class ScheduleCase:
+    """One schedule the command compares; ``label`` names it in every output."""
+
+    label: str
+    schedule: CacheSchedule
+    #: "none" (N=1, the reference), "paper", "reference", "both" (the two readings give the
+    #: same plan at these steps: one row), or "explicit" (labelled "list K", K from 1 in the
+    #: order given).
+    kind: str
+    interval: int | None = None
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """Checked options: the schedules (the uncached reference first) and the samples."""
+
+    steps: int
+    samples_per_class: int
+    batch_size: int
+    seed: int
+    cases: tuple[ScheduleCase, ...]
+    #: Timed runs of every schedule (the time is their median; the samples are the same).
+    repeats: int = 1
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Conditioning labels, class-major: K zeros, K ones, ..."""
+        return np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), self.samples_per_class)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        total = len(self.labels)
+        return [(start, min(start + self.batch_size, total)) for start in range(0, total, self.batch_size)]
+
+
+def check_digit_model(manifest: Manifest, where: str) -> None:
+    """The classifier judges 8x8 digits of 10 classes in pixel space, sampled with DDIM
+    (an epsilon-predicting, DDPM-trained model)."""
+    conditioning, denoising = manifest.conditioning, manifest.denoising
+    channels = denoising.latent_channels if denoising is not None else None
+    scheduler = denoising.scheduler if denoising is not None else None
+    found = (
+        f"{conditioning.get('kind')} with {conditioning.get('num_classes')} classes, "
+        f"{channels}x{manifest.resolution[0]}x{manifest.resolution[1]} latents, {scheduler} sampling"
+    )
+    if (
+        conditioning.get("kind") != "class_labels"
+        or conditioning.get("num_classes") != NUM_CLASSES
+        or channels != 1
+        or scheduler != "ddpm"
+        or (denoising is not None and denoising.latent_layout != "BCHW")
+        or tuple(manifest.resolution) != IMAGE_SHAPE
+    ):
+        raise ConfigError(
+            f"{where} | quality scores 8x8 digit models (class labels 0-9, 1x8x8 pixel latents, "
+            f"DDPM-trained), this one has {found} | build demo-digits: fora-export build demo-digits"
+        )
+
+
+def plan_quality(
+    manifest: Manifest,
+    *,
+    intervals: tuple[int, ...],
+    modes: str = "both",
+    lists: tuple[tuple[int, ...], ...] = (),
+    samples_per_class: int = 10,
+    steps: int = 50,
+    batch_size: int | None = None,
+    seed: int = 0,
+    repeats: int = 3,
+    where: str = "ENGINE_DIR",
+) -> QualityPlan:
+    """Check every option against the manifest before anything runs."""
+    check_digit_model(manifest, where)
+    for name, value in (("--samples", samples_per_class), ("--steps", steps), ("--repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
+    if modes not in SCHEDULE_MODES:
+        raise ConfigError(f"--schedule-mode | got {modes!r} | expected one of {', '.join(SCHEDULE_MODES)}")
+    bad = [n for n in intervals if n < 1]
+    if bad:
+        raise ConfigError(f"--intervals | got {bad[0]} | intervals are integers >= 1 (1 = no caching)")
+    total = NUM_CLASSES * samples_per_class
+    batch = min(total, manifest.batch.max) if batch_size is None else batch_size
+    if not manifest.batch.contains(batch):
+        raise ConfigError(
+            f"--batch | got {batch}, the engines were built for {manifest.batch} "
+            "| pick a batch size in the built range, or rebuild with --batch"
+        )
+    if total % batch and not manifest.batch.contains(total % batch):
+        raise ConfigError(
+            f"--batch | {total} samples in batches of {batch} leave {total % batch}, below the built "
+            f"minimum {manifest.batch.min} | choose --samples or --batch so batches fit"
+        )
+    cases = [ScheduleCase("no caching (N=1)", CacheSchedule.interval_of(1), "none", 1)]
+    chosen_modes = INTERVAL_MODES if modes == "both" else (modes,)
+    for n in dict.fromkeys(intervals):  # in the order given, each once
+        if n == 1:
+            continue
+        by_mode = {mode: CacheSchedule.interval_of(n, mode) for mode in chosen_modes}
+        plans = {mode: schedule.plan(steps) for mode, schedule in by_mode.items()}
+        if len(chosen_modes) == 2 and plans["paper"] == plans["reference"]:
+            # Both readings give the same plan at these steps: one row.
+            cases.append(ScheduleCase(f"N={n} both", by_mode["paper"], "both", n))
+            continue
+        for mode, schedule in by_mode.items():
+            cases.append(ScheduleCase(f"N={n} {mode}", schedule, mode, n))
+    for number, full_steps in enumerate(lists, start=1):
+        schedule = CacheSchedule.explicit(full_steps)
+        full = schedule.num_full(steps)  # refuses steps past the last one
+        cases.append(ScheduleCase(f"list {number} ({full} full)", schedule, "explicit"))
+    return QualityPlan(
+        steps=steps,
+        samples_per_class=samples_per_class,
+        batch_size=batch,
+        seed=seed,
+        cases=tuple(cases),
+        repeats=repeats,
+    )
+
+
+@dataclass
+class ScheduleResult:
+    label: str
+    kind: str
+    interval: int | None
+    schedule: dict[str, Any]
+    num_full: int
+    #: Median over the repeats of the time to generate every sample.
+    seconds: float
+    runs_seconds: list[float]
+    speedup: float
+    ideal: float
+    #: None when the samples equal the uncached ones exactly (infinite PSNR).
+    psnr_db: float | None
+    rel_l2: float
+    accuracy: float
+    frechet: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class QualityReport:
+    engine_dir: str
+    backend: str
+    machine: str
+    model: str
+    steps: int
+    samples_per_class: int
+    batch_size: int
+    seed: int
+    repeats: int
+    scheduler: str
+    classifier_accuracy: float
+    #: The Fréchet distance of as many real digits as were generated to all real digits.
+    real_frechet: float
+    results: list[ScheduleResult] = field(default_factory=list)
+    #: Final samples per schedule label, pixels in [0, 1], [samples, 1, 8, 8] (not in the JSON).
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k not in ("results", "images", "labels")}
+        data["schedules"] = [r.to_dict() for r in self.results]
+        return data
+
+
+def to_pixels(samples: np.ndarray) -> np.ndarray:
+    """Model samples in [-1, 1] (training's pixel scale) as pixels in [0, 1], clipped."""
+    return np.clip((np.asarray(samples, np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _denoising(manifest: Manifest) -> DenoisingSpec:
+    assert manifest.denoising is not None, "check_digit_model refuses manifests without one"
+    return manifest.denoising
+
+
+def _timesteps(manifest: Manifest, steps: int) -> tuple[Any, np.ndarray]:
+    from diffusers import DDIMScheduler
+
+    scheduler: Any = DDIMScheduler(
+        num_train_timesteps=_denoising(manifest).num_train_timesteps,
+        beta_schedule="linear",
+        clip_sample=False,
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler, scheduler.timesteps.numpy()
+
+
+def _generate(
+    session: ForaSession,
+    scheduler: Any,
+    timesteps: np.ndarray,
+    schedule: CacheSchedule,
+    noise: Any,
+    labels: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """One generation of ``len(labels)`` samples; the samples and its wall time (runtime
+    steps and scheduler updates, the gate table's computation at start included)."""
+    import torch
+
+    channels = _denoising(session.manifest).latent_channels
+    latents = noise.clone()
+    started = time.perf_counter()
+    generation = session.start(
+        len(timesteps), len(labels), schedule=schedule, timesteps=timesteps, class_labels=labels
+    )
+    for t in timesteps:
+        prediction = generation.step(latents.numpy())
+        eps = torch.from_numpy(prediction[:, :channels])
+        latents = scheduler.step(eps, int(t), latents).prev_sample
+    return latents.numpy(), time.perf_counter() - started
+
+
+def run_quality(
+    engine_dir: str | Path,
+    plan: QualityPlan,
+    *,
+    backend: str = "onnxruntime",
+    progress: bool | None = None,
+) -> QualityReport:
+    """Sample every schedule of ``plan`` and score it (see the module docstring)."""
+    import torch
+
+    require_sklearn()
+    chunks = plan.chunks
+    labels = plan.labels
+    total = 1 + plan.repeats * len(chunks) * len(plan.cases)
+    with StageProgress(total, title="quality", enabled=progress) as bar:
+        bar.stage("training the digit classifier")
+        classifier = DigitClassifier.fit(seed=plan.seed)
+        with ForaSession(engine_dir, backend=backend) as session:
+            manifest = session.manifest
+            scheduler, timesteps = _timesteps(manifest, plan.steps)
+            channels = _denoising(manifest).latent_channels
+            generator = torch.Generator().manual_seed(plan.seed)
+            noise = torch.randn(len(labels), channels, *manifest.resolution, generator=generator)
+            # Warm-up per batch size (first runs allocate buffers and pick kernels), so the
+            # first timed schedule does not pay for it.
+            warm = CacheSchedule.explicit([0])
+            for size in sorted({end - start for start, end in chunks}):
+                _generate(session, scheduler, timesteps[:2], warm, noise[:size], labels[:size])
+            samples = {case.label: np.empty(tuple(noise.shape), np.float32) for case in plan.cases}
+            runs: dict[str, list[float]] = {label: [0.0] * plan.repeats for label in samples}
+            for repeat in range(plan.repeats):
+                for start, end in chunks:
+                    for case in plan.cases:
+                        bar.stage(
+                            f"{case.label}, samples {start + 1}-{end} of {len(labels)}"
+                            + (f", run {repeat + 1} of {plan.repeats}" if plan.repeats > 1 else "")
+                        )
+                        out, took = _generate(
+                            session, scheduler, timesteps, case.schedule, noise[start:end], labels[start:end]
+                        )
+                        if repeat == 0:  # later runs only time the same generations again
+                            samples[case.label][start:end] = out
+                        runs[case.label][repeat] += took
+    report = QualityReport(
+        engine_dir=str(engine_dir),
+        backend=backend,
+        machine=describe_machine(),
+        model=manifest.source,
+        steps=plan.steps,
+        samples_per_class=plan.samples_per_class,
+        batch_size=plan.batch_size,
+        seed=plan.seed,
+        repeats=plan.repeats,
+        scheduler="ddim (linear betas)",
+        classifier_accuracy=classifier.real_accuracy,
+        real_frechet=classifier.real_subset_distance(len(labels), seed=plan.seed),
+        labels=labels,
+    )
+    seconds = {label: statistics.median(times) for label, times in runs.items()}
+    reference = plan.cases[0].label
+    reference_pixels = to_pixels(samples[reference])
+    for case in plan.cases:
+        pixels = to_pixels(samples[case.label])
+        value = psnr(pixels, reference_pixels)
+        report.images[case.label] = pixels.astype(np.float32)
+        report.results.append(
+            ScheduleResult(
+                label=case.label,
+                kind=case.kind,
+                interval=case.interval,
+                schedule=case.schedule.to_dict(),
+                num_full=case.schedule.num_full(plan.steps),
+                seconds=seconds[case.label],
+                runs_seconds=runs[case.label],
+                speedup=seconds[reference] / seconds[case.label],
+                ideal=case.schedule.ideal_speedup(plan.steps),
+                psnr_db=None if value == float("inf") else value,
+                rel_l2=relative_l2(samples[case.label], samples[reference]),
+                accuracy=classifier.accuracy(pixels, labels),
+                frechet=frechet_distance(classifier.features(pixels), classifier.real_features),
+            )
+        )
+    return report
