@@ -1,0 +1,123 @@
+"""Small diffusers pipelines around the demo transformers, made offline from configs.
+
+Every component is created from a config with seeded random weights (nothing is
+downloaded): a small ``AutoencoderKL`` (4 levels: the 8x latent scale of the SD VAE),
+for caption families a small ``T5EncoderModel`` and a word-level tokenizer built with
+the ``tokenizers`` library, wrapped as a transformers fast tokenizer. The images of
+random weights are noise; they show that a pipeline runs end to end and how far the
+engines are from PyTorch, not what a trained model draws.
+
+``fora-export sample ENGINE --pipeline demo-dit`` uses these; the pipeline tests save
+tiny ones with ``save_pretrained`` and load them back as users would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fora_export.demo import make_demo_dit, make_demo_pixart
+
+#: Words of the offline tokenizer's vocabulary (after its special tokens); others are <unk>.
+VOCABULARY = (
+    "a photo of an the cat dog astronaut riding horse on moon red blue green small large "
+    "painting city at night forest river mountain sky sunset portrait"
+).split()
+
+
+def make_vae(
+    latent_channels: int = 4,
+    block_out_channels: tuple[int, ...] = (16, 16, 32, 32),
+    norm_num_groups: int = 8,
+    seed: int = 0,
+) -> Any:
+    """A small ``AutoencoderKL``; 4 levels give the SD VAE's 8x latent scale."""
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+        ).eval()
+
+
+def make_tokenizer(max_length: int = 120) -> Any:
+    """A T5-like word-level fast tokenizer (``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(VOCABULARY)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def make_t5_encoder(d_model: int, seed: int = 0) -> Any:
+    """A one-layer ``T5EncoderModel`` of width ``d_model`` (the transformer's caption_channels)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(VOCABULARY) + 3,
+        d_model=d_model,
+        d_kv=max(d_model // 4, 4),
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return T5EncoderModel(config).eval()
+
+
+def make_dit_pipeline(transformer: Any, *, vae: Any = None) -> Any:
+    """``DiTPipeline`` (DDIM) around ``transformer``; guidance needs its null class 1000."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    vae = vae if vae is not None else make_vae(int(transformer.config.in_channels))
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+def make_pixart_pipeline(
+    transformer: Any, *, sigma: bool = False, vae: Any = None, max_length: int = 120
+) -> Any:
+    """``PixArtAlphaPipeline`` (or ``PixArtSigmaPipeline``) with DPM-Solver++ around ``transformer``."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    vae = vae if vae is not None else make_vae(int(transformer.config.in_channels))
+    return cls(
+        tokenizer=make_tokenizer(max_length),
+        text_encoder=make_t5_encoder(int(transformer.config.caption_channels)),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+    )
+
+
+#: Built-in pipelines of ``fora-export sample --pipeline``: the demo transformer of the same
+#: name (the weights ``build demo-...`` exported) in a pipeline of small random components.
+DEMO_PIPELINES: dict[str, Callable[[], Any]] = {
+    "demo-dit": lambda: make_dit_pipeline(make_demo_dit()),
+    "demo-pixart": lambda: make_pixart_pipeline(make_demo_pixart()),
+}
