@@ -21,10 +21,37 @@ import torch
 from fora_export.demo import make_demo_dit, make_demo_pixart
 
 #: Words of the offline tokenizer's vocabulary (after its special tokens); others are <unk>.
-VOCABULARY = (
-    "a photo of an the cat dog astronaut riding horse on moon red blue green small large "
-    "painting city at night forest river mountain sky sunset portrait"
-).split()
+VOCABULARY = tuple(
+    [
+        "a",
+        "photo",
+        "of",
+        "an",
+        "the",
+        "cat",
+        "dog",
+        "astronaut",
+        "riding",
+        "horse",
+        "on",
+        "moon",
+        "red",
+        "blue",
+        "green",
+        "small",
+        "large",
+        "painting",
+        "city",
+        "at",
+        "night",
+        "forest",
+        "river",
+        "mountain",
+        "sky",
+        "sunset",
+        "portrait",
+    ]
+)
 
 
 def make_vae(
@@ -39,7 +66,7 @@ def make_vae(
     levels = len(block_out_channels)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return AutoencoderKL(
+        vae: Any = AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * levels,
@@ -48,7 +75,8 @@ def make_vae(
             layers_per_block=1,
             latent_channels=latent_channels,
             norm_num_groups=norm_num_groups,
-        ).eval()
+        )
+        return vae.eval()
 
 
 def make_tokenizer(max_length: int = 120) -> Any:
@@ -82,7 +110,6 @@ def make_t5_encoder(d_model: int, seed: int = 0) -> Any:
         num_heads=4,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -67,7 +67,11 @@ class ForaReference(nn.Module):
                 f"Pipeline transformer | config differs from the engines' model in {differing} | pass "
                 "the pipeline of the model the engines were built from"
             )
-        reference = cls(model, schedule or manifest.schedule, AdapterOptions.from_dict(manifest.export.get("adapter_options")))
+        reference = cls(
+            model,
+            schedule or manifest.schedule,
+            AdapterOptions.from_dict(manifest.export.get("adapter_options")),
+        )
         reference._split.adapter.fix_resolution(manifest.resolution)
         return reference
 

@@ -45,6 +45,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -248,20 +249,21 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     @property
     def device(self) -> torch.device:
         session = self._spare or next(iter(self._runs.values())).session
-        if session.backend.host_inputs:
+        backend: Any = session.backend  # the torch-tensor backends (torch, tensorrt) name their device
+        if backend.host_inputs:
             return torch.device("cpu")
-        return torch.device(session.backend.io_device)
+        return torch.device(backend.io_device)
 
     @property
     def in_channels(self) -> int:
-        return int(self.config.in_channels)
+        return int(self.config["in_channels"])
 
     @property
     def out_channels(self) -> int:
         assert self.manifest.denoising is not None  # checked when the manifest was read
         return self.manifest.denoising.output_channels
 
-    def to(self, *args: Any, **kwargs: Any) -> ForaTransformer:
+    def to(self, *args: Any, **kwargs: Any) -> ForaTransformer:  # type: ignore[override]
         """A dtype changes what the pipeline sees; the engine stays where it was loaded."""
         _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and dtype.is_floating_point:
@@ -397,7 +399,9 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         built = manifest.latents_input.concrete_shape(batch)
         if tuple(latents.shape) != built:
             height, width = manifest.resolution
-            scale = getattr(self._pipeline() if self._pipeline is not None else None, "vae_scale_factor", None)
+            scale = getattr(
+                self._pipeline() if self._pipeline is not None else None, "vae_scale_factor", None
+            )
             image = f" (images {height * scale}x{width * scale})" if isinstance(scale, int) else ""
             size = f"height={height * scale}, width={width * scale}" if isinstance(scale, int) else "the size"
             raise PipelineError(
@@ -526,7 +530,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         tensor = torch.as_tensor(value).detach().to(dtype)
         if session.backend.host_inputs:
             return tensor.cpu().numpy()
-        return tensor.to(session.backend.io_device)
+        return session.backend.upload(tensor)
 
     def _to_torch(self, prediction: Any, latents: torch.Tensor) -> torch.Tensor:
         output = torch.from_numpy(prediction) if isinstance(prediction, np.ndarray) else prediction
@@ -542,7 +546,7 @@ def _timestep_close(given: torch.Tensor, planned: Any) -> bool:
 def _calling_pipeline(transformer: ForaTransformer, depth: int = 12) -> Any:
     """The pipeline whose ``transformer`` is ``transformer``, from the calling frames (for
     pipelines loaded with ``from_pretrained(..., transformer=...)``, which never attach)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             return None

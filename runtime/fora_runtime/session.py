@@ -153,8 +153,7 @@ class ForaSession:
             given_dtype = self.backend.describe_array(conditioning[name])[1]
             if not _dtype_compatible(given_dtype, spec.dtype):
                 raise InputError(
-                    f"start() input '{name}' | got {given_dtype}, expected {spec.dtype} "
-                    f"| ({self._where()})"
+                    f"start() input '{name}' | got {given_dtype}, expected {spec.dtype} | ({self._where()})"
                 )
             want = spec.concrete_shape(batch_size)
             if tuple(value.shape) != want:
