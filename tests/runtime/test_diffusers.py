@@ -204,24 +204,31 @@ def test_config_dtype_and_device_as_pipelines_read_them(dit_pipeline_engine: Pat
 
 
 @pytest.fixture(scope="module")
-def fp16_dit_engine(tmp_path_factory: pytest.TempPathFactory, dit_pipeline_dir: Path) -> Path:
+def fp16_pixart_engine(tmp_path_factory: pytest.TempPathFactory, pixart_pipeline_dir: Path) -> Path:
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build
 
-    out = tmp_path_factory.mktemp("engines") / "dit-fp16"
-    build(
-        str(dit_pipeline_dir), out, BuildConfig.from_options(batch="1:2:4", precision="fp16"), progress=False
+    out = tmp_path_factory.mktemp("engines") / "pixart-fp16"
+    config = BuildConfig.from_options(
+        batch="1:2:4", precision="fp16", caption_length=PIXART_TEXT_LENGTH, backend="torch", device="cpu"
     )
+    build(str(pixart_pipeline_dir), out, config, progress=False)
     return out
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_fp16_engine_in_an_fp32_pipeline(
-    dit_pipeline_dir: Path, dit_pipeline_engine: Path, fp16_dit_engine: Path
+    pixart_pipeline_dir: Path, pixart_pipeline_engine: Path, fp16_pixart_engine: Path, backend: str
 ) -> None:
-    """Cast at the boundary: the fp32 VAE decodes what the fp16 engine denoised."""
-    pipe = enable_fora(DiTPipeline.from_pretrained(dit_pipeline_dir), fp16_dit_engine)
+    """Cast at the boundary: fp32 prompt embeddings go into the fp16 engine, the fp32 VAE
+    decodes what it denoised."""
+    pipe = enable_fora(
+        PixArtAlphaPipeline.from_pretrained(pixart_pipeline_dir), fp16_pixart_engine, backend=backend
+    )
     assert pipe.transformer.dtype == torch.float32  # the VAE's
-    reference_pipe, reference = reference_pipeline(DiTPipeline, dit_pipeline_dir, dit_pipeline_engine)
+    reference_pipe, reference = reference_pipeline(
+        PixArtAlphaPipeline, pixart_pipeline_dir, pixart_pipeline_engine
+    )
     reference.reset(4)
     got, expected = images(pipe, 4.0, 4), images(reference_pipe, 4.0, 4)
     assert np.isfinite(got).all()
