@@ -393,5 +393,75 @@ def info(engine_dir: Path, as_json: bool) -> None:
         print_manifest(manifest, engine_dir)
 
 
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--pipeline",
+    "pipeline",
+    required=True,
+    help="diffusers pipeline folder (pipe.save_pretrained) of the engines' model, or demo-dit / demo-pixart.",
+)
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeat for several images).")
+@click.option(
+    "--class-label",
+    "class_labels",
+    multiple=True,
+    help="Class label of class-conditional pipelines (DiT); repeat or comma-separate.",
+)
+@click.option("--steps", type=int, default=20, show_default=True, help="num_inference_steps.")
+@click.option("--guidance", type=float, default=None, help="guidance_scale. [default: the pipeline's]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--interval", type=int, default=None, help="Cache interval. [default: the manifest's]")
+@click.option(
+    "--backend", default="onnxruntime", show_default=True, help="Runtime backend of the engine run."
+)
+@click.option("--device", default=None, help="Device of the torch backend and the pipeline (cpu, cuda).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
+@_user_errors
+def sample(
+    engine_dir: Path,
+    pipeline: str,
+    prompts: tuple[str, ...],
+    class_labels: tuple[str, ...],
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    interval: int | None,
+    backend: str,
+    device: str | None,
+    out_dir: Path,
+) -> None:
+    """Images from PIPELINE with ENGINE_DIR as its transformer, next to no cache and PyTorch FORA."""
+    from fora_export.errors import ConfigError
+    from fora_export.sample import sample as run_sample
+
+    try:
+        labels = tuple(int(v) for value in class_labels for v in value.split(",") if v.strip())
+    except ValueError as err:
+        raise ConfigError(f"--class-label | got {class_labels!r} | expected integers, e.g. 207,360") from err
+    result = run_sample(
+        engine_dir,
+        pipeline,
+        out_dir,
+        prompts=prompts,
+        class_labels=labels,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        interval=interval,
+        backend=backend,
+        device=device,
+        progress=sys.stderr.isatty(),
+    )
+    click.echo(f"sampled {result.pipeline}: {result.steps} steps, {result.schedule}")
+    for label, prefix in (("engine", "engine"), ("no cache", "nocache"), ("PyTorch FORA", "fora")):
+        click.echo(f"  {label:<13} {result.seconds[prefix]:7.2f} s  {len(result.images[prefix])} images")
+    click.echo(
+        f"  max pixel difference: engine vs PyTorch FORA {result.engine_vs_fora:.2e}, "
+        f"PyTorch FORA vs no cache {result.fora_vs_nocache:.2e} (FORA's approximation)"
+    )
+    click.echo(f"  grid: {result.grid}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,238 @@
+"""``fora-export sample``: images from a diffusers pipeline three ways, side by side.
+
+With the same seed, schedule and arguments, the pipeline runs
+
+1. **engine**: the engine folder as ``pipe.transformer`` (:mod:`fora_runtime.diffusers`);
+2. **no cache**: the pipeline as loaded (its own transformer, every step in full);
+3. **PyTorch FORA**: its transformer cached in PyTorch with the engines' schedule
+   (:class:`~fora_export.validate.pipeline_ref.ForaReference`),
+
+and writes each image (``engine-0.png``, ``nocache-0.png``, ``fora-0.png``, ...) and
+``grid.png``: one row per image, columns no cache | PyTorch FORA | engine. The engine
+runs first, so a call the build cannot serve fails before the slower PyTorch runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fora_export.errors import ConfigError
+from fora_runtime.manifest import Manifest, load_manifest
+from fora_runtime.schedule import CacheSchedule
+
+#: Column order of the grid: label and file prefix.
+COLUMNS = (("no cache", "nocache"), ("PyTorch FORA", "fora"), ("engine", "engine"))
+DEFAULT_CLASS_LABELS = (207, 360)
+DEFAULT_PROMPTS = ("a photo of a cat",)
+
+
+@dataclass
+class SampleResult:
+    out_dir: Path
+    pipeline: str
+    steps: int
+    schedule: str
+    #: Seconds per run, by file prefix (engine, nocache, fora).
+    seconds: dict[str, float] = field(default_factory=dict)
+    images: dict[str, list[Path]] = field(default_factory=dict)
+    grid: Path | None = None
+    #: Max abs pixel difference (values in [0, 1]) engine vs PyTorch FORA, and FORA vs no cache.
+    engine_vs_fora: float = 0.0
+    fora_vs_nocache: float = 0.0
+
+
+def load_pipeline(ref: str) -> Any:
+    """A built-in demo pipeline by name, or a local folder written by ``pipe.save_pretrained``."""
+    from fora_export.demo_pipelines import DEMO_PIPELINES
+
+    if ref in DEMO_PIPELINES:
+        return DEMO_PIPELINES[ref]()
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--pipeline '{ref}' | {'is a file' if path.exists() else 'no such folder'}, and not a "
+            f"built-in pipeline ({', '.join(DEMO_PIPELINES)}) | pass a folder written by "
+            "pipe.save_pretrained()"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"--pipeline '{ref}' | has no model_index.json | pass a diffusers pipeline folder "
+            "(pipe.save_pretrained), not a transformer folder"
+        )
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    # Loading bars are noise here; the denoising runs show their own.
+    diffusers_logging.disable_progress_bar()
+    try:
+        return DiffusionPipeline.from_pretrained(str(path))
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"--pipeline '{ref}' | diffusers could not load it: {err}") from err
+    finally:
+        diffusers_logging.enable_progress_bar()
+
+
+def pipeline_arguments(
+    pipe: Any,
+    manifest: Manifest,
+    *,
+    prompts: tuple[str, ...],
+    class_labels: tuple[int, ...],
+    guidance: float | None,
+) -> dict[str, Any]:
+    """The pipeline call for these engines: its conditioning, the built image size and
+    prompt length, read off the pipeline's own signature."""
+    from fora_runtime.diffusers import SIGNATURES
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {}
+    if "class_labels" in parameters:
+        if prompts:
+            raise ConfigError(f"--prompt | {type(pipe).__name__} is class-conditional | pass --class-label")
+        kwargs["class_labels"] = list(class_labels or DEFAULT_CLASS_LABELS)
+    else:
+        if class_labels:
+            raise ConfigError(f"--class-label | {type(pipe).__name__} takes prompts | pass --prompt")
+        kwargs["prompt"] = list(prompts or DEFAULT_PROMPTS)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if "height" in parameters and isinstance(scale, int):
+        kwargs["height"], kwargs["width"] = (side * scale for side in manifest.resolution)
+    if "use_resolution_binning" in parameters:
+        kwargs["use_resolution_binning"] = False  # the built size exactly
+    if "clean_caption" in parameters:
+        kwargs["clean_caption"] = False  # needs bs4 and ftfy; the prompt as typed
+    text_length = manifest.conditioning.get("caption_length", manifest.conditioning.get("text_length"))
+    if "max_sequence_length" in parameters and text_length is not None:
+        kwargs["max_sequence_length"] = int(text_length) - SIGNATURES[manifest.model_class].extra_text_tokens
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
+def _run(pipe: Any, label: str, steps: int, seed: int, progress: bool, kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    pipe.set_progress_bar_config(desc=label, disable=not progress, leave=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
+
+
+def sample(
+    engine_dir: str | Path,
+    pipeline: str,
+    out_dir: str | Path,
+    *,
+    prompts: tuple[str, ...] = (),
+    class_labels: tuple[int, ...] = (),
+    steps: int = 20,
+    guidance: float | None = None,
+    seed: int = 0,
+    interval: int | None = None,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    progress: bool = True,
+) -> SampleResult:
+    """Run the three ways (see the module docstring) and write the images and the grid."""
+    from fora_export.validate.pipeline_ref import ForaReference
+    from fora_runtime.diffusers import ForaTransformer
+
+    if steps < 1:
+        raise ConfigError(f"--steps | got {steps} | expected >= 1")
+    manifest = load_manifest(engine_dir)
+    schedule = manifest.schedule
+    if interval is not None:
+        mode = schedule.mode if schedule.kind == "interval" else "paper"
+        schedule = CacheSchedule.interval_of(interval, mode)
+    pipe = load_pipeline(pipeline)
+    original = pipe.transformer
+    if original is None or type(original).__name__ != manifest.model_class:
+        raise ConfigError(
+            f"--pipeline '{pipeline}' | its transformer is a {type(original).__name__}, the engines were "
+            f"built from a {manifest.model_class} | pass the pipeline of the engines' model"
+        )
+    kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out '{out}' | cannot create it: {err}") from err
+    dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
+    engine = ForaTransformer.from_engine(
+        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule
+    )
+    if device is not None:
+        pipe.to(device)
+    result = SampleResult(out, pipeline, steps, schedule.describe())
+    outputs: dict[str, Any] = {}
+
+    def timed(prefix: str, run: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        outputs[prefix] = run()
+        result.seconds[prefix] = time.perf_counter() - start
+
+    try:
+        pipe.transformer = engine.attach(pipe)
+        timed("engine", lambda: _run(pipe, "engine", steps, seed, progress, kwargs))
+    finally:
+        engine.close()
+    pipe.transformer = original
+    timed("nocache", lambda: _run(pipe, "no cache", steps, seed, progress, kwargs))
+    reference = ForaReference.for_engines(original, manifest, schedule)
+    pipe.transformer = reference
+    reference.reset(steps)
+    try:
+        timed("fora", lambda: _run(pipe, "PyTorch FORA", steps, seed, progress, kwargs))
+    finally:
+        reference.remove()
+        pipe.transformer = original
+    result.engine_vs_fora = float(np.abs(outputs["engine"] - outputs["fora"]).max())
+    result.fora_vs_nocache = float(np.abs(outputs["fora"] - outputs["nocache"]).max())
+    for _, prefix in COLUMNS:
+        result.images[prefix] = [
+            _save(image, out / f"{prefix}-{index}.png") for index, image in enumerate(outputs[prefix])
+        ]
+    result.grid = _save_grid([outputs[prefix] for _, prefix in COLUMNS], out / "grid.png")
+    return result
+
+
+def _to_pil(image: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def _save(image: np.ndarray, path: Path) -> Path:
+    try:
+        _to_pil(image).save(path)
+    except OSError as err:
+        raise ConfigError(f"--out | cannot write {path}: {err}") from err
+    return path
+
+
+def _save_grid(columns: list[np.ndarray], path: Path, header: int = 18, gap: int = 4) -> Path:
+    """Rows of images, one column per way, labelled on top."""
+    from PIL import Image, ImageDraw
+
+    rows, height, width = len(columns[0]), columns[0].shape[1], columns[0].shape[2]
+    cell = max(width, 96)  # room for the labels under small images
+    grid = Image.new(
+        "RGB", (len(columns) * (cell + gap) - gap, header + rows * (height + gap) - gap), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    for column, ((label, _), images) in enumerate(zip(COLUMNS, columns, strict=True)):
+        left = column * (cell + gap)
+        draw.text((left + 2, 3), label, fill="black")
+        for row, image in enumerate(images):
+            grid.paste(_to_pil(image), (left + (cell - width) // 2, header + row * (height + gap)))
+    try:
+        grid.save(path)
+    except OSError as err:
+        raise ConfigError(f"--out | cannot write {path}: {err}") from err
+    return path
