@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fora_export.demo import make_demo_dit, make_demo_pixart
+from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3
 
 #: Words of the offline tokenizer's vocabulary (after its special tokens); others are <unk>.
 VOCABULARY = tuple(
@@ -59,8 +59,10 @@ def make_vae(
     block_out_channels: tuple[int, ...] = (16, 16, 32, 32),
     norm_num_groups: int = 8,
     seed: int = 0,
+    shift_factor: float | None = None,
 ) -> Any:
-    """A small ``AutoencoderKL``; 4 levels give the SD VAE's 8x latent scale."""
+    """A small ``AutoencoderKL``; 4 levels give the SD VAE's 8x latent scale. SD3 and Flux
+    pipelines need a ``shift_factor`` (their VAEs have one)."""
     from diffusers import AutoencoderKL
 
     levels = len(block_out_channels)
@@ -75,6 +77,9 @@ def make_vae(
             layers_per_block=1,
             latent_channels=latent_channels,
             norm_num_groups=norm_num_groups,
+            shift_factor=shift_factor,
+            use_quant_conv=shift_factor is None,  # as the SD3/Flux VAEs (no quant convs)
+            use_post_quant_conv=shift_factor is None,
         )
         return vae.eval()
 
@@ -116,6 +121,90 @@ def make_t5_encoder(d_model: int, seed: int = 0) -> Any:
         return T5EncoderModel(config).eval()
 
 
+def make_clip_encoder(hidden_size: int, projection_dim: int | None = None, seed: int = 0) -> Any:
+    """A one-layer CLIP text encoder of ``hidden_size`` (with a projection to
+    ``projection_dim``: ``CLIPTextModelWithProjection``, as SD3's), pooling at ``</s>``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(VOCABULARY) + 3,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LENGTH,
+        projection_dim=projection_dim or hidden_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+        return model.eval()
+
+
+#: CLIP's prompt length (SD3 and Flux tokenize for CLIP at the tokenizer's model_max_length).
+CLIP_LENGTH = 77
+
+
+def make_flow_scheduler(dynamic_shift: bool) -> Any:
+    """``FlowMatchEulerDiscreteScheduler`` as SD3 (shift 3) or Flux (resolution-dependent shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not dynamic_shift:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def make_sd3_pipeline(transformer: Any, *, vae: Any = None, max_length: int = 256) -> Any:
+    """``StableDiffusion3Pipeline``: two CLIP encoders (their widths fill the joint attention
+    width, their projections the pooled width) and a T5 encoder of the joint attention width."""
+    from diffusers import StableDiffusion3Pipeline
+
+    config = transformer.config
+    joint, pooled = int(config.joint_attention_dim), int(config.pooled_projection_dim)
+    clip_width = joint // 2
+    vae = vae if vae is not None else make_vae(int(config.in_channels), shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=make_flow_scheduler(dynamic_shift=False),
+        vae=vae,
+        text_encoder=make_clip_encoder(clip_width, pooled // 2, seed=1),
+        tokenizer=make_tokenizer(CLIP_LENGTH),
+        text_encoder_2=make_clip_encoder(joint - clip_width, pooled - pooled // 2, seed=2),
+        tokenizer_2=make_tokenizer(CLIP_LENGTH),
+        text_encoder_3=make_t5_encoder(joint, seed=3),
+        tokenizer_3=make_tokenizer(max_length),
+    )
+
+
+def make_flux_pipeline(transformer: Any, *, vae: Any = None, max_length: int = 512) -> Any:
+    """``FluxPipeline``: a CLIP encoder of the pooled width, a T5 encoder of the joint
+    attention width; the VAE latent has a quarter of the packed channels."""
+    from diffusers import FluxPipeline
+
+    config = transformer.config
+    vae = vae if vae is not None else make_vae(int(config.in_channels) // 4, shift_factor=0.1159)
+    return FluxPipeline(
+        scheduler=make_flow_scheduler(dynamic_shift=True),
+        vae=vae,
+        text_encoder=make_clip_encoder(int(config.pooled_projection_dim), seed=1),
+        tokenizer=make_tokenizer(CLIP_LENGTH),
+        text_encoder_2=make_t5_encoder(int(config.joint_attention_dim), seed=2),
+        tokenizer_2=make_tokenizer(max_length),
+        transformer=transformer,
+    )
+
+
 def make_dit_pipeline(transformer: Any, *, vae: Any = None) -> Any:
     """``DiTPipeline`` (DDIM) around ``transformer``; guidance needs its null class 1000."""
     from diffusers import DDIMScheduler, DiTPipeline
@@ -147,4 +236,6 @@ def make_pixart_pipeline(
 DEMO_PIPELINES: dict[str, Callable[[], Any]] = {
     "demo-dit": lambda: make_dit_pipeline(make_demo_dit()),
     "demo-pixart": lambda: make_pixart_pipeline(make_demo_pixart()),
+    "demo-sd3": lambda: make_sd3_pipeline(make_demo_sd3()),
+    "demo-flux": lambda: make_flux_pipeline(make_demo_flux()),
 }

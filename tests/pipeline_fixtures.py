@@ -13,8 +13,15 @@ import pytest
 
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
-from fora_export.demo import make_demo_dit, make_demo_pixart
-from fora_export.demo_pipelines import make_dit_pipeline, make_pixart_pipeline, make_vae
+from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3
+from fora_export.demo_pipelines import (
+    CLIP_LENGTH,
+    make_dit_pipeline,
+    make_flux_pipeline,
+    make_pixart_pipeline,
+    make_sd3_pipeline,
+    make_vae,
+)
 
 PIPELINE_DIT = {
     "num_attention_heads": 2,
@@ -40,10 +47,40 @@ PIPELINE_PIXART = {
 }
 #: Caption tokens of the PixArt build (pipelines pass max_sequence_length=16).
 PIXART_TEXT_LENGTH = 16
+# SD3.5-like (dual attention in 2 of 3 blocks, qk RMSNorm) and Flux.1-dev-like (guidance).
+PIPELINE_SD3 = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 12,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": (0, 1),
+    "qk_norm": "rms_norm",
+}
+PIPELINE_FLUX = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "pooled_projection_dim": 12,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+#: T5 tokens of the SD3 and Flux pipelines (max_sequence_length); SD3 adds 77 CLIP tokens.
+MMDIT_SEQUENCE_LENGTH = 8
 
 
-def tiny_vae() -> object:
-    return make_vae(4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+def tiny_vae(shift_factor: float | None = None) -> object:
+    return make_vae(4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, shift_factor=shift_factor)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +95,26 @@ def pixart_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pipelines") / "pixart"
     pipe = make_pixart_pipeline(
         make_demo_pixart(PIPELINE_PIXART), vae=tiny_vae(), max_length=PIXART_TEXT_LENGTH
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pipelines") / "sd3"
+    pipe = make_sd3_pipeline(
+        make_demo_sd3(PIPELINE_SD3), vae=tiny_vae(shift_factor=0.0609), max_length=MMDIT_SEQUENCE_LENGTH
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flux_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pipelines") / "flux"
+    pipe = make_flux_pipeline(
+        make_demo_flux(PIPELINE_FLUX), vae=tiny_vae(shift_factor=0.1159), max_length=MMDIT_SEQUENCE_LENGTH
     )
     pipe.save_pretrained(folder)
     return folder
@@ -80,4 +137,24 @@ def pixart_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, pixart_pipe
         pixart_pipeline_dir,
         tmp_path_factory.mktemp("engines") / "pixart-pipeline",
         caption_length=PIXART_TEXT_LENGTH,
+    )
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, sd3_pipeline_dir: Path) -> Path:
+    return _build(
+        sd3_pipeline_dir,
+        tmp_path_factory.mktemp("engines") / "sd3-pipeline",
+        caption_length=CLIP_LENGTH + MMDIT_SEQUENCE_LENGTH,
+    )
+
+
+@pytest.fixture(scope="session")
+def flux_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, flux_pipeline_dir: Path) -> Path:
+    """The 64x64 images of the pipeline tests: an 8x8 VAE latent, 16 packed tokens."""
+    return _build(
+        flux_pipeline_dir,
+        tmp_path_factory.mktemp("engines") / "flux-pipeline",
+        caption_length=MMDIT_SEQUENCE_LENGTH,
+        resolution="8x8",
     )

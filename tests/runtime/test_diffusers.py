@@ -14,37 +14,52 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
+from diffusers import (
+    DiTPipeline,
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from fora_export.validate.pipeline_ref import ForaReference
 from fora_runtime import CacheSchedule, InputError
 from fora_runtime.diffusers import ForaTransformer, PipelineError, enable_fora
 from fora_runtime.manifest import load_manifest
-from tests.pipeline_fixtures import PIXART_TEXT_LENGTH
+from tests.pipeline_fixtures import MMDIT_SEQUENCE_LENGTH, PIXART_TEXT_LENGTH
 
 PIXEL_TOLERANCE = 1e-4
 #: (guidance, steps) of three consecutive calls: guided, the same again, unguided at another count.
-CALLS = ((4.0, 6), (4.0, 6), (1.0, 5))
+CALLS = ((4.0, 4), (4.0, 4), (1.0, 3))
+PROMPTS = ["a cat", "a red dog on the moon"]
 
 
-def call_kwargs(pipe: Any) -> dict[str, Any]:
+def call_kwargs(pipe: Any, guidance: float) -> dict[str, Any]:
+    """The pipeline's arguments; ``guidance`` > 1 turns classifier-free guidance on (Flux:
+    true CFG with negative prompts, two passes per step in cache contexts "cond"/"uncond")."""
     if isinstance(pipe, DiTPipeline):
-        return {"class_labels": [1, 2]}
-    return {
-        "prompt": ["a cat", "a red dog on the moon"],
-        "use_resolution_binning": False,
-        "max_sequence_length": PIXART_TEXT_LENGTH,
-        "clean_caption": False,
-    }
+        return {"class_labels": [1, 2], "guidance_scale": guidance}
+    if isinstance(pipe, PixArtAlphaPipeline | PixArtSigmaPipeline):
+        return {
+            "prompt": PROMPTS,
+            "guidance_scale": guidance,
+            "use_resolution_binning": False,
+            "max_sequence_length": PIXART_TEXT_LENGTH,
+            "clean_caption": False,
+        }
+    kwargs = {"prompt": PROMPTS, "height": 64, "width": 64, "max_sequence_length": MMDIT_SEQUENCE_LENGTH}
+    if isinstance(pipe, FluxPipeline):  # guidance_scale is the distilled guidance embedding
+        if guidance > 1:
+            kwargs.update(true_cfg_scale=guidance, negative_prompt=["a blue sky", "a forest"])
+        return {**kwargs, "guidance_scale": 3.5}
+    return {**kwargs, "guidance_scale": guidance}
 
 
 def images(pipe: Any, guidance: float, steps: int, **extra: Any) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {**call_kwargs(pipe), **extra}
+    kwargs = {**call_kwargs(pipe, guidance), **extra}
     generator = torch.Generator().manual_seed(0)
-    out = pipe(
-        guidance_scale=guidance, num_inference_steps=steps, generator=generator, output_type="np", **kwargs
-    )
+    out = pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
     return np.asarray(out.images)
 
 
@@ -59,6 +74,8 @@ CASES = [
     pytest.param(DiTPipeline, "dit", id="dit"),
     pytest.param(PixArtAlphaPipeline, "pixart", id="pixart-alpha"),
     pytest.param(PixArtSigmaPipeline, "pixart", id="pixart-sigma"),
+    pytest.param(StableDiffusion3Pipeline, "sd3", id="sd3"),
+    pytest.param(FluxPipeline, "flux", id="flux", marks=pytest.mark.slow),
 ]
 
 
@@ -234,3 +251,12 @@ def test_fp16_engine_in_an_fp32_pipeline(
     assert np.isfinite(got).all()
     # fp16 activations: the validate trajectory tolerance (2e-2), here on pixels in [0, 1].
     assert np.abs(got - expected).max() <= 2e-2
+
+
+def test_sd3_prompt_length_counts_the_clip_tokens(sd3_pipeline_dir: Path, sd3_pipeline_engine: Path) -> None:
+    """SD3's prompt is 77 CLIP tokens + max_sequence_length T5 tokens: the fix names the latter."""
+    pipe = enable_fora(StableDiffusion3Pipeline.from_pretrained(sd3_pipeline_dir), sd3_pipeline_engine)
+    with pytest.raises(
+        PipelineError, match=r"87 tokens, the engines were built for 85 \| pass max_sequence_length=8"
+    ):
+        images(pipe, 4.0, 2, max_sequence_length=10)
