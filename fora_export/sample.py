@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +123,101 @@ def _run(pipe: Any, label: str, steps: int, seed: int, progress: bool, kwargs: d
     return pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
 
 
+@dataclass
+class ThreeWays:
+    """One pipeline call run three ways (see the module docstring), by file prefix."""
+
+    manifest: Manifest
+    pipeline_class: str
+    scheduler_class: str
+    steps: int
+    schedule: str
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: Every transformer output (CPU float32) in call order, when recorded.
+    calls: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def run_three_ways(
+    engine_dir: str | Path,
+    pipeline: str,
+    *,
+    prompts: tuple[str, ...] = (),
+    class_labels: tuple[int, ...] = (),
+    steps: int = 20,
+    guidance: float | None = None,
+    seed: int = 0,
+    interval: int | None = None,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    progress: bool = True,
+    record_calls: bool = False,
+) -> ThreeWays:
+    """Run the pipeline with the engines, without cache and with PyTorch FORA (same seed,
+    schedule and arguments); ``record_calls`` keeps every transformer output."""
+    from fora_export.validate.pipeline_ref import ForaReference
+    from fora_runtime.diffusers import ForaTransformer
+
+    if steps < 1:
+        raise ConfigError(f"--steps | got {steps} | expected >= 1")
+    manifest = load_manifest(engine_dir)
+    schedule = manifest.schedule
+    if interval is not None:
+        mode = schedule.mode if schedule.kind == "interval" else "paper"
+        schedule = CacheSchedule.interval_of(interval, mode)
+    pipe = load_pipeline(pipeline)
+    original = getattr(pipe, "transformer", None)
+    if original is None or type(original).__name__ != manifest.model_class:
+        raise ConfigError(
+            f"--pipeline '{pipeline}' | its transformer is a {type(original).__name__}, the engines were "
+            f"built from a {manifest.model_class} | pass the pipeline of the engines' model"
+        )
+    kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
+    dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
+    engine = ForaTransformer.from_engine(
+        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule
+    )
+    if device is not None:
+        pipe.to(device)
+    runs = ThreeWays(manifest, type(pipe).__name__, type(pipe.scheduler).__name__, steps, schedule.describe())
+
+    def timed(prefix: str, label: str, transformer: Any) -> None:
+        pipe.transformer = transformer
+        calls: list[Any] = runs.calls.setdefault(prefix, [])
+        hook = transformer.register_forward_hook(
+            lambda module, args, output: calls.append(output[0].float().cpu())
+        )
+        if not record_calls:
+            hook.remove()
+        start = time.perf_counter()
+        try:
+            runs.images[prefix] = _run(pipe, label, steps, seed, progress, kwargs)
+        finally:
+            hook.remove()
+            pipe.transformer = original
+        runs.seconds[prefix] = time.perf_counter() - start
+
+    try:
+        timed("engine", "engine", engine.attach(pipe))
+    finally:
+        engine.close()
+    timed("nocache", "no cache", original)
+    reference = ForaReference.for_engines(original, manifest, schedule)
+    reference.reset(_calls_per_run(pipe, steps))  # per cache context
+    try:
+        timed("fora", "PyTorch FORA", reference)
+    finally:
+        reference.remove()
+    return runs
+
+
+def _calls_per_run(pipe: Any, steps: int) -> int:
+    """Transformer calls of one run in each cache context: one per scheduler timestep
+    (``set_timesteps`` ran for the last run, with the same step count)."""
+    timesteps = getattr(pipe.scheduler, "timesteps", None)
+    return len(timesteps) if timesteps is not None else steps
+
+
 def sample(
     engine_dir: str | Path,
     pipeline: str,
@@ -140,65 +234,33 @@ def sample(
     progress: bool = True,
 ) -> SampleResult:
     """Run the three ways (see the module docstring) and write the images and the grid."""
-    from fora_export.validate.pipeline_ref import ForaReference
-    from fora_runtime.diffusers import ForaTransformer
-
-    if steps < 1:
-        raise ConfigError(f"--steps | got {steps} | expected >= 1")
-    manifest = load_manifest(engine_dir)
-    schedule = manifest.schedule
-    if interval is not None:
-        mode = schedule.mode if schedule.kind == "interval" else "paper"
-        schedule = CacheSchedule.interval_of(interval, mode)
-    pipe = load_pipeline(pipeline)
-    original = pipe.transformer
-    if original is None or type(original).__name__ != manifest.model_class:
-        raise ConfigError(
-            f"--pipeline '{pipeline}' | its transformer is a {type(original).__name__}, the engines were "
-            f"built from a {manifest.model_class} | pass the pipeline of the engines' model"
-        )
-    kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--out '{out}' | cannot create it: {err}") from err
-    dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
-    engine = ForaTransformer.from_engine(
-        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule
+    runs = run_three_ways(
+        engine_dir,
+        pipeline,
+        prompts=prompts,
+        class_labels=class_labels,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        interval=interval,
+        backend=backend,
+        device=device,
+        progress=progress,
     )
-    if device is not None:
-        pipe.to(device)
-    result = SampleResult(out, pipeline, steps, schedule.describe())
-    outputs: dict[str, Any] = {}
-
-    def timed(prefix: str, run: Callable[[], Any]) -> None:
-        start = time.perf_counter()
-        outputs[prefix] = run()
-        result.seconds[prefix] = time.perf_counter() - start
-
-    try:
-        pipe.transformer = engine.attach(pipe)
-        timed("engine", lambda: _run(pipe, "engine", steps, seed, progress, kwargs))
-    finally:
-        engine.close()
-    pipe.transformer = original
-    timed("nocache", lambda: _run(pipe, "no cache", steps, seed, progress, kwargs))
-    reference = ForaReference.for_engines(original, manifest, schedule)
-    pipe.transformer = reference
-    reference.reset(steps)
-    try:
-        timed("fora", lambda: _run(pipe, "PyTorch FORA", steps, seed, progress, kwargs))
-    finally:
-        reference.remove()
-        pipe.transformer = original
+    result = SampleResult(out, pipeline, steps, runs.schedule, seconds=dict(runs.seconds))
+    outputs = runs.images
     result.engine_vs_fora = float(np.abs(outputs["engine"] - outputs["fora"]).max())
     result.fora_vs_nocache = float(np.abs(outputs["fora"] - outputs["nocache"]).max())
     for _, prefix in COLUMNS:
         result.images[prefix] = [
             _save(image, out / f"{prefix}-{index}.png") for index, image in enumerate(outputs[prefix])
         ]
-    result.grid = _save_grid([outputs[prefix] for _, prefix in COLUMNS], out / "grid.png")
+    result.grid = save_grid(runs.images, out / "grid.png")
     return result
 
 
@@ -216,20 +278,21 @@ def _save(image: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _save_grid(columns: list[np.ndarray], path: Path, header: int = 18, gap: int = 4) -> Path:
-    """Rows of images, one column per way, labelled on top."""
+def save_grid(images: dict[str, np.ndarray], path: Path, header: int = 18, gap: int = 4) -> Path:
+    """Rows of images, one column per way (no cache | PyTorch FORA | engine), labelled on top."""
     from PIL import Image, ImageDraw
 
+    columns = [images[prefix] for _, prefix in COLUMNS]
     rows, height, width = len(columns[0]), columns[0].shape[1], columns[0].shape[2]
     cell = max(width, 96)  # room for the labels under small images
     grid = Image.new(
         "RGB", (len(columns) * (cell + gap) - gap, header + rows * (height + gap) - gap), "white"
     )
     draw = ImageDraw.Draw(grid)
-    for column, ((label, _), images) in enumerate(zip(COLUMNS, columns, strict=True)):
+    for column, ((label, _), column_images) in enumerate(zip(COLUMNS, columns, strict=True)):
         left = column * (cell + gap)
         draw.text((left + 2, 3), label, fill="black")
-        for row, image in enumerate(images):
+        for row, image in enumerate(column_images):
             grid.paste(_to_pil(image), (left + (cell - width) // 2, header + row * (height + gap)))
     try:
         grid.save(path)
