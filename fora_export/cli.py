@@ -231,6 +231,22 @@ def build(
 )
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--pipeline",
+    default=None,
+    help="Also run this diffusers pipeline (folder, or demo-dit / demo-pixart) with the engines, with its "
+    "own scheduler and guidance, against PyTorch FORA.",
+)
+@click.option(
+    "--guidance", type=float, default=None, help="--pipeline's guidance_scale. [default: the pipeline's]"
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a per-step error plot (steps.png, steps.json) and, with --pipeline, the image grid here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
 @_user_errors
 def validate(
@@ -242,10 +258,14 @@ def validate(
     interval: int | None,
     batch_sizes: str | None,
     seed: int,
+    pipeline: str | None,
+    guidance: float | None,
+    report_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Check ENGINE_DIR against the PyTorch model, per graph and over a trajectory."""
     from fora_export.errors import ConfigError
+    from fora_export.progress import StageProgress
     from fora_export.reports import print_validation
     from fora_export.validate.runner import validate as run_validate
 
@@ -255,22 +275,99 @@ def validate(
             sizes = [int(s) for s in batch_sizes.split(",")]
         except ValueError as err:
             raise ConfigError(f"--batch-sizes | got {batch_sizes!r} | expected e.g. 1,2,4") from err
-    report = run_validate(
-        engine_dir,
-        model=model,
-        backend=backend,
-        steps=steps,
-        scheduler=scheduler,
-        interval=interval,
-        batch_sizes=sizes,
-        seed=seed,
-    )
+    stages = 1 + (pipeline is not None) + (report_dir is not None and pipeline is None)
+    with StageProgress(stages, title="validate") as progress:
+        progress.stage("graphs and trajectory vs PyTorch")
+        report = run_validate(
+            engine_dir,
+            model=model,
+            backend=backend,
+            steps=steps,
+            scheduler=scheduler,
+            interval=interval,
+            batch_sizes=sizes,
+            seed=seed,
+        )
+        checked = _validate_extras(
+            progress,
+            engine_dir,
+            model,
+            backend,
+            steps,
+            scheduler,
+            interval,
+            seed,
+            pipeline,
+            guidance,
+            report_dir,
+        )
+    passed = report.passed and (checked is None or checked.passed)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        data = report.to_dict()
+        if checked is not None:
+            data["pipeline"] = checked.to_dict()
+            data["passed"] = passed
+        click.echo(json.dumps(data, indent=2))
     else:
         print_validation(report)
-    if not report.passed:
+        if checked is not None:
+            verdict = "pass" if checked.passed else "FAIL"
+            click.echo(
+                f"Pipeline {checked.pipeline} ({checked.scheduler}, {checked.steps} steps, "
+                f"{checked.schedule}): final images engine vs PyTorch FORA max abs "
+                f"{checked.engine_vs_fora_max_abs:.2e} (allowed {checked.tolerance:g}) {verdict}; "
+                f"FORA vs no cache {checked.fora_vs_nocache_max_abs:.3f} (information only)"
+            )
+        if report_dir is not None:
+            click.echo(f"Report: {report_dir}")
+    if not passed:
         sys.exit(EXIT_FAILED)
+
+
+def _validate_extras(
+    progress: Any,
+    engine_dir: Path,
+    model: str | None,
+    backend: str,
+    steps: int,
+    scheduler: str | None,
+    interval: int | None,
+    seed: int,
+    pipeline: str | None,
+    guidance: float | None,
+    report_dir: Path | None,
+) -> Any:
+    """``validate --pipeline`` and ``--report`` (fora_export.validate.pipeline_check)."""
+    from fora_export.validate import pipeline_check
+
+    result, runs = None, None
+    if pipeline is not None:
+        progress.stage(f"pipeline {pipeline}: engine, no cache, PyTorch FORA")
+        result, runs = pipeline_check.validate_pipeline(
+            engine_dir,
+            pipeline,
+            backend=backend,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            interval=interval,
+        )
+    if report_dir is not None:
+        if result is None:
+            progress.stage("per-step errors")
+            errors = pipeline_check.trajectory_step_errors(
+                engine_dir,
+                model=model,
+                backend=backend,
+                steps=steps,
+                scheduler=scheduler,
+                interval=interval,
+                seed=seed,
+            )
+        else:
+            errors = result.steps_errors
+        pipeline_check.write_report(report_dir, errors, runs)
+    return result
 
 
 @main.command()
