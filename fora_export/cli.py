@@ -441,27 +441,33 @@ def bench(
         repeats=repeats,
         schedule_mode=schedule_mode,
     )
+    from fora_export.progress import StageProgress
+
     baseline = None
-    if eager:
-        try:
-            baseline = eager_baseline(
-                manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+    with StageProgress(len(backends) + eager, title="bench") as progress:
+        if eager:
+            progress.stage(f"eager diffusers baseline ({repeats} generations)")
+            try:
+                baseline = eager_baseline(
+                    manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+                )
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
+        reports = []
+        for name in backends:
+            progress.stage(f"{name}: step latency and {len(interval_list)} intervals x {repeats} generations")
+            reports.append(
+                run_bench(
+                    engine_dir,
+                    steps=steps,
+                    intervals=interval_list,
+                    batch_size=batch_size,
+                    repeats=repeats,
+                    schedule_mode=schedule_mode,
+                    backend=name,
+                    eager=baseline,
+                )
             )
-        except ConfigError as err:
-            raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
-    reports = [
-        run_bench(
-            engine_dir,
-            steps=steps,
-            intervals=interval_list,
-            batch_size=batch_size,
-            repeats=repeats,
-            schedule_mode=schedule_mode,
-            backend=name,
-            eager=baseline,
-        )
-        for name in backends
-    ]
     if plot is not None:
         plot_bench(reports, plot)
     text = json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2)

@@ -109,7 +109,14 @@ def pipeline_arguments(
         kwargs["clean_caption"] = False  # needs bs4 and ftfy; the prompt as typed
     text_length = manifest.conditioning.get("caption_length", manifest.conditioning.get("text_length"))
     if "max_sequence_length" in parameters and text_length is not None:
-        kwargs["max_sequence_length"] = int(text_length) - SIGNATURES[manifest.model_class].extra_text_tokens
+        extra = SIGNATURES[manifest.model_class].extra_text_tokens
+        if int(text_length) <= extra:
+            raise ConfigError(
+                f"ENGINE_DIR | built for {text_length} text tokens, but {type(pipe).__name__} prompts are "
+                f"{extra} CLIP tokens + max_sequence_length T5 tokens | rebuild with --text-length "
+                f"{extra}+N (e.g. {extra + 256}, the pipeline's default)"
+            )
+        kwargs["max_sequence_length"] = int(text_length) - extra
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     return kwargs

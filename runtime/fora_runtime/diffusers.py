@@ -582,15 +582,13 @@ def enable_fora(
         transformer = ForaTransformer.from_engine(
             engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options
         )
-    expected = getattr(getattr(pipe, "transformer", None), "__class__", None)
-    if expected is not None and expected is not ForaTransformer and hasattr(pipe, "transformer"):
-        built = transformer.manifest.model_class
-        current = type(pipe.transformer).__name__
-        if pipe.transformer is not None and current != built:
-            raise ForaError(
-                f"enable_fora | the pipeline's transformer is a {current}, the engines were built from a "
-                f"{built} | pass the engines of this pipeline's model"
-            )
+    current = getattr(pipe, "transformer", None)
+    built = transformer.manifest.model_class
+    if current is not None and not isinstance(current, ForaTransformer) and type(current).__name__ != built:
+        raise ForaError(
+            f"enable_fora | the pipeline's transformer is a {type(current).__name__}, the engines were "
+            f"built from a {built} | pass the engines of this pipeline's model"
+        )
     pipe.transformer = transformer
     transformer.attach(pipe)
     return pipe

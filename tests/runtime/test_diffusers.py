@@ -260,3 +260,12 @@ def test_sd3_prompt_length_counts_the_clip_tokens(sd3_pipeline_dir: Path, sd3_pi
         PipelineError, match=r"87 tokens, the engines were built for 85 \| pass max_sequence_length=8"
     ):
         images(pipe, 4.0, 2, max_sequence_length=10)
+
+
+def test_enable_fora_refuses_engines_of_another_family(
+    dit_pipeline_engine: Path, pixart_pipeline_dir: Path
+) -> None:
+    from fora_runtime import ForaError
+
+    with pytest.raises(ForaError, match="is a PixArtTransformer2DModel, the engines were built from a DiT"):
+        enable_fora(PixArtAlphaPipeline.from_pretrained(pixart_pipeline_dir), dit_pipeline_engine)
