@@ -269,3 +269,43 @@ def test_enable_fora_refuses_engines_of_another_family(
 
     with pytest.raises(ForaError, match="is a PixArtTransformer2DModel, the engines were built from a DiT"):
         enable_fora(PixArtAlphaPipeline.from_pretrained(pixart_pipeline_dir), dit_pipeline_engine)
+
+
+def test_second_order_scheduler_plans_every_call(dit_pipeline_dir: Path, dit_pipeline_engine: Path) -> None:
+    """Heun lists each inner timestep twice (7 calls for 4 steps): one generation step per call."""
+    from diffusers import HeunDiscreteScheduler
+
+    def with_heun(pipe: Any) -> Any:
+        pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    reference_pipe, reference = reference_pipeline(DiTPipeline, dit_pipeline_dir, dit_pipeline_engine)
+    with_heun(reference_pipe)
+    pipe = with_heun(enable_fora(DiTPipeline.from_pretrained(dit_pipeline_dir), dit_pipeline_engine))
+    reference.reset(7)
+    assert np.abs(images(pipe, 4.0, 4) - images(reference_pipe, 4.0, 4)).max() <= PIXEL_TOLERANCE
+    assert pipe.transformer._runs[None].generation.num_steps == 7
+
+
+def test_restart_with_the_same_timesteps_starts_a_new_generation(
+    dit_pipeline_dir: Path, dit_pipeline_engine: Path
+) -> None:
+    """A loop abandoned after 2 of 4 steps and rerun on the same scheduler timesteps (no new
+    set_timesteps): the first timestep again starts a new generation, caches written afresh."""
+    pipe = enable_fora(DiTPipeline.from_pretrained(dit_pipeline_dir), dit_pipeline_engine)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    labels = torch.tensor([1, 2])
+
+    def loop(steps: int) -> list[torch.Tensor]:
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        outputs = []
+        for t in scheduler.timesteps[:steps]:
+            outputs.append(transformer(latents, timestep=t.expand(2), class_labels=labels).sample)
+            latents = scheduler.step(outputs[-1][:, :4], t, latents).prev_sample
+        return outputs
+
+    scheduler.set_timesteps(4)
+    fresh = loop(4)
+    loop(2)  # aborted: step 2 of 4 would come next
+    again = loop(4)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, again, strict=True))
