@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.cli.test_cli import assert_user_error, invoke
@@ -72,3 +73,30 @@ def test_sample_user_errors(dit_pipeline_dir: Path, dit_pipeline_engine: Path, t
         str(tmp_path),
     )
     assert_user_error(code, stderr, r"passed 6 samples .* rebuild with --batch 1:2:6")
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["pixart", "sd3", pytest.param("flux", marks=pytest.mark.slow)],
+)
+def test_sample_text_pipelines(family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Prompts, the built size (height/width, no resolution binning) and prompt length
+    (max_sequence_length; SD3's counts its 77 CLIP tokens) come from the engines."""
+    folder = request.getfixturevalue(f"{family}_pipeline_dir")
+    engine = request.getfixturevalue(f"{family}_pipeline_engine")
+    out = tmp_path / "samples"
+    code, stdout, stderr = invoke(
+        "sample",
+        str(engine),
+        "--pipeline",
+        str(folder),
+        "--prompt",
+        "a red cat",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert code == 0, stderr
+    assert float(re.search(r"engine vs PyTorch FORA ([0-9.e+-]+)", stdout).group(1)) <= 1e-4
+    assert np.asarray(Image.open(out / "engine-0.png")).shape == (64, 64, 3)
