@@ -198,8 +198,14 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             )
         self.manifest: Manifest = manifest
         self.signature = signature
-        if backend == "torch" and device is not None:
-            backend_options["device"] = device
+        if device is not None and backend == "onnxruntime":
+            if device != "cpu":
+                raise ForaError(
+                    f"device | got {device!r} for the onnxruntime backend | it runs where its providers "
+                    "do: pass providers=[...] (e.g. CUDAExecutionProvider), or backend='torch'"
+                )
+        elif device is not None:
+            backend_options["device"] = device  # torch, tensorrt: where their engines run
         self._session_options: dict[str, Any] = {
             "backend": backend,
             "schedule": schedule,
@@ -233,9 +239,10 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     ) -> ForaTransformer:
         """Load ``engine_dir`` on ``backend`` (``onnxruntime``, ``torch``, ``tensorrt``).
 
-        ``device`` is where the torch backend runs (``cpu``, ``cuda``; default: where its
-        programs were traced); ``dtype`` is the pipeline's dtype (default float32, as
-        pipelines loaded without ``torch_dtype``); ``schedule`` overrides the manifest's.
+        ``device`` is where the torch / TensorRT backend runs (``cpu``, ``cuda:N``; default:
+        where the torch programs were traced; ONNX Runtime takes ``providers=`` instead);
+        ``dtype`` is the pipeline's dtype (default float32, as pipelines loaded without
+        ``torch_dtype``); ``schedule`` overrides the manifest's.
         """
         return cls(
             engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options

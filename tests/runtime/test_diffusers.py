@@ -309,3 +309,10 @@ def test_restart_with_the_same_timesteps_starts_a_new_generation(
     loop(2)  # aborted: step 2 of 4 would come next
     again = loop(4)
     assert all(torch.equal(a, b) for a, b in zip(fresh, again, strict=True))
+
+
+def test_onnxruntime_takes_providers_not_a_device(dit_pipeline_engine: Path) -> None:
+    from fora_runtime import ForaError
+
+    with pytest.raises(ForaError, match=r"device \| got 'cuda' for the onnxruntime backend .* providers="):
+        ForaTransformer.from_engine(dit_pipeline_engine, device="cuda")
