@@ -14,6 +14,7 @@ counter and caches.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,9 @@ class _ContextSteps:
 class ForaReference(nn.Module):
     """``model`` run with FORA caching in PyTorch, full or reuse per ``schedule``."""
 
-    def __init__(self, model: nn.Module, schedule: CacheSchedule, options: AdapterOptions | None = None):
+    def __init__(
+        self, model: nn.Module, schedule: CacheSchedule, options: AdapterOptions | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.schedule = schedule
@@ -49,7 +52,9 @@ class ForaReference(nn.Module):
         self._context: str | None = None
 
     @classmethod
-    def for_engines(cls, model: nn.Module, manifest: Manifest, schedule: CacheSchedule | None = None):
+    def for_engines(
+        cls, model: nn.Module, manifest: Manifest, schedule: CacheSchedule | None = None
+    ) -> ForaReference:
         """The reference for engines built from ``model`` (checked by class and config), with
         the build's adapter options and static sizes, and the engines' schedule by default."""
         if type(model).__name__ != manifest.model_class:
@@ -58,8 +63,6 @@ class ForaReference(nn.Module):
                 f"{manifest.model_class} | pass the pipeline of the model the engines came from"
             )
         built = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
-        import json
-
         config = json.loads(json.dumps(dict(model.config), default=str))  # type: ignore[arg-type]
         differing = sorted(k for k in built if built[k] != config.get(k))
         if differing:
