@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.cli.test_cli import assert_user_error, invoke
@@ -75,15 +74,12 @@ def test_sample_user_errors(dit_pipeline_dir: Path, dit_pipeline_engine: Path, t
     assert_user_error(code, stderr, r"passed 6 samples .* rebuild with --batch 1:2:6")
 
 
-@pytest.mark.parametrize(
-    "family",
-    ["pixart", "sd3", pytest.param("flux", marks=pytest.mark.slow)],
-)
-def test_sample_text_pipelines(family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """Prompts, the built size (height/width, no resolution binning) and prompt length
-    (max_sequence_length; SD3's counts its 77 CLIP tokens) come from the engines."""
-    folder = request.getfixturevalue(f"{family}_pipeline_dir")
-    engine = request.getfixturevalue(f"{family}_pipeline_engine")
+def test_sample_a_text_pipeline(
+    pixart_pipeline_dir: Path, pixart_pipeline_engine: Path, tmp_path: Path
+) -> None:
+    """Prompts, the built size (height/width, resolution binning off) and prompt length
+    (max_sequence_length) come from the engines."""
+    folder, engine = pixart_pipeline_dir, pixart_pipeline_engine
     out = tmp_path / "samples"
     code, stdout, stderr = invoke(
         "sample",
