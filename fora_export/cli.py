@@ -98,7 +98,8 @@ def _default_out(model: str) -> Path:
     "--exporter",
     type=click.Choice(["torchscript", "dynamo"]),
     default=None,
-    help="torch.onnx exporter. [default: the family's: torchscript for DiT/PixArt, dynamo for Flux/SD3]",
+    help="torch.onnx exporter. [default: the family's: torchscript for DiT, PixArt, SD3; dynamo for Flux,"
+    " Wan]",
 )
 @click.option(
     "--fp32-islands/--no-fp32-islands",
@@ -121,10 +122,11 @@ def _default_out(model: str) -> Path:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnx", "tensorrt", "torch"]),
+    type=click.Choice(["auto", "onnx", "tensorrt", "tensorrt-rtx", "torch"]),
     default="auto",
     show_default=True,
-    help="Besides ONNX: tensorrt engines, torch.export programs, or auto (TensorRT when present).",
+    help="Besides ONNX: tensorrt engines, tensorrt-rtx plans (RTX GPUs; built without a GPU), "
+    "torch.export programs, or auto (TensorRT when present).",
 )
 @click.option(
     "--reuse-graph",
@@ -154,6 +156,26 @@ def _default_out(model: str) -> Path:
     default=None,
     help="TensorRT workspace limit in MiB. [default: TensorRT's]",
 )
+@click.option(
+    "--compute-capabilities",
+    "trt_compute_capabilities",
+    default=None,
+    help="TensorRT-RTX target GPUs, e.g. 8.6,8.9,12.0 (7.5: Turing, fp16 only). [default: 8.6,8.9,12.0]",
+)
+@click.option(
+    "--frames", type=int, default=None, help="Latent frames, fixed per build (video: Wan). [default: 21]"
+)
+@click.option(
+    "--subfolder",
+    default=None,
+    help="The pipeline folder's transformer to build, e.g. transformer_2 (Wan 2.2's low-noise expert).",
+)
+@click.option(
+    "--max-cache-gib",
+    type=float,
+    default=None,
+    help="Refuse a build whose caches at the largest batch exceed this (lists the --cache subsets that fit).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
 def build(
@@ -172,14 +194,19 @@ def build(
     backend: str,
     trt_opt_level: int,
     trt_workspace_mib: int | None,
+    trt_compute_capabilities: str | None,
     device: str,
     reuse_graph: str,
+    frames: int | None,
+    subfolder: str | None,
+    max_cache_gib: float | None,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
-    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart.
+    a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart,
+    demo-sd3, demo-flux, demo-wan.
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
@@ -198,8 +225,12 @@ def build(
         backend=backend,
         trt_opt_level=trt_opt_level,
         trt_workspace_mib=trt_workspace_mib,
+        trt_compute_capabilities=trt_compute_capabilities,
         device=device,
         reuse_graph=reuse_graph,
+        frames=frames,
+        subfolder=subfolder,
+        max_cache_gib=max_cache_gib,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest
@@ -425,6 +456,7 @@ def bench(
     from fora_export.bench import eager_baseline, plan_bench
     from fora_export.errors import ConfigError
     from fora_export.reports import plot_bench, print_bench
+    from fora_runtime.backends.base import create_backend
     from fora_runtime.manifest import load_manifest
 
     try:
@@ -441,6 +473,8 @@ def bench(
         repeats=repeats,
         schedule_mode=schedule_mode,
     )
+    for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
+        create_backend(name, manifest, engine_dir).preflight()
     from fora_export.progress import StageProgress
 
     baseline = None
@@ -478,6 +512,99 @@ def bench(
     else:
         for report in reports:
             print_bench(report)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "repository",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Model repository to write into.",
+)
+@click.option("--name", default="fora", show_default=True, help="Model name (its folder in the repository).")
+@click.option(
+    "--instances", type=int, default=1, show_default=True, help="Model instances (one per GPU on GPUs)."
+)
+@click.option(
+    "--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Instance kind."
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=None,
+    help="Most samples per request and per batch. [default: the build's max]",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "torch", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="Runtime backend (auto: TensorRT, torch, ONNX Runtime on GPUs; ONNX Runtime on CPUs).",
+)
+@click.option(
+    "--pipeline",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="diffusers pipeline folder whose scheduler/scheduler_config.json drives the loop. [default: DDIM]",
+)
+@click.option(
+    "--dynamic-batching/--no-dynamic-batching",
+    default=True,
+    show_default=True,
+    help="Let Triton batch concurrent requests into one execute().",
+)
+@click.option(
+    "--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batcher delay."
+)
+@click.option(
+    "--threads", type=int, default=0, show_default=True, help="ONNX Runtime threads (0: its default)."
+)
+@click.option(
+    "--python-path",
+    multiple=True,
+    help="Site-packages folder the server's Python stub adds before importing fora_runtime (repeatable).",
+)
+@click.option("--force", is_flag=True, help="Replace a model of that name this command wrote before.")
+@_user_errors
+def triton(
+    engine_dir: Path,
+    repository: Path,
+    name: str,
+    instances: int,
+    kind: str,
+    max_batch: int | None,
+    backend: str,
+    pipeline: Path | None,
+    dynamic_batching: bool,
+    max_queue_delay_us: int,
+    threads: int,
+    python_path: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Write a Triton Inference Server model that runs ENGINE_DIR's generations (see README, Serving)."""
+    from fora_export.serving.triton_repo import TritonModelConfig, write_triton_model
+
+    config = TritonModelConfig(
+        name=name,
+        instances=instances,
+        kind=kind,
+        max_batch=max_batch,
+        backend=backend,
+        dynamic_batching=dynamic_batching,
+        max_queue_delay_us=max_queue_delay_us,
+        threads=threads,
+        python_path=python_path,
+    )
+    written = write_triton_model(engine_dir, repository, config, pipeline=pipeline, force=force)
+    spec = written.spec
+    click.echo(
+        f"wrote {written.folder}: {instances} {kind} instance(s), {written.backend}, {written.scheduler}, "
+        f"up to {spec.max_batch} samples per request, dynamic batching {'on' if dynamic_batching else 'off'}"
+    )
+    click.echo(f"  inputs: {', '.join(t.name for t in spec.inputs())}; output: {spec.outputs()[0].name}")
+    click.echo(f"  serve:  python tools/serve_triton.py {repository}")
 
 
 @main.command()

@@ -149,16 +149,44 @@ def make_demo_sd3(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -
     return model.eval()
 
 
+#: A small Wan 2.1 T2V shape: 4 blocks of hidden 384 (6 heads of 64), 16-channel video
+#: latents in 1x2x2 patches; built at 5 latent frames of 16x16 (320 tokens), 64 text tokens.
+DEMO_WAN_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 6,
+    "attention_head_dim": 64,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 256,
+    "freq_dim": 256,
+    "ffn_dim": 1536,
+    "num_layers": 4,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+}
+
+
+def make_demo_wan(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    model: Any = WanTransformer3DModel(**(config or DEMO_WAN_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
 DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit": make_demo_dit,
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
     "demo-flux": make_demo_flux,
     "demo-sd3": make_demo_sd3,
+    "demo-wan": make_demo_wan,
 }
 #: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
 #: text tokens): latent resolution and text length, used where the build gives none.
 DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
     "demo-flux": {"resolution": (32, 32), "caption_length": 64},
     "demo-sd3": {"caption_length": 64},
+    "demo-wan": {"resolution": (16, 16), "caption_length": 64, "frames": 5},
 }

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_class_for, supported_classes
 from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
 from fora_export.errors import ConfigError
@@ -53,18 +54,21 @@ def _diffusers_class(class_name: str, where: str) -> Any:
     return getattr(diffusers, class_name)
 
 
-def load_model(ref: str, dtype: Any = None) -> LoadedModel:
+def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> LoadedModel:
     """Load MODEL (see module docstring) in eval mode, its weights in ``dtype`` (a torch
     dtype; None: as saved for folders, fp32 for demos).
 
     Saved models load straight into ``dtype`` with empty (meta) initialisation, so the
     weights are held once, in the target precision: Flux.1-dev loaded in fp32 and cast
-    would need ~48 GB on the way.
+    would need ~48 GB on the way. ``subfolder`` picks a pipeline folder's transformer
+    (``transformer_2``: Wan 2.2 A14B's low-noise expert).
     """
     if ref in DEMO_MODELS:
+        if subfolder is not None:
+            raise ConfigError(f"--subfolder | {ref} is a built-in model | pass a pipeline folder with it")
         model = DEMO_MODELS[ref]()
         if dtype is not None:
-            model = model.to(dtype)
+            model = cast_model(model, dtype)
         return LoadedModel(
             model=model,
             class_name=type(model).__name__,
@@ -73,7 +77,7 @@ def load_model(ref: str, dtype: Any = None) -> LoadedModel:
         )
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_local(path, dtype)
+        return _load_local(path, dtype, subfolder)
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
     # "models/dit-typo" where models/ is a folder here is a mistyped path, not a Hub id: say
     # so at once instead of trying the Hub (minutes of retries without a network).
@@ -99,15 +103,47 @@ def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
     return cls.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=meta_init, **kwargs)
 
 
-def _load_local(path: Path, dtype: Any = None) -> LoadedModel:
+def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
+    """Build defaults a pipeline's ``model_index.json`` implies for one of its transformers,
+    and refusals of what the exported graphs cannot represent."""
+    index = _read_config(path / "model_index.json")
+    if not isinstance(index, dict):
+        raise ConfigError(f"{path / 'model_index.json'} | is not a JSON object | re-save the pipeline")
+    if index.get("expand_timesteps"):
+        raise ConfigError(
+            f"MODEL '{path}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a timestep "
+            "per token) is not supported: its gates differ per token, and the gate table and lean reuse "
+            "graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
+        )
+    ratio = index.get("boundary_ratio")
+    experts = [name for name in ("transformer", "transformer_2") if index.get(name) and index[name][0]]
+    if ratio is None or len(experts) < 2:
+        return {}
+    # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
+    boundary = float(ratio) * 1000.0
+    return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
+
+
+def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> LoadedModel:
     if not path.is_dir():
         raise ConfigError(f"MODEL '{path}' | is a file | pass the folder written by save_pretrained")
     subfolder: str | None = None
     folder = path
-    if not (path / "config.json").is_file():
+    defaults: dict[str, Any] = {}
+    if requested is not None:
+        if not (path / requested / "config.json").is_file():
+            raise ConfigError(
+                f"--subfolder '{requested}' | {path / requested / 'config.json'} does not exist | pass "
+                "a subfolder of the pipeline holding a transformer (e.g. transformer_2)"
+            )
+        subfolder, folder = requested, path / requested
+        if (path / "model_index.json").is_file():
+            defaults = _pipeline_facts(path, requested)
+    elif not (path / "config.json").is_file():
         if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
             subfolder = "transformer"
             folder = path / "transformer"
+            defaults = _pipeline_facts(path, subfolder)
         else:
             raise ConfigError(
                 f"MODEL '{path}' | no config.json, and not a pipeline folder with transformer/ "
@@ -126,7 +162,11 @@ def _load_local(path: Path, dtype: Any = None) -> LoadedModel:
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
     return LoadedModel(
-        model=model.eval(), class_name=class_name, source=str(path.resolve()), subfolder=subfolder
+        model=model.eval(),
+        class_name=class_name,
+        source=str(path.resolve()),
+        subfolder=subfolder,
+        build_defaults=defaults,
     )
 
 

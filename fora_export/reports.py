@@ -110,10 +110,16 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     for name, record in manifest.files.items():
         files.add_row(name, f"{int(record['bytes']) / 2**20:.1f}")
     console.print(files)
-    backends = ", ".join(manifest.backends) or "none (ONNX only)"
-    console.print(
-        f"built backends: {backends}; tools: " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
-    )
+    backends = ", ".join(_describe_backend(name, record) for name, record in manifest.backends.items())
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
+    console.print(f"built backends: {backends or 'none (ONNX only)'}; tools: {tools}")
+
+
+def _describe_backend(name: str, record: object) -> str:
+    """A built backend in words: TensorRT records say their flavour, version and target GPUs."""
+    from fora_runtime.backends.trt_flavor import describe_record
+
+    return describe_record(record) if name == "tensorrt" else name
 
 
 def print_bench(report: BenchReport, console: Console | None = None) -> None:

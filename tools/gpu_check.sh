@@ -92,12 +92,12 @@ skip_step() {
 ENV_PY='
 import importlib, platform
 print("python", platform.python_version())
-for name in ("torch", "tensorrt", "onnxruntime", "onnx", "diffusers", "numpy", "pytest"):
+for name in ("torch", "tensorrt", "tensorrt_rtx_bindings", "onnxruntime", "onnx", "diffusers", "numpy", "pytest"):
     try:
         mod = importlib.import_module(name)
-        print(f"{name:12s}", getattr(mod, "__version__", "(no __version__: stub or namespace package)"))
+        print(f"{name:22s}", getattr(mod, "__version__", "(no __version__: stub or namespace package)"))
     except Exception as err:
-        print(f"{name:12s} missing ({type(err).__name__}: {err})")
+        print(f"{name:22s} missing ({type(err).__name__}: {err})")
 try:
     import torch
     print("cuda        ", torch.version.cuda, "available:", torch.cuda.is_available())

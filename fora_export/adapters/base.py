@@ -36,10 +36,14 @@ class AdapterOptions:
     caption_length: int | None = None
     #: Latent frames, for video families (None: family default).
     frames: int | None = None
+    #: The graph timesteps this model serves when it is one expert of several (Wan 2.2
+    #: A14B: the high-noise ``transformer`` or the low-noise ``transformer_2``).
+    expert_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["cache"] = list(self.cache) if self.cache is not None else None
+        data["expert_range"] = list(self.expert_range) if self.expert_range is not None else None
         return data
 
     @classmethod
@@ -50,6 +54,7 @@ class AdapterOptions:
             cache=tuple(cache) if cache is not None else None,
             caption_length=data.get("caption_length"),
             frames=data.get("frames"),
+            expert_range=tuple(data["expert_range"]) if data.get("expert_range") else None,
         )
 
 

@@ -9,6 +9,7 @@ from fora_export.adapters.dit import DiTAdapter
 from fora_export.adapters.flux import FluxAdapter
 from fora_export.adapters.pixart import PixArtAdapter
 from fora_export.adapters.sd3 import SD3Adapter
+from fora_export.adapters.wan import WanAdapter
 from fora_export.errors import ConfigError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     PixArtAdapter.model_class: PixArtAdapter,
     FluxAdapter.model_class: FluxAdapter,
     SD3Adapter.model_class: SD3Adapter,
+    WanAdapter.model_class: WanAdapter,
 }
 
 

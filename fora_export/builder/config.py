@@ -16,9 +16,10 @@ from fora_runtime.schedule import CacheSchedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: What a build produces beyond the ONNX graphs (always written): ``auto`` adds
-#: TensorRT engines when TensorRT imports and a GPU is visible; ``torch`` adds
+#: TensorRT engines when TensorRT imports and a GPU is visible; ``tensorrt-rtx`` adds
+#: TensorRT-RTX plans for RTX GPUs (built without a GPU); ``torch`` adds
 #: ``torch.export`` programs for the runtime's torch backend.
-BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "torch")
+BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "tensorrt-rtx", "torch")
 
 
 def default_opset(exporter: str) -> int:
@@ -70,14 +71,29 @@ class BuildConfig:
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
     #: Where torch programs are traced and will run: "auto" (cuda when visible), "cpu", "cuda".
     device: str = "auto"
+    #: A pipeline folder's transformer to build (None: ``transformer``; ``transformer_2``:
+    #: Wan 2.2's low-noise expert).
+    subfolder: str | None = None
+    #: Refuse builds whose caches at the largest batch exceed this many GiB (None: no limit).
+    max_cache_gib: float | None = None
     #: "lean": the family's reuse step computing only gates and the residual sum
     #: (when it has one); "plain": every block's forward with replayed sublayers.
     reuse_graph: str = "lean"
 
     def __post_init__(self) -> None:
+        limit = self.max_cache_gib
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0
+        ):
+            raise ConfigError(f"--max-cache-gib | got {limit!r} | expected a positive number of GiB")
         if self.backend not in BUILD_BACKENDS:
             raise ConfigError(
                 f"--backend | got {self.backend!r} | expected one of {', '.join(BUILD_BACKENDS)}"
+            )
+        if self.tensorrt.compute_capabilities is not None and self.backend != "tensorrt-rtx":
+            raise ConfigError(
+                "--compute-capabilities | applies to --backend tensorrt-rtx only "
+                f"(this build: {self.backend}) | add --backend tensorrt-rtx, or leave it out"
             )
         if self.reuse_graph not in ("lean", "plain"):
             raise ConfigError(f"--reuse-graph | got {self.reuse_graph!r} | expected lean or plain")
@@ -101,8 +117,12 @@ class BuildConfig:
         backend: str = "auto",
         trt_opt_level: int = 3,
         trt_workspace_mib: int | None = None,
+        trt_compute_capabilities: str | None = None,
         device: str = "auto",
         reuse_graph: str = "lean",
+        frames: int | None = None,
+        subfolder: str | None = None,
+        max_cache_gib: float | None = None,
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -119,12 +139,19 @@ class BuildConfig:
             if not kinds:
                 raise ConfigError(f"--cache | got {cache!r} | expected sublayer kinds, e.g. attn1,attn2,ff")
         workspace = trt_workspace_mib * 2**20 if trt_workspace_mib is not None else None
+        targets = None
+        if trt_compute_capabilities is not None:
+            targets = tuple(cc.strip() for cc in trt_compute_capabilities.split(",") if cc.strip())
         return cls(
-            adapter=AdapterOptions(cache=kinds, caption_length=caption_length),
+            adapter=AdapterOptions(cache=kinds, caption_length=caption_length, frames=frames),
+            subfolder=subfolder,
+            max_cache_gib=max_cache_gib,
             backend=backend,
             device=device,
             reuse_graph=reuse_graph,
-            tensorrt=TrtBuildConfig(opt_level=trt_opt_level, workspace_bytes=workspace),
+            tensorrt=TrtBuildConfig(
+                opt_level=trt_opt_level, workspace_bytes=workspace, compute_capabilities=targets
+            ),
             batch=parse_batch(batch),
             resolution=parse_resolution(resolution),
             schedule=schedule,
@@ -151,4 +178,6 @@ class BuildConfig:
             "device": self.device,
             "reuse_graph": self.reuse_graph,
             "tensorrt": self.tensorrt.to_dict(),
+            "subfolder": self.subfolder,
+            "max_cache_gib": self.max_cache_gib,
         }

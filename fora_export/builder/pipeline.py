@@ -28,6 +28,7 @@ from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
 from fora_export.builder.config import BuildConfig, default_opset
+from fora_export.builder.trt_flavors import BuildFlavor
 from fora_export.errors import BuildError, ExportError
 from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model
@@ -70,20 +71,20 @@ def build(
     """Build the engine folder ``out`` for MODEL ``model_ref``."""
     out = Path(out)
     _check_destination(out, force)
-    with_tensorrt, backend_note = resolve_backend(config.backend)
+    tensorrt_flavor, backend_note = resolve_backend(config.backend)
     log.info("%s", backend_note)
     started = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stage_count = 6 if with_tensorrt or config.backend == "torch" else 5
+        stage_count = 6 if tensorrt_flavor or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
-            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision))
+            loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision), config.subfolder)
             tmp.mkdir(parents=True)
-            if with_tensorrt and out.is_dir():
-                trt_build.seed_timing_cache(out, tmp)  # rebuilds reuse the earlier tuning
-            manifest = export_folder(loaded, tmp, config, stages, with_tensorrt=with_tensorrt)
+            if tensorrt_flavor and out.is_dir():
+                trt_build.seed_timing_cache(out, tmp, tensorrt_flavor)  # rebuilds reuse the earlier tuning
+            manifest = export_folder(loaded, tmp, config, stages, tensorrt_flavor=tensorrt_flavor)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,18 +94,14 @@ def build(
     return BuildResult(folder=out, manifest=manifest, seconds=seconds, backend_note=backend_note)
 
 
-def resolve_backend(backend: str) -> tuple[bool, str]:
-    """Resolve ``--backend``: whether this build also makes TensorRT engines, and what
-    it will write, in words (``auto`` says why it chose)."""
+def resolve_backend(backend: str) -> tuple[BuildFlavor | None, str]:
+    """Resolve ``--backend``: the TensorRT flavour this build also makes engines with (None:
+    no engines), and what it will write, in words (``auto`` says why it chose)."""
     if backend == "onnx":
-        return False, "backend onnx: ONNX graphs"
+        return None, "backend onnx: ONNX graphs"
     if backend == "torch":
-        return False, "backend torch: ONNX graphs + torch.export programs"
-    available, why = trt_build.tensorrt_available()
-    if backend == "tensorrt" and not available:
-        raise BuildError(f"--backend tensorrt | {why} | run the build on a GPU machine with TensorRT")
-    what = "ONNX graphs + TensorRT engines" if available else "ONNX graphs only"
-    return available, f"backend {backend}: {what} ({why})"
+        return None, "backend torch: ONNX graphs + torch.export programs"
+    return trt_build.resolve_tensorrt(backend)
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -165,7 +162,7 @@ def export_folder(
     config: BuildConfig,
     stages: StageProgress,
     *,
-    with_tensorrt: bool = False,
+    tensorrt_flavor: BuildFlavor | None = None,
 ) -> Manifest:
     """Split ``loaded`` and write graphs + manifest into ``folder``."""
     stages.stage("splitting")
@@ -193,6 +190,7 @@ def export_folder(
         with torch.no_grad():
             _, caches = split.run_full(example)
         reuse_module, reuse_caches = _reuse_module(split, config)
+        _check_cache_memory(split, caches, reuse_caches, config)
         reuse_module = reuse_module.to(device)
         jobs = _graph_jobs(split, reuse_module, reuse_caches, example, caches, batch)
         cache_specs = _cache_specs(split, caches, reuse_caches)
@@ -216,15 +214,11 @@ def export_folder(
         if config.backend == "torch":
             stages.stage("exporting torch programs")
             backends["torch"] = _export_torch_programs(jobs, folder)
-        if with_tensorrt:
-            stages.stage("building TensorRT engines")
-            engines = {job.role: graph_file(job.role, "tensorrt") for job in jobs}
+        if tensorrt_flavor:
+            stages.stage(f"building {tensorrt_flavor.title} engines")
             profiles = {job.role: job.batch_range for job in jobs if job.batch_range != batch}
-            trt_build.build_engines(
-                folder, graphs, batch, config.tensorrt, engines=engines, profiles=profiles
-            )
-            backends["tensorrt"] = trt_build.tensorrt_record(
-                folder, batch, config.tensorrt, engines=engines, gate_rows=profiles.get("gates")
+            backends["tensorrt"] = trt_build.build_folder_engines(
+                folder, graphs, batch, config.tensorrt, profiles=profiles, flavor=tensorrt_flavor
             )
         stages.stage("writing manifest")
         manifest = Manifest(
@@ -276,7 +270,64 @@ def _with_model_defaults(config: BuildConfig, loaded: LoadedModel) -> BuildConfi
     if config.adapter.caption_length is None and "caption_length" in defaults:
         adapter = dataclasses.replace(config.adapter, caption_length=int(defaults["caption_length"]))
         config = dataclasses.replace(config, adapter=adapter)
+    if config.adapter.frames is None and "frames" in defaults:
+        adapter = dataclasses.replace(config.adapter, frames=int(defaults["frames"]))
+        config = dataclasses.replace(config, adapter=adapter)
+    if "expert_range" in defaults:
+        adapter = dataclasses.replace(config.adapter, expert_range=tuple(defaults["expert_range"]))
+        config = dataclasses.replace(config, adapter=adapter)
     return config
+
+
+def _check_cache_memory(
+    split: SplitModel,
+    caches: dict[str, torch.Tensor],
+    kept: tuple[str, ...],
+    config: BuildConfig,
+) -> None:
+    """Refuse, before any export, a build whose caches at the largest batch exceed
+    ``--max-cache-gib`` (video caches reach tens of GiB per sample); say which ``--cache``
+    subsets would fit."""
+    limit = config.max_cache_gib
+    if limit is None:
+        return
+    batch = config.batch.max
+
+    def per_sample(tensor: torch.Tensor) -> int:
+        return tensor[0].numel() * tensor.element_size()
+
+    total = sum(per_sample(caches[name]) for name in kept) * batch
+    if total <= limit * 2**30:
+        return
+    by_kind: dict[str, int] = {}
+    for point in split.taps.points:
+        by_kind[point.kind] = by_kind.get(point.kind, 0) + sum(
+            per_sample(caches[n]) for n in point.cache_names
+        )
+    kinds = list(by_kind)
+    fits = []
+    for mask in range(1, 2 ** len(kinds) - 1):
+        subset = {k for i, k in enumerate(kinds) if mask >> i & 1}
+        if sum(by_kind[k] for k in subset) * batch <= limit * 2**30:
+            fits.append(subset)
+    # The largest subsets only: any subset of one of them fits too.
+    fitting = [",".join(k for k in kinds if k in s) for s in fits if not any(s < other for other in fits)]
+    fix = (
+        f"pass --cache with one of: {'; '.join(fitting)} (uncached sublayers then run in reuse steps)"
+        if fitting
+        else "lower --batch MAX, the resolution or frames, or raise --max-cache-gib"
+    )
+    raise BuildError(
+        f"--max-cache-gib {limit:g} | the caches need {_size(total)} at batch {batch} "
+        f"({_size(total // batch)} per sample) | {fix}"
+    )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:

@@ -1,47 +1,52 @@
-"""TensorRT engines for the two step graphs (``full`` and ``reuse``).
+"""TensorRT engines for the step graphs (``full``, ``reuse``, and the gate-table graphs).
 
-Works with TensorRT 10.1+ and 11.x (older versions are refused: the runtime needs
-``device_memory_size_v2`` and ``set_device_memory(ptr, size)``, both new in 10.1, and
-engines only load under the TensorRT that built them). Networks are always strongly typed: the
-precision of every tensor comes from the ONNX graph (the exporter writes fp16 /
-bf16 graphs itself), so no precision builder flag is ever set (TensorRT 11
-removed ``BuilderFlag.FP16`` / ``BF16``). ``tensorrt`` and ``torch`` are
+Two flavours build through this one module: datacenter TensorRT 10.1+ / 11.x
+(older versions are refused: the runtime needs ``device_memory_size_v2`` and
+``set_device_memory(ptr, size)``, both new in 10.1) on and for the visible GPU,
+and TensorRT-RTX 1.7+, which needs no GPU and compiles plans for a list of RTX
+compute capabilities. What differs between them is in ``trt_flavors.py`` (a
+``BuildFlavor`` argument, datacenter TensorRT by default); engines only load
+under the library version that built them. Networks are always strongly typed:
+the precision of every tensor comes from the ONNX graph (the exporter writes
+fp16 / bf16 graphs itself), so no precision builder flag is ever set (TensorRT 11
+removed ``BuilderFlag.FP16`` / ``BF16``). TensorRT modules and ``torch`` are
 imported inside the functions that need them, so importing this module is free.
 
-How the build pipeline calls it, after both ONNX graphs are exported into the
+How the build pipeline calls it, after the ONNX graphs are exported into the
 temporary build folder and before the manifest is written::
 
     from fora_export.builder import tensorrt as trt_build
 
-    ok, why = trt_build.tensorrt_available()        # for `--backend auto`: build engines if ok
-    trt_config = trt_build.TrtBuildConfig(opt_level=3, workspace_bytes=None)
-    trt_build.seed_timing_cache(out, tmp)           # rebuilding `out`: reuse its timing cache
-    trt_build.build_engines(tmp, graphs, config.batch, trt_config)
-    record = trt_build.tensorrt_record(tmp, config.batch, trt_config)
+    flavor, note = trt_build.resolve_tensorrt(config.backend)  # None: no engines (auto, none here)
+    trt_build.seed_timing_cache(out, tmp, flavor)              # rebuilding `out`: reuse its timing cache
+    record = trt_build.build_folder_engines(tmp, graphs, config.batch, config.tensorrt,
+                                            profiles={"gates": GATE_ROWS}, flavor=flavor)
     manifest = Manifest(..., files=_file_records(tmp), backends={"tensorrt": record})
 
-Inputs: the build folder holding ``full.onnx`` / ``reuse.onnx`` (external data
-beside them is fine: graphs are parsed by path), the manifest's ``GraphSpec``
-per role (its ``file`` and ``inputs``; shapes come from
-``TensorSpec.concrete_shape``) and the ``BatchRange``, which becomes the single
-optimization profile (min/opt/max on axis 0 of every graph input).
+Inputs: the build folder holding the ONNX graphs (external data beside them is
+fine: graphs are parsed by path), the manifest's ``GraphSpec`` per role (its
+``file``, ``inputs`` and ``outputs``: every parsed network's IO must be exactly
+these; profile shapes come from ``TensorSpec.concrete_shape``) and the
+``BatchRange``, which becomes the single optimization profile (min/opt/max on
+axis 0 of every graph input; the gates engine's is ``gate_rows``).
 
 Outputs, written into the folder: ``full.plan`` and ``reuse.plan`` (serialized
-engines, see ``ENGINE_FILES``; builds with gate-table graphs add ``GATE_ENGINE_FILES``,
-the gates engine with its own rows profile via ``profiles=``) and ``timing.cache`` (``TIMING_CACHE_FILE``),
-shared by both builds and read again by later rebuilds. ``tensorrt_record``
-returns the ``backends["tensorrt"]`` entry of the manifest (TensorRT version,
-GPU, compute capability, profile, engine files with sha256); the runtime refuses
-engines whose recorded TensorRT version or compute capability differ from the
-running ones. The engine files must also be listed in ``Manifest.files``
-(``_file_records`` does that when it runs after ``build_engines``; or merge
-``engine_file_records``) so ``load_manifest`` verifies them.
+engines, see ``ENGINE_FILES``; builds with gate-table graphs add ``GATE_ENGINE_FILES``)
+and, for datacenter TensorRT, ``timing.cache`` (``TIMING_CACHE_FILE``), shared by the
+builds and read again by later rebuilds. ``tensorrt_record`` returns the
+``backends["tensorrt"]`` entry of the manifest (flavour, library version, where the
+engines run, profile, engine files with sha256); the runtime refuses engines whose
+recorded version or compute capability does not fit the running ones. The engine
+files must also be listed in ``Manifest.files`` (``_file_records`` does that when it
+runs after ``build_engines``; or merge ``engine_file_records``) so ``load_manifest``
+verifies them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,24 +54,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fora_export.builder.trt_flavors import BUILD_FLAVORS, DATACENTER_BUILD, BuildFlavor
 from fora_export.errors import BuildError, ConfigError
-from fora_runtime.backends.trt import unusable_tensorrt
-from fora_runtime.manifest import BatchRange, GraphSpec, TensorSpec, sha256_of
+from fora_runtime.backends.trt_flavor import TrtModule
+from fora_runtime.dtypes import TENSORRT_NAMES
+from fora_runtime.manifest import (
+    BATCH_AXIS,
+    GATE_TABLE_ROLES,
+    GRAPH_ROLES,
+    BatchRange,
+    GraphSpec,
+    TensorSpec,
+    graph_file,
+    sha256_of,
+)
 
 if TYPE_CHECKING:
     import tensorrt
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILES: dict[str, str] = {"full": "full.plan", "reuse": "reuse.plan"}
+ENGINE_FILES: dict[str, str] = {role: graph_file(role, "tensorrt") for role in GRAPH_ROLES}
 #: Engines of builds with gate-table graphs (the ``gates`` engine's profile is the
 #: manifest's ``gate_rows``, not its batch range).
-GATE_ENGINE_FILES: dict[str, str] = {"gates": "gates.plan", "reuse_gated": "reuse_gated.plan"}
+GATE_ENGINE_FILES: dict[str, str] = {role: graph_file(role, "tensorrt") for role in GATE_TABLE_ROLES}
 TIMING_CACHE_FILE = "timing.cache"
 MAX_OPT_LEVEL = 5  # builder_optimization_level accepts 0..5 in TensorRT 10.x and 11.x
-
-# TensorRT DataType member name -> manifest dtype name.
-_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32"}
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,15 @@ class TrtBuildConfig:
     default 3). ``workspace_bytes`` caps the workspace memory pool; None keeps
     TensorRT's default (the device's global memory). ``tf32`` lets fp32 tensors
     use TF32 math (TensorRT's default, ~1e-3 relative error); it is off so fp32
-    engines match the fp32 ONNX graphs to ~1e-5.
+    engines match the fp32 ONNX graphs to ~1e-5. ``compute_capabilities`` are the
+    TensorRT-RTX targets ("8.6", ...; None: ``trt_flavors.DEFAULT_RTX_TARGETS``);
+    datacenter TensorRT builds for the visible GPU and takes none.
     """
 
     opt_level: int = 3
     workspace_bytes: int | None = None
     tf32: bool = False
+    compute_capabilities: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.opt_level, bool) or not isinstance(self.opt_level, int):
@@ -97,6 +113,14 @@ class TrtBuildConfig:
             raise ConfigError(
                 f"TensorRT workspace | got {self.workspace_bytes!r} | expected a positive byte count or None"
             )
+        if self.compute_capabilities is not None and (
+            not self.compute_capabilities
+            or not all(re.fullmatch(r"\d+\.\d", str(cc)) for cc in self.compute_capabilities)
+        ):
+            raise ConfigError(
+                f"--compute-capabilities | got {self.compute_capabilities!r} | expected major.minor "
+                "values, e.g. 8.6,8.9,12.0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,54 +130,28 @@ class TrtBuildConfig:
 
 
 def _tensorrt_version() -> str:
-    """The running TensorRT's version, or a BuildError saying why there is none."""
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise BuildError(
-            f"TensorRT | cannot import 'tensorrt' ({err}) | install it (pip install tensorrt) on a machine "
-            "with an NVIDIA GPU, or build without TensorRT engines"
-        ) from err
-    problem = unusable_tensorrt(trt, "Builder", ", or build without TensorRT engines")
-    if problem is not None:
-        raise BuildError(f"TensorRT | {problem}")
-    return str(trt.__version__)
-
-
-def _cuda_device() -> tuple[str, str]:
-    """(name, compute capability "major.minor") of the current CUDA device."""
-    try:
-        import torch
-    except ImportError as err:  # pragma: no cover - torch is a fora-export dependency
-        raise BuildError(f"TensorRT | cannot import torch ({err}) | install torch with CUDA support") from err
-    if not torch.cuda.is_available():
-        raise BuildError(
-            "TensorRT | no CUDA GPU is visible (torch.cuda.is_available() is False) "
-            "| build TensorRT engines on the GPU machine that will run them"
-        )
-    device = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+    """The running datacenter TensorRT's version, or a BuildError saying why there is none."""
+    return DATACENTER_BUILD.load()[1]
 
 
 def tensorrt_available() -> tuple[bool, str]:
-    """Whether TensorRT engines can be built here, and why (for ``--backend auto``)."""
-    try:
-        version = _tensorrt_version()
-    except BuildError as err:
-        return False, _problem(err)
-    short = ".".join(version.split(".")[:2])
-    try:
-        gpu, _ = _cuda_device()
-    except BuildError as err:
-        return False, f"tensorrt {short} imported, but {_problem(err)}"
-    return True, f"tensorrt {short} imported and GPU {gpu} visible"
+    """Whether datacenter TensorRT engines can be built here, and why (for ``--backend auto``)."""
+    return DATACENTER_BUILD.available()
 
 
-def _problem(err: BuildError) -> str:
-    """The middle ("problem") part of a ``subject | problem | fix`` message."""
-    parts = str(err).split(" | ")
-    return parts[1] if len(parts) > 1 else parts[0]
+def resolve_tensorrt(backend: str) -> tuple[BuildFlavor | None, str]:
+    """``--backend`` ``tensorrt``, ``tensorrt-rtx`` or ``auto``: the flavour to build engines
+    with (None: none) and what the build will write, in words. ``auto`` means datacenter
+    TensorRT when it and a GPU are present: TensorRT-RTX plans are asked for by name."""
+    flavor = BUILD_FLAVORS.get(backend, DATACENTER_BUILD)
+    available, why = flavor.available()
+    if backend in BUILD_FLAVORS and not available:
+        where = "a GPU machine with TensorRT" if flavor is DATACENTER_BUILD else "a machine with TensorRT-RTX"
+        raise BuildError(f"--backend {backend} | {why} | run the build on {where}")
+    if not available:
+        return None, f"backend {backend}: ONNX graphs only ({why})"
+    what = "TensorRT engines" if flavor is DATACENTER_BUILD else "TensorRT-RTX plans for RTX GPUs"
+    return flavor, f"backend {backend}: ONNX graphs + {what} ({why})"
 
 
 # -- building -----------------------------------------------------------------------------
@@ -184,9 +182,10 @@ def _network_flags(trt: Any) -> int:
 # TensorRT keeps ONE logger per process: the one given to the first Builder / Runtime /
 # Refitter, used by all of them until every one is gone. A logger per build would be
 # ignored while anything else (an earlier build's objects, a runtime) is alive, and its
-# error list would stay empty. So this module has one logger, made once and never freed
-# (TensorRT may hold on to it), whose error list each build swaps in with _capture.
-_LOGGER: Any = None
+# error list would stay empty. So this module has one logger per TensorRT module (each
+# flavour's library keeps its own), made once and never freed (TensorRT may hold on to
+# it), whose error list each build swaps in with _capture.
+_LOGGERS: dict[str, Any] = {}
 
 
 def _make_logger(trt: Any) -> Any:
@@ -217,11 +216,11 @@ def _make_logger(trt: Any) -> Any:
 
 
 def _logger(trt: Any) -> Any:
-    """This module's one TensorRT logger (made on first use)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = _make_logger(trt)
-    return _LOGGER
+    """This module's one logger for the TensorRT module ``trt`` (made on first use)."""
+    key = str(getattr(trt, "__name__", "tensorrt"))
+    if key not in _LOGGERS:
+        _LOGGERS[key] = _make_logger(trt)
+    return _LOGGERS[key]
 
 
 @contextmanager
@@ -273,67 +272,176 @@ def build_engine(
     timing_cache: Path | None,
     out: Path,
     config: TrtBuildConfig | None = None,
+    *,
+    outputs: Sequence[TensorSpec] | None = None,
+    flavor: BuildFlavor = DATACENTER_BUILD,
 ) -> Path:
-    """Parse ``onnx_path``, build one strongly typed engine and write it to ``out``.
+    """Parse ``onnx_path``, build one strongly typed engine with ``flavor`` and write it to ``out``.
 
-    ``inputs`` are the graph's manifest inputs: every network input must be one
-    of them (with the same dtype); its profile spans ``batch`` on axis 0.
-    ``timing_cache`` is read when it exists and rewritten with what this build
-    timed (None: no timing cache). Raises BuildError with the parser's messages
-    when the graph does not parse and with TensorRT's errors when the build fails.
+    ``inputs`` are the graph's manifest inputs: the network's inputs must be exactly
+    these (names, dtypes, shapes with the batch axis); its profile spans ``batch`` on
+    axis 0. ``outputs``, when given, are checked likewise. ``timing_cache`` is read
+    when it exists and rewritten with what this build timed (None, or a flavour
+    without one: no timing cache). Raises BuildError with the parser's messages
+    (naming node and operator) when the graph does not parse and with TensorRT's
+    errors when the build fails.
     """
     config = config or TrtBuildConfig()
-    _tensorrt_version()
-    import tensorrt as trt
-
+    flavor.check_config(config)
+    trt, _ = flavor.load()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise BuildError(f"{onnx_path} | missing | export the ONNX graphs before building engines")
     logger = _logger(trt)
+    cache = timing_cache if flavor.uses_timing_cache else None
     with _capture(logger) as errors:
-        return _build(trt, logger, errors, onnx_path, inputs, batch, timing_cache, Path(out), config)
+        parsed = _parse(trt, logger, errors, onnx_path, flavor)
+        check_network_io(parsed.network, onnx_path, inputs, outputs)
+        return _build(trt, logger, errors, parsed, inputs, batch, cache, Path(out), config, flavor)
+
+
+@dataclass
+class ParsedNetwork:
+    """A parsed ONNX graph. The parser owns the weights the network points to: keep it
+    (and so this object) alive until the build is done."""
+
+    builder: Any
+    network: Any
+    parser: Any
+    onnx_path: Path
+
+
+def _parse(
+    trt: TrtModule, logger: Any, errors: list[str], onnx_path: Path, flavor: BuildFlavor
+) -> ParsedNetwork:
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        messages = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or errors
+        raise BuildError(
+            f"{onnx_path} | {flavor.title}'s ONNX parser rejected it: {'; '.join(messages) or 'no message'} "
+            "| check the opset and operators, or export with the other exporter"
+        )
+    _allow_attention_decomposition(trt, network)
+    return ParsedNetwork(builder, network, parser, onnx_path)
+
+
+def _parser_error(error: Any) -> str:
+    """One parser error, naming the ONNX node and operator it is about."""
+    node, op = str(error.node_name()), str(error.node_operator())
+    if not node and not op:
+        return str(error)
+    return f"node '{node}' (op {op}): {error.desc()}"
+
+
+def _allow_attention_decomposition(trt: TrtModule, network: Any) -> int:
+    """Let TensorRT decompose every ONNX ``Attention`` node the parser made an IAttention of;
+    returns how many.
+
+    An IAttention is fused-or-nothing by default: where no fused kernel takes its shape,
+    precision or head dim (fp32, head dims 8/12 in tiny test models; ``Attention`` comes
+    from opset 23 exports), the build fails with "Attention operation was not supported by
+    a dedicated kernel". Decomposable, it runs fused where a kernel exists and as
+    MatMul-Softmax-MatMul otherwise. TensorRT versions without IAttention have no such layers.
+    """
+    attention_input = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    layer_class = getattr(trt, "IAttentionInputLayer", None)
+    if attention_input is None or layer_class is None:
+        return 0
+    count = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type == attention_input:
+            layer.__class__ = layer_class  # get_layer returns the ILayer base: downcast to reach .attention
+            layer.attention.decomposable = True
+            count += 1
+    if count:
+        log.info("%d Attention node(s) may be decomposed where no fused kernel fits", count)
+    return count
+
+
+def network_io(network: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A parsed network's inputs and outputs as manifest tensor specs (a dynamic axis 0 is
+    the batch axis; other dynamic axes stay -1, which no manifest shape has)."""
+
+    def spec(tensor: Any) -> TensorSpec:
+        shape = tuple(int(d) for d in tensor.shape)
+        dims = tuple(BATCH_AXIS if axis == 0 and d == -1 else d for axis, d in enumerate(shape))
+        return TensorSpec(tensor.name, TENSORRT_NAMES.get(tensor.dtype.name, tensor.dtype.name), dims)
+
+    inputs = [spec(network.get_input(i)) for i in range(network.num_inputs)]
+    outputs = [spec(network.get_output(i)) for i in range(network.num_outputs)]
+    return inputs, outputs
+
+
+def parse_network_io(
+    onnx_path: Path, flavor: BuildFlavor = DATACENTER_BUILD
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Parse ``onnx_path`` with ``flavor``'s ONNX parser and return the network's IO specs."""
+    trt, _ = flavor.load()
+    logger = _logger(trt)
+    with _capture(logger) as errors:
+        parsed = _parse(trt, logger, errors, Path(onnx_path), flavor)
+        return network_io(parsed.network)
+
+
+def check_network_io(
+    network: Any,
+    onnx_path: Path,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec] | None = None,
+) -> None:
+    """The parsed network's IO must be the manifest's: names, dtypes, shapes with the batch axis."""
+    got_inputs, got_outputs = network_io(network)
+    pairs = [("input", got_inputs, inputs)]
+    if outputs is not None:
+        pairs.append(("output", got_outputs, outputs))
+    for kind, got, want in pairs:
+        expected = {spec.name: spec for spec in want}
+        for tensor in got:
+            spec = expected.get(tensor.name)
+            if spec is None:
+                raise BuildError(
+                    f"{onnx_path} | network {kind} '{tensor.name}' is not in the manifest's {kind}s "
+                    f"{sorted(expected)} | the graph and manifest come from different exports; rebuild"
+                )
+            if tensor.dtype != spec.dtype:
+                raise BuildError(
+                    f"{onnx_path} | {kind} '{tensor.name}' is {tensor.dtype} in TensorRT, expected "
+                    f"{spec.dtype} | rebuild the ONNX graphs"
+                )
+            if tuple(tensor.shape) != tuple(spec.shape):
+                raise BuildError(
+                    f"{onnx_path} | {kind} '{tensor.name}' has shape {list(tensor.shape)} in TensorRT, the "
+                    f"manifest says {list(spec.shape)} | rebuild the ONNX graphs"
+                )
+        missing = sorted(set(expected) - {tensor.name for tensor in got})
+        if missing and kind == "output":
+            raise BuildError(
+                f"{onnx_path} | the network lacks the manifest's {kind}s {missing} "
+                "| the graph and manifest come from different exports; rebuild"
+            )
 
 
 def _build(
     trt: Any,
     logger: Any,
     errors: list[str],
-    onnx_path: Path,
+    parsed: ParsedNetwork,
     inputs: Sequence[TensorSpec],
     batch: BatchRange,
     timing_cache: Path | None,
     out: Path,
     config: TrtBuildConfig,
+    flavor: BuildFlavor,
 ) -> Path:
     """build_engine's work; ``errors`` collects what TensorRT logs as errors meanwhile."""
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt))
-    # The parser owns the weights the network points to: keep it alive until the build is done.
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        messages = [str(parser.get_error(i)) for i in range(parser.num_errors)] or errors
-        raise BuildError(
-            f"{onnx_path} | TensorRT's ONNX parser rejected it: {'; '.join(messages) or 'no message'} "
-            "| check the opset and operators, or export with the other exporter"
-        )
-
-    specs = {spec.name: spec for spec in inputs}
+    builder, network, onnx_path = parsed.builder, parsed.network, parsed.onnx_path
     shapes = profile_shapes(inputs, batch)
     profile = builder.create_optimization_profile()
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise BuildError(
-                f"{onnx_path} | network input '{tensor.name}' is not in the manifest's inputs "
-                f"{sorted(specs)} | the graph and manifest come from different exports; rebuild"
-            )
-        got = _TRT_DTYPES.get(tensor.dtype.name, tensor.dtype.name)
-        if got != spec.dtype:
-            raise BuildError(
-                f"{onnx_path} | input '{tensor.name}' is {got} in TensorRT, expected {spec.dtype} "
-                "| rebuild the ONNX graphs"
-            )
         _set_profile_shape(trt, profile, onnx_path, tensor, shapes[tensor.name], errors)
 
     builder_config = builder.create_builder_config()
@@ -343,6 +451,7 @@ def _build(
         (builder_config.set_flag if config.tf32 else builder_config.clear_flag)(tf32)
     if config.workspace_bytes is not None:
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
+    flavor.configure(trt, builder_config, config)
     if builder_config.add_optimization_profile(profile) < 0:
         raise BuildError(
             f"{onnx_path} | TensorRT rejected the optimization profile for batch {batch}"
@@ -361,11 +470,12 @@ def _build(
                 "; ".join(cache_errors),
             )
 
-    log.info("building TensorRT engine %s from %s (batch %s)", out.name, onnx_path.name, batch)
+    log.info("building %s engine %s from %s (batch %s)", flavor.title, out.name, onnx_path.name, batch)
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise BuildError(
-            f"{onnx_path} | TensorRT could not build an engine: {'; '.join(errors) or 'no error logged'} "
+            f"{onnx_path} | {flavor.title} could not build an engine: "
+            f"{'; '.join(errors) or 'no error logged'} "
             "| see the TensorRT messages above; a smaller batch range or a workspace limit may help"
         )
     _write_atomic(out, memoryview(serialized))
@@ -413,13 +523,15 @@ def build_engines(
     *,
     engines: Mapping[str, str] = ENGINE_FILES,
     profiles: Mapping[str, BatchRange] | None = None,
+    flavor: BuildFlavor = DATACENTER_BUILD,
 ) -> dict[str, Path]:
     """Build ``full.plan`` and ``reuse.plan`` (or the roles of ``engines``) in ``folder``
-    from the graphs' ONNX files, each with the batch profile ``batch`` unless
-    ``profiles`` gives its role another range.
+    from the graphs' ONNX files with ``flavor``, each with the batch profile ``batch``
+    unless ``profiles`` gives its role another range; each network's inputs and
+    outputs are checked against its ``GraphSpec``.
 
-    All builds share ``folder/timing.cache`` (created, or reused when present).
-    Returns role -> engine path.
+    Builds of a flavour with a timing cache share ``folder/timing.cache`` (created, or
+    reused when present). Returns role -> engine path.
     """
     folder = Path(folder)
     cache = folder / TIMING_CACHE_FILE
@@ -429,14 +541,43 @@ def build_engines(
             raise BuildError(f"{folder} | no '{role}' graph in the manifest | expected {sorted(graphs)}")
         graph = graphs[role]
         profile = (profiles or {}).get(role, batch)
-        built[role] = build_engine(folder / graph.file, graph.inputs, profile, cache, folder / file, config)
+        built[role] = build_engine(
+            folder / graph.file,
+            graph.inputs,
+            profile,
+            cache,
+            folder / file,
+            config,
+            outputs=graph.outputs,
+            flavor=flavor,
+        )
     return built
 
 
-def seed_timing_cache(previous: Path, folder: Path) -> bool:
-    """Copy ``previous/timing.cache`` (an earlier build of the same output) into ``folder``."""
+def build_folder_engines(
+    folder: Path,
+    graphs: Mapping[str, GraphSpec],
+    batch: BatchRange,
+    config: TrtBuildConfig | None,
+    *,
+    profiles: Mapping[str, BatchRange],
+    flavor: BuildFlavor = DATACENTER_BUILD,
+) -> dict[str, Any]:
+    """Build an engine for every graph of an export folder (each with the batch profile
+    unless ``profiles`` gives its role another range: the gates graph's rows) and return
+    the manifest's ``backends["tensorrt"]`` record."""
+    engines = {role: graph_file(role, "tensorrt") for role in graphs}
+    build_engines(folder, graphs, batch, config, engines=engines, profiles=profiles, flavor=flavor)
+    return tensorrt_record(
+        folder, batch, config, engines=engines, gate_rows=profiles.get("gates"), flavor=flavor
+    )
+
+
+def seed_timing_cache(previous: Path, folder: Path, flavor: BuildFlavor = DATACENTER_BUILD) -> bool:
+    """Copy ``previous/timing.cache`` (an earlier build of the same output) into ``folder``
+    (for flavours that use one)."""
     source = Path(previous) / TIMING_CACHE_FILE
-    if not source.is_file():
+    if not flavor.uses_timing_cache or not source.is_file():
         return False
     shutil.copyfile(source, Path(folder) / TIMING_CACHE_FILE)
     return True
@@ -463,21 +604,23 @@ def tensorrt_record(
     *,
     engines: Mapping[str, str] = ENGINE_FILES,
     gate_rows: BatchRange | None = None,
+    flavor: BuildFlavor = DATACENTER_BUILD,
 ) -> dict[str, Any]:
     """The manifest's ``backends["tensorrt"]`` entry for the engines built in ``folder``
     (``gate_rows``: the gates engine's profile, when there is one).
 
-    Call it on the machine that built the engines: it records the running
-    TensorRT version and GPU, which the runtime compares against its own.
+    Call it on the machine that built the engines: it records the running library's
+    version and where the engines run (datacenter: this GPU and its compute
+    capability; TensorRT-RTX: the target compute capabilities), which the runtime
+    compares against its own.
     """
     config = config or TrtBuildConfig()
-    version = _tensorrt_version()
-    gpu, capability = _cuda_device()
+    _, version = flavor.load()
     files = engine_file_records(folder, engines)
     return {
-        "tensorrt_version": version,
-        "gpu": gpu,
-        "compute_capability": capability,
+        "flavor": flavor.runtime.name,
+        flavor.runtime.version_key: version,
+        **flavor.device_record(config),
         "profile": {"min": batch.min, "opt": batch.opt, "max": batch.max},
         "gate_profile": asdict(gate_rows) if gate_rows is not None else None,
         "engines": dict(engines),

@@ -50,7 +50,7 @@ REUSE_GAP = 40
 class GraphCase:
     role: str
     batch_size: int
-    timestep: int
+    timestep: float
     comparisons: list[Comparison]
 
     @property
@@ -127,7 +127,8 @@ class ValidationReport:
 def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     """The PyTorch model the engines were built from, in the engines' precision."""
     ref = model_ref or manifest.source
-    loaded = load_model(ref, TORCH_DTYPES[manifest.precision])
+    subfolder = manifest.export.get("subfolder") if model_ref is None else None
+    loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
     options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
@@ -173,9 +174,14 @@ def validate_graphs(
     timestep_name = session.timestep_name
     # Graph timesteps are the family's scheduler timesteps (0..999 for DDPM) in its convention.
     scale = split.adapter.timestep_scale
-    top = split.adapter.timestep_range()[1] / scale
+    assert manifest.denoising is not None  # checked when the manifest was read
+    low, top = (bound / scale for bound in manifest.denoising.timestep_range)
+    # An expert serves part of the range: its top, middle and bottom instead.
+    timesteps: tuple[float, ...] = GRAPH_TIMESTEPS
+    if not all(low <= t <= top for t in GRAPH_TIMESTEPS):
+        timesteps = (top, (low + top) / 2, low)
     for batch in batch_sizes:
-        for timestep in GRAPH_TIMESTEPS:
+        for timestep in timesteps:
             inputs = split.adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
             inputs[timestep_name] = torch.full((batch,), float(timestep) * scale)
             with torch.no_grad():
@@ -283,16 +289,35 @@ def sample(
     scheduler_name: str,
     steps: int,
     denoising: DenoisingSpec,
+    served: list[int] | None = None,
 ) -> torch.Tensor:
     """Run a sampling loop; ``step_fn(k, latents, t)`` returns the model output for the
-    graph timestep ``t`` (the scheduler's timestep in the family's convention)."""
+    graph timestep ``t`` (the scheduler's timestep in the family's convention). ``served``:
+    the indices of the schedule's steps to run (an expert's part), default all."""
     scheduler = make_scheduler(scheduler_name, steps, denoising)
     latents = latents.float()
-    for k, t in enumerate(scheduler.timesteps):
+    indices = served if served is not None else list(range(len(scheduler.timesteps)))
+    if indices and indices[0] > 0:
+        scheduler.set_begin_index(indices[0])  # the schedule continues where the other expert left it
+    for k, index in enumerate(indices):
+        t = scheduler.timesteps[index]
         output = step_fn(k, latents, t * denoising.timestep_scale)
         eps = adapter.noise_prediction(torch.from_numpy(to_numpy(output)))
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
+
+
+def _served_steps(timesteps: Any, denoising: DenoisingSpec) -> list[int]:
+    """Indices of the schedule's (graph) timesteps inside the engines' range."""
+    low, high = denoising.timestep_range
+    slack = 1e-6 * max(abs(high), 1.0)
+    served = [i for i, t in enumerate(timesteps) if low - slack <= float(t) <= high + slack]
+    if not served:
+        raise ConfigError(
+            f"validate | no step of the schedule falls in the engines' timestep range [{low:g}, {high:g}] "
+            "| use more --steps"
+        )
+    return served
 
 
 def validate_trajectory(
@@ -314,7 +339,6 @@ def validate_trajectory(
     assert denoising is not None  # checked when the manifest was read
     latents0 = base[latents_name].float()
     conditioning = {k: v for k, v in base.items() if k not in (latents_name, timestep_name)}
-    plan = schedule.plan(steps)
     feed = _Feeder(session)
 
     def step_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -327,6 +351,11 @@ def validate_trajectory(
     # With the timesteps given up front, as schedulers allow: builds with gate-table
     # graphs then precompute every step's gates, the path users get.
     timesteps = make_scheduler(scheduler, steps, denoising).timesteps.numpy() * denoising.timestep_scale
+    total = steps
+    served = _served_steps(timesteps, denoising)
+    timesteps = timesteps[served]
+    steps = len(served)  # an expert runs its part of the schedule only
+    plan = schedule.plan(steps)
     generation = session.start(
         steps, batch_size, schedule=schedule, timesteps=timesteps, **feed(conditioning)
     )
@@ -349,9 +378,9 @@ def validate_trajectory(
         with torch.no_grad():
             return split.adapter.predict(step_inputs(latents, t))
 
-    final_runtime = sample(runtime_step, split.adapter, latents0, scheduler, steps, denoising)
-    final_fora = sample(fora_step, split.adapter, latents0, scheduler, steps, denoising)
-    final_nocache = sample(nocache_step, split.adapter, latents0, scheduler, steps, denoising)
+    final_runtime = sample(runtime_step, split.adapter, latents0, scheduler, total, denoising, served)
+    final_fora = sample(fora_step, split.adapter, latents0, scheduler, total, denoising, served)
+    final_nocache = sample(nocache_step, split.adapter, latents0, scheduler, total, denoising, served)
     return TrajectoryResult(
         scheduler=scheduler,
         steps=steps,

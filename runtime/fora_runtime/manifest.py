@@ -244,6 +244,26 @@ class Manifest:
                 f"[{bounds[0]}, {bounds[1]}] | ({where})"
             )
 
+    def check_timesteps(self, values: Any, *, where: str = MANIFEST_NAME) -> None:
+        """Raise InputError when host timesteps leave the range these engines serve (an
+        expert of a two-expert model serves part of the schedule only)."""
+        if self.denoising is None:
+            return
+        import numpy as np
+
+        low, high = self.denoising.timestep_range
+        array = np.asarray(values, dtype="float64")
+        slack = 1e-6 * max(abs(high), 1.0)  # float32 rounding of the scheduler's timesteps
+        if array.size and not (
+            np.isfinite(array).all() and array.min() >= low - slack and array.max() <= high + slack
+        ):
+            raise InputError(
+                f"Input '{self.timestep_input.name}' | values {array.min():g}..{array.max():g} outside "
+                f"[{low:g}, {high:g}], the timesteps these engines serve | pass timesteps in that range (the "
+                f"graph's convention: scheduler timestep x {self.denoising.timestep_scale:g}); for one "
+                f"expert of a two-expert model run the other steps with the other expert's engines ({where})"
+            )
+
     @property
     def has_gate_table(self) -> bool:
         """True when the build has the ``gates`` and ``reuse_gated`` graphs."""

@@ -145,6 +145,8 @@ class ForaSession:
                 f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
                 f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
             )
+        if self.check_inputs:
+            self.manifest.check_timesteps(steps, where=self._where())
         values = {}
         for name in names:
             spec = self.manifest.input_spec(name)
@@ -273,6 +275,8 @@ class ForaSession:
                 )
             if self.backend.host_inputs:
                 self.manifest.check_values(spec.name, value, where=self._where())
+                if spec.role == "timestep":
+                    self.manifest.check_timesteps(value, where=self._where())
             self.backend.stage_input(buffers, spec.name, value)
 
 

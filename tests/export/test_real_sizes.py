@@ -37,6 +37,20 @@ SD35_LARGE = {
     "pos_embed_max_size": 192,
     "qk_norm": "rms_norm",
 }
+# Wan 2.1 T2V 14B (transformer/config.json of Wan2.1-T2V-14B-Diffusers).
+WAN_21_14B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+}
 LATENT_1024PX = (128, 128)  # VAE latent of a 1024x1024 image
 IMAGE_TOKENS = 4096  # Flux: 2x2-packed 128x128 latent; SD3: patch 2 on 128x128
 
@@ -79,3 +93,22 @@ def test_real_size_reuse_weights_and_cache_memory(
     assert nbytes / 2**30 == pytest.approx(gib, abs=0.01)
     # The lean reuse graph: embedders, gate projections (a third of adaLN), final layer.
     assert fraction <= max_fraction
+
+
+def test_wan_14b_reuse_weights_and_video_cache_memory() -> None:
+    """Wan 2.1 14B at 480x832, 81 frames: 21 x 30 x 52 = 32,760 tokens; three caches per
+    block over 40 blocks of width 5120 are ~37.5 GiB per sample in bf16 (x2 with CFG's
+    two passes), which is why --max-cache-gib exists. The lean reuse graph carries no
+    attention, text or image weights."""
+    model = meta_model("WanTransformer3DModel", WAN_21_14B)
+    adapter = adapter_for(model, AdapterOptions(frames=21))
+    names = tuple(s.name for s in adapter.step_input_specs((60, 104), "bf16"))
+    caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
+    lean = adapter.lean_reuse_graph(names, caches)
+    fraction = sum(p.numel() for p in lean.parameters()) / sum(p.numel() for p in model.parameters())
+    tokens = adapter.tokens((60, 104))
+    nbytes = len(caches) * tokens * 5120 * 2
+    print(f"Wan 2.1 14B: lean reuse {fraction:.2%} of the weights, {tokens} tokens, {nbytes / 2**30:.1f} GiB")
+    assert tokens == 32760 and len(caches) == 120
+    assert nbytes / 2**30 == pytest.approx(37.5, abs=0.1)
+    assert fraction <= 0.015  # patch embedding, time embedding and its 6D projection (1.1%), head

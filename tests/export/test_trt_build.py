@@ -114,7 +114,12 @@ def engine_folder(
 
 
 def test_build_config_validates() -> None:
-    assert TrtBuildConfig().to_dict() == {"opt_level": 3, "workspace_bytes": None, "tf32": False}
+    assert TrtBuildConfig().to_dict() == {
+        "opt_level": 3,
+        "workspace_bytes": None,
+        "tf32": False,
+        "compute_capabilities": None,
+    }
     with pytest.raises(ConfigError, match=r"expected 0\.\.5"):
         TrtBuildConfig(opt_level=6)
     with pytest.raises(ConfigError, match="integer"):
@@ -192,7 +197,7 @@ def test_one_logger_whose_error_list_is_swapped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_trt = types.SimpleNamespace(ILogger=_FakeILogger)
-    monkeypatch.setattr(trt_build, "_LOGGER", None)
+    monkeypatch.setattr(trt_build, "_LOGGERS", {})
     logger = trt_build._logger(fake_trt)
     assert trt_build._logger(fake_trt) is logger  # the same object for every build
     error = _FakeILogger.Severity.ERROR

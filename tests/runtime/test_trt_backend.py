@@ -23,13 +23,8 @@ import pytest
 
 from fora_runtime import BackendError, ForaSession, InputError, load_manifest
 from fora_runtime.backends import StepBuffers, backend_names
-from fora_runtime.backends.trt import (
-    TensorRTBackend,
-    _tensorrt_version,
-    check_build_record,
-    tensorrt_too_old,
-    tensorrt_version_tuple,
-)
+from fora_runtime.backends.trt import TensorRTBackend, _tensorrt_version
+from fora_runtime.backends.trt_flavor import DATACENTER, check_build_record, tensorrt_version_tuple
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec
 from tests.conftest import TINY_DIT
@@ -157,12 +152,12 @@ def test_tensorrt_version_parsing_and_minimum() -> None:
     assert tensorrt_version_tuple("10.1.0") == (10, 1)
     assert tensorrt_version_tuple("10") == (10, 0)
     assert tensorrt_version_tuple("dev") is None
-    assert tensorrt_too_old("10.1.0.27") is None
-    assert tensorrt_too_old("11.0.0.1") is None
-    problem = tensorrt_too_old("10.0.1.6")
+    assert DATACENTER.too_old("10.1.0.27") is None
+    assert DATACENTER.too_old("11.0.0.1") is None
+    problem = DATACENTER.too_old("10.0.1.6")
     assert problem is not None and "10.1 or newer" in problem
-    assert tensorrt_too_old("8.6.1.6") is not None
-    assert tensorrt_too_old("dev") is not None
+    assert DATACENTER.too_old("8.6.1.6") is not None
+    assert DATACENTER.too_old("dev") is not None
 
 
 def test_old_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -198,3 +198,28 @@ def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
         inputs.pop("timestep")
         with pytest.raises(InputError, match=r"Inputs \['guidance'\] \| not inputs of these engines"):
             gen.step(latents, 0.5, **inputs, guidance=np.full((1,), 3.5, np.float32))
+
+
+def test_sd3_fp16_engine_validates(tmp_path: Path) -> None:
+    model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
+    out = tmp_path / "engine"
+    config = BuildConfig.from_options(batch="1:2", caption_length=TEXT, precision="fp16")
+    build(str(model), out, config, progress=False)
+    report = validate(out, steps=6, batch_sizes=[2])
+    assert report.passed, report.to_dict()
+    assert report.trajectory.runtime_vs_fora_rel_l2 <= 2e-2  # fp16 trajectory tolerance
+
+
+def test_fp16_overflow_fails_validate_loudly(tmp_path: Path) -> None:
+    """Flux's activations overflow fp16 at real scale; here one feed-forward is scaled
+    until they do. validate must fail with the non-finite output named, not pass on NaNs."""
+    model = make_demo_flux(TINY_FLUX_SCHNELL, seed=1)
+    with torch.no_grad():
+        model.transformer_blocks[0].ff.net[2].weight.mul_(1e5)
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "engine"
+    config = BuildConfig.from_options(batch="1", resolution="4x4", caption_length=4, precision="fp16")
+    build(str(tmp_path / "model"), out, config, progress=False)
+    report = validate(out, steps=3, batch_sizes=[1])
+    assert not report.passed
+    assert any(o.nonfinite for case in report.graph_cases for o in case.comparisons)

@@ -99,6 +99,12 @@ class StepBackend(ABC):
     def is_active(self) -> bool:
         return self._active
 
+    def preflight(self) -> None:
+        """Raise BackendError now if this backend cannot run the folder on this machine, for
+        callers that do slow work before activating (bench's eager baseline). Backends whose
+        checks are cheap do them here; activate() checks everything anyway."""
+        return None
+
     def activate(self) -> None:
         if self._active:
             raise BackendError(f"Backend '{self.name}' | already active | call deactivate() first")

@@ -55,6 +55,7 @@ class OnnxRuntimeBackend(StepBackend):
         self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
         self._errors: tuple[type[BaseException], ...] = ()
+        self._run_errors: tuple[type[BaseException], ...] = ()
         self.providers: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -89,6 +90,8 @@ class OnnxRuntimeBackend(StepBackend):
             self._check_io(role, session)
             self._sessions[role] = session
         self._errors = _ort_errors(ort)
+        # A failed run (a kernel refusing its shapes) surfaces as a bare RuntimeError.
+        self._run_errors = (*self._errors, RuntimeError)
         self.providers = self._sessions["full"].get_providers()
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -202,7 +205,7 @@ class OnnxRuntimeBackend(StepBackend):
         binding = buffers.bound[role]
         try:
             session.run_with_iobinding(binding)
-        except self._errors as err:
+        except self._run_errors as err:
             raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:

@@ -1,7 +1,11 @@
-"""TensorRT backend (TensorRT 10.1+ and 11.x), driven through torch for CUDA memory.
+"""TensorRT backend (TensorRT 10.1+ and 11.x, and TensorRT-RTX 1.7+), driven through torch
+for CUDA memory.
 
-Every TensorRT call of the runtime lives in this module. ``tensorrt`` and
-``torch`` are imported on activation, so importing the module needs neither.
+Every TensorRT call of the runtime lives in this module; both flavours run through
+the same code, and what differs between them (module, versions, where engines may
+run, plan validity checks) is in ``trt_flavor.py``, chosen by the manifest record's
+``flavor``. The TensorRT module and ``torch`` are imported on activation, so
+importing this module needs neither.
 
 Layout on the device, all allocated once and bound at fixed addresses:
 
@@ -29,21 +33,23 @@ device allocation happens inside a step; ``read_prediction`` returns a copy
 Inputs may be torch tensors (CUDA or CPU) or numpy arrays; scalar timesteps are
 filled in place. The engine folder's manifest must carry a ``backends["tensorrt"]``
 record (written by ``fora_export.builder.tensorrt.tensorrt_record``); engines built
-by another TensorRT version or for another compute capability are refused.
+by another TensorRT version or for another compute capability are refused, and
+``preflight()`` says so before anything is loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
+from fora_runtime.backends.trt_flavor import DATACENTER, TrtFlavor, TrtModule, flavor_of
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
+from fora_runtime.dtypes import TENSORRT_NAMES
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import (
     BATCH_AXIS,
@@ -61,102 +67,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TORCH_INSTALL = "pip install torch (a CUDA build)"
-TENSORRT_INSTALL = "pip install tensorrt"
-# device_memory_size_v2 and the two-argument set_device_memory (setDeviceMemoryV2) exist from 10.1.
-MIN_TENSORRT_VERSION = (10, 1)
-# TensorRT DataType member name -> manifest dtype name.
-_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32"}
-
-
-def tensorrt_version_tuple(version: str) -> tuple[int, int] | None:
-    """(major, minor) of a TensorRT version string ("10.13.0.35" -> (10, 13)); None if unreadable."""
-    match = re.match(r"\s*(\d+)(?:\.(\d+))?", version)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2) or 0)
-
-
-def tensorrt_too_old(version: str) -> str | None:
-    """Why ``version`` cannot run these engines (the problem part of an error), or None."""
-    parsed = tensorrt_version_tuple(version)
-    needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
-    if parsed is None:
-        return f"cannot read the TensorRT version {version!r} (TensorRT {needed} or newer is needed)"
-    if parsed < MIN_TENSORRT_VERSION:
-        return (
-            f"TensorRT {version} is too old: TensorRT {needed} or newer is needed "
-            "(device_memory_size_v2, set_device_memory with a size)"
-        )
-    return None
-
-
-def unusable_tensorrt(module: Any, entry_point: str, after_upgrade: str) -> str | None:
-    """Why an imported ``tensorrt`` cannot be used ("problem | fix" of an error), or None.
-
-    ``entry_point`` is the class the caller needs (``Builder``, ``Runtime``): a bare
-    ``tensorrt/`` folder (e.g. from tensorrt-stubs) imports as an empty namespace package.
-    ``after_upgrade`` ends the upgrade advice for a too old version.
-    """
-    version = getattr(module, "__version__", None)
-    if not isinstance(version, str) or not hasattr(module, entry_point):
-        return (
-            "'tensorrt' imports but has no runtime library (only type stubs are installed) "
-            f"| install the real package: {TENSORRT_INSTALL}"
-        )
-    problem = tensorrt_too_old(version)
-    if problem is not None:
-        needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
-        return f"{problem} | upgrade: pip install 'tensorrt>={needed}'{after_upgrade}"
-    return None
 
 
 def _tensorrt_version() -> str:
     """Import tensorrt (lazily) and return its version; refuse a stub-only or too old install."""
-    module = import_optional("tensorrt", backend=TensorRTBackend.name, install=TENSORRT_INSTALL)
-    problem = unusable_tensorrt(module, "Runtime", ", and rebuild the engines with it")
-    if problem is not None:
-        raise BackendError(f"Backend 'tensorrt' | {problem}")
-    return str(module.__version__)
+    return DATACENTER.load(backend=TensorRTBackend.name)[1]
 
 
-def check_build_record(
-    record: Any, *, running_version: str, running_capability: str, where: str
-) -> dict[str, Any]:
-    """Validate the manifest's ``backends["tensorrt"]`` record against the running TensorRT and GPU.
+class _RunTarget(NamedTuple):
+    """What activation checked before loading engines."""
 
-    Engines are only guaranteed to load under the TensorRT version that built
-    them and on the compute capability they were built for.
-    """
-    if not isinstance(record, dict):
-        raise BackendError(
-            f"{where} | has no TensorRT engines (no backends.tensorrt record) | build the folder with "
-            "TensorRT engines on this GPU, or use backend='onnxruntime'"
-        )
-    missing = [key for key in ("tensorrt_version", "compute_capability", "engines") if key not in record]
-    if missing:
-        raise BackendError(f"{where} | TensorRT record lacks {missing} | rebuild the engines")
-    built = str(record["tensorrt_version"])
-    if built != running_version:
-        raise BackendError(
-            f"{where} | engines were built with TensorRT {built}, this is TensorRT {running_version} "
-            f"| rebuild the engines with this TensorRT, or install tensorrt=={built}"
-        )
-    capability = str(record["compute_capability"])
-    if capability != running_capability:
-        raise BackendError(
-            f"{where} | engines were built for compute capability {capability} ({record.get('gpu', '?')}), "
-            f"this GPU has {running_capability} | rebuild the engines on this GPU"
-        )
-    engines = record["engines"]
-    if not isinstance(engines, dict) or sorted(engines) not in (
-        sorted(GRAPH_ROLES),
-        sorted(GRAPH_ROLES + GATE_TABLE_ROLES),
-    ):
-        raise BackendError(
-            f"{where} | TensorRT record lists engines {engines!r}, expected one per role "
-            f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}) | rebuild the engines"
-        )
-    return record
+    torch: Any
+    trt: TrtModule
+    flavor: TrtFlavor
+    version: str
+    device: Any
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -210,6 +136,9 @@ class TensorRTBackend(TorchTensorIO):
         self._device_index = device
         self._torch: Any = None
         self._device: Any = None
+        # The TensorRT module of the folder's flavour (datacenter or RTX), set on activation.
+        self._trt: TrtModule | None = None
+        self._flavor: TrtFlavor = DATACENTER
         self._logger: tensorrt.ILogger | None = None
         self._runtime: tensorrt.Runtime | None = None
         self._engines: dict[str, tensorrt.ICudaEngine] = {}
@@ -249,25 +178,30 @@ class TensorRTBackend(TorchTensorIO):
         """The engines bound and captured per batch size."""
         return GRAPH_ROLES + (("reuse_gated",) if self.gate_table_enabled else ())
 
-    def _activate_impl(self) -> None:
+    def preflight(self) -> None:
+        """Refuse, before anything slow, a folder whose engines cannot run here: no CUDA GPU,
+        no (or another) TensorRT of the folder's flavour, another compute capability."""
+        self._run_target()
+
+    def _run_target(self) -> _RunTarget:
+        """What activation needs before loading engines, every check that needs no engine done."""
+        record = self.manifest.backends.get("tensorrt")
+        flavor = flavor_of(record, where=self._where())
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
         if not torch.cuda.is_available():
-            raise BackendError(
-                "Backend 'tensorrt' | no CUDA GPU is visible (torch.cuda.is_available() is False) "
-                "| run on a machine with an NVIDIA GPU and CUDA torch, or use backend='onnxruntime'"
-            )
-        version = _tensorrt_version()
-        import tensorrt as trt
-
+            raise BackendError(f"Backend '{self.name}' | {flavor.no_gpu(record)}")
+        trt, version = flavor.load(backend=self.name)
         index = self._device_index if self._device_index is not None else torch.cuda.current_device()
         device = torch.device("cuda", index)
         major, minor = torch.cuda.get_device_capability(device)
-        record = check_build_record(
-            self.manifest.backends.get("tensorrt"),
-            running_version=version,
-            running_capability=f"{major}.{minor}",
-            where=self._where(),
+        checked = flavor.check_record(
+            record, running_version=version, running_capability=f"{major}.{minor}", where=self._where()
         )
+        self._check_profile(checked)
+        return _RunTarget(torch, trt, flavor, version, device, checked)
+
+    def _activate_impl(self) -> None:
+        torch, trt, flavor, version, device, record = self._run_target()
         gpu = torch.cuda.get_device_name(device)
         if record.get("gpu") not in (None, gpu):
             log.warning(
@@ -275,7 +209,6 @@ class TensorRTBackend(TorchTensorIO):
                 record["gpu"],
                 gpu,
             )
-        self._check_profile(record)
 
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
@@ -287,11 +220,13 @@ class TensorRTBackend(TorchTensorIO):
         with torch.cuda.device(device):
             for role in roles:
                 path = self._engine_path(record, role)
-                engine = runtime.deserialize_cuda_engine(path.read_bytes())
+                blob = path.read_bytes()
+                flavor.check_plan(trt, runtime, blob, str(path))
+                engine = runtime.deserialize_cuda_engine(blob)
                 if engine is None:
                     raise BackendError(
-                        f"{path} | TensorRT cannot deserialize it (see the TensorRT error above) "
-                        "| rebuild the engines with this TensorRT on this GPU"
+                        f"{path} | {flavor.title} cannot deserialize it (see the TensorRT error above) "
+                        f"| rebuild the engines with this {flavor.title} on this GPU"
                     )
                 io[role] = self._check_io(trt, role, engine, path)
                 engines[role] = engine
@@ -300,7 +235,7 @@ class TensorRTBackend(TorchTensorIO):
             activation = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=device)
             _require_aligned(activation, "shared activation buffer")
             stream = torch.cuda.Stream(device=device)
-        self._torch, self._device = torch, device
+        self._torch, self._device, self._trt, self._flavor = torch, device, trt, flavor
         self._logger, self._runtime, self._engines, self._io = logger, runtime, engines, io
         self._activation, self._activation_bytes = activation, int(activation.numel())
         self._stream = stream
@@ -311,7 +246,8 @@ class TensorRTBackend(TorchTensorIO):
                 self._gates_context, self._gates_runtime_config = self._create_context("gates")
                 self._gates_context.set_device_memory(self._activation.data_ptr(), self._activation_bytes)
         log.info(
-            "TensorRT %s: loaded %s on %s, shared activation buffer %d bytes",
+            "%s %s: loaded %s on %s, shared activation buffer %d bytes",
+            flavor.title,
             version,
             ", ".join(str(record["engines"][role]) for role in roles),
             gpu,
@@ -401,7 +337,7 @@ class TensorRTBackend(TorchTensorIO):
                     f"so there is no buffer to bind it to | {rebuild}"
                 )
             dtype = engine.get_tensor_dtype(name)
-            got = _TRT_DTYPES.get(dtype.name, dtype.name)
+            got = TENSORRT_NAMES.get(dtype.name, dtype.name)
             if got != spec.dtype:
                 raise BackendError(
                     f"{path} | {kind} '{name}' is {got}, the manifest says {spec.dtype} | rebuild"
@@ -445,6 +381,7 @@ class TensorRTBackend(TorchTensorIO):
         self._io.clear()
         self._runtime = None
         self._logger = None
+        self._trt = None
         self._activation = None
         self._activation_bytes = 0
         self._stream = self._inputs_ready = self._outputs_ready = None
@@ -503,8 +440,8 @@ class TensorRTBackend(TorchTensorIO):
     def _create_context(self, role: str) -> tuple[tensorrt.IExecutionContext, Any]:
         """A context of ``role``'s engine without its own device memory, and the
         IRuntimeConfig it was created with (None on the strategy-argument route)."""
-        import tensorrt as trt
-
+        trt, flavor = self._trt, self._flavor
+        assert trt is not None, "contexts are created only while the backend is active"
         engine = self._engines[role]
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         runtime_config: Any = None
@@ -516,6 +453,7 @@ class TensorRTBackend(TorchTensorIO):
             # Not yet run against an 11.x install.
             runtime_config = engine.create_runtime_config()
             runtime_config.set_execution_context_allocation_strategy(strategy)
+            flavor.configure_runtime_config(trt, runtime_config)
             context = engine.create_execution_context(runtime_config)
         else:  # TensorRT 10.x before IRuntimeConfig
             context = engine.create_execution_context(strategy)

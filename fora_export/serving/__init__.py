@@ -1,0 +1,2 @@
+"""Serving engine folders: Triton model repositories (``fora-export triton``) and a
+tritonserver launcher for tests, benchmarks and ``tools/serve_triton.py``."""
