@@ -137,6 +137,10 @@ SIGNATURES: dict[str, ForwardSignature] = {
             "controlnet_blocks_repeat",
         ),
     ),
+    "WanTransformer3DModel": ForwardSignature(
+        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+        unsupported=("attention_kwargs",),
+    ),
 }
 
 
@@ -491,7 +495,18 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 f"{len(planned_all)} timesteps (x {scale:g}, the engines' convention) | call the "
                 "transformer with the scheduler's timesteps"
             )
-        planned = np.ascontiguousarray(planned_all[first:])
+        # As far as the engines serve: an expert (Wan 2.2's two) covers part of the range.
+        low, high = self.manifest.denoising.timestep_range
+        slack = 1e-6 * max(abs(high), 1.0)
+        served = (planned_all >= low - slack) & (planned_all <= high + slack)
+        if not served[first]:
+            raise PipelineError(
+                f"Timestep | the pipeline passed {given[0].item():g}, the engines serve [{low:g}, {high:g}] "
+                "| call the engines of the expert that serves it (Wan 2.2: transformer for high noise, "
+                "transformer_2 for low)"
+            )
+        last = first + int(np.argmin(served[first:])) if not served[first:].all() else len(planned_all)
+        planned = np.ascontiguousarray(planned_all[first:last])
         session = run.session
         run.generation = None  # a failed start leaves no generation to continue
         constants = {spec.name for spec in self.manifest.inputs_of("build_constant")}
@@ -558,7 +573,9 @@ def _calling_pipeline(transformer: ForaTransformer, depth: int = 12) -> Any:
         if frame is None:
             return None
         owner = frame.f_locals.get("self")
-        if owner is not transformer and getattr(owner, "transformer", None) is transformer:
+        if owner is not transformer and any(
+            getattr(owner, name, None) is transformer for name in ("transformer", "transformer_2")
+        ):
             return owner
         frame = frame.f_back
     return None
@@ -568,34 +585,44 @@ def enable_fora(
     pipe: Any,
     engine_dir: str | Path | ForaTransformer,
     *,
+    transformer_2: str | Path | ForaTransformer | None = None,
     backend: str = "onnxruntime",
     device: str | None = None,
     schedule: CacheSchedule | None = None,
     **backend_options: Any,
 ) -> Any:
     """Swap ``pipe.transformer`` for the engines in ``engine_dir`` (or attach a
-    :class:`ForaTransformer` already made) and return ``pipe``.
+    :class:`ForaTransformer` already made) and return ``pipe``. ``transformer_2`` does
+    the same for a second expert's engines (Wan 2.2 A14B's low-noise ``transformer_2``):
+    each expert plans the steps it serves, its first one full.
 
     The drop-in's dtype is the pipeline's VAE dtype (an fp16 engine in an fp32 pipeline
     casts at the boundary). The original transformer is released from the pipeline;
     to never load it, pass ``transformer=ForaTransformer.from_engine(...)`` to the
     pipeline's ``from_pretrained`` instead.
     """
-    if isinstance(engine_dir, ForaTransformer):
-        transformer = engine_dir
-    else:
-        vae = getattr(pipe, "vae", None)
-        dtype = getattr(vae, "dtype", None) or getattr(pipe, "dtype", None)
-        transformer = ForaTransformer.from_engine(
-            engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options
-        )
-    current = getattr(pipe, "transformer", None)
-    built = transformer.manifest.model_class
-    if current is not None and not isinstance(current, ForaTransformer) and type(current).__name__ != built:
-        raise ForaError(
-            f"enable_fora | the pipeline's transformer is a {type(current).__name__}, the engines were "
-            f"built from a {built} | pass the engines of this pipeline's model"
-        )
-    pipe.transformer = transformer
-    transformer.attach(pipe)
+    for name, engines in (("transformer", engine_dir), ("transformer_2", transformer_2)):
+        if engines is None:
+            continue
+        if isinstance(engines, ForaTransformer):
+            transformer = engines
+        else:
+            vae = getattr(pipe, "vae", None)
+            dtype = getattr(vae, "dtype", None) or getattr(pipe, "dtype", None)
+            transformer = ForaTransformer.from_engine(
+                engines, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options
+            )
+        current = getattr(pipe, name, None)
+        built = transformer.manifest.model_class
+        if (
+            current is not None
+            and not isinstance(current, ForaTransformer)
+            and type(current).__name__ != built
+        ):
+            raise ForaError(
+                f"enable_fora | the pipeline's {name} is a {type(current).__name__}, the engines were "
+                f"built from a {built} | pass the engines of this pipeline's model"
+            )
+        setattr(pipe, name, transformer)
+        transformer.attach(pipe)
     return pipe
