@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3
+from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3, make_demo_wan
 
 #: Words of the offline tokenizer's vocabulary (after its special tokens); others are <unk>.
 VOCABULARY = tuple(
@@ -205,6 +205,67 @@ def make_flux_pipeline(transformer: Any, *, vae: Any = None, max_length: int = 5
     )
 
 
+def make_wan_vae(latent_channels: int = 16, seed: int = 0) -> Any:
+    """A small ``AutoencoderKLWan``: 8x in space, 4x in time (Wan's), width 3 per level."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae: Any = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * latent_channels,
+            latents_std=[1.0] * latent_channels,
+        )
+        return vae.eval()
+
+
+def make_umt5_encoder(d_model: int, seed: int = 0) -> Any:
+    """A one-layer ``UMT5EncoderModel`` of width ``d_model`` (Wan's text encoder)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(VOCABULARY) + 3,
+        d_model=d_model,
+        d_kv=max(d_model // 4, 4),
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(config).eval()
+
+
+def make_wan_pipeline(
+    transformer: Any,
+    *,
+    transformer_2: Any = None,
+    boundary_ratio: float | None = None,
+    vae: Any = None,
+    max_length: int = 512,
+) -> Any:
+    """``WanPipeline`` (text to video; with ``transformer_2`` and ``boundary_ratio``, Wan 2.2
+    A14B's two experts) with a UMT5 encoder of the transformer's text width."""
+    from diffusers import WanPipeline
+
+    config = transformer.config
+    return WanPipeline(
+        tokenizer=make_tokenizer(max_length),
+        text_encoder=make_umt5_encoder(int(config.text_dim)),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
+        vae=vae if vae is not None else make_wan_vae(int(config.in_channels)),
+        scheduler=make_flow_scheduler(dynamic_shift=False),
+    )
+
+
 def make_dit_pipeline(transformer: Any, *, vae: Any = None) -> Any:
     """``DiTPipeline`` (DDIM) around ``transformer``; guidance needs its null class 1000."""
     from diffusers import DDIMScheduler, DiTPipeline
@@ -238,4 +299,5 @@ DEMO_PIPELINES: dict[str, Callable[[], Any]] = {
     "demo-pixart": lambda: make_pixart_pipeline(make_demo_pixart()),
     "demo-sd3": lambda: make_sd3_pipeline(make_demo_sd3()),
     "demo-flux": lambda: make_flux_pipeline(make_demo_flux()),
+    "demo-wan": lambda: make_wan_pipeline(make_demo_wan()),
 }

@@ -13,7 +13,7 @@ import pytest
 
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
-from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3
+from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3, make_demo_wan
 from fora_export.demo_pipelines import (
     CLIP_LENGTH,
     make_dit_pipeline,
@@ -21,6 +21,8 @@ from fora_export.demo_pipelines import (
     make_pixart_pipeline,
     make_sd3_pipeline,
     make_vae,
+    make_wan_pipeline,
+    make_wan_vae,
 )
 
 PIPELINE_DIT = {
@@ -75,6 +77,24 @@ PIPELINE_FLUX = {
     "guidance_embeds": True,
     "axes_dims_rope": (4, 6, 6),
 }
+# Wan 2.1-like: 2 latent frames (5 video frames) of 8x8 (64x64 pixels), 4 latent channels.
+PIPELINE_WAN = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 16,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+WAN_FRAMES = 2
+#: Wan 2.2 A14B's boundary: transformer for t >= 875, transformer_2 below (the T2V value).
+WAN_BOUNDARY = 0.875
 #: T5 tokens of the SD3 and Flux pipelines (max_sequence_length); SD3 adds 77 CLIP tokens.
 MMDIT_SEQUENCE_LENGTH = 8
 
@@ -120,6 +140,31 @@ def flux_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def wan_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pipelines") / "wan"
+    pipe = make_wan_pipeline(
+        make_demo_wan(PIPELINE_WAN), vae=make_wan_vae(4), max_length=MMDIT_SEQUENCE_LENGTH
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wan_experts_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2 A14B-like: two experts (other seeds) switched at WAN_BOUNDARY."""
+    folder = tmp_path_factory.mktemp("pipelines") / "wan-experts"
+    pipe = make_wan_pipeline(
+        make_demo_wan(PIPELINE_WAN, seed=1),
+        transformer_2=make_demo_wan(PIPELINE_WAN, seed=2),
+        boundary_ratio=WAN_BOUNDARY,
+        vae=make_wan_vae(4),
+        max_length=MMDIT_SEQUENCE_LENGTH,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def _build(source: Path, out: Path, **options: object) -> Path:
     config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu", **options)
     build(str(source), out, config, progress=False)
@@ -158,3 +203,25 @@ def flux_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, flux_pipeline
         caption_length=MMDIT_SEQUENCE_LENGTH,
         resolution="8x8",
     )
+
+
+WAN_BUILD = {"caption_length": MMDIT_SEQUENCE_LENGTH, "resolution": "8x8", "frames": WAN_FRAMES}
+
+
+@pytest.fixture(scope="session")
+def wan_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, wan_pipeline_dir: Path) -> Path:
+    return _build(wan_pipeline_dir, tmp_path_factory.mktemp("engines") / "wan-pipeline", **WAN_BUILD)
+
+
+@pytest.fixture(scope="session")
+def wan_expert_engines(
+    tmp_path_factory: pytest.TempPathFactory, wan_experts_pipeline_dir: Path
+) -> tuple[Path, Path]:
+    """One engine folder per expert (ONNX only: the experts test runs ONNX Runtime)."""
+    folders = []
+    for subfolder in ("transformer", "transformer_2"):
+        out = tmp_path_factory.mktemp("engines") / f"wan-{subfolder}"
+        config = BuildConfig.from_options(batch="1:2:4", backend="onnx", subfolder=subfolder, **WAN_BUILD)
+        build(str(wan_experts_pipeline_dir), out, config, progress=False)
+        folders.append(out)
+    return folders[0], folders[1]

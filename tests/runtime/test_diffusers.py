@@ -20,13 +20,14 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
+    WanPipeline,
 )
 
 from fora_export.validate.pipeline_ref import ForaReference
 from fora_runtime import CacheSchedule, InputError
 from fora_runtime.diffusers import ForaTransformer, PipelineError, enable_fora
 from fora_runtime.manifest import load_manifest
-from tests.pipeline_fixtures import MMDIT_SEQUENCE_LENGTH, PIXART_TEXT_LENGTH
+from tests.pipeline_fixtures import MMDIT_SEQUENCE_LENGTH, PIXART_TEXT_LENGTH, WAN_BOUNDARY
 
 PIXEL_TOLERANCE = 1e-4
 #: (guidance, steps) of three consecutive calls: guided, the same again, unguided at another count.
@@ -48,6 +49,13 @@ def call_kwargs(pipe: Any, guidance: float) -> dict[str, Any]:
             "clean_caption": False,
         }
     kwargs = {"prompt": PROMPTS, "height": 64, "width": 64, "max_sequence_length": MMDIT_SEQUENCE_LENGTH}
+    if isinstance(pipe, WanPipeline):  # separate conditional and unconditional passes (cache contexts)
+        return {
+            **kwargs,
+            "negative_prompt": ["a blue sky", "a forest"],
+            "num_frames": 5,
+            "guidance_scale": guidance,
+        }
     if isinstance(pipe, FluxPipeline):  # guidance_scale is the distilled guidance embedding
         if guidance > 1:
             kwargs.update(true_cfg_scale=guidance, negative_prompt=["a blue sky", "a forest"])
@@ -60,7 +68,7 @@ def images(pipe: Any, guidance: float, steps: int, **extra: Any) -> np.ndarray:
     kwargs = {**call_kwargs(pipe, guidance), **extra}
     generator = torch.Generator().manual_seed(0)
     out = pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
-    return np.asarray(out.images)
+    return np.asarray(out.frames if isinstance(pipe, WanPipeline) else out.images)
 
 
 def reference_pipeline(cls: Any, folder: Path, engine: Path) -> tuple[Any, ForaReference]:
@@ -76,6 +84,7 @@ CASES = [
     pytest.param(PixArtSigmaPipeline, "pixart", id="pixart-sigma"),
     pytest.param(StableDiffusion3Pipeline, "sd3", id="sd3"),
     pytest.param(FluxPipeline, "flux", id="flux", marks=pytest.mark.slow),
+    pytest.param(WanPipeline, "wan", id="wan", marks=pytest.mark.slow),
 ]
 
 
@@ -99,7 +108,7 @@ def test_pipeline_images_equal_pytorch_fora(cls: Any, pipeline_case: tuple[Path,
         reference.reset(steps)
         expected = images(reference_pipe, guidance, steps)
         results.append(images(pipe, guidance, steps))
-        assert results[-1].shape == expected.shape == (2, 64, 64, 3)
+        assert results[-1].shape == expected.shape and expected.shape[-3:] == (64, 64, 3)
         assert np.abs(results[-1] - expected).max() <= PIXEL_TOLERANCE, (guidance, steps)
     # The comparison sees caching: the unmodified model's images (no cache) differ by more.
     uncached = images(cls.from_pretrained(folder), *CALLS[0])
@@ -317,3 +326,30 @@ def test_onnxruntime_takes_providers_not_a_device(dit_pipeline_engine: Path) -> 
 
     with pytest.raises(ForaError, match=r"device \| got 'cuda' for the onnxruntime backend .* providers="):
         ForaTransformer.from_engine(dit_pipeline_engine, device="cuda")
+
+
+@pytest.mark.slow
+def test_wan_experts_each_plan_the_steps_they_serve(
+    wan_experts_pipeline_dir: Path, wan_expert_engines: tuple[Path, Path]
+) -> None:
+    """Wan 2.2 A14B: transformer (t >= 875) and transformer_2 (below) are two engine folders;
+    each plans only its steps, its first one full, and matches PyTorch FORA run per expert."""
+    high, low = wan_expert_engines
+    reference_pipe = WanPipeline.from_pretrained(wan_experts_pipeline_dir)
+    references = [
+        ForaReference.for_engines(reference_pipe.transformer, load_manifest(high)),
+        ForaReference.for_engines(reference_pipe.transformer_2, load_manifest(low)),
+    ]
+    reference_pipe.transformer, reference_pipe.transformer_2 = references
+    pipe = enable_fora(WanPipeline.from_pretrained(wan_experts_pipeline_dir), high, transformer_2=low)
+    steps = 6
+    reference_pipe.scheduler.set_timesteps(steps)
+    served_high = int((reference_pipe.scheduler.timesteps >= WAN_BOUNDARY * 1000).sum())
+    assert 0 < served_high < steps  # both experts take part
+    references[0].reset(served_high)
+    references[1].reset(steps - served_high)
+    expected = images(reference_pipe, 4.0, steps)
+    got = images(pipe, 4.0, steps)
+    assert np.abs(got - expected).max() <= PIXEL_TOLERANCE
+    assert pipe.transformer._runs["cond"].generation.num_steps == served_high
+    assert pipe.transformer_2._runs["cond"].generation.num_steps == steps - served_high
