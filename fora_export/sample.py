@@ -8,8 +8,10 @@ With the same seed, schedule and arguments, the pipeline runs
    (:class:`~fora_export.validate.pipeline_ref.ForaReference`),
 
 and writes each image (``engine-0.png``, ``nocache-0.png``, ``fora-0.png``, ...) and
-``grid.png``: one row per image, columns no cache | PyTorch FORA | engine. The engine
-runs first, so a call the build cannot serve fails before the slower PyTorch runs.
+``grid.png``: one row per image, columns no cache | PyTorch FORA | engine. Video
+pipelines (Wan) write animated WebP files instead (``engine-0.webp``, ``grid.webp``,
+lossless, through Pillow). The engine runs first, so a call the build cannot serve
+fails before the slower PyTorch runs.
 """
 
 from __future__ import annotations
@@ -100,9 +102,15 @@ def pipeline_arguments(
         if class_labels:
             raise ConfigError(f"--class-label | {type(pipe).__name__} takes prompts | pass --prompt")
         kwargs["prompt"] = list(prompts or DEFAULT_PROMPTS)
-    scale = getattr(pipe, "vae_scale_factor", None)
+    scale = getattr(pipe, "vae_scale_factor", getattr(pipe, "vae_scale_factor_spatial", None))
     if "height" in parameters and isinstance(scale, int):
         kwargs["height"], kwargs["width"] = (side * scale for side in manifest.resolution)
+    assert manifest.denoising is not None  # checked when the manifest was read
+    layout = manifest.denoising.latent_layout
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+    if "num_frames" in parameters and "F" in layout and isinstance(temporal, int):
+        latent_frames = int(manifest.latents_input.shape[layout.index("F")])
+        kwargs["num_frames"] = (latent_frames - 1) * temporal + 1  # Wan's VAE: 4x in time
     if "use_resolution_binning" in parameters:
         kwargs["use_resolution_binning"] = False  # the built size exactly
     if "clean_caption" in parameters:
@@ -127,7 +135,9 @@ def _run(pipe: Any, label: str, steps: int, seed: int, progress: bool, kwargs: d
 
     pipe.set_progress_bar_config(desc=label, disable=not progress, leave=True)
     generator = torch.Generator().manual_seed(seed)
-    return pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
+    output = pipe(num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
+    # [N, H, W, 3] images, or [N, F, H, W, 3] videos (their pipelines return frames).
+    return np.asarray(output.frames if hasattr(output, "frames") else output.images)
 
 
 @dataclass
@@ -263,11 +273,12 @@ def sample(
     outputs = runs.images
     result.engine_vs_fora = float(np.abs(outputs["engine"] - outputs["fora"]).max())
     result.fora_vs_nocache = float(np.abs(outputs["fora"] - outputs["nocache"]).max())
+    suffix = ".webp" if outputs["engine"].ndim == 5 else ".png"
     for _, prefix in COLUMNS:
         result.images[prefix] = [
-            _save(image, out / f"{prefix}-{index}.png") for index, image in enumerate(outputs[prefix])
+            _save(image, out / f"{prefix}-{index}{suffix}") for index, image in enumerate(outputs[prefix])
         ]
-    result.grid = save_grid(runs.images, out / "grid.png")
+    result.grid = save_grid(runs.images, out / f"grid{suffix}")
     return result
 
 
@@ -277,32 +288,52 @@ def _to_pil(image: np.ndarray) -> Any:
     return Image.fromarray((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
-def _save(image: np.ndarray, path: Path) -> Path:
+#: Milliseconds per frame of the animated WebP files (Wan: 16 fps).
+FRAME_MS = 62
+
+
+def _write(frames: list[Any], path: Path) -> Path:
+    """One PNG, or an animated lossless WebP when there are several frames."""
     try:
-        _to_pil(image).save(path)
+        if len(frames) == 1:
+            frames[0].save(path)
+        else:
+            frames[0].save(
+                path, save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0, lossless=True
+            )
     except OSError as err:
         raise ConfigError(f"--out | cannot write {path}: {err}") from err
     return path
+
+
+def _frames(image: np.ndarray) -> list[np.ndarray]:
+    """The frames of one sample: an image [H, W, 3] is one frame, a video [F, H, W, 3] several."""
+    return [image] if image.ndim == 3 else list(image)
+
+
+def _save(image: np.ndarray, path: Path) -> Path:
+    return _write([_to_pil(frame) for frame in _frames(image)], path)
 
 
 def save_grid(images: dict[str, np.ndarray], path: Path, header: int = 18, gap: int = 4) -> Path:
-    """Rows of images, one column per way (no cache | PyTorch FORA | engine), labelled on top."""
+    """Rows of samples, one column per way (no cache | PyTorch FORA | engine), labelled on
+    top; videos give an animated grid, frame by frame."""
     from PIL import Image, ImageDraw
 
     columns = [images[prefix] for _, prefix in COLUMNS]
-    rows, height, width = len(columns[0]), columns[0].shape[1], columns[0].shape[2]
+    first = _frames(columns[0][0])
+    rows, height, width = len(columns[0]), first[0].shape[0], first[0].shape[1]
     cell = max(width, 96)  # room for the labels under small images
-    grid = Image.new(
-        "RGB", (len(columns) * (cell + gap) - gap, header + rows * (height + gap) - gap), "white"
-    )
-    draw = ImageDraw.Draw(grid)
-    for column, ((label, _), column_images) in enumerate(zip(COLUMNS, columns, strict=True)):
-        left = column * (cell + gap)
-        draw.text((left + 2, 3), label, fill="black")
-        for row, image in enumerate(column_images):
-            grid.paste(_to_pil(image), (left + (cell - width) // 2, header + row * (height + gap)))
-    try:
-        grid.save(path)
-    except OSError as err:
-        raise ConfigError(f"--out | cannot write {path}: {err}") from err
-    return path
+    size = (len(columns) * (cell + gap) - gap, header + rows * (height + gap) - gap)
+    grids = []
+    for frame in range(len(first)):
+        grid = Image.new("RGB", size, "white")
+        draw = ImageDraw.Draw(grid)
+        for column, ((label, _), samples) in enumerate(zip(COLUMNS, columns, strict=True)):
+            left = column * (cell + gap)
+            draw.text((left + 2, 3), label, fill="black")
+            for row, sample in enumerate(samples):
+                picture = _to_pil(_frames(sample)[frame])
+                grid.paste(picture, (left + (cell - width) // 2, header + row * (height + gap)))
+        grids.append(grid)
+    return _write(grids, path)

@@ -11,7 +11,7 @@ pipeline, and per-step errors.
   same latents (the scheduler and inputs ``validate``'s trajectory uses).
 - :func:`write_report` plots the per-step (per-call) relative L2 of the model outputs,
   runtime vs PyTorch FORA and FORA vs no cache, and with a pipeline writes the decoded
-  image grid.
+  image grid (``grid.png``; an animated ``grid.webp`` for video pipelines).
 """
 
 from __future__ import annotations
@@ -227,5 +227,6 @@ def write_report(out_dir: str | Path, errors: StepErrors, runs: ThreeWays | None
     finally:
         plt.close(figure)
     if runs is not None:
-        written.append(save_grid(runs.images, out / "grid.png"))
+        suffix = ".webp" if runs.images["engine"].ndim == 5 else ".png"  # videos: an animated grid
+        written.append(save_grid(runs.images, out / f"grid{suffix}"))
     return written

@@ -410,9 +410,8 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         built = manifest.latents_input.concrete_shape(batch)
         if tuple(latents.shape) != built:
             height, width = manifest.resolution
-            scale = getattr(
-                self._pipeline() if self._pipeline is not None else None, "vae_scale_factor", None
-            )
+            pipeline = self._pipeline() if self._pipeline is not None else None
+            scale = getattr(pipeline, "vae_scale_factor", getattr(pipeline, "vae_scale_factor_spatial", None))
             image = f" (images {height * scale}x{width * scale})" if isinstance(scale, int) else ""
             size = f"height={height * scale}, width={width * scale}" if isinstance(scale, int) else "the size"
             raise PipelineError(

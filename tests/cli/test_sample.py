@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.cli.test_cli import assert_user_error, invoke
@@ -96,3 +97,26 @@ def test_sample_a_text_pipeline(
     assert code == 0, stderr
     assert float(re.search(r"engine vs PyTorch FORA ([0-9.e+-]+)", stdout).group(1)) <= 1e-4
     assert np.asarray(Image.open(out / "engine-0.png")).shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_sample_a_video_pipeline(wan_pipeline_dir: Path, wan_pipeline_engine: Path, tmp_path: Path) -> None:
+    """Wan: the built frame count (num_frames = 4 (F - 1) + 1), animated WebP files and grid."""
+    out = tmp_path / "samples"
+    code, stdout, stderr = invoke(
+        "sample",
+        str(wan_pipeline_engine),
+        "--pipeline",
+        str(wan_pipeline_dir),
+        "--prompt",
+        "a red cat",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert code == 0, stderr
+    assert float(re.search(r"engine vs PyTorch FORA ([0-9.e+-]+)", stdout).group(1)) <= 1e-4
+    video = Image.open(out / "engine-0.webp")
+    assert video.is_animated and video.n_frames == 5 and video.size == (64, 64)
+    assert Image.open(out / "grid.webp").n_frames == 5
