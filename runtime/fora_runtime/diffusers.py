@@ -416,8 +416,9 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             size = f"height={height * scale}, width={width * scale}" if isinstance(scale, int) else "the size"
             raise PipelineError(
                 f"Latents | got {list(latents.shape)}, the engines were built for {list(built)}, latent "
-                f"{height}x{width}{image} | pass {size} to the pipeline (with PixArt's resolution "
-                "binning, a size its bins keep), or rebuild with --resolution for the size you need"
+                f"{height}x{width}{image} | pass {size} to the pipeline (videos: the num_frames of the "
+                "built --frames; with PixArt's resolution binning, a size its bins keep), or rebuild "
+                "with --resolution / --frames for the size you need"
             )
         if not manifest.batch.contains(batch):
             raise PipelineError(
