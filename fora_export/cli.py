@@ -262,6 +262,22 @@ def build(
 )
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--pipeline",
+    default=None,
+    help="Also run this diffusers pipeline (folder, or demo-dit / demo-pixart) with the engines, with its "
+    "own scheduler and guidance, against PyTorch FORA.",
+)
+@click.option(
+    "--guidance", type=float, default=None, help="--pipeline's guidance_scale. [default: the pipeline's]"
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a per-step error plot (steps.png, steps.json) and, with --pipeline, the image grid here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
 @_user_errors
 def validate(
@@ -273,10 +289,14 @@ def validate(
     interval: int | None,
     batch_sizes: str | None,
     seed: int,
+    pipeline: str | None,
+    guidance: float | None,
+    report_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Check ENGINE_DIR against the PyTorch model, per graph and over a trajectory."""
     from fora_export.errors import ConfigError
+    from fora_export.progress import StageProgress
     from fora_export.reports import print_validation
     from fora_export.validate.runner import validate as run_validate
 
@@ -286,22 +306,99 @@ def validate(
             sizes = [int(s) for s in batch_sizes.split(",")]
         except ValueError as err:
             raise ConfigError(f"--batch-sizes | got {batch_sizes!r} | expected e.g. 1,2,4") from err
-    report = run_validate(
-        engine_dir,
-        model=model,
-        backend=backend,
-        steps=steps,
-        scheduler=scheduler,
-        interval=interval,
-        batch_sizes=sizes,
-        seed=seed,
-    )
+    stages = 1 + (pipeline is not None) + (report_dir is not None and pipeline is None)
+    with StageProgress(stages, title="validate") as progress:
+        progress.stage("graphs and trajectory vs PyTorch")
+        report = run_validate(
+            engine_dir,
+            model=model,
+            backend=backend,
+            steps=steps,
+            scheduler=scheduler,
+            interval=interval,
+            batch_sizes=sizes,
+            seed=seed,
+        )
+        checked = _validate_extras(
+            progress,
+            engine_dir,
+            model,
+            backend,
+            steps,
+            scheduler,
+            interval,
+            seed,
+            pipeline,
+            guidance,
+            report_dir,
+        )
+    passed = report.passed and (checked is None or checked.passed)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        data = report.to_dict()
+        if checked is not None:
+            data["pipeline"] = checked.to_dict()
+            data["passed"] = passed
+        click.echo(json.dumps(data, indent=2))
     else:
         print_validation(report)
-    if not report.passed:
+        if checked is not None:
+            verdict = "pass" if checked.passed else "FAIL"
+            click.echo(
+                f"Pipeline {checked.pipeline} ({checked.scheduler}, {checked.steps} steps, "
+                f"{checked.schedule}): final images engine vs PyTorch FORA max abs "
+                f"{checked.engine_vs_fora_max_abs:.2e} (allowed {checked.tolerance:g}) {verdict}; "
+                f"FORA vs no cache {checked.fora_vs_nocache_max_abs:.3f} (information only)"
+            )
+        if report_dir is not None:
+            click.echo(f"Report: {report_dir}")
+    if not passed:
         sys.exit(EXIT_FAILED)
+
+
+def _validate_extras(
+    progress: Any,
+    engine_dir: Path,
+    model: str | None,
+    backend: str,
+    steps: int,
+    scheduler: str | None,
+    interval: int | None,
+    seed: int,
+    pipeline: str | None,
+    guidance: float | None,
+    report_dir: Path | None,
+) -> Any:
+    """``validate --pipeline`` and ``--report`` (fora_export.validate.pipeline_check)."""
+    from fora_export.validate import pipeline_check
+
+    result, runs = None, None
+    if pipeline is not None:
+        progress.stage(f"pipeline {pipeline}: engine, no cache, PyTorch FORA")
+        result, runs = pipeline_check.validate_pipeline(
+            engine_dir,
+            pipeline,
+            backend=backend,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            interval=interval,
+        )
+    if report_dir is not None:
+        if result is None:
+            progress.stage("per-step errors")
+            errors = pipeline_check.trajectory_step_errors(
+                engine_dir,
+                model=model,
+                backend=backend,
+                steps=steps,
+                scheduler=scheduler,
+                interval=interval,
+                seed=seed,
+            )
+        else:
+            errors = result.steps_errors
+        pipeline_check.write_report(report_dir, errors, runs)
+    return result
 
 
 @main.command()
@@ -378,27 +475,33 @@ def bench(
     )
     for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
         create_backend(name, manifest, engine_dir).preflight()
+    from fora_export.progress import StageProgress
+
     baseline = None
-    if eager:
-        try:
-            baseline = eager_baseline(
-                manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+    with StageProgress(len(backends) + eager, title="bench") as progress:
+        if eager:
+            progress.stage(f"eager diffusers baseline ({repeats} generations)")
+            try:
+                baseline = eager_baseline(
+                    manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+                )
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
+        reports = []
+        for name in backends:
+            progress.stage(f"{name}: step latency and {len(interval_list)} intervals x {repeats} generations")
+            reports.append(
+                run_bench(
+                    engine_dir,
+                    steps=steps,
+                    intervals=interval_list,
+                    batch_size=batch_size,
+                    repeats=repeats,
+                    schedule_mode=schedule_mode,
+                    backend=name,
+                    eager=baseline,
+                )
             )
-        except ConfigError as err:
-            raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
-    reports = [
-        run_bench(
-            engine_dir,
-            steps=steps,
-            intervals=interval_list,
-            batch_size=batch_size,
-            repeats=repeats,
-            schedule_mode=schedule_mode,
-            backend=name,
-            eager=baseline,
-        )
-        for name in backends
-    ]
     if plot is not None:
         plot_bench(reports, plot)
     text = json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2)
@@ -606,6 +709,76 @@ def info(engine_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
     else:
         print_manifest(manifest, engine_dir)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--pipeline",
+    "pipeline",
+    required=True,
+    help="diffusers pipeline folder (pipe.save_pretrained) of the engines' model, or demo-dit / demo-pixart.",
+)
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeat for several images).")
+@click.option(
+    "--class-label",
+    "class_labels",
+    multiple=True,
+    help="Class label of class-conditional pipelines (DiT); repeat or comma-separate.",
+)
+@click.option("--steps", type=int, default=20, show_default=True, help="num_inference_steps.")
+@click.option("--guidance", type=float, default=None, help="guidance_scale. [default: the pipeline's]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--interval", type=int, default=None, help="Cache interval. [default: the manifest's]")
+@click.option(
+    "--backend", default="onnxruntime", show_default=True, help="Runtime backend of the engine run."
+)
+@click.option("--device", default=None, help="Device of the torch backend and the pipeline (cpu, cuda).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
+@_user_errors
+def sample(
+    engine_dir: Path,
+    pipeline: str,
+    prompts: tuple[str, ...],
+    class_labels: tuple[str, ...],
+    steps: int,
+    guidance: float | None,
+    seed: int,
+    interval: int | None,
+    backend: str,
+    device: str | None,
+    out_dir: Path,
+) -> None:
+    """Images from PIPELINE with ENGINE_DIR as its transformer, next to no cache and PyTorch FORA."""
+    from fora_export.errors import ConfigError
+    from fora_export.sample import sample as run_sample
+
+    try:
+        labels = tuple(int(v) for value in class_labels for v in value.split(",") if v.strip())
+    except ValueError as err:
+        raise ConfigError(f"--class-label | got {class_labels!r} | expected integers, e.g. 207,360") from err
+    result = run_sample(
+        engine_dir,
+        pipeline,
+        out_dir,
+        prompts=prompts,
+        class_labels=labels,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        interval=interval,
+        backend=backend,
+        device=device,
+        progress=sys.stderr.isatty(),
+    )
+    click.echo(f"sampled {result.pipeline}: {result.steps} steps, {result.schedule}")
+    for label, prefix in (("engine", "engine"), ("no cache", "nocache"), ("PyTorch FORA", "fora")):
+        click.echo(f"  {label:<13} {result.seconds[prefix]:7.2f} s  {len(result.images[prefix])} images")
+    click.echo(
+        f"  max pixel difference: engine vs PyTorch FORA {result.engine_vs_fora:.2e}, "
+        f"PyTorch FORA vs no cache {result.fora_vs_nocache:.2e} (FORA's approximation)"
+    )
+    click.echo(f"  grid: {result.grid}")
 
 
 if __name__ == "__main__":

@@ -79,9 +79,14 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
     if path.exists():
         return _load_local(path, dtype, subfolder)
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
-    if looks_like_path or not _HUB_ID.match(ref):
+    # "models/dit-typo" where models/ is a folder here is a mistyped path, not a Hub id: say
+    # so at once instead of trying the Hub (minutes of retries without a network).
+    parent = path.parent
+    in_local_folder = parent != Path(".") and parent.is_dir()
+    if looks_like_path or in_local_folder or not _HUB_ID.match(ref):
+        where = f" (the folder '{parent}' exists, '{path.name}' is not in it)" if in_local_folder else ""
         raise ConfigError(
-            f"MODEL '{ref}' | no such folder, and not a built-in model ({', '.join(DEMO_MODELS)}) "
+            f"MODEL '{ref}' | no such folder{where}, and not a built-in model ({', '.join(DEMO_MODELS)}) "
             "or a Hub id (org/name) | check the path"
         )
     return _load_hub(ref, dtype)

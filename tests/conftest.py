@@ -12,6 +12,8 @@ from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
 from fora_export.demo import make_demo_dit, make_demo_pixart
 
+pytest_plugins = ["tests.pipeline_fixtures"]
+
 # learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.
 TINY_DIT = {
     "num_attention_heads": 2,

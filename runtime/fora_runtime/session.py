@@ -151,10 +151,11 @@ class ForaSession:
         for name in names:
             spec = self.manifest.input_spec(name)
             value = host_copy(conditioning[name])
-            if not _dtype_compatible(value.dtype.name, spec.dtype):
+            # The dtype as given: host copies of floating tensors are float32 (bf16 has no numpy type).
+            given_dtype = self.backend.describe_array(conditioning[name])[1]
+            if not _dtype_compatible(given_dtype, spec.dtype):
                 raise InputError(
-                    f"start() input '{name}' | got {value.dtype.name}, expected {spec.dtype} "
-                    f"| ({self._where()})"
+                    f"start() input '{name}' | got {given_dtype}, expected {spec.dtype} | ({self._where()})"
                 )
             want = spec.concrete_shape(batch_size)
             if tuple(value.shape) != want:

@@ -35,6 +35,19 @@ def test_missing_path(tmp_path: Path) -> None:
         load_model(str(tmp_path / "missing-model"))
 
 
+def test_mistyped_relative_path_is_not_tried_as_a_hub_id(monkeypatch, tmp_path: Path) -> None:
+    """'models/dit-typo' with a models/ folder here is reported at once (no Hub look-up)."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    import fora_export.loading as loading
+
+    monkeypatch.setattr(loading, "_load_hub", lambda *a: pytest.fail("tried the Hub"))
+    with pytest.raises(
+        ConfigError, match=re.escape("no such folder (the folder 'models' exists, 'dit-typo'")
+    ):
+        load_model("models/dit-typo")
+
+
 def test_folder_without_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("no config.json")):
         load_model(str(tmp_path))

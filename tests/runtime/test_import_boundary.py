@@ -1,6 +1,8 @@
 """fora_runtime is embedded in services: it must import without the exporter,
 diffusers or onnx (each runtime module is imported in a fresh interpreter with
-those packages blocked)."""
+those packages blocked). The one exception is ``fora_runtime.diffusers`` (the
+``fora-runtime[diffusers]`` extra): it may import diffusers (and what diffusers
+imports), never the exporter or onnx."""
 
 from __future__ import annotations
 
@@ -13,17 +15,28 @@ import pytest
 import fora_runtime
 
 BLOCKED = ("fora_export", "diffusers", "onnx", "onnxscript", "transformers")
+#: The drop-in for diffusers pipelines, the one module allowed diffusers and torch.
+DIFFUSERS_MODULE = "fora_runtime.diffusers"
 
-RUNTIME_MODULES = sorted(m.name for m in pkgutil.walk_packages(fora_runtime.__path__, prefix="fora_runtime."))
+RUNTIME_MODULES = sorted(
+    m.name
+    for m in pkgutil.walk_packages(fora_runtime.__path__, prefix="fora_runtime.")
+    if m.name != DIFFUSERS_MODULE
+)
 
-BLOCKER = f"""
+
+def blocker(blocked: tuple[str, ...]) -> str:
+    return f"""
 import sys
 class Blocker:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {BLOCKED!r}:
+        if name.split('.')[0] in {blocked!r}:
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Blocker())
 """
+
+
+BLOCKER = blocker(BLOCKED)
 
 
 @pytest.mark.parametrize("module", ["fora_runtime", *RUNTIME_MODULES])
@@ -35,6 +48,14 @@ def test_runtime_module_imports_without_exporter_diffusers_or_onnx(module: str) 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "loaded []" in result.stdout
+
+
+def test_diffusers_module_imports_without_exporter_or_onnx() -> None:
+    blocked = ("fora_export", "onnx", "onnxscript")
+    code = blocker(blocked) + f"import {DIFFUSERS_MODULE}\nprint('ok', 'diffusers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ok True" in result.stdout
 
 
 def test_blocker_really_blocks() -> None:

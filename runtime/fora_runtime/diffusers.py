@@ -1,0 +1,628 @@
+"""Engines as ``pipe.transformer`` of an unmodified diffusers pipeline.
+
+    from diffusers import DiTPipeline
+    from fora_runtime.diffusers import enable_fora
+
+    pipe = enable_fora(DiTPipeline.from_pretrained("dit-folder"), "engines/dit")
+    image = pipe(class_labels=[207], num_inference_steps=20).images[0]
+
+This is the one runtime module that imports diffusers and torch (the optional
+extra ``fora-runtime[diffusers]``); the rest of the runtime never does.
+
+:class:`ForaTransformer` stands in for the family's diffusers transformer
+(``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel``,
+``FluxTransformer2DModel``): ``config`` is the manifest's model config, ``dtype`` and
+``device`` are what the pipeline sees, ``forward`` takes the family's arguments and
+returns its output class. Torch tensors go in and come out on every backend.
+
+**Generations.** Pipelines never say when a run begins, so the transformer decides
+at every call. A call starts a new generation when there is none, the last one ran
+all its steps, the pipeline's scheduler has new timesteps (``set_timesteps`` ran,
+as every pipeline call does), the batch size changed, or the timestep is the
+scheduler's first while the running generation expected another. The generation is
+planned over the scheduler's timesteps from the one this call passes (one call per
+timestep; order-2 schedulers list theirs twice), with the conditioning of that first
+call, so builds with a gate table compute every reuse step's gates once. Caches are
+never carried into another run, batch size or step count, also after an aborted run.
+
+**Contexts.** ``cache_context(name)`` works as diffusers' ``CacheMixin``: each name
+gets its own session (graphs loaded once per name used), hence its own caches, so
+pipelines that run the conditional and unconditional passes as separate calls (Flux
+with true CFG) never mix them. Batch-doubled CFG (DiT, PixArt, SD3) keeps the whole
+doubled batch in one generation.
+
+**dtype boundary.** The engine runs in its build precision; inputs are cast to it and
+outputs back to the latents' dtype, so an fp16 engine serves a pipeline whose VAE is
+fp32. Timesteps are fed as the scheduler's timesteps in float32 (a pipeline that
+rounds them to a half-precision dtype first is matched within that rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from fora_runtime.dtypes import torch_dtype
+from fora_runtime.errors import ForaError, InputError, ScheduleError
+from fora_runtime.generation import Generation
+from fora_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from fora_runtime.schedule import CacheSchedule
+from fora_runtime.session import ForaSession
+
+__all__ = ["ForaTransformer", "PipelineError", "enable_fora"]
+
+
+class PipelineError(InputError):
+    """A pipeline called the engines in a way the build cannot serve (size, batch, steps)."""
+
+
+@dataclass(frozen=True)
+class ForwardSignature:
+    """How a family's diffusers ``forward`` is called, as data.
+
+    ``parameters`` are the forward's parameters in diffusers' order (positional calls
+    are mapped by it); ``hidden_states`` and ``timestep`` are the latents and timestep,
+    every other parameter named like a manifest input feeds that input. ``nested``
+    parameters are dicts whose keys are manifest inputs (PixArt's ``added_cond_kwargs``);
+    ``unsupported`` ones must be None, empty or False (what the engines cannot honour:
+    ControlNet residuals, skipped layers, LoRA scales).
+    """
+
+    parameters: tuple[str, ...]
+    nested: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()
+    #: Prompt tokens the pipeline adds to ``max_sequence_length`` (SD3: 77 CLIP tokens).
+    extra_text_tokens: int = 0
+
+
+SIGNATURES: dict[str, ForwardSignature] = {
+    "DiTTransformer2DModel": ForwardSignature(
+        ("hidden_states", "encoder_hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
+        unsupported=("encoder_hidden_states", "cross_attention_kwargs"),
+    ),
+    "PixArtTransformer2DModel": ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "added_cond_kwargs",
+            "cross_attention_kwargs",
+            "attention_mask",
+            "encoder_attention_mask",
+        ),
+        nested=("added_cond_kwargs",),
+        unsupported=("cross_attention_kwargs", "attention_mask"),
+    ),
+    "SD3Transformer2DModel": ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "block_controlnet_hidden_states",
+            "joint_attention_kwargs",
+        ),
+        unsupported=("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers"),
+        extra_text_tokens=77,
+    ),
+    "FluxTransformer2DModel": ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "img_ids",
+            "txt_ids",
+            "guidance",
+            "joint_attention_kwargs",
+            "controlnet_block_samples",
+            "controlnet_single_block_samples",
+        ),
+        unsupported=(
+            "joint_attention_kwargs",
+            "controlnet_block_samples",
+            "controlnet_single_block_samples",
+            "controlnet_blocks_repeat",
+        ),
+    ),
+    "WanTransformer3DModel": ForwardSignature(
+        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+        unsupported=("attention_kwargs",),
+    ),
+}
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, dict | list | tuple) and not value)
+
+
+def _timestep_tolerance(given: torch.Tensor, planned: np.ndarray) -> float:
+    """How far a timestep the pipeline passes may be from the planned float32 one: the
+    rounding of the dtype it arrives in (Flux rounds ``t`` to the latents' dtype before
+    dividing by 1000), twice, since both sides were rounded."""
+    dtype = given.dtype if given.is_floating_point() else torch.float32
+    eps = max(float(torch.finfo(dtype).eps), float(torch.finfo(torch.float32).eps))
+    return 2.0 * eps * max(float(np.abs(planned).max(initial=0.0)), 1.0)
+
+
+@dataclass
+class _ContextRun:
+    """One cache context's session and the generation it is running."""
+
+    session: ForaSession
+    generation: Generation | None = None
+    #: The scheduler's timesteps object the generation was planned from (identity marks a run).
+    source: Any = None
+    #: Planned graph timesteps of the generation, float32 [steps].
+    planned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    #: The conditioning tensors given at start, by input name (identity: unchanged).
+    conditioning: dict[str, Any] = field(default_factory=dict)
+
+
+class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
+    """A FORA engine folder as a diffusers transformer (see the module docstring).
+
+    Build one with :meth:`from_engine`, or let :func:`enable_fora` swap it into a pipeline.
+    """
+
+    # Nothing to load or save: the engines live in their folder.
+    _supports_gradient_checkpointing = False
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        schedule: CacheSchedule | None = None,
+        gate_table: bool = True,
+        **backend_options: Any,
+    ) -> None:
+        super().__init__()
+        self.engine_dir = Path(engine_dir)
+        manifest = load_manifest(self.engine_dir)
+        signature = SIGNATURES.get(manifest.model_class)
+        if signature is None:
+            raise ForaError(
+                f"{self.engine_dir / MANIFEST_NAME} | model class {manifest.model_class} has no "
+                f"diffusers drop-in | supported: {', '.join(SIGNATURES)}"
+            )
+        self.manifest: Manifest = manifest
+        self.signature = signature
+        if device is not None and backend == "onnxruntime":
+            if device != "cpu":
+                raise ForaError(
+                    f"device | got {device!r} for the onnxruntime backend | it runs where its providers "
+                    "do: pass providers=[...] (e.g. CUDAExecutionProvider), or backend='torch'"
+                )
+        elif device is not None:
+            backend_options["device"] = device  # torch, tensorrt: where their engines run
+        self._session_options: dict[str, Any] = {
+            "backend": backend,
+            "schedule": schedule,
+            "gate_table": gate_table,
+            **backend_options,
+        }
+        config = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
+        height, width = manifest.resolution
+        if "sample_size" in config and height == width:
+            # Pipelines size their latents from sample_size: make it the built latent size.
+            config["sample_size"] = height
+        self.register_to_config(**config)
+        #: The dtype pipelines see (their latents and embeddings); the engine's is the build's.
+        self._io_dtype = dtype or torch.float32
+        self._engine_dtype = torch_dtype(manifest.latents_input.dtype)
+        self._runs: dict[str | None, _ContextRun] = {}
+        self._spare: ForaSession | None = self._new_session()  # loads the graphs now: errors surface here
+        self._context: str | None = None
+        self._pipeline: Any = None
+
+    @classmethod
+    def from_engine(
+        cls,
+        engine_dir: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        schedule: CacheSchedule | None = None,
+        **backend_options: Any,
+    ) -> ForaTransformer:
+        """Load ``engine_dir`` on ``backend`` (``onnxruntime``, ``torch``, ``tensorrt``).
+
+        ``device`` is where the torch / TensorRT backend runs (``cpu``, ``cuda:N``; default:
+        where the torch programs were traced; ONNX Runtime takes ``providers=`` instead);
+        ``dtype`` is the pipeline's dtype (default float32, as pipelines loaded without
+        ``torch_dtype``); ``schedule`` overrides the manifest's.
+        """
+        return cls(
+            engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options
+        )
+
+    # -- what pipelines read ----------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._io_dtype
+
+    @property
+    def device(self) -> torch.device:
+        session = self._spare or next(iter(self._runs.values())).session
+        backend: Any = session.backend  # the torch-tensor backends (torch, tensorrt) name their device
+        if backend.host_inputs:
+            return torch.device("cpu")
+        return torch.device(backend.io_device)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def out_channels(self) -> int:
+        assert self.manifest.denoising is not None  # checked when the manifest was read
+        return self.manifest.denoising.output_channels
+
+    def to(self, *args: Any, **kwargs: Any) -> ForaTransformer:  # type: ignore[override]
+        """A dtype changes what the pipeline sees; the engine stays where it was loaded."""
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype.is_floating_point:
+            self._io_dtype = dtype
+        return self
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        raise ForaError(
+            f"ForaTransformer ({self.engine_dir}) | engines are not saved into a pipeline folder | "
+            "save the pipeline before enable_fora(), and keep the engine folder beside it"
+        )
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """Calls inside run in context ``name``'s own generation and caches (see module
+        docstring); ``kwargs`` (diffusers' step details) are accepted and not needed."""
+        previous = self._context
+        self._context = name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    # -- pipeline and sessions --------------------------------------------------------
+    def attach(self, pipeline: Any) -> ForaTransformer:
+        """Read generation plans from ``pipeline.scheduler`` (or from ``pipeline`` itself
+        when it is a scheduler). :func:`enable_fora` calls it; without it, the pipeline
+        is found on the first call as the caller whose ``transformer`` this is."""
+        self._pipeline = weakref.ref(pipeline)
+        return self
+
+    def _scheduler(self) -> Any:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        if pipeline is None:
+            pipeline = _calling_pipeline(self)
+            if pipeline is None:
+                raise PipelineError(
+                    "ForaTransformer | does not know the pipeline's scheduler, so it cannot plan the "
+                    "generation | use enable_fora(pipe, ...) or transformer.attach(pipe)"
+                )
+            self._pipeline = weakref.ref(pipeline)
+        return getattr(pipeline, "scheduler", pipeline)
+
+    def _new_session(self) -> ForaSession:
+        return ForaSession(self.engine_dir, **self._session_options).activate()
+
+    def _run_of(self, context: str | None) -> _ContextRun:
+        run = self._runs.get(context)
+        if run is None:
+            # The session loaded at construction serves the first context used.
+            session = self._spare if self._spare is not None else self._new_session()
+            self._spare = None
+            run = self._runs[context] = _ContextRun(session)
+        return run
+
+    def close(self) -> None:
+        """Release every session's graphs and buffers."""
+        for run in self._runs.values():
+            run.session.deactivate()
+        self._runs.clear()
+        if self._spare is not None:
+            self._spare.deactivate()
+            self._spare = None
+
+    # -- the step -----------------------------------------------------------------------
+    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        named = self._named_arguments(args, kwargs)
+        latents = named.pop("hidden_states", None)
+        timestep = named.pop("timestep", None)
+        if not isinstance(latents, torch.Tensor) or timestep is None:
+            raise InputError("ForaTransformer | hidden_states and timestep are required | pass both")
+        inputs = self._engine_inputs(latents, named)
+        run = self._run_of(self._context)
+        timestep = torch.as_tensor(timestep).reshape(-1).expand(latents.shape[0])
+        generation = self._generation_for(run, latents, timestep, inputs)
+        prediction = generation.step(self._to_backend(run.session, latents, self._engine_dtype))
+        output = self._to_torch(prediction, latents)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _named_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        parameters = self.signature.parameters
+        if len(args) > len(parameters):
+            raise InputError(
+                f"ForaTransformer | {len(args)} positional arguments | {self.manifest.model_class} "
+                f"takes at most {len(parameters)}: {', '.join(parameters)}"
+            )
+        named = dict(zip(parameters, args, strict=False))
+        for name, value in kwargs.items():
+            if name in named:
+                raise InputError(f"ForaTransformer | argument '{name}' given twice | pass it once")
+            named[name] = value
+        for name in self.signature.unsupported:
+            value = named.pop(name, None)
+            if not _is_unset(value):
+                raise InputError(
+                    f"ForaTransformer | '{name}' is not supported by exported engines (got "
+                    f"{type(value).__name__}) | the graphs have fixed weights and blocks: fuse LoRA "
+                    "weights and build without ControlNet or layer skipping"
+                )
+        for name in self.signature.nested:
+            nested = named.pop(name, None) or {}
+            for key, value in nested.items():
+                if value is not None:
+                    named[key] = value
+        return named
+
+    def _engine_inputs(self, latents: torch.Tensor, named: dict[str, Any]) -> dict[str, Any]:
+        """The conditioning and build constants of a call by manifest name (unknown or
+        missing ones refused), with the build's size limits as pipeline-level errors."""
+        manifest = self.manifest
+        expected = {spec.name for spec in manifest.inputs if spec.role in ("conditioning", "build_constant")}
+        inputs = {name: value for name, value in named.items() if value is not None}
+        unknown = sorted(set(inputs) - expected)
+        if unknown:
+            raise InputError(
+                f"ForaTransformer | arguments {unknown} are not inputs of these engines | "
+                f"{manifest.model_class} engines take {sorted(expected)}"
+            )
+        missing = [spec.name for spec in manifest.inputs_of("conditioning") if spec.name not in inputs]
+        if missing:
+            raise InputError(
+                f"ForaTransformer | missing {missing} | the engines were built with these inputs "
+                f"({self.engine_dir / MANIFEST_NAME})"
+            )
+        self._check_sizes(latents, inputs)
+        return inputs
+
+    def _check_sizes(self, latents: torch.Tensor, inputs: dict[str, Any]) -> None:
+        manifest = self.manifest
+        batch = int(latents.shape[0])
+        built = manifest.latents_input.concrete_shape(batch)
+        if tuple(latents.shape) != built:
+            height, width = manifest.resolution
+            pipeline = self._pipeline() if self._pipeline is not None else None
+            scale = getattr(pipeline, "vae_scale_factor", getattr(pipeline, "vae_scale_factor_spatial", None))
+            image = f" (images {height * scale}x{width * scale})" if isinstance(scale, int) else ""
+            size = f"height={height * scale}, width={width * scale}" if isinstance(scale, int) else "the size"
+            raise PipelineError(
+                f"Latents | got {list(latents.shape)}, the engines were built for {list(built)}, latent "
+                f"{height}x{width}{image} | pass {size} to the pipeline (videos: the num_frames of the "
+                "built --frames; with PixArt's resolution binning, a size its bins keep), or rebuild "
+                "with --resolution / --frames for the size you need"
+            )
+        if not manifest.batch.contains(batch):
+            raise PipelineError(
+                f"Batch | the pipeline passed {batch} samples (classifier-free guidance doubles the "
+                f"images per call), the engines were built for {manifest.batch.min}..{manifest.batch.max} | "
+                f"generate fewer images per call, or rebuild with --batch {manifest.batch.min}:"
+                f"{manifest.batch.opt}:{batch} or more"
+            )
+        text_length = manifest.conditioning.get("caption_length", manifest.conditioning.get("text_length"))
+        for spec in manifest.inputs_of("conditioning"):
+            value = inputs[spec.name]
+            shape = tuple(getattr(value, "shape", ()))
+            want = spec.concrete_shape(batch)
+            if shape == want:
+                continue
+            if text_length is not None and len(want) == 3 and want[1] == text_length and len(shape) == 3:
+                extra = self.signature.extra_text_tokens
+                raise PipelineError(
+                    f"Prompt length | '{spec.name}' has {shape[1]} tokens, the engines were built for "
+                    f"{text_length} | pass max_sequence_length={text_length - extra} to the pipeline, or "
+                    f"rebuild with --text-length {shape[1]}"
+                )
+            raise InputError(
+                f"Input '{spec.name}' | got shape {list(shape)}, expected {list(want)} | "
+                f"({self.engine_dir / MANIFEST_NAME})"
+            )
+
+    def _generation_for(
+        self, run: _ContextRun, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict[str, Any]
+    ) -> Generation:
+        """The running generation when this call continues it, else a new one (see the
+        module docstring for what starts one)."""
+        scheduler_timesteps = getattr(self._scheduler(), "timesteps", None)
+        if scheduler_timesteps is None:
+            raise PipelineError(
+                "ForaTransformer | the pipeline's scheduler has no timesteps | call "
+                "scheduler.set_timesteps() before the denoising loop, as pipelines do"
+            )
+        generation = run.generation
+        given = timestep.detach().cpu()
+        if (
+            generation is not None
+            and not generation.done
+            and run.source is scheduler_timesteps
+            and generation.batch_size == latents.shape[0]
+        ):
+            expected = run.planned[generation.step_index]
+            if _timestep_close(given, expected):
+                self._check_conditioning(run, inputs, generation)
+                return generation
+            if not _timestep_close(given, run.planned[0]):
+                raise PipelineError(
+                    f"Timestep | the pipeline passed {given[0].item():g} at step {generation.step_index} "
+                    f"of {generation.num_steps}, its scheduler planned {float(expected):g} | call the "
+                    "transformer once per scheduler timestep, in order"
+                )
+        return self._start(run, latents, given, inputs, scheduler_timesteps)
+
+    def _start(
+        self,
+        run: _ContextRun,
+        latents: torch.Tensor,
+        given: torch.Tensor,
+        inputs: dict[str, Any],
+        scheduler_timesteps: Any,
+    ) -> Generation:
+        assert self.manifest.denoising is not None  # checked when the manifest was read
+        scale = self.manifest.denoising.timestep_scale
+        planned_all = (torch.as_tensor(scheduler_timesteps).detach().cpu().double() * scale).float().numpy()
+        first = next((k for k, t in enumerate(planned_all) if _timestep_close(given, t)), None)
+        if first is None:
+            raise PipelineError(
+                f"Timestep | the pipeline passed {given[0].item():g}, which is not among its scheduler's "
+                f"{len(planned_all)} timesteps (x {scale:g}, the engines' convention) | call the "
+                "transformer with the scheduler's timesteps"
+            )
+        # As far as the engines serve: an expert (Wan 2.2's two) covers part of the range.
+        low, high = self.manifest.denoising.timestep_range
+        slack = 1e-6 * max(abs(high), 1.0)
+        served = (planned_all >= low - slack) & (planned_all <= high + slack)
+        if not served[first]:
+            raise PipelineError(
+                f"Timestep | the pipeline passed {given[0].item():g}, the engines serve [{low:g}, {high:g}] "
+                "| call the engines of the expert that serves it (Wan 2.2: transformer for high noise, "
+                "transformer_2 for low)"
+            )
+        last = first + int(np.argmin(served[first:])) if not served[first:].all() else len(planned_all)
+        planned = np.ascontiguousarray(planned_all[first:last])
+        session = run.session
+        run.generation = None  # a failed start leaves no generation to continue
+        constants = {spec.name for spec in self.manifest.inputs_of("build_constant")}
+        session.drop_build_constants({k: inputs[k].detach().cpu() for k in constants if k in inputs})
+        conditioning = {k: v for k, v in inputs.items() if k not in constants}
+        fed = {
+            name: self._to_backend(session, value, torch_dtype(self.manifest.input_spec(name).dtype))
+            for name, value in conditioning.items()
+        }
+        try:
+            generation = session.start(len(planned), int(latents.shape[0]), timesteps=planned, **fed)
+        except ScheduleError as err:
+            raise PipelineError(
+                f"Steps | the pipeline runs {len(planned)} steps, which the cache schedule "
+                f"({session.schedule.describe()}) cannot plan: {err} | pass num_inference_steps the "
+                "schedule allows, or load the engines with another schedule"
+            ) from err
+        run.generation = generation
+        run.source = scheduler_timesteps
+        run.planned = planned
+        run.conditioning = dict(conditioning)
+        return generation
+
+    def _check_conditioning(self, run: _ContextRun, inputs: dict[str, Any], generation: Generation) -> None:
+        """Conditioning is fixed per generation: the same tensors (or equal values) each step."""
+        for name, first in run.conditioning.items():
+            value = inputs.get(name)
+            if value is first:
+                continue
+            same = (
+                isinstance(value, torch.Tensor)
+                and isinstance(first, torch.Tensor)
+                and value.shape == first.shape
+                and torch.equal(value.to(first.device, first.dtype), first)
+            )
+            if not same:
+                raise PipelineError(
+                    f"Input '{name}' | changed at step {generation.step_index} of {generation.num_steps} "
+                    "| conditioning is fixed per generation: start a new pipeline call for new prompts"
+                )
+
+    def _to_backend(self, session: ForaSession, value: Any, dtype: torch.dtype) -> Any:
+        tensor = torch.as_tensor(value).detach().to(dtype)
+        if session.backend.host_inputs:
+            return tensor.cpu().numpy()
+        return session.backend.upload(tensor)
+
+    def _to_torch(self, prediction: Any, latents: torch.Tensor) -> torch.Tensor:
+        output = torch.from_numpy(prediction) if isinstance(prediction, np.ndarray) else prediction
+        return output.to(device=latents.device, dtype=latents.dtype)
+
+
+def _timestep_close(given: torch.Tensor, planned: Any) -> bool:
+    planned_array = np.asarray(planned, dtype=np.float64)
+    tolerance = _timestep_tolerance(given, planned_array)
+    return bool(np.all(np.abs(given.double().numpy() - planned_array) <= tolerance))
+
+
+def _calling_pipeline(transformer: ForaTransformer, depth: int = 12) -> Any:
+    """The pipeline whose ``transformer`` is ``transformer``, from the calling frames (for
+    pipelines loaded with ``from_pretrained(..., transformer=...)``, which never attach)."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if owner is not transformer and any(
+            getattr(owner, name, None) is transformer for name in ("transformer", "transformer_2")
+        ):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def enable_fora(
+    pipe: Any,
+    engine_dir: str | Path | ForaTransformer,
+    *,
+    transformer_2: str | Path | ForaTransformer | None = None,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    schedule: CacheSchedule | None = None,
+    **backend_options: Any,
+) -> Any:
+    """Swap ``pipe.transformer`` for the engines in ``engine_dir`` (or attach a
+    :class:`ForaTransformer` already made) and return ``pipe``. ``transformer_2`` does
+    the same for a second expert's engines (Wan 2.2 A14B's low-noise ``transformer_2``):
+    each expert plans the steps it serves, its first one full.
+
+    The drop-in's dtype is the pipeline's VAE dtype (an fp16 engine in an fp32 pipeline
+    casts at the boundary). The original transformer is released from the pipeline;
+    to never load it, pass ``transformer=ForaTransformer.from_engine(...)`` to the
+    pipeline's ``from_pretrained`` instead.
+    """
+    for name, engines in (("transformer", engine_dir), ("transformer_2", transformer_2)):
+        if engines is None:
+            continue
+        if isinstance(engines, ForaTransformer):
+            transformer = engines
+        else:
+            vae = getattr(pipe, "vae", None)
+            dtype = getattr(vae, "dtype", None) or getattr(pipe, "dtype", None)
+            transformer = ForaTransformer.from_engine(
+                engines, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options
+            )
+        current = getattr(pipe, name, None)
+        built = transformer.manifest.model_class
+        if (
+            current is not None
+            and not isinstance(current, ForaTransformer)
+            and type(current).__name__ != built
+        ):
+            raise ForaError(
+                f"enable_fora | the pipeline's {name} is a {type(current).__name__}, the engines were "
+                f"built from a {built} | pass the engines of this pipeline's model"
+            )
+        setattr(pipe, name, transformer)
+        transformer.attach(pipe)
+    return pipe
