@@ -249,7 +249,12 @@ def build(
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="PyTorch model to compare with. [default: the build's source]")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend to validate.")
-@click.option("--steps", type=int, default=20, show_default=True, help="Trajectory length.")
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Trajectory length. [default: 20; with --schedule calibrated, its step count when there is one]",
+)
 @click.option(
     "--scheduler",
     type=click.Choice(["ddim", "dpm", "flow-euler"]),
@@ -259,6 +264,14 @@ def build(
 )
 @click.option(
     "--interval", type=int, default=None, help="Cache interval for the trajectory. [default: manifest]"
+)
+@click.option(
+    "--schedule",
+    "schedule",
+    type=click.Choice(["manifest", "calibrated"]),
+    default=None,
+    help="Cache schedule: the manifest's, or calibrated (the one fora-export calibrate wrote for --steps)."
+    " [default: manifest]",
 )
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -284,9 +297,10 @@ def validate(
     engine_dir: Path,
     model: str | None,
     backend: str,
-    steps: int,
+    steps: int | None,
     scheduler: str | None,
     interval: int | None,
+    schedule: str | None,
     batch_sizes: str | None,
     seed: int,
     pipeline: str | None,
@@ -298,7 +312,11 @@ def validate(
     from fora_export.errors import ConfigError
     from fora_export.progress import StageProgress
     from fora_export.reports import print_validation
+    from fora_export.schedules import default_steps
     from fora_export.validate.runner import validate as run_validate
+    from fora_runtime.manifest import load_manifest
+
+    steps = default_steps(load_manifest(engine_dir, verify_files=False), schedule, steps)
 
     sizes = None
     if batch_sizes:
@@ -316,6 +334,7 @@ def validate(
             steps=steps,
             scheduler=scheduler,
             interval=interval,
+            schedule=schedule,
             batch_sizes=sizes,
             seed=seed,
         )
@@ -327,6 +346,7 @@ def validate(
             steps,
             scheduler,
             interval,
+            schedule,
             seed,
             pipeline,
             guidance,
@@ -363,6 +383,7 @@ def _validate_extras(
     steps: int,
     scheduler: str | None,
     interval: int | None,
+    schedule: str | None,
     seed: int,
     pipeline: str | None,
     guidance: float | None,
@@ -382,6 +403,7 @@ def _validate_extras(
             guidance=guidance,
             seed=seed,
             interval=interval,
+            schedule=schedule,
         )
     if report_dir is not None:
         if result is None:
@@ -394,6 +416,7 @@ def _validate_extras(
                 scheduler=scheduler,
                 interval=interval,
                 seed=seed,
+                schedule_option=schedule,
             )
         else:
             errors = result.steps_errors
@@ -697,6 +720,79 @@ def quality(
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, required=True, help="Step count the schedule is for (only this one).")
+@click.option(
+    "--full-steps", "budget", type=int, required=True, help="Full steps K to place (step 0 is one of them)."
+)
+@click.option("--samples", type=int, default=20, show_default=True, help="Calibration samples.")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["ddim", "dpm", "flow-euler"]),
+    default=None,
+    help="Sampling scheduler. [default: ddim for DDPM families, flow-euler for flow-matching ones]",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["l1", "l2"]),
+    default="l1",
+    show_default=True,
+    help="Cache change measure whose accumulated drift the choice minimises (relative L1 or L2).",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the calibration noise.")
+@click.option("--batch", "batch_size", type=int, default=None, help="Samples per generation.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule file's contents as JSON.")
+@_user_errors
+def calibrate(
+    engine_dir: Path,
+    steps: int,
+    budget: int,
+    samples: int,
+    scheduler: str | None,
+    metric: str,
+    seed: int,
+    batch_size: int | None,
+    backend: str,
+    as_json: bool,
+) -> None:
+    """Choose the full steps of STEPS-step generations from measured cache change, into ENGINE_DIR.
+
+    Runs --samples generations with every step full, measures how much the caches change
+    per step, and places --full-steps full steps where the reuse steps' accumulated change
+    is least. Use it with --schedule calibrated (validate, sample) or schedule="calibrated".
+    """
+    from fora_export.calibrate import calibrate as run_calibrate
+
+    result = run_calibrate(
+        engine_dir,
+        steps=steps,
+        budget=budget,
+        samples=samples,
+        scheduler=scheduler,
+        metric=metric,
+        seed=seed,
+        batch_size=batch_size,
+        backend=backend,
+        progress=sys.stderr.isatty(),
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    record = result.record
+    click.echo(
+        f"calibrated {engine_dir} for {record.steps} {record.scheduler['name']} steps on {record.samples} "
+        f"samples in {record.seconds:.1f} s: {len(record.full_steps)} full steps at "
+        f"{','.join(map(str, record.full_steps))}"
+    )
+    click.echo(
+        f"  accumulated drift ({record.metric}): {record.cost:.4g}; evenly spaced "
+        f"({','.join(map(str, result.uniform))}): {record.uniform_cost:.4g}"
+    )
+    click.echo(f"  wrote {result.file} (listed in manifest.json with its sha256)")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @_user_errors
 def info(engine_dir: Path, as_json: bool) -> None:
@@ -731,6 +827,14 @@ def info(engine_dir: Path, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--interval", type=int, default=None, help="Cache interval. [default: the manifest's]")
 @click.option(
+    "--schedule",
+    "schedule",
+    type=click.Choice(["manifest", "calibrated"]),
+    default=None,
+    help="Cache schedule: the manifest's, or calibrated (the one fora-export calibrate wrote for --steps)."
+    " [default: manifest]",
+)
+@click.option(
     "--backend", default="onnxruntime", show_default=True, help="Runtime backend of the engine run."
 )
 @click.option("--device", default=None, help="Device of the torch backend and the pipeline (cpu, cuda).")
@@ -745,6 +849,7 @@ def sample(
     guidance: float | None,
     seed: int,
     interval: int | None,
+    schedule: str | None,
     backend: str,
     device: str | None,
     out_dir: Path,
@@ -767,6 +872,7 @@ def sample(
         guidance=guidance,
         seed=seed,
         interval=interval,
+        schedule=schedule,
         backend=backend,
         device=device,
         progress=sys.stderr.isatty(),

@@ -55,6 +55,14 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
         console.print(
             f"FORA vs no caching (PyTorch, information only): rel. L2 {trajectory.fora_vs_nocache_rel_l2:.3f}"
         )
+    for check in report.calibrated:
+        ran = "" if check.ran_full_steps is None else ", and the trajectory's full steps"
+        console.print(
+            f"Calibrated schedule for {check.steps} steps ({check.file}): full at "
+            f"{','.join(map(str, check.file_full_steps))}; the runtime's plan{ran} "
+            + ("equal it " if check.passed else f"differ ({check.planned_full_steps}) ")
+            + _verdict(check.passed)
+        )
     console.print(f"Result: {_verdict(report.passed)}")
 
 
@@ -98,6 +106,10 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         )
     else:
         console.print("gate table: no (reuse steps compute their gates)")
+    for steps, file in sorted(manifest.calibrated_schedules.items()):
+        console.print(
+            f"calibrated schedule for {steps} steps: {_describe_calibration(manifest, folder, steps, file)}"
+        )
     table = Table(title="Graphs")
     for column in ("graph", "file", "inputs", "outputs"):
         table.add_column(column)
@@ -113,6 +125,22 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     backends = ", ".join(_describe_backend(name, record) for name, record in manifest.backends.items())
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
     console.print(f"built backends: {backends or 'none (ONNX only)'}; tools: {tools}")
+
+
+def _describe_calibration(manifest: Manifest, folder: Path, steps: int, file: str) -> str:
+    """A calibrated schedule in words (or why its file cannot be read)."""
+    from fora_runtime.calibration import read_calibration
+    from fora_runtime.errors import ForaError
+
+    try:
+        record = read_calibration(manifest, folder, steps)
+    except ForaError as err:
+        return f"{file}: unreadable ({err})"
+    return (
+        f"{len(record.full_steps)} full at {','.join(map(str, record.full_steps))} ({file}; "
+        f"{record.scheduler.get('name')}, {record.samples} samples, {record.metric} drift {record.cost:.3g} "
+        f"vs {record.uniform_cost:.3g} evenly spaced)"
+    )
 
 
 def _describe_backend(name: str, record: object) -> str:

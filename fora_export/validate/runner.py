@@ -8,6 +8,9 @@
    schedule): runtime vs PyTorch FORA, final-latent relative L2.
 3. Drift: PyTorch FORA vs PyTorch without caching, as information (this is the
    approximation FORA makes, not an export error).
+4. Calibrated schedules (``fora-export calibrate``): for every one the manifest lists,
+   the plan a ``schedule="calibrated"`` generation gets equals the file's full steps;
+   for the one the trajectory runs, so do the graphs its steps ran.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.errors import ConfigError
 from fora_export.loading import load_model
+from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import SplitModel, split_model
 from fora_export.validate.compare import (
     GRAPH_TOLERANCES,
@@ -35,6 +39,7 @@ from fora_export.validate.compare import (
     relative_l2,
     to_numpy,
 )
+from fora_runtime.calibration import CalibratedSchedules
 from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
@@ -88,10 +93,35 @@ class TrajectoryResult:
     final_nonfinite: bool
     #: Whether the runtime's reuse steps read gates precomputed at start().
     gate_table: bool = False
+    #: The steps at which the runtime ran the full graph.
+    ran_full_steps: list[int] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.final_nonfinite and self.runtime_vs_fora_rel_l2 <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class CalibratedCheck:
+    """A calibrated schedule against what the runtime does with it."""
+
+    steps: int
+    file: str
+    file_full_steps: list[int]
+    #: The full steps of a ``schedule="calibrated"`` generation's plan.
+    planned_full_steps: list[int]
+    #: The steps that ran the full graph when the trajectory ran this schedule (else None).
+    ran_full_steps: list[int] | None = None
+
+    @property
+    def passed(self) -> bool:
+        ran = self.ran_full_steps
+        return self.planned_full_steps == self.file_full_steps and (
+            ran is None or ran == self.file_full_steps
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -105,11 +135,13 @@ class ValidationReport:
     precision: str
     graph_cases: list[GraphCase] = field(default_factory=list)
     trajectory: TrajectoryResult | None = None
+    calibrated: list[CalibratedCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         graphs_ok = all(c.passed for c in self.graph_cases)
-        return graphs_ok and (self.trajectory is None or self.trajectory.passed)
+        calibrated_ok = all(c.passed for c in self.calibrated)
+        return graphs_ok and calibrated_ok and (self.trajectory is None or self.trajectory.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +153,7 @@ class ValidationReport:
             "graph_tolerance": asdict(GRAPH_TOLERANCES[self.precision]),
             "graphs": [c.to_dict() for c in self.graph_cases],
             "trajectory": self.trajectory.to_dict() if self.trajectory else None,
+            "calibrated": [c.to_dict() for c in self.calibrated],
         }
 
 
@@ -392,6 +425,7 @@ def validate_trajectory(
         fora_vs_nocache_rel_l2=relative_l2(final_fora, final_nocache),
         final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
         gate_table=generation.uses_gate_table,
+        ran_full_steps=[k for k, role in enumerate(generation.history) if role == "full"],
     )
 
 
@@ -402,14 +436,15 @@ def validate(
     backend: str = "onnxruntime",
     steps: int = 20,
     scheduler: str | None = None,
-    schedule: CacheSchedule | None = None,
+    schedule: CacheSchedule | str | None = None,
     interval: int | None = None,
     batch_sizes: list[int] | None = None,
     seed: int = 0,
     graphs: bool = True,
     trajectory: bool = True,
 ) -> ValidationReport:
-    """Validate an engine folder; see the module docstring for what is checked."""
+    """Validate an engine folder; see the module docstring for what is checked.
+    ``schedule="calibrated"``: the trajectory runs the schedule calibrated for ``steps``."""
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
     with ForaSession(engine_dir, backend=backend) as session:
@@ -417,10 +452,8 @@ def validate(
         assert manifest.denoising is not None  # checked when the manifest was read
         scheduler = scheduler or default_scheduler(manifest.denoising)
         make_scheduler(scheduler, steps, manifest.denoising)  # refuses a wrong family before work
-        if schedule is None and interval is not None:
-            # Count the interval the way the engines' own schedule does.
-            mode = manifest.schedule.mode if manifest.schedule.kind == "interval" else "paper"
-            schedule = CacheSchedule.interval_of(interval, mode)
+        if not isinstance(schedule, CacheSchedule):  # "calibrated" (refused without a file), options
+            schedule = chosen_schedule(manifest, engine_dir, steps, interval=interval, schedule=schedule)
         if batch_sizes is None:
             batch_sizes = sorted({manifest.batch.min, manifest.batch.opt, manifest.batch.max})
         for batch in batch_sizes:
@@ -447,6 +480,33 @@ def validate(
                     batch_size=manifest.batch.opt,
                     seed=seed,
                 )
+            report.calibrated = check_calibrated(session, report.trajectory)
         finally:
             split.remove()
     return report
+
+
+def check_calibrated(session: ForaSession, trajectory: TrajectoryResult | None) -> list[CalibratedCheck]:
+    """Every calibrated schedule of the folder: its file's full steps against the plan of a
+    ``schedule="calibrated"`` generation and, where the trajectory ran it, the steps that
+    ran the full graph."""
+    manifest = session.manifest
+    calibrated = CalibratedSchedules(manifest, session.engine_dir)
+    checks = []
+    for steps in calibrated.steps:
+        record = calibrated.record(steps)
+        generation = session.start(steps, manifest.batch.min, schedule="calibrated")
+        ran = None
+        if trajectory is not None and trajectory.schedule == record.schedule.describe():
+            ran = trajectory.ran_full_steps
+        checks.append(
+            CalibratedCheck(
+                steps=steps,
+                file=manifest.calibrated_schedules[steps],
+                file_full_steps=list(record.full_steps),
+                planned_full_steps=[k for k, full in enumerate(generation.plan) if full],
+                ran_full_steps=ran,
+            )
+        )
+    session.reset()
+    return checks

@@ -101,6 +101,8 @@ class Generation:
         self._planned = planned
         self._gate_table = gate_table
         self.step_index = 0
+        #: The graph each step ran so far ("full", "reuse", "reuse_gated"), in step order.
+        self.history: list[str] = []
 
     @property
     def uses_gate_table(self) -> bool:
@@ -158,9 +160,11 @@ class Generation:
             session.stage(self._buffers, {session.latents_name: latents}, only=(session.latents_name,))
             first_row = self._gate_table.block_of[index] * self.batch_size
             backend.run_reuse_gated(self._buffers, self._gate_table.table, first_row)
+            self.history.append("reuse_gated")
         else:
             inputs = {session.latents_name: latents, session.timestep_name: timestep, **conditioning}
             session.stage(self._buffers, inputs)
             (backend.run_full if full else backend.run_reuse)(self._buffers)
+            self.history.append("full" if full else "reuse")
         self.step_index += 1
         return backend.read_prediction(self._buffers)

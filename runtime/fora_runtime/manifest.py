@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,9 @@ class Manifest:
     backends: dict[str, Any] = field(default_factory=dict)
     #: Rows the ``gates`` graph takes per call; None when the build has no gate-table graphs.
     gate_rows: BatchRange | None = None
+    #: Calibrated schedules written by ``fora-export calibrate``: step count -> file (listed in
+    #: ``files`` with its sha256; the file itself is read by ``fora_runtime.calibration``).
+    calibrated_schedules: dict[int, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- IO helpers used by the runtime -------------------------------------------------
@@ -315,12 +319,20 @@ class Manifest:
         data["caches"] = [c.to_dict() for c in self.caches]
         data["inputs"] = [i.to_dict() for i in self.inputs]
         data["denoising"] = self.denoising.to_dict() if self.denoising is not None else None
+        data["calibrated_schedules"] = {str(steps): file for steps, file in self.calibrated_schedules.items()}
         # Put the version first so a human reading the file sees it.
         return {"schema_version": data.pop("schema_version"), **data}
 
     def write(self, folder: Path) -> Path:
+        """Write ``manifest.json`` atomically: readers see the old file or the new one, never
+        a half-written one (``fora-export calibrate`` rewrites it in place)."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -358,6 +370,9 @@ class Manifest:
                 denoising=DenoisingSpec.from_dict(data["denoising"]),
                 backends=dict(data.get("backends", {})),
                 gate_rows=BatchRange(**gate_rows) if gate_rows is not None else None,
+                calibrated_schedules={
+                    int(steps): str(file) for steps, file in data.get("calibrated_schedules", {}).items()
+                },
             )
         except ManifestError:
             raise
@@ -407,6 +422,12 @@ class Manifest:
         for role, graph in self.graphs.items():
             if graph.file not in self.files:
                 raise ManifestError(f"{where} | {role} graph file '{graph.file}' is not listed in 'files'")
+        for steps, file in self.calibrated_schedules.items():
+            if steps < 1 or file not in self.files:
+                raise ManifestError(
+                    f"{where} | calibrated schedule {steps}: '{file}' is not a listed file for a step count "
+                    ">= 1 | run fora-export calibrate again"
+                )
         self._check_gate_table(where)
 
     def _check_inputs(self, bad: Any) -> None:
@@ -518,17 +539,25 @@ def load_manifest(folder: str | Path, *, verify_files: bool = True) -> Manifest:
 
 
 def verify_manifest_files(manifest: Manifest, folder: Path) -> None:
-    for name, record in manifest.files.items():
-        file = folder / name
-        if not file.is_file():
-            raise ManifestError(f"{file} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
-        size = file.stat().st_size
-        if size != record.get("bytes"):
-            raise ManifestError(
-                f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated "
-                "or was replaced; rebuild the engines"
-            )
-        if sha256_of(file) != record.get("sha256"):
-            raise ManifestError(
-                f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; rebuild the engines"
-            )
+    calibrated = {file: steps for steps, file in manifest.calibrated_schedules.items()}
+    for name in manifest.files:
+        fix = "rebuild the engines"
+        if name in calibrated:
+            fix = f"calibrate again: fora-export calibrate {folder} --steps {calibrated[name]} --full-steps K"
+        verify_listed_file(manifest, folder, name, fix=fix)
+
+
+def verify_listed_file(manifest: Manifest, folder: Path, name: str, *, fix: str) -> None:
+    """Raise ManifestError unless ``folder/name`` has the size and sha256 the manifest lists."""
+    record = manifest.files[name]
+    file = Path(folder) / name
+    if not file.is_file():
+        raise ManifestError(f"{file} | missing, but listed in {MANIFEST_NAME} | {fix}")
+    size = file.stat().st_size
+    if size != record.get("bytes"):
+        raise ManifestError(
+            f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated or was "
+            f"replaced; {fix}"
+        )
+    if sha256_of(file) != record.get("sha256"):
+        raise ManifestError(f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; {fix}")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, host_copy
+from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
 from fora_runtime.errors import InputError
 from fora_runtime.generation import GateTable, Generation, PlannedInputs
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, load_manifest
@@ -45,18 +46,22 @@ class ForaSession:
         engine_dir: str | Path,
         *,
         backend: str = "onnxruntime",
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | CalibratedSchedules | str | None = None,
         verify_files: bool = True,
         check_inputs: bool = True,
         gate_table: bool = True,
         **backend_options: Any,
     ) -> None:
-        """``check_inputs=False`` skips the per-step shape, dtype and value checks (for
+        """``schedule``: the default of every generation (None: the manifest's; ``"calibrated"``:
+        for each step count the schedule ``fora-export calibrate`` wrote for it).
+        ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
         ``gate_table=False`` never precomputes gates (reuse steps compute their own)."""
         self.engine_dir = Path(engine_dir)
         self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
-        self.schedule = schedule if schedule is not None else self.manifest.schedule
+        self.schedule: CacheSchedule | CalibratedSchedules = (
+            resolve_schedule(schedule, self.manifest, self.engine_dir) or self.manifest.schedule
+        )
         self.backend: StepBackend = create_backend(backend, self.manifest, self.engine_dir, **backend_options)
         # Before activation: without it the backend loads no gate-table graphs at all.
         self.backend.use_gate_table = gate_table
@@ -88,11 +93,14 @@ class ForaSession:
         num_steps: int,
         batch_size: int,
         *,
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | CalibratedSchedules | str | None = None,
         timesteps: Any = None,
         **conditioning: Any,
     ) -> Generation:
         """Begin a new generation; earlier generations of this session become stale.
+
+        ``schedule`` overrides the session's for this generation (``"calibrated"``: the
+        schedule calibrated for ``num_steps``; another step count is a ScheduleError).
 
         ``timesteps`` (one per step, each a number or one per sample) and the
         generation's conditioning (e.g. ``class_labels``) are optional; given, steps
@@ -100,7 +108,7 @@ class ForaSession:
         step are computed here at once (:attr:`Generation.uses_gate_table`).
         """
         batch_size = self._check_batch(batch_size)
-        plan = (schedule or self.schedule).plan(num_steps)
+        plan = (resolve_schedule(schedule, self.manifest, self.engine_dir) or self.schedule).plan(num_steps)
         planned = None
         if timesteps is not None:
             planned = self._plan_inputs(timesteps, conditioning, len(plan), batch_size)
