@@ -255,7 +255,7 @@ def measure_change(
             progress.stage(f"samples {start + 1}-{end} of {plan.samples}: {plan.steps} full steps")
         scheduler = make_scheduler(plan.scheduler, plan.steps, denoising)
         timesteps = scheduler.timesteps.numpy() * denoising.timestep_scale
-        chunk = {name: value[start:end] for name, value in conditioning.items()}
+        chunk: dict[str, Any] = {name: value[start:end] for name, value in conditioning.items()}
         generation = session.start(
             plan.steps, end - start, schedule=every_step, timesteps=timesteps.astype(np.float32), **chunk
         )

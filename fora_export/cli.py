@@ -176,6 +176,12 @@ def _default_out(model: str) -> Path:
     default=None,
     help="Refuse a build whose caches at the largest batch exceed this (lists the --cache subsets that fit).",
 )
+@click.option(
+    "--forecast",
+    is_flag=True,
+    help="Also export the forecast reuse graph: caches forecast from the last two full steps (gate-table "
+    "families; doubles the cache memory).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @_user_errors
 def build(
@@ -200,6 +206,7 @@ def build(
     frames: int | None,
     subfolder: str | None,
     max_cache_gib: float | None,
+    forecast: bool,
     force: bool,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
@@ -231,6 +238,7 @@ def build(
         frames=frames,
         subfolder=subfolder,
         max_cache_gib=max_cache_gib,
+        forecast=forecast,
     )
     result = run_build(model, out or _default_out(model), config, force=force)
     manifest = result.manifest
@@ -241,8 +249,9 @@ def build(
         f"latent {manifest.resolution[0]}x{manifest.resolution[1]}, {manifest.schedule.describe()}"
     )
     click.echo(f"  {result.backend_note}")
+    width = max(16, *(len(name) for name in sizes))
     for name, size in sizes.items():
-        click.echo(f"  {name:<16} {size / 2**20:8.1f} MiB")
+        click.echo(f"  {name:<{width}} {size / 2**20:8.1f} MiB")
 
 
 @main.command()

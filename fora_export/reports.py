@@ -48,7 +48,9 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
         console.print(
             f"Trajectory ({trajectory.scheduler}, {trajectory.steps} steps, batch {trajectory.batch_size}, "
             f"{trajectory.schedule}, {trajectory.num_full} full"
-            f"{', gate table' if trajectory.gate_table else ''}): runtime vs PyTorch FORA rel. L2 "
+            f"{', gate table' if trajectory.gate_table else ''}"
+            f"{', forecast from the last two full steps' if trajectory.forecast else ''}): runtime vs "
+            "PyTorch FORA rel. L2 "
             f"{trajectory.runtime_vs_fora_rel_l2:.2e} (allowed {trajectory.tolerance:g}) "
             f"{_verdict(trajectory.passed)}"
         )
@@ -64,6 +66,11 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
             + _verdict(check.passed)
         )
     console.print(f"Result: {_verdict(report.passed)}")
+
+
+def _bytes(count: float) -> str:
+    """A size in MiB (KiB below one MiB, so tiny models' caches do not read 0.0)."""
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def _graph_bytes(manifest: Manifest, role: str) -> int:
@@ -85,11 +92,20 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         itemsize(c.dtype) * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
     )
     reuse_graph = manifest.export.get("reuse_graph", "plain")
+    # Forecast builds keep two generations of every cache (the last two full steps').
+    generations = 2 if manifest.has_forecast else 1
+    held = cache_bytes * generations
+    doubled = f" (two generations for the forecast: 2 x {_bytes(cache_bytes)})" if generations == 2 else ""
     console.print(
         f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
-        f"{cache_bytes / 2**20:.1f} MiB per sample, {cache_bytes * manifest.batch.max / 2**20:.1f} MiB "
-        f"at batch {manifest.batch.max}; reuse graph: {reuse_graph}"
+        f"{_bytes(held)} per sample, {_bytes(held * manifest.batch.max)} "
+        f"at batch {manifest.batch.max}{doubled}; reuse graph: {reuse_graph}"
     )
+    if manifest.has_forecast:
+        console.print(
+            "forecast: yes (reuse steps after the second full step forecast each cache from the last two "
+            "full steps; the weights come with the gate table)"
+        )
     roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
     console.print(f"inputs: {roles}")
     full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))

@@ -39,8 +39,9 @@ from fora_export.validate.compare import (
     relative_l2,
     to_numpy,
 )
+from fora_export.validate.forecast_ref import ForecastHistory
 from fora_runtime.calibration import CalibratedSchedules
-from fora_runtime.manifest import DenoisingSpec, Manifest
+from fora_runtime.manifest import FORECAST_ROLE, DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 
@@ -93,6 +94,8 @@ class TrajectoryResult:
     final_nonfinite: bool
     #: Whether the runtime's reuse steps read gates precomputed at start().
     gate_table: bool = False
+    #: Whether the runtime's reuse steps forecast the caches (and so the reference does).
+    forecast: bool = False
     #: The steps at which the runtime ran the full graph.
     ran_full_steps: list[int] = field(default_factory=list)
 
@@ -254,8 +257,56 @@ def validate_graphs(
                         [compare("prediction", gated_pred, ref_reuse, tolerance)],
                     )
                 )
+            if session.backend.forecast_enabled:
+                cases.append(_forecast_case(session, split, feed, inputs, batch, timestep, (low, top)))
             log.debug("graphs: batch %d t=%d done", batch, timestep)
     return cases
+
+
+def _forecast_case(
+    session: ForaSession,
+    split: SplitModel,
+    feed: _Feeder,
+    inputs: dict[str, torch.Tensor],
+    batch: int,
+    timestep: float,
+    served: tuple[float, float],
+) -> GraphCase:
+    """The forecast reuse step of a three-step generation (full at t + 2g and t + g, forecast
+    at t) against the PyTorch reference: the caches themselves forecast and replayed
+    through the model's blocks (:mod:`fora_export.validate.forecast_ref`)."""
+    low, top = served
+    gap = min(float(REUSE_GAP), (top - low) / 3)
+    reuse_t = min(timestep, top - 2 * gap)
+    times = (reuse_t + 2 * gap, reuse_t + gap, reuse_t)
+    scale = split.adapter.timestep_scale
+    name = session.timestep_name
+    history = ForecastHistory()
+    with torch.no_grad():
+        for t in times[:2]:
+            at_t = torch.full((batch,), t * scale)
+            history.record(at_t, split.run_full(dict(inputs, **{name: at_t}))[1])
+        at_t = torch.full((batch,), times[2] * scale)
+        reference = split.run_reuse(dict(inputs, **{name: at_t}), history.reuse_caches(at_t))
+    fed = feed(inputs)
+    latents = fed[session.latents_name]
+    conditioning = {k: v for k, v in fed.items() if k not in (session.latents_name, name)}
+    generation = session.start(
+        3,
+        batch,
+        schedule=CacheSchedule.explicit([0, 1]),
+        timesteps=[t * scale for t in times],
+        forecast=True,
+        **conditioning,
+    )
+    for _ in range(3):
+        prediction = generation.step(latents)
+    if generation.history[-1] != FORECAST_ROLE:
+        raise ConfigError("validate | the forecast step ran plain reuse | report this bug")
+    tolerance = GRAPH_TOLERANCES[session.manifest.precision]
+    return GraphCase(
+        FORECAST_ROLE, batch, times[2], [compare("prediction", prediction, reference, tolerance)]
+    )
 
 
 def _gated_reuse_step(
@@ -397,15 +448,19 @@ def validate_trajectory(
         fed = feed(step_inputs(latents, t))
         return generation.step(fed.pop(latents_name), fed.pop(timestep_name), **fed)
 
-    caches: dict[str, torch.Tensor] = {}
+    forecast = generation.uses_forecast
+    history = ForecastHistory()
 
     def fora_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal caches
+        inputs = step_inputs(latents, t)
         with torch.no_grad():
             if plan[k]:
-                pred, caches = split.run_full(step_inputs(latents, t))
+                pred, caches = split.run_full(inputs)
+                history.record(inputs[timestep_name], caches)
                 return pred
-            return split.run_reuse(step_inputs(latents, t), caches)
+            if forecast:
+                return split.run_reuse(inputs, history.reuse_caches(inputs[timestep_name]))
+            return split.run_reuse(inputs, history.caches[-1])
 
     def nocache_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -425,6 +480,7 @@ def validate_trajectory(
         fora_vs_nocache_rel_l2=relative_l2(final_fora, final_nocache),
         final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
         gate_table=generation.uses_gate_table,
+        forecast=forecast,
         ran_full_steps=[k for k, role in enumerate(generation.history) if role == "full"],
     )
 

@@ -25,6 +25,20 @@ GRAPH_ROLES = ("full", "reuse")
 #: rows at once, ``reuse_gated`` is the reuse step reading its row instead of computing it.
 GATE_TABLE_ROLES = ("gates", "reuse_gated")
 GATES_NAME = "gates"
+#: Optional (``build --forecast``, with the gate-table graphs): the reuse step that forecasts
+#: each cache from the last two full steps, ``A + w (A - A_previous)``. It reads the gate
+#: table's row, the step's weight ``w`` per sample, the caches and the previous caches.
+FORECAST_ROLE = "reuse_forecast"
+FORECAST_WEIGHT_NAME = "forecast_weight"
+#: The previous full step's cache ``name`` is the forecast graph's input ``previous.<name>``.
+PREVIOUS_PREFIX = "previous."
+
+
+def previous_cache_name(name: str) -> str:
+    """The forecast graph's input holding cache ``name`` of the full step before the last."""
+    return f"{PREVIOUS_PREFIX}{name}"
+
+
 #: What each step input is. ``build_constant`` inputs (e.g. Flux's position ids) are fixed
 #: per build and baked into the graphs; their values are recorded so a caller who passes
 #: them anyway is checked.
@@ -347,7 +361,8 @@ class Manifest:
                 "or use the fora-runtime that matches the one that built them"
             )
         try:
-            roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in data["graphs"])
+            optional = (*GATE_TABLE_ROLES, FORECAST_ROLE)
+            roles = GRAPH_ROLES + tuple(r for r in optional if r in data["graphs"])
             graphs = {role: GraphSpec.from_dict(data["graphs"][role]) for role in roles}
             gate_rows = data.get("gate_rows")
             manifest = cls(
@@ -429,6 +444,7 @@ class Manifest:
                     ">= 1 | run fora-export calibrate again"
                 )
         self._check_gate_table(where)
+        self._check_forecast(where)
 
     def _check_inputs(self, bad: Any) -> None:
         roles = [spec.role for spec in self.inputs]
@@ -441,11 +457,14 @@ class Manifest:
                 raise bad(f"build constant '{spec.name}' has no recorded value")
         step = {spec.name: spec for spec in self.step_inputs}
         cache_names = {c.name for c in self.caches}
+        forecast_only = {FORECAST_WEIGHT_NAME, *(previous_cache_name(name) for name in cache_names)}
         for role, graph in self.graphs.items():
             if role == "gates":
                 continue
             for tensor in graph.inputs:
                 if tensor.name in cache_names or tensor.name == GATES_NAME:
+                    continue
+                if role == FORECAST_ROLE and tensor.name in forecast_only:
                     continue
                 want = step.get(tensor.name)
                 if want is None or (want.dtype, want.shape) != (tensor.dtype, tensor.shape):
@@ -499,6 +518,38 @@ class Manifest:
             for spec in self.graphs[role].inputs:
                 if spec.name not in known:
                     raise ManifestError(f"{where} | {role} input '{spec.name}' is not a step input or cache")
+
+    @property
+    def has_forecast(self) -> bool:
+        """True when the build has the forecast reuse graph (``build --forecast``)."""
+        return FORECAST_ROLE in self.graphs
+
+    def _check_forecast(self, where: str) -> None:
+        if not self.has_forecast:
+            return
+        if not self.has_gate_table:
+            raise ManifestError(
+                f"{where} | a {FORECAST_ROLE} graph without the gate-table graphs | rebuild the engines"
+            )
+        graph = self.graphs[FORECAST_ROLE]
+        gated = self.graphs["reuse_gated"]
+        caches = [c.name for c in self.caches]
+        weight = (FORECAST_WEIGHT_NAME, "float32", (BATCH_AXIS,))
+        leading = (self.latents_input.name, GATES_NAME)
+        expected = [(t.name, t.dtype, t.shape) for t in gated.inputs if t.name in leading]
+        expected.append(weight)
+        by_name = {c.name: c for c in self.caches}
+        expected += [(name, by_name[name].dtype, by_name[name].shape) for name in caches]
+        expected += [(previous_cache_name(n), by_name[n].dtype, by_name[n].shape) for n in caches]
+        got = [(t.name, t.dtype, t.shape) for t in graph.inputs]
+        outputs = [(t.name, t.dtype, t.shape) for t in graph.outputs]
+        prediction = [(self.prediction.name, self.prediction.dtype, self.prediction.shape)]
+        if got != expected or outputs != prediction:
+            raise ManifestError(
+                f"{where} | the {FORECAST_ROLE} graph must take latents, {GATES_NAME}, "
+                f"{FORECAST_WEIGHT_NAME} [batch] float32, the caches and the previous caches, and output the "
+                "prediction | rebuild the engines"
+            )
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, host_copy
 from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
 from fora_runtime.errors import InputError
-from fora_runtime.generation import GateTable, Generation, PlannedInputs
+from fora_runtime.generation import GateTable, Generation, PlannedInputs, forecast_weights
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
 
@@ -50,13 +50,17 @@ class ForaSession:
         verify_files: bool = True,
         check_inputs: bool = True,
         gate_table: bool = True,
+        forecast: bool | None = None,
         **backend_options: Any,
     ) -> None:
         """``schedule``: the default of every generation (None: the manifest's; ``"calibrated"``:
         for each step count the schedule ``fora-export calibrate`` wrote for it).
         ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
-        ``gate_table=False`` never precomputes gates (reuse steps compute their own)."""
+        ``gate_table=False`` never precomputes gates (reuse steps compute their own).
+        ``forecast`` (forecast builds, ``build --forecast``): None forecasts wherever the
+        generation has a gate table; True refuses generations that cannot; False never
+        forecasts (static FORA, one cache generation)."""
         self.engine_dir = Path(engine_dir)
         self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
         self.schedule: CacheSchedule | CalibratedSchedules = (
@@ -65,6 +69,19 @@ class ForaSession:
         self.backend: StepBackend = create_backend(backend, self.manifest, self.engine_dir, **backend_options)
         # Before activation: without it the backend loads no gate-table graphs at all.
         self.backend.use_gate_table = gate_table
+        self.backend.use_forecast = forecast is not False
+        self.forecast = forecast
+        if forecast and not self.manifest.has_forecast:
+            raise InputError(
+                f"ForaSession forecast | {self._where()} was built without --forecast | rebuild with "
+                "`fora-export build --forecast`, or leave forecast off"
+            )
+        if forecast and not (gate_table and self.backend.supports_forecast):
+            raise InputError(
+                f"ForaSession forecast | backend '{backend}'{'' if gate_table else ' without a gate table'} "
+                "cannot forecast | use the onnxruntime or torch backend with gate_table=True, or "
+                "forecast=False"
+            )
         #: The inputs each step feeds the graphs, with their roles (manifest order).
         self.step_inputs: tuple[InputSpec, ...] = self.manifest.step_inputs
         self.latents_name = self.manifest.latents_input.name
@@ -95,6 +112,7 @@ class ForaSession:
         *,
         schedule: CacheSchedule | CalibratedSchedules | str | None = None,
         timesteps: Any = None,
+        forecast: bool | None = None,
         **conditioning: Any,
     ) -> Generation:
         """Begin a new generation; earlier generations of this session become stale.
@@ -105,7 +123,9 @@ class ForaSession:
         ``timesteps`` (one per step, each a number or one per sample) and the
         generation's conditioning (e.g. ``class_labels``) are optional; given, steps
         may omit them, and where the build and backend allow, the gates of every
-        step are computed here at once (:attr:`Generation.uses_gate_table`).
+        step are computed here at once (:attr:`Generation.uses_gate_table`), on forecast
+        builds with each reuse step's forecast weights (``forecast`` overrides the
+        session's: True needs the timesteps, False reuses plainly).
         """
         batch_size = self._check_batch(batch_size)
         plan = (resolve_schedule(schedule, self.manifest, self.engine_dir) or self.schedule).plan(num_steps)
@@ -117,6 +137,13 @@ class ForaSession:
                 f"start() | got conditioning {sorted(conditioning)} without timesteps | pass "
                 "timesteps too, or pass conditioning to each step()"
             )
+        wanted = self.forecast if forecast is None else forecast
+        if wanted and not (planned is not None and self.backend.forecast_enabled):
+            why = "without timesteps" if planned is None else "on engines or a session that cannot forecast"
+            raise InputError(
+                f"start() forecast | asked for {why} | pass timesteps to start() on a forecast build "
+                "(fora-export build --forecast), or forecast=False"
+            )
         buffers = self.backend.buffers(batch_size)
         table = None
         if planned is not None and self.backend.gate_table_enabled:
@@ -125,7 +152,11 @@ class ForaSession:
             if reuse_steps:
                 names = tuple(spec.name for spec in self.manifest.graphs["gates"].inputs)
                 rows = planned.rows(batch_size, reuse_steps, names)
-                table = GateTable(self.backend.gate_table(rows), reuse_steps)
+                weights, forecast_steps = None, frozenset[int]()
+                if wanted is not False and self.backend.forecast_enabled:
+                    per_step, forecast_steps = forecast_weights(plan, planned.timesteps, batch_size)
+                    weights = self.backend.upload(per_step[reuse_steps].reshape(-1))  # rows as the table's
+                table = GateTable(self.backend.gate_table(rows), reuse_steps, weights, forecast_steps)
         self._generation_id += 1
         return Generation(self, buffers, plan, self._generation_id, planned, table)
 
