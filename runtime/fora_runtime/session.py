@@ -57,9 +57,9 @@ class ForaSession:
         self.engine_dir = Path(engine_dir)
         self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
         self.schedule = schedule if schedule is not None else self.manifest.schedule
-        self.backend: StepBackend = create_backend(backend, self.manifest, self.engine_dir, **backend_options)
-        # Before activation: without it the backend loads no gate-table graphs at all.
-        self.backend.use_gate_table = gate_table
+        self.backend: StepBackend = create_backend(
+            backend, self.manifest, self.engine_dir, gate_table=gate_table, **backend_options
+        )
         #: The inputs each step feeds the graphs, with their roles (manifest order).
         self.step_inputs: tuple[InputSpec, ...] = self.manifest.step_inputs
         self.latents_name = self.manifest.latents_input.name

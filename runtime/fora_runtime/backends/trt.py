@@ -128,10 +128,11 @@ class TensorRTBackend(TorchTensorIO):
         manifest: Manifest,
         folder: Path,
         *,
+        gate_table: bool = True,
         use_cuda_graphs: bool = False,
         device: int | None = None,
     ) -> None:
-        super().__init__(manifest, folder)
+        super().__init__(manifest, folder, gate_table=gate_table)
         self.use_cuda_graphs = use_cuda_graphs
         self._device_index = device
         self._torch: Any = None
