@@ -129,7 +129,7 @@ def test_narrower_integer_labels_are_widened_for_the_table(tiny_torch_engine: Pa
 
 def test_gate_table_in_several_calls_equals_one(tiny_torch_engine: Path) -> None:
     with ForaSession(tiny_torch_engine) as session:
-        planned = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
+        planned = session._inputs.plan(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
         rows = planned.rows(BATCH, list(range(STEPS)), ("timestep", "class_labels"))
         whole = session.backend.gate_table(rows)
         small = dataclasses.replace(session.manifest, gate_rows=BatchRange(1, 1, 3))
