@@ -24,12 +24,11 @@ from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.generation import forecast_weights
 from fora_runtime.schedule import CacheSchedule
-from tests.conftest import TINY_DIT, save_dit
-from tests.validate.test_mmdit import TEXT, TINY_FLUX_DEV, TINY_SD3
-from tests.validate.test_wan import FRAMES, TINY_WAN
+from tests.tiny_models import TINY_DIT, TINY_FLUX_DEV, TINY_PIXART, TINY_SD3, TINY_WAN, save_dit, save_pixart
 
 STEPS = 8
 BATCH = 2
+TEXT, FRAMES = 6, 3  # text tokens and latent frames of the tiny text and video models
 TIMESTEPS = np.linspace(999, 0, STEPS).astype(np.float32)
 LABELS = np.array([3, 7], dtype=np.int64)
 #: fp32 graphs against PyTorch, as validate allows (dynamo/TorchScript parity ~5e-6).
@@ -207,8 +206,6 @@ def test_forecast_build_refuses_the_plain_reuse_graph(tmp_path: Path, tiny_dit_d
 
 @pytest.mark.slow
 def test_forecast_needs_a_gate_table_family(tmp_path: Path) -> None:
-    from tests.conftest import TINY_PIXART, save_pixart
-
     model = save_pixart(tmp_path / "pixart", TINY_PIXART)
     code, _, stderr = run_cli("build", str(model), "--out", str(tmp_path / "e"), "--forecast")
     assert code == 2 and "has no gate table" in one_error_line(stderr)

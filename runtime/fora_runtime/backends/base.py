@@ -33,14 +33,24 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def create_backend(name: str, manifest: Manifest, folder: str | Path, **options: Any) -> StepBackend:
-    """Instantiate the backend called ``name`` (not yet activated)."""
+def create_backend(
+    name: str,
+    manifest: Manifest,
+    folder: str | Path,
+    *,
+    gate_table: bool = True,
+    forecast: bool = True,
+    **options: Any,
+) -> StepBackend:
+    """Instantiate the backend called ``name`` (not yet activated). ``gate_table=False``: it
+    loads no gate-table graphs, and generations compute their gates per reuse step.
+    ``forecast=False``: it loads no forecast graph and keeps one cache generation."""
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(manifest, Path(folder), **options)
+    return backend_cls(manifest, Path(folder), gate_table=gate_table, forecast=forecast, **options)
 
 
 @dataclass
@@ -102,13 +112,15 @@ class StepBackend(ABC):
     #: True when the backend runs the forecast reuse graph (two cache generations).
     supports_forecast: ClassVar[bool] = False
 
-    def __init__(self, manifest: Manifest, folder: Path) -> None:
+    def __init__(
+        self, manifest: Manifest, folder: Path, *, gate_table: bool = True, forecast: bool = True
+    ) -> None:
         self.manifest = manifest
         self.folder = Path(folder)
-        #: False: load no gate-table graphs (set before activation; sessions pass theirs).
-        self.use_gate_table = True
-        #: False: load no forecast graph and keep one cache generation (set before activation).
-        self.use_forecast = True
+        #: False: load no gate-table graphs (fixed at construction, before activation loads them).
+        self.use_gate_table = gate_table
+        #: False: load no forecast graph and keep one cache generation (fixed at construction).
+        self.use_forecast = forecast
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 
