@@ -658,6 +658,13 @@ def triton(
     metavar="STEPS",
     help="Also an explicit schedule: its full steps, e.g. 0,1,2,5,9 (repeatable).",
 )
+@click.option(
+    "--policies",
+    default="static",
+    show_default=True,
+    help="Cache policies compared at each interval's full-step count: static, calibrated (needs "
+    "fora-export calibrate at --steps), forecast (needs build --forecast), calibrated+forecast.",
+)
 @click.option("--samples", type=int, default=10, show_default=True, help="Seeded samples per class.")
 @click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps per sample.")
 @click.option(
@@ -680,6 +687,7 @@ def quality(
     intervals: str,
     schedule_mode: str,
     schedule_lists: tuple[str, ...],
+    policies: str,
     samples: int,
     steps: int,
     batch_size: int | None,
@@ -712,6 +720,7 @@ def quality(
         seed=seed,
         repeats=repeats,
         where=str(engine_dir),
+        policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
     )
     report = run_quality(engine_dir, plan, backend=backend)
     text = json.dumps(report.to_dict(), indent=2)
