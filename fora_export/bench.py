@@ -79,6 +79,9 @@ class BenchReport:
     reuse_ms: float
     #: A reuse step reading gates precomputed at start(); None without a gate table.
     gated_reuse_ms: float | None = None
+    #: A forecast reuse step (both cache generations); None without a forecast graph. The
+    #: end-to-end generations of a forecast build forecast.
+    forecast_reuse_ms: float | None = None
     intervals: list[IntervalResult] = field(default_factory=list)
     eager: EagerBaseline | None = None
 
@@ -158,15 +161,25 @@ def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[st
     return statistics.median(times)
 
 
-def _median_gated_reuse_ms(session: ForaSession, batch: int, inputs: dict[str, Any], runs: int) -> float:
-    """Median latency of reuse steps that read the gate table (one full step, then ``runs``
-    reuse steps of one generation, each timed alone)."""
+def _median_gated_reuse_ms(
+    session: ForaSession, batch: int, inputs: dict[str, Any], runs: int, *, forecast: bool = False
+) -> float:
+    """Median latency of reuse steps that read the gate table (one full step, or two with
+    ``forecast``, then ``runs`` plain or forecast reuse steps of one generation, each timed
+    alone)."""
     latents, conditioning = _split_inputs(session, inputs)
-    timesteps = _timesteps(session.manifest, runs + 1)
+    full = 2 if forecast else 1
+    timesteps = _timesteps(session.manifest, runs + full)
     generation = session.start(
-        runs + 1, batch, schedule=CacheSchedule.explicit([0]), timesteps=timesteps, **conditioning
+        runs + full,
+        batch,
+        schedule=CacheSchedule.explicit(range(full)),
+        timesteps=timesteps,
+        forecast=forecast,
+        **conditioning,
     )
-    _synchronize(generation.step(latents))
+    for _ in range(full):
+        _synchronize(generation.step(latents))
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -315,6 +328,10 @@ def bench(
         if session.backend.gate_table_enabled:
             _median_gated_reuse_ms(session, batch, inputs, 2)  # warm-up (first runs allocate)
             gated_reuse_ms = _median_gated_reuse_ms(session, batch, inputs, step_runs)
+        forecast_reuse_ms = None
+        if session.backend.forecast_enabled:
+            _median_gated_reuse_ms(session, batch, inputs, 2, forecast=True)  # warm-up
+            forecast_reuse_ms = _median_gated_reuse_ms(session, batch, inputs, step_runs, forecast=True)
         runs: dict[int, list[float]] = {n: [] for n in schedules}
         for _ in range(repeats):
             for n, schedule in schedules.items():
@@ -331,6 +348,7 @@ def bench(
         full_ms=full_ms,
         reuse_ms=reuse_ms,
         gated_reuse_ms=gated_reuse_ms,
+        forecast_reuse_ms=forecast_reuse_ms,
         eager=eager,
     )
     baseline = statistics.median(runs[1])

@@ -183,6 +183,12 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
             f"{report.gated_reuse_ms:.3f} ms ({100 * report.gated_reuse_ms / report.full_ms:.1f}% of full); "
             "the end-to-end runs below use it"
         )
+    if report.forecast_reuse_ms is not None:
+        console.print(
+            f"forecast reuse step (both cache generations): {report.forecast_reuse_ms:.3f} ms "
+            f"({100 * report.forecast_reuse_ms / report.full_ms:.1f}% of full); the end-to-end runs below "
+            "forecast after their second full step"
+        )
     table = Table(title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule)")
     columns = ["N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"]
     if report.eager:

@@ -150,11 +150,12 @@ def plot_quality(report: QualityReport, path: Path) -> Path:
     )
     for index, (axis, (title, value)) in enumerate(zip(axes, panels, strict=True)):
         for kind, (marker, name) in _STYLES.items():
-            rows = sorted((r for r in report.results if r.kind == kind), key=lambda r: r.speedup)
+            rows = sorted((r for r in report.results if r.kind == kind), key=lambda r: -r.num_full)
             if not rows:
                 continue
             xs, ys = [r.speedup for r in rows], [value(r) for r in rows]
-            # FORA's N in order of speedup, joined so each counting reads as one curve.
+            # Joined in budget order (most full steps first), so each counting and policy reads
+            # as one curve even where timing noise reorders the measured speedups.
             style = "-" if kind in ("paper", "reference", *POLICY_KINDS) else ""
             axis.plot(xs, ys, marker=marker, linestyle=style, linewidth=0.8, label=name)
             for r in rows if index == 0 else ():  # names on the first panel only: no clutter

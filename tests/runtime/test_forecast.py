@@ -142,7 +142,8 @@ def generate(session: ForaSession, **options: object) -> tuple[list[np.ndarray],
     outputs = []
     for _ in range(STEPS):
         output = gen.step(latents)
-        outputs.append(np.asarray(output.detach() if hasattr(output, "detach") else output, np.float32))
+        host = output.detach().float().cpu().numpy() if hasattr(output, "detach") else output
+        outputs.append(np.asarray(host, np.float32))
         latents = latents - 0.05 * outputs[-1][:, :4]
     return outputs, gen.history
 
@@ -258,3 +259,27 @@ def test_forecast_engine_in_a_pipeline_equals_the_pytorch_forecast(
     # The comparison sees the forecast: plain reuse is further from the engine (the tiny
     # random VAE squeezes every image towards grey, so pixel differences are small).
     assert np.abs(engine_images - outputs["plain"]).max() > 10 * error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
+def test_cuda_graph_forecast_equals_eager(tmp_path: Path) -> None:
+    """The CUDA-graph path captures the full program once per cache generation (the second in
+    its own pool) and each reuse program per generation: replays equal eager programs."""
+    torch.backends.cudnn.allow_tf32 = False  # fp32 parity (see the torch backend's docstring)
+    model = save_dit(tmp_path / "model", TINY_DIT)
+    engine = tmp_path / "engine"
+    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cuda", forecast=True)
+    build(str(model), engine, config, progress=False)
+    results = {}
+    for graphs in (False, True):
+        with ForaSession(engine, backend="torch", use_cuda_graphs=graphs) as session:
+            outputs, history = generate(session)
+            outputs_again, _ = generate(session)  # a second generation on the same buffers
+        assert history.count("reuse_forecast") == 3
+        results[graphs] = (np.stack(outputs), np.stack(outputs_again))
+    for eager, graphed in zip(results[False], results[True], strict=True):
+        np.testing.assert_allclose(graphed, eager, atol=1e-5)
+    np.testing.assert_array_equal(results[True][0], results[True][1])
