@@ -194,6 +194,16 @@ def test_two_cache_generations_share_one_arena_and_swap_without_copies(forecast_
     assert code == 0 and "two generations for the forecast" in stdout
 
 
+@pytest.mark.slow
+def test_bench_times_the_forecast_reuse_step(forecast_engine: Path, tiny_engine: Path) -> None:
+    from fora_export.bench import bench
+
+    report = bench(forecast_engine, steps=6, intervals=(1, 3), repeats=1, step_runs=2)
+    assert report.forecast_reuse_ms is not None and report.forecast_reuse_ms > 0
+    assert report.gated_reuse_ms is not None  # the plain gated reuse step too
+    assert bench(tiny_engine, steps=4, intervals=(1,), repeats=1, step_runs=1).forecast_reuse_ms is None
+
+
 def test_forecast_build_refuses_the_plain_reuse_graph(tmp_path: Path, tiny_dit_dir: Path) -> None:
     code, _, stderr = run_cli(
         "build", str(tiny_dit_dir), "--out", str(tmp_path / "e"), "--forecast", "--reuse-graph", "plain"
