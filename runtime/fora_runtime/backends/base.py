@@ -33,14 +33,17 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def create_backend(name: str, manifest: Manifest, folder: str | Path, **options: Any) -> StepBackend:
-    """Instantiate the backend called ``name`` (not yet activated)."""
+def create_backend(
+    name: str, manifest: Manifest, folder: str | Path, *, gate_table: bool = True, **options: Any
+) -> StepBackend:
+    """Instantiate the backend called ``name`` (not yet activated). ``gate_table=False``: it
+    loads no gate-table graphs, and generations compute their gates per reuse step."""
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(manifest, Path(folder), **options)
+    return backend_cls(manifest, Path(folder), gate_table=gate_table, **options)
 
 
 @dataclass
@@ -86,11 +89,11 @@ class StepBackend(ABC):
     #: True when the backend implements the gate-table path (``gates`` + ``reuse_gated``).
     supports_gate_table: ClassVar[bool] = False
 
-    def __init__(self, manifest: Manifest, folder: Path) -> None:
+    def __init__(self, manifest: Manifest, folder: Path, *, gate_table: bool = True) -> None:
         self.manifest = manifest
         self.folder = Path(folder)
-        #: False: load no gate-table graphs (set before activation; sessions pass theirs).
-        self.use_gate_table = True
+        #: False: load no gate-table graphs (fixed at construction, before activation loads them).
+        self.use_gate_table = gate_table
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 
