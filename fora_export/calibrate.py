@@ -119,11 +119,16 @@ def uniform_full_steps(steps: int, budget: int) -> tuple[int, ...]:
 def calibration_conditioning(
     manifest: Manifest, samples: int, seed: int
 ) -> tuple[dict[str, np.ndarray], str]:
-    """Conditioning of ``samples`` calibration samples from the manifest alone, and how, in
-    words: class-label models get every class in turn (never the null class); masks keep
-    every token; other inputs (text embeddings) are seeded standard normal values, which
-    a text model was never trained on: calibrate those through :func:`calibrate`'s
+    """Conditioning of ``samples`` calibration samples, and how, in words: class-label models
+    get every class in turn (never the null class), and so do text-conditioned digit
+    models through the class tables beside their weights (``demo-digits-flow``, see
+    :mod:`fora_export.quality.conditioning`); otherwise, from the manifest alone, masks
+    keep every token and other inputs (text embeddings) are seeded standard normal values,
+    which a text model was never trained on: calibrate those through :func:`calibrate`'s
     ``conditioning`` with real embeddings."""
+    tables = _class_tables(manifest, samples)
+    if tables is not None:
+        return tables
     rng = np.random.default_rng(seed)
     values: dict[str, np.ndarray] = {}
     notes = []
@@ -144,6 +149,28 @@ def calibration_conditioning(
             values[spec.name] = rng.standard_normal(shape).astype(dtype)
             notes.append(f"{spec.name}: random normal")
     return values, "; ".join(notes) or "none"
+
+
+def _class_tables(manifest: Manifest, samples: int) -> tuple[dict[str, np.ndarray], str] | None:
+    """Every class in turn through the model's class-conditioning tables, when its folder has
+    them (text-conditioned digit models), else None."""
+    from fora_export.quality.conditioning import (
+        CLASS_CONDITIONING_FILE,
+        class_conditioning,
+        load_class_conditioning,
+    )
+    from fora_export.quality.sampling import model_folder
+
+    folder = model_folder(manifest)
+    if manifest.conditioning.get("kind") == "class_labels" or folder is None:
+        return None
+    path = folder / CLASS_CONDITIONING_FILE
+    if not path.is_file():
+        return None
+    _, classes = load_class_conditioning(path, str(path))  # the null class is the last row
+    conditioning = class_conditioning(manifest, classes, str(path), folder)
+    labels = np.arange(samples) % classes
+    return conditioning.feeds(labels), f"{conditioning.source}: classes 0..{classes - 1} in turn"
 
 
 # -- measuring ----------------------------------------------------------------------------

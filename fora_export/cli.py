@@ -213,7 +213,8 @@ def build(
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
     a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart,
-    demo-sd3, demo-flux, demo-wan (random weights), demo-digits (trained on scikit-learn's digits).
+    demo-sd3, demo-flux, demo-wan (random weights), demo-digits (a DiT trained on scikit-learn's
+    digits) and demo-digits-flow (an SD3 MMDiT trained on them by flow matching).
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
@@ -699,7 +700,7 @@ def quality(
     plot: Path | None,
     grid: Path | None,
 ) -> None:
-    """Measure what each cache schedule costs in sample quality (digit models, e.g. demo-digits)."""
+    """Measure what each cache schedule costs in sample quality (digit models: demo-digits[-flow])."""
     from fora_export.quality.classifier import require_sklearn
     from fora_export.quality.report import plot_quality, print_quality, save_quality_grid
     from fora_export.quality.runner import check_output_path, parse_int_list, plan_quality, run_quality

@@ -177,7 +177,8 @@ def plot_quality(report: QualityReport, path: Path) -> Path:
     axes[2].set_yscale("log")  # a broken schedule sits orders of magnitude above the rest
     axes[1].legend(fontsize=7)
     figure.suptitle(
-        f"{report.model}: {len(report.labels)} samples, {report.steps} DDIM steps ({report.machine})",
+        f"{report.model}: {len(report.labels)} samples, {report.steps} steps {report.scheduler} "
+        f"({report.machine})",
         fontsize=10,
     )
     figure.tight_layout()

@@ -1,9 +1,11 @@
 """Sample every schedule through the runtime and score it against the uncached samples.
 
-For a digit model (``demo-digits``: 1x8x8 pixel-space latents, 10 classes), K seeded
-samples per class are drawn with diffusers' DDIM scheduler (``beta_schedule="linear"``,
-the training schedule) for each cache schedule, from the same initial noise. The first
-schedule is always N=1 (no caching, through the runtime too): the reference.
+For a digit model (1x8x8 pixel-space latents, 10 classes: ``demo-digits``, a DDPM DiT,
+or ``demo-digits-flow``, a flow-matching SD3), K seeded samples per class are drawn with
+the family's scheduler and conditioning (:mod:`fora_export.quality.sampling`: DDIM on
+the linear training betas, or flow-matching Euler) for each cache schedule, from the
+same initial noise. The first schedule is always N=1 (no caching, through the runtime
+too): the reference.
 
 Policies (``policies``) at equal full steps: ``static`` FORA (the intervals, and explicit
 lists), ``calibrated`` (for each interval's full-step count K, the K full steps chosen from
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from fora_export.errors import ConfigError
 from fora_export.progress import StageProgress
 from fora_export.quality.classifier import IMAGE_SHAPE, NUM_CLASSES, DigitClassifier, require_sklearn
 from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
-from fora_runtime.manifest import DenoisingSpec, Manifest
+from fora_export.quality.sampling import DigitSampler, denoising_of
+from fora_runtime.manifest import Manifest
 from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
 
@@ -120,28 +122,35 @@ class QualityPlan:
         return [(start, min(start + self.batch_size, total)) for start in range(0, total, self.batch_size)]
 
 
+#: Scheduler families quality samples (see fora_export.quality.sampling).
+DIGIT_SCHEDULERS = ("ddpm", "flow_match")
+
+
 def check_digit_model(manifest: Manifest, where: str) -> None:
-    """The classifier judges 8x8 digits of 10 classes in pixel space, sampled with DDIM
-    (an epsilon-predicting, DDPM-trained model)."""
+    """The classifier judges 8x8 digits of 10 classes in pixel space: a DDPM or
+    flow-matching model of 1x8x8 BCHW latents whose conditioning inputs a class maps to
+    (class labels, or the model's class tables)."""
     conditioning, denoising = manifest.conditioning, manifest.denoising
     channels = denoising.latent_channels if denoising is not None else None
     scheduler = denoising.scheduler if denoising is not None else None
+    layout = denoising.latent_layout if denoising is not None else None
+    height, width = manifest.resolution
     found = (
-        f"{conditioning.get('kind')} with {conditioning.get('num_classes')} classes, "
-        f"{channels}x{manifest.resolution[0]}x{manifest.resolution[1]} latents, {scheduler} sampling"
+        f"{conditioning.get('kind')} conditioning, {channels}x{height}x{width} {layout} latents, "
+        f"{scheduler} sampling"
     )
     if (
-        conditioning.get("kind") != "class_labels"
-        or conditioning.get("num_classes") != NUM_CLASSES
-        or channels != 1
-        or scheduler != "ddpm"
-        or (denoising is not None and denoising.latent_layout != "BCHW")
+        channels != 1
+        or scheduler not in DIGIT_SCHEDULERS
+        or layout != "BCHW"
         or tuple(manifest.resolution) != IMAGE_SHAPE
     ):
         raise ConfigError(
-            f"{where} | quality scores 8x8 digit models (class labels 0-9, 1x8x8 pixel latents, "
-            f"DDPM-trained), this one has {found} | build demo-digits: fora-export build demo-digits"
+            f"{where} | quality scores 8x8 digit models (1x8x8 pixel latents, DDPM or flow matching, "
+            f"classes 0-9), this one has {found} | build one: fora-export build demo-digits "
+            "(or demo-digits-flow)"
         )
+    DigitSampler.for_manifest(manifest, 1, NUM_CLASSES, where)  # refuses conditioning no class maps to
 
 
 def plan_quality(
@@ -323,54 +332,6 @@ def to_pixels(samples: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(samples, np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def _denoising(manifest: Manifest) -> DenoisingSpec:
-    assert manifest.denoising is not None, "check_digit_model refuses manifests without one"
-    return manifest.denoising
-
-
-def _timesteps(manifest: Manifest, steps: int) -> tuple[Any, np.ndarray]:
-    from diffusers import DDIMScheduler
-
-    scheduler: Any = DDIMScheduler(
-        num_train_timesteps=_denoising(manifest).num_train_timesteps,
-        beta_schedule="linear",
-        clip_sample=False,
-    )
-    scheduler.set_timesteps(steps)
-    return scheduler, scheduler.timesteps.numpy()
-
-
-def _generate(
-    session: ForaSession,
-    scheduler: Any,
-    timesteps: np.ndarray,
-    schedule: CacheSchedule,
-    noise: Any,
-    labels: np.ndarray,
-    forecast: bool = False,
-) -> tuple[np.ndarray, float]:
-    """One generation of ``len(labels)`` samples; the samples and its wall time (runtime
-    steps and scheduler updates, the gate table's computation at start included)."""
-    import torch
-
-    channels = _denoising(session.manifest).latent_channels
-    latents = noise.clone()
-    started = time.perf_counter()
-    generation = session.start(
-        len(timesteps),
-        len(labels),
-        schedule=schedule,
-        timesteps=timesteps,
-        forecast=forecast,
-        class_labels=labels,
-    )
-    for t in timesteps:
-        prediction = generation.step(latents.numpy())
-        eps = torch.from_numpy(prediction[:, :channels])
-        latents = scheduler.step(eps, int(t), latents).prev_sample
-    return latents.numpy(), time.perf_counter() - started
-
-
 def run_quality(
     engine_dir: str | Path,
     plan: QualityPlan,
@@ -390,18 +351,21 @@ def run_quality(
         classifier = DigitClassifier.fit(seed=plan.seed)
         with ForaSession(engine_dir, backend=backend) as session:
             manifest = session.manifest
-            scheduler, timesteps = _timesteps(manifest, plan.steps)
-            channels = _denoising(manifest).latent_channels
+            sampler = DigitSampler.for_manifest(manifest, plan.steps, NUM_CLASSES, str(engine_dir))
+            timesteps = sampler.timesteps
+            channels = denoising_of(manifest).latent_channels
             generator = torch.Generator().manual_seed(plan.seed)
             noise = torch.randn(len(labels), channels, *manifest.resolution, generator=generator)
             # Warm-up per batch size (first runs allocate buffers and pick kernels), so the
             # first timed schedule does not pay for it.
             warm = CacheSchedule.explicit([0])
             for size in sorted({end - start for start, end in chunks}):
-                _generate(session, scheduler, timesteps[:2], warm, noise[:size], labels[:size])
+                sampler.generate(session, timesteps[:2], warm, noise[:size], labels[:size])
                 if any(case.forecast for case in plan.cases):  # and the forecast graph's
                     twice = CacheSchedule.explicit([0, 1])
-                    _generate(session, scheduler, timesteps[:3], twice, noise[:size], labels[:size], True)
+                    sampler.generate(
+                        session, timesteps[:3], twice, noise[:size], labels[:size], forecast=True
+                    )
             samples = {case.label: np.empty(tuple(noise.shape), np.float32) for case in plan.cases}
             runs: dict[str, list[float]] = {label: [0.0] * plan.repeats for label in samples}
             for repeat in range(plan.repeats):
@@ -411,9 +375,8 @@ def run_quality(
                             f"{case.label}, samples {start + 1}-{end} of {len(labels)}"
                             + (f", run {repeat + 1} of {plan.repeats}" if plan.repeats > 1 else "")
                         )
-                        out, took = _generate(
+                        out, took = sampler.generate(
                             session,
-                            scheduler,
                             timesteps,
                             case.schedule,
                             noise[start:end],
@@ -433,7 +396,7 @@ def run_quality(
         batch_size=plan.batch_size,
         seed=plan.seed,
         repeats=plan.repeats,
-        scheduler="ddim (linear betas)",
+        scheduler=sampler.describe(),
         classifier_accuracy=classifier.real_accuracy,
         real_frechet=classifier.real_subset_distance(len(labels), seed=plan.seed),
         labels=labels,
