@@ -43,8 +43,8 @@ from fora_runtime.manifest import (
     GraphSpec,
     Manifest,
     TensorSpec,
+    file_record,
     graph_file,
-    sha256_of,
 )
 
 log = logging.getLogger(__name__)
@@ -498,7 +498,7 @@ def _file_records(folder: Path) -> dict[str, dict[str, object]]:
     records: dict[str, dict[str, object]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            records[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            records[path.name] = file_record(path)
     return records
 
 

@@ -32,6 +32,7 @@ from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
 from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 SCHEDULE_MODES = (*INTERVAL_MODES, "both")
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
@@ -296,6 +297,7 @@ def run_quality(
     *,
     backend: str = "onnxruntime",
     progress: bool | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> QualityReport:
     """Sample every schedule of ``plan`` and score it (see the module docstring)."""
     import torch
@@ -307,7 +309,7 @@ def run_quality(
     with StageProgress(total, title="quality", enabled=progress) as bar:
         bar.stage("training the digit classifier")
         classifier = DigitClassifier.fit(seed=plan.seed)
-        with ForaSession(engine_dir, backend=backend) as session:
+        with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
             manifest = session.manifest
             scheduler, timesteps = _timesteps(manifest, plan.steps)
             channels = _denoising(manifest).latent_channels

@@ -32,6 +32,7 @@ from fora_export.validate.runner import default_scheduler, load_reference, make_
 from fora_runtime.manifest import load_manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 
 @dataclass
@@ -83,6 +84,7 @@ def validate_pipeline(
     interval: int | None = None,
     device: str | None = None,
     progress: bool = False,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> tuple[PipelineResult, ThreeWays]:
     """The engines in ``pipeline`` against PyTorch FORA (see the module docstring)."""
     runs = run_three_ways(
@@ -96,6 +98,7 @@ def validate_pipeline(
         device=device,
         progress=progress,
         record_calls=True,
+        access=access,
     )
     images = runs.images
     errors = StepErrors(
@@ -126,9 +129,10 @@ def trajectory_step_errors(
     scheduler: str | None = None,
     interval: int | None = None,
     seed: int = 0,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> StepErrors:
     """Per-step errors along validate's trajectory (batch opt, random valid inputs)."""
-    manifest = load_manifest(engine_dir)
+    manifest = load_manifest(engine_dir, **access.manifest_options())
     denoising = manifest.denoising
     assert denoising is not None  # checked when the manifest was read
     scheduler = scheduler or default_scheduler(denoising)
@@ -139,7 +143,7 @@ def trajectory_step_errors(
     plan = schedule.plan(steps)
     adapter = load_reference(manifest, model)
     batch = manifest.batch.opt
-    with ForaSession(engine_dir, backend=backend) as session:
+    with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
         split = split_model(adapter, tuple(spec.name for spec in session.step_inputs))
         try:
             generator = torch.Generator().manual_seed(seed + 1)

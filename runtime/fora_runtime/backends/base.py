@@ -33,14 +33,19 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def create_backend(name: str, manifest: Manifest, folder: str | Path, **options: Any) -> StepBackend:
-    """Instantiate the backend called ``name`` (not yet activated)."""
+def create_backend(
+    name: str, manifest: Manifest, folder: str | Path, *, trust_programs: bool = False, **options: Any
+) -> StepBackend:
+    """Instantiate the backend called ``name`` (not yet activated). ``trust_programs``: the
+    folder may load code (torch programs, TensorRT plugins; see ``fora_runtime.trust``)."""
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(manifest, Path(folder), **options)
+    backend = backend_cls(manifest, Path(folder), **options)
+    backend.trust_programs = trust_programs
+    return backend
 
 
 @dataclass
@@ -91,6 +96,9 @@ class StepBackend(ABC):
         self.folder = Path(folder)
         #: False: load no gate-table graphs (set before activation; sessions pass theirs).
         self.use_gate_table = True
+        #: True: the folder may load code (torch programs, TensorRT plugin layers); set before
+        #: activation by ``create_backend``. False refuses both (``fora_runtime.trust``).
+        self.trust_programs = False
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 

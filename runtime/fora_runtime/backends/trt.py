@@ -60,6 +60,7 @@ from fora_runtime.manifest import (
     Manifest,
     TensorSpec,
 )
+from fora_runtime.trust import restrict_tensorrt_runtime, untrusted_plan_error
 
 if TYPE_CHECKING:
     import tensorrt
@@ -212,6 +213,7 @@ class TensorRTBackend(TorchTensorIO):
 
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        restrict_tensorrt_runtime(runtime, trusted=self.trust_programs)  # no plugins from untrusted folders
         engines: dict[str, tensorrt.ICudaEngine] = {}
         io: dict[str, list[_Binding]] = {}
         roles: tuple[str, ...] = GRAPH_ROLES
@@ -223,6 +225,8 @@ class TensorRTBackend(TorchTensorIO):
                 blob = path.read_bytes()
                 flavor.check_plan(trt, runtime, blob, str(path))
                 engine = runtime.deserialize_cuda_engine(blob)
+                if engine is None and not self.trust_programs:
+                    raise untrusted_plan_error(path, flavor.title)
                 if engine is None:
                     raise BackendError(
                         f"{path} | {flavor.title} cannot deserialize it (see the TensorRT error above) "
@@ -274,13 +278,14 @@ class TensorRTBackend(TorchTensorIO):
     def _engine_path(self, record: dict[str, Any], role: str) -> Path:
         file = str(record["engines"][role])
         path = self.folder / file
-        if not path.is_file():
-            raise BackendError(f"{path} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
+        # Listed first: only names in 'files' are known to be plain names inside the folder.
         listed = self.manifest.files.get(file)
         if listed is None:
             raise BackendError(
                 f"{path} | not listed in the manifest's 'files', so it is unverified | rebuild the engines"
             )
+        if not path.is_file():
+            raise BackendError(f"{path} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
         recorded = record.get("sha256", {}).get(file)
         if recorded is not None and recorded != listed.get("sha256"):
             raise BackendError(
