@@ -15,7 +15,6 @@ schedule alike.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 SCHEDULE_MODES = (*INTERVAL_MODES, "both")
-IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
@@ -47,31 +45,6 @@ def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
     if not values:
         raise ConfigError(f"{option} | got {text!r} | expected integers like {example}")
     return values
-
-
-def check_output_path(path: Path | None, option: str, *, image: bool) -> None:
-    """Refuse, before any work, an output path that cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ConfigError(f"{option} '{path}' | is a folder | pass a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{option} '{path}' | folder {parent} does not exist | create it first")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{option} '{path}' | folder {parent} is not writable | choose another")
-    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ConfigError(
-            f"{option} '{path}' | unknown image type {path.suffix or '(none)'!r} "
-            f"| end it in one of {', '.join(IMAGE_SUFFIXES)}"
-        )
-    if image:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                f"{option} | matplotlib is not installed | pip install 'fora-export[quality]'"
-            ) from err
 
 
 @dataclass(frozen=True)

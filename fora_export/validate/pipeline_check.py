@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fora_export.errors import ConfigError
+from fora_export.outputs import save_figure, write_text_atomic
 from fora_export.sample import ThreeWays, run_three_ways, save_grid
 from fora_export.split.graphs import split_model
 from fora_export.validate.compare import TRAJECTORY_TOLERANCES, relative_l2, to_numpy
@@ -224,10 +225,8 @@ def write_report(out_dir: str | Path, errors: StepErrors, runs: ThreeWays | None
     figure.tight_layout()
     written = [out / "steps.png", out / "steps.json"]
     try:
-        figure.savefig(written[0], dpi=120)
-        written[1].write_text(json.dumps(errors.to_dict(), indent=2) + "\n")
-    except OSError as err:
-        raise ConfigError(f"--report '{out}' | cannot write: {err}") from err
+        save_figure(figure, written[0], "--report", dpi=120)
+        write_text_atomic(written[1], json.dumps(errors.to_dict(), indent=2) + "\n", "--report")
     finally:
         plt.close(figure)
     if runs is not None:

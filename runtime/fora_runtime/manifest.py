@@ -89,7 +89,7 @@ def expect(value: Any, kind: type, path: str, *, low: float | None = None, high:
     if not ok:
         raise FieldError(f"field '{path}' is {_describe(value)}, expected {_KINDS[kind]}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise FieldError(f"field '{path}' is {value}, expected a value in [{low:g}, {high:g}]")
+        raise FieldError(f"field '{path}' is {value}, expected a value in [{low}, {high}]")
     return float(value) if kind is float else value
 
 
@@ -719,7 +719,8 @@ def contained_file(folder: Path, name: str) -> Path:
     return path
 
 
-def _read_manifest_bytes(folder: Path) -> tuple[Path, bytes]:
+def read_manifest_bytes(folder: Path) -> tuple[Path, bytes]:
+    """``folder/manifest.json`` and its bytes: a regular file inside the folder, size-capped."""
     if not folder.exists():
         raise ManifestError(f"Engine folder '{folder}' | does not exist | run `fora-export build` first")
     if not folder.is_dir():
@@ -797,7 +798,7 @@ def open_engine_folder(
         raise ManifestError(f"verify | got {verify!r} | expected one of {', '.join(VERIFY_MODES)}")
     folder = Path(folder)
     key = trust.resolve_manifest_key(manifest_key, manifest_key_file)
-    path, raw = _read_manifest_bytes(folder)
+    path, raw = read_manifest_bytes(folder)
     if key is not None:
         trust.verify_manifest_signature(folder, raw, key)
         verify = "full"
