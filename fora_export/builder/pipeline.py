@@ -169,8 +169,9 @@ def check_replaceable(folder: Path, *, shown: Path | None = None) -> None:
         manifest = parse_manifest_bytes(read_manifest_bytes(folder)[1], where=str(folder / MANIFEST_NAME))
     except ForaError as err:
         parts = str(err).split(" | ")
+        reason = parts[min(1, len(parts) - 1)]
         raise BuildError(
-            f"--out '{shown}' | is not empty and not an engine folder ({parts[min(1, len(parts) - 1)]}) | {fix} "
+            f"--out '{shown}' | is not empty and not an engine folder ({reason}) | {fix} "
             "(remove it yourself if it is one from an older fora-export)"
         ) from err
     known = {MANIFEST_NAME, SIGNATURE_NAME, *manifest.files}
