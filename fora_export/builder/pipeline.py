@@ -113,8 +113,10 @@ def build(
         written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full is not None:
+            file = Path(str(full.filename)) if full.filename else tmp
+            shown = out / file.name if file.parent == tmp else file  # the hidden folder is gone now
             raise BuildError(
-                f"{full.filename or tmp} | no space left on the device ({full.strerror}) after writing "
+                f"{shown} | no space left on the device ({full.strerror}) after writing "
                 f"{_size(written)} of the build; it needs at least {_size(needed)} (the model's weights in "
                 f"every graph format built), {_size(_free_bytes(out.parent))} free there | free space, or "
                 "pass --out on another disk"
