@@ -111,6 +111,9 @@ class ForaGroup(click.Group):
             try:
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.UsageError as err:
+                if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                    err.show()  # `fora-export` alone: the help, as click prints it
+                    sys.exit(EXIT_BAD_INPUT)
                 _fail(_usage_message(err), EXIT_BAD_INPUT)
             except click.ClickException as err:  # e.g. a file click could not open
                 _fail(f"{err.format_message()} | see `fora-export --help`", err.exit_code)
