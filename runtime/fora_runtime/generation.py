@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fora_runtime.backends.base import StepBuffers, host_copy
+from fora_runtime.backends.base import host_copy
 from fora_runtime.errors import GenerationError, InputError
 
 if TYPE_CHECKING:
-    from fora_runtime.session import ForaSession
+    from fora_runtime.session import StepRunner
 
 
 class GateTable:
@@ -83,21 +83,18 @@ class PlannedInputs:
 
 
 class Generation:
-    """One sampling run: tracks the step index against the schedule's plan."""
+    """One sampling run: owns its step index against the schedule's plan, and runs each
+    step through the :class:`~fora_runtime.session.StepRunner` its session gave it."""
 
     def __init__(
         self,
-        session: ForaSession,
-        buffers: StepBuffers,
+        runner: StepRunner,
         plan: tuple[bool, ...],
-        gen_id: int,
         planned: PlannedInputs | None = None,
         gate_table: GateTable | None = None,
     ) -> None:
-        self._session = session
-        self._buffers = buffers
+        self._runner = runner
         self.plan = plan
-        self._id = gen_id
         self._planned = planned
         self._gate_table = gate_table
         self.step_index = 0
@@ -113,7 +110,7 @@ class Generation:
 
     @property
     def batch_size(self) -> int:
-        return self._buffers.batch_size
+        return self._runner.batch_size
 
     @property
     def done(self) -> bool:
@@ -128,19 +125,14 @@ class Generation:
 
         ``timestep`` and the conditioning may be omitted when they were given to
         ``start``; given anyway, host values must equal the planned ones."""
-        if self._id != self._session._generation_id:
-            raise GenerationError(
-                "Generation | stale: the session started another generation or ran a single step "
-                "since | call session.start() again"
-            )
+        runner = self._runner
+        runner.require_live()
         if self.done:
             raise GenerationError(
                 f"Generation | all {self.num_steps} steps already ran | call session.start() for a new one"
             )
         index = self.step_index
         full = self.plan[index]
-        session = self._session
-        backend = session.backend
         planned = self._planned
         if planned is None:
             if timestep is None:
@@ -148,19 +140,15 @@ class Generation:
                     "Input 'timestep' | missing | pass it to step(), or the timesteps to start()"
                 )
         else:
-            if session.check_inputs:
+            if runner.check_inputs:
                 problem = planned.matches(index, timestep, conditioning)
                 if problem is not None:
                     raise InputError(f"step() | {problem} | pass the same values as to start(), or omit them")
             timestep = planned.timesteps[index] if timestep is None else timestep
             conditioning = {**planned.given, **conditioning}
         if not full and self._gate_table is not None:
-            session.stage(self._buffers, {session.latents_name: latents}, only=(session.latents_name,))
-            first_row = self._gate_table.block_of[index] * self.batch_size
-            backend.run_reuse_gated(self._buffers, self._gate_table.table, first_row)
+            prediction = runner.run_gated(latents, self._gate_table, index)
         else:
-            inputs = {session.latents_name: latents, session.timestep_name: timestep, **conditioning}
-            session.stage(self._buffers, inputs)
-            (backend.run_full if full else backend.run_reuse)(self._buffers)
+            prediction = runner.run(full, latents, timestep, conditioning)
         self.step_index += 1
-        return backend.read_prediction(self._buffers)
+        return prediction

@@ -26,13 +26,13 @@ needs only the latents:
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any
 
-from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, host_copy
-from fora_runtime.errors import InputError
-from fora_runtime.generation import GateTable, Generation, PlannedInputs
+from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend
+from fora_runtime.errors import GenerationError, InputError
+from fora_runtime.generation import GateTable, Generation
+from fora_runtime.inputs import StepInputs
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
 from fora_runtime.schedule import CacheSchedule
 
@@ -71,16 +71,27 @@ class ForaSession:
         self.trusted = trust_programs or folder.signed
         self.schedule = schedule if schedule is not None else self.manifest.schedule
         self.backend: StepBackend = create_backend(
-            backend, self.manifest, self.engine_dir, trust_programs=self.trusted, **backend_options
+            backend,
+            self.manifest,
+            self.engine_dir,
+            gate_table=gate_table,
+            trust_programs=self.trusted,
+            **backend_options,
         )
-        # Before activation: without it the backend loads no gate-table graphs at all.
-        self.backend.use_gate_table = gate_table
+        self._inputs = StepInputs(
+            self.manifest, self.backend, where=str(self.engine_dir / MANIFEST_NAME), check=check_inputs
+        )
         #: The inputs each step feeds the graphs, with their roles (manifest order).
-        self.step_inputs: tuple[InputSpec, ...] = self.manifest.step_inputs
-        self.latents_name = self.manifest.latents_input.name
-        self.timestep_name = self.manifest.timestep_input.name
-        self._generation_id = 0
-        self.check_inputs = check_inputs
+        self.step_inputs: tuple[InputSpec, ...] = self._inputs.specs
+        self.latents_name = self._inputs.latents_name
+        self.timestep_name = self._inputs.timestep_name
+        # The runner of the current generation; retired (so that generation is stale) when
+        # anything else uses the buffers.
+        self._runner: StepRunner | None = None
+
+    @property
+    def check_inputs(self) -> bool:
+        return self._inputs.check
 
     # -- lifecycle ------------------------------------------------------------------
     def activate(self) -> ForaSession:
@@ -88,7 +99,7 @@ class ForaSession:
         return self
 
     def deactivate(self) -> None:
-        self._generation_id += 1  # any live generation is now stale
+        self._retire()
         self.backend.deactivate()
 
     def __enter__(self) -> ForaSession:
@@ -114,11 +125,11 @@ class ForaSession:
         may omit them, and where the build and backend allow, the gates of every
         step are computed here at once (:attr:`Generation.uses_gate_table`).
         """
-        batch_size = self._check_batch(batch_size)
+        batch_size = self._inputs.check_batch(batch_size)
         plan = (schedule or self.schedule).plan(num_steps)
         planned = None
         if timesteps is not None:
-            planned = self._plan_inputs(timesteps, conditioning, len(plan), batch_size)
+            planned = self._inputs.plan(timesteps, conditioning, len(plan), batch_size)
         elif conditioning:
             raise InputError(
                 f"start() | got conditioning {sorted(conditioning)} without timesteps | pass "
@@ -133,78 +144,23 @@ class ForaSession:
                 names = tuple(spec.name for spec in self.manifest.graphs["gates"].inputs)
                 rows = planned.rows(batch_size, reuse_steps, names)
                 table = GateTable(self.backend.gate_table(rows), reuse_steps)
-        self._generation_id += 1
-        return Generation(self, buffers, plan, self._generation_id, planned, table)
-
-    def _plan_inputs(
-        self, timesteps: Any, conditioning: dict[str, Any], num_steps: int, batch_size: int
-    ) -> PlannedInputs:
-        """Check a generation's timesteps and conditioning given up front (host copies)."""
-        conditioning = self.drop_build_constants(conditioning)
-        names = list(self.manifest.conditioning_names)
-        if sorted(conditioning) != sorted(names):
-            raise InputError(
-                f"start() | got conditioning {sorted(conditioning)} | with timesteps, pass all of "
-                f"{names} (this model's conditioning inputs)"
-            )
-        try:
-            steps = host_copy(timesteps).astype("float32")
-        except (TypeError, ValueError) as err:
-            raise InputError(f"start() timesteps | got {timesteps!r} | expected numbers") from err
-        if (
-            steps.ndim not in (1, 2)
-            or steps.shape[0] != num_steps
-            or steps.shape[1:] not in ((), (batch_size,))
-        ):
-            raise InputError(
-                f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
-                f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
-            )
-        if self.check_inputs:
-            self.manifest.check_timesteps(steps, where=self._where())
-        values = {}
-        for name in names:
-            spec = self.manifest.input_spec(name)
-            value = host_copy(conditioning[name])
-            # The dtype as given: host copies of floating tensors are float32 (bf16 has no numpy type).
-            given_dtype = self.backend.describe_array(conditioning[name])[1]
-            if not _dtype_compatible(given_dtype, spec.dtype):
-                raise InputError(
-                    f"start() input '{name}' | got {given_dtype}, expected {spec.dtype} | ({self._where()})"
-                )
-            want = spec.concrete_shape(batch_size)
-            if tuple(value.shape) != want:
-                raise InputError(
-                    f"start() input '{name}' | got shape {list(value.shape)}, expected {list(want)} "
-                    f"| ({self._where()})"
-                )
-            self.manifest.check_values(name, value, where=self._where())
-            values[name] = value
-        return PlannedInputs(steps, values, dict(conditioning), timestep_name=self.timestep_name)
+        self._retire()
+        self._runner = StepRunner(self.backend, self._inputs, buffers)
+        return Generation(self._runner, plan, planned, table)
 
     def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` without the build constants among them, each checked to equal the
         value the graphs were built with (e.g. Flux's position ids for the built size)."""
-        constants = {spec.name: spec for spec in self.manifest.inputs_of("build_constant")}
-        if not constants.keys() & inputs.keys():
-            return inputs
-        import numpy as np
-
-        for name in constants.keys() & inputs.keys():
-            built = np.asarray(constants[name].value, dtype="float64")
-            given = inputs[name]
-            given = host_copy(given).astype("float64") if given is not None else built
-            if given.shape != built.shape or not np.array_equal(given, built):
-                raise InputError(
-                    f"Input '{name}' | differs from the value the engines were built with (shape "
-                    f"{list(given.shape)} vs {list(built.shape)}) | it is fixed per build: rebuild with "
-                    f"the resolution / text length you need ({self._where()})"
-                )
-        return {k: v for k, v in inputs.items() if k not in constants}
+        return self._inputs.drop_build_constants(inputs)
 
     def reset(self) -> None:
         """Invalidate the current generation (its caches can no longer be reused)."""
-        self._generation_id += 1
+        self._retire()
+
+    def _retire(self) -> None:
+        if self._runner is not None:
+            self._runner.retire()
+            self._runner = None
 
     # -- single steps (validate, bench) -------------------------------------------
     def run_step(self, role: str, batch_size: int, inputs: dict[str, Any]) -> Any:
@@ -212,10 +168,10 @@ class ForaSession:
         ``full`` of this batch size wrote. Invalidates the current generation."""
         if role not in ("full", "reuse"):
             raise InputError(f"Graph role | got {role!r} | expected 'full' or 'reuse'")
-        batch_size = self._check_batch(batch_size)
+        batch_size = self._inputs.check_batch(batch_size)
         buffers = self.backend.buffers(batch_size)
-        self._generation_id += 1
-        self.stage(buffers, inputs)
+        self._retire()
+        self._inputs.stage(buffers, inputs)
         (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
         return self.backend.read_prediction(buffers)
 
@@ -227,76 +183,54 @@ class ForaSession:
         """Host copies of the caches of ``batch_size`` (for validation)."""
         return self.backend.read_caches(self.backend.buffers(batch_size))
 
-    # -- input checks ---------------------------------------------------------------
-    def _where(self) -> str:
-        return str(self.engine_dir / MANIFEST_NAME)
 
-    def _check_batch(self, batch_size: int) -> int:
-        batch = self.manifest.batch
-        try:
-            size = operator.index(batch_size)  # ints of any kind (numpy too), not floats or bools
-        except TypeError:
-            size = None
-        if size is None or isinstance(batch_size, bool):
-            raise InputError(f"Batch size | got {batch_size!r} | expected an integer")
-        if not batch.contains(size):
-            raise InputError(
-                f"Batch size | got {size}, the engines were built for {batch.min}..{batch.max} "
-                f"| rebuild with --batch MIN:OPT:MAX covering it ({self._where()})"
+class StepRunner:
+    """Runs the steps of one generation on its buffers: a :class:`Generation`'s only handle
+    on its session.
+
+    The session makes one per generation and retires it when another generation starts,
+    a single step runs, or the session resets or deactivates: the buffers then hold
+    another run's caches, so a retired runner refuses to run.
+    """
+
+    def __init__(self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers) -> None:
+        self._backend = backend
+        self._inputs = inputs
+        self._buffers = buffers
+        self._live = True
+
+    @property
+    def batch_size(self) -> int:
+        return self._buffers.batch_size
+
+    @property
+    def check_inputs(self) -> bool:
+        return self._inputs.check
+
+    def retire(self) -> None:
+        self._live = False
+
+    def require_live(self) -> None:
+        if not self._live:
+            raise GenerationError(
+                "Generation | stale: the session started another generation or ran a single step "
+                "since | call session.start() again"
             )
-        return size
 
-    def stage(self, buffers: StepBuffers, inputs: dict[str, Any], *, only: tuple[str, ...] = ()) -> None:
-        """Check every step input (or those named in ``only``) against the manifest and
-        copy it into place."""
-        specs = [s for s in self.step_inputs if s.name in only] if only else self.step_inputs
-        if not self.check_inputs:
-            for spec in specs:
-                value = inputs[spec.name]
-                if spec.role == "timestep":
-                    value = self.backend.as_timestep(
-                        value, spec.concrete_shape(buffers.batch_size), spec.dtype
-                    )
-                self.backend.stage_input(buffers, spec.name, value)
-            return
-        inputs = self.drop_build_constants(inputs)
-        expected = {spec.name for spec in self.step_inputs}
-        unknown = set(inputs) - expected
-        if unknown:
-            raise InputError(
-                f"Inputs {sorted(unknown)} | not inputs of these engines | expected {sorted(expected)}"
-            )
-        for spec in specs:
-            if spec.name not in inputs or inputs[spec.name] is None:
-                raise InputError(f"Input '{spec.name}' | missing | this model needs {sorted(expected)}")
-            value = inputs[spec.name]
-            want_shape = spec.concrete_shape(buffers.batch_size)
-            if spec.role == "timestep":
-                try:
-                    value = self.backend.as_timestep(value, want_shape, spec.dtype)
-                except (TypeError, ValueError) as err:
-                    raise InputError(
-                        f"Input '{spec.name}' | got {value!r} | expected a number or one number per sample"
-                    ) from err
-            shape, dtype = self.backend.describe_array(value)
-            if shape != want_shape:
-                raise InputError(
-                    f"Input '{spec.name}' | got shape {list(shape)}, expected {list(want_shape)} "
-                    f"| ({self._where()})"
-                )
-            if not _dtype_compatible(dtype, spec.dtype):
-                raise InputError(
-                    f"Input '{spec.name}' | got {dtype}, expected {spec.dtype} | ({self._where()})"
-                )
-            if self.backend.host_inputs:
-                self.manifest.check_values(spec.name, value, where=self._where())
-                if spec.role == "timestep":
-                    self.manifest.check_timesteps(value, where=self._where())
-            self.backend.stage_input(buffers, spec.name, value)
+    def run(self, full: bool, latents: Any, timestep: Any, conditioning: dict[str, Any]) -> Any:
+        """One full or reuse step with per-step gates; returns the prediction (a copy)."""
+        self.require_live()
+        inputs = self._inputs
+        step_inputs = {inputs.latents_name: latents, inputs.timestep_name: timestep, **conditioning}
+        inputs.stage(self._buffers, step_inputs)
+        (self._backend.run_full if full else self._backend.run_reuse)(self._buffers)
+        return self._backend.read_prediction(self._buffers)
 
-
-def _dtype_compatible(got: str, want: str) -> bool:
-    if got == want:
-        return True
-    # Integer class labels of any width are safe to widen to int64.
-    return want == "int64" and got in ("int32", "int16", "uint8", "int8")
+    def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
+        """The reuse step ``step`` reading its gates from ``table``; returns the prediction."""
+        self.require_live()
+        name = self._inputs.latents_name
+        self._inputs.stage(self._buffers, {name: latents}, only=(name,))
+        first_row = table.block_of[step] * self.batch_size
+        self._backend.run_reuse_gated(self._buffers, table.table, first_row)
+        return self._backend.read_prediction(self._buffers)

@@ -23,7 +23,8 @@ from fora_export.split.graphs import split_model
 from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange
 from fora_runtime.schedule import CacheSchedule
-from tests.conftest import OTHER_DIT, TINY_DIT, TRUSTED
+from tests.conftest import TRUSTED
+from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
 STEPS = 7
@@ -131,7 +132,7 @@ def test_narrower_integer_labels_are_widened_for_the_table(tiny_torch_engine: Pa
 
 def test_gate_table_in_several_calls_equals_one(tiny_torch_engine: Path) -> None:
     with ForaSession(tiny_torch_engine) as session:
-        planned = session._plan_inputs(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
+        planned = session._inputs.plan(TIMESTEPS, {"class_labels": LABELS}, STEPS, BATCH)
         rows = planned.rows(BATCH, list(range(STEPS)), ("timestep", "class_labels"))
         whole = session.backend.gate_table(rows)
         small = dataclasses.replace(session.manifest, gate_rows=BatchRange(1, 1, 3))

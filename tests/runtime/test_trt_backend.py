@@ -24,11 +24,12 @@ import pytest
 from fora_runtime import BackendError, ForaSession, InputError, load_manifest
 from fora_runtime.backends import StepBuffers, backend_names
 from fora_runtime.backends.trt import TensorRTBackend, _tensorrt_version
+from fora_runtime.backends.trt_engine import engine_io
 from fora_runtime.backends.trt_flavor import DATACENTER, check_build_record, tensorrt_version_tuple
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec
-from tests.conftest import TINY_DIT
 from tests.export.test_trt_build import assert_matches, tensorrt_engine_folder
+from tests.tiny_models import TINY_DIT
 
 NUM_STEPS = 20
 BATCH_SIZE = 2
@@ -207,7 +208,7 @@ def test_host_tensors_are_range_checked_only_when_ranged(tiny_engine: Path) -> N
         backend.stage_input(buffers, "class_labels", torch.tensor([2**40, 1]))
 
 
-# A stand-in for the few tensorrt names and ICudaEngine methods _check_io uses.
+# A stand-in for the few tensorrt names and ICudaEngine methods engine_io uses.
 FAKE_TRT = types.SimpleNamespace(
     TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
     TensorLocation=types.SimpleNamespace(DEVICE="DEVICE"),
@@ -257,26 +258,20 @@ def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> Non
     manifest = load_manifest(tiny_engine)
     path = tiny_engine / "reuse.plan"
     for role in ("full", "reuse"):
-        bindings = TensorRTBackend(manifest, tiny_engine)._check_io(
-            FAKE_TRT, role, engine_like(manifest, role), path
-        )
+        bindings = engine_io(FAKE_TRT, manifest, role, engine_like(manifest, role), path)
         kinds = {b.name: b.buffer for b in bindings}
         assert kinds["prediction"] == "prediction" and kinds["latents"] == "inputs"
         assert kinds["cache.0.ff"] == "caches"
 
     # Gate-table engines: the gates engine writes the table, reuse_gated reads its row from
     # a staging buffer.
-    gates = TensorRTBackend(manifest, tiny_engine)._check_io(
-        FAKE_TRT, "gates", engine_like(manifest, "gates"), path
-    )
+    gates = engine_io(FAKE_TRT, manifest, "gates", engine_like(manifest, "gates"), path)
     assert {b.name: b.buffer for b in gates} == {
         "timestep": "inputs",
         "class_labels": "inputs",
         "gates": "table",
     }
-    gated = TensorRTBackend(manifest, tiny_engine)._check_io(
-        FAKE_TRT, "reuse_gated", engine_like(manifest, "reuse_gated"), path
-    )
+    gated = engine_io(FAKE_TRT, manifest, "reuse_gated", engine_like(manifest, "reuse_gated"), path)
     kinds = {b.name: b.buffer for b in gated}
     assert kinds["gates"] == "inputs" and kinds["latents"] == "inputs" and kinds["cache.1.attn1"] == "caches"
 
@@ -284,20 +279,17 @@ def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> Non
     # buffer, allocated from the full graph's fp32 spec.
     (prediction,) = manifest.graphs["reuse"].outputs
     fp16 = with_reuse_outputs(manifest, (dataclasses.replace(prediction, dtype="float16"),))
-    backend = TensorRTBackend(fp16, tiny_engine)
     with pytest.raises(
         BackendError, match=r"output 'prediction' is float16, but the prediction buffer .* is float32 \| "
     ):
-        backend._check_io(FAKE_TRT, "reuse", engine_like(fp16, "reuse"), path)
+        engine_io(FAKE_TRT, fp16, "reuse", engine_like(fp16, "reuse"), path)
 
     # An output that is neither the prediction nor a cache has no buffer.
     renamed = with_reuse_outputs(manifest, (dataclasses.replace(prediction, name="noise"),))
     with pytest.raises(
         BackendError, match=r"output 'noise' is neither the prediction 'prediction' nor a cache"
     ):
-        TensorRTBackend(renamed, tiny_engine)._check_io(
-            FAKE_TRT, "reuse", engine_like(renamed, "reuse"), path
-        )
+        engine_io(FAKE_TRT, renamed, "reuse", engine_like(renamed, "reuse"), path)
 
     # A cache slot of another shape.
     engine = engine_like(manifest, "reuse")
@@ -305,7 +297,97 @@ def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> Non
     with pytest.raises(
         BackendError, match=r"input 'cache.0.ff' has shape \[-1, 16, 15\], but its cache slot"
     ):
-        TensorRTBackend(manifest, tiny_engine)._check_io(FAKE_TRT, "reuse", engine, path)
+        engine_io(FAKE_TRT, manifest, "reuse", engine, path)
+
+
+class FakeContext:
+    """The IExecutionContext calls TrtEngine makes, recorded; output shapes follow the batch."""
+
+    def __init__(self, engine: FakeEngine, refuse_shape: str | None = None) -> None:
+        self.engine = engine
+        self.refuse_shape = refuse_shape
+        self.memory: tuple[int, int] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.memory = (address, size)
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name] = shape
+        return name != self.refuse_shape
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def get_tensor_address(self, name: str) -> int:
+        return self.addresses[name]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        batch = self.shapes["latents"][0]
+        return tuple(batch if d == -1 else d for d in self.engine.by_name[name][2])
+
+
+class FakeTensor:
+    def __init__(self, shape: tuple[int, ...], address: int) -> None:
+        self.shape = shape
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def fake_trt_engine(manifest: Manifest, role: str, **context_options: Any) -> tuple[Any, list[FakeContext]]:
+    from fora_runtime.backends.trt_engine import TrtEngine
+    from fora_runtime.backends.trt_flavor import DATACENTER
+
+    engine = engine_like(manifest, role)
+    contexts: list[FakeContext] = []
+
+    def create_execution_context(strategy: object) -> FakeContext:
+        assert strategy == "USER_MANAGED"  # the engine never allocates its own activation memory
+        contexts.append(FakeContext(engine, **context_options))
+        return contexts[-1]
+
+    engine.create_execution_context = create_execution_context  # type: ignore[attr-defined]
+    trt = types.SimpleNamespace(
+        **vars(FAKE_TRT),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+    )
+    io = engine_io(trt, manifest, role, engine, Path(f"{role}.plan"))
+    return TrtEngine(role, Path(f"{role}.plan"), engine, io, trt=trt, flavor=DATACENTER, torch=None), contexts
+
+
+def test_an_engine_binds_every_tensor_of_its_plan_to_the_buffers(tiny_engine: Path) -> None:
+    """TrtEngine.bind on stand-ins: the shared activation buffer, every IO tensor's address
+    and every input's shape set from the buffers; inferred output shapes checked."""
+    manifest = load_manifest(tiny_engine)
+    engine, contexts = fake_trt_engine(manifest, "reuse")
+    specs = {s.name: s for s in (*manifest.graphs["reuse"].inputs, *manifest.graphs["reuse"].outputs)}
+    tensors = {
+        name: FakeTensor(spec.concrete_shape(3), 4096 * (index + 1))
+        for index, (name, spec) in enumerate(specs.items())
+    }
+    activation = FakeTensor((1 << 20,), 1 << 30)
+    bound = engine.bind(tensors, activation, batch_size=3)
+    (context,) = contexts
+    assert bound.context is context and bound.graph is None
+    assert context.memory == (1 << 30, 1 << 20)
+    assert engine.tensor_addresses(bound) == {name: t.address for name, t in tensors.items()}
+    assert context.shapes == {b.name: tensors[b.name].shape for b in engine.io if b.is_input}
+    # An output buffer of another shape than TensorRT infers from the inputs is refused.
+    tensors["prediction"] = FakeTensor((3, 8, 8, 7), 1 << 12)
+    with pytest.raises(BackendError, match=r"reuse output 'prediction' has shape \[3, 8, 8, 8\] at batch 3"):
+        engine.bind(tensors, activation, batch_size=3)
+    refusing, _ = fake_trt_engine(manifest, "reuse", refuse_shape="latents")
+    with pytest.raises(
+        BackendError, match=r"reuse engine refuses shape \[3, 4, 8, 8\] for 'latents' \(batch 3\)"
+    ):
+        refusing.bind(tensors, activation, batch_size=3)
 
 
 # -- with TensorRT and a GPU ----------------------------------------------------------------
@@ -373,7 +455,9 @@ def test_cuda_graph_replay_equals_eager(trt_folder: tuple[Path, str]) -> None:
     with ForaSession(folder, backend="tensorrt") as session:
         eager = run_generation(session, per_step, cuda_labels, timesteps)
         session.backend.capture_graphs(BATCH_SIZE)  # type: ignore[attr-defined]
-        assert set(session.backend.buffers(BATCH_SIZE).bound["graphs"]) == {"full", "reuse"}
+        contexts = session.backend.buffers(BATCH_SIZE).bound["contexts"]
+        assert {role for role, bound in contexts.items() if bound.graph is not None} == set(contexts)
+        assert {"full", "reuse"} <= set(contexts)
         graphed = run_generation(session, per_step, cuda_labels, timesteps)
     with ForaSession(folder, backend="tensorrt", use_cuda_graphs=True) as session:
         captured_on_start = run_generation(session, per_step, cuda_labels, timesteps)

@@ -45,11 +45,12 @@ class OnnxRuntimeBackend(StepBackend):
         manifest: Manifest,
         folder: Path,
         *,
+        gate_table: bool = True,
         providers: list[str] | str = "auto",
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
     ) -> None:
-        super().__init__(manifest, folder)
+        super().__init__(manifest, folder, gate_table=gate_table)
         self._requested_providers = providers
         self._intra_op_threads = intra_op_threads
         self._allow_spinning = allow_spinning

@@ -146,10 +146,11 @@ class TorchBackend(TorchTensorIO):
         manifest: Manifest,
         folder: Path,
         *,
+        gate_table: bool = True,
         device: str = "auto",
         use_cuda_graphs: bool = True,
     ) -> None:
-        super().__init__(manifest, folder)
+        super().__init__(manifest, folder, gate_table=gate_table)
         self._requested_device = device
         self._use_cuda_graphs = use_cuda_graphs
         self._torch: Any = None

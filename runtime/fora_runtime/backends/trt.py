@@ -1,16 +1,19 @@
 """TensorRT backend (TensorRT 10.1+ and 11.x, and TensorRT-RTX 1.7+), driven through torch
 for CUDA memory.
 
-Every TensorRT call of the runtime lives in this module; both flavours run through
-the same code, and what differs between them (module, versions, where engines may
-run, plan validity checks) is in ``trt_flavor.py``, chosen by the manifest record's
-``flavor``. The TensorRT module and ``torch`` are imported on activation, so
-importing this module needs neither.
+A thin backend composing one :class:`~fora_runtime.backends.trt_engine.TrtEngine` per
+plan file (deserialise, IO checks, contexts, bindings, CUDA-graph capture live there).
+This module owns what is shared between the engines: the checks before anything loads
+(``preflight``), the one activation buffer, the stream and its events, and the
+buffers of each batch size. Both flavours run through the same code; what differs
+between them (module, versions, where engines may run, plan validity checks) is in
+``trt_flavor.py``, chosen by the manifest record's ``flavor``. The TensorRT module and
+``torch`` are imported on activation, so importing this module needs neither.
 
 Layout on the device, all allocated once and bound at fixed addresses:
 
-- both engines are deserialized once per activation;
-- ONE activation buffer serves every execution context of both engines
+- each engine is deserialized once per activation;
+- ONE activation buffer serves every execution context of every engine
   (``ExecutionContextAllocationStrategy.USER_MANAGED``, sized
   ``max(engine.device_memory_size_v2)``, given with ``set_device_memory(ptr, size)``;
   both exist from TensorRT 10.1, older versions are refused): the engines run one
@@ -40,19 +43,17 @@ by another TensorRT version or for another compute capability are refused, and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fora_runtime._lazy import import_optional
 from fora_runtime.backends.base import StepBuffers
 from fora_runtime.backends.torch_io import TorchTensorIO
+from fora_runtime.backends.trt_engine import BoundContext, TrtEngine, require_aligned
 from fora_runtime.backends.trt_flavor import DATACENTER, TrtFlavor, TrtModule, flavor_of
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
-from fora_runtime.dtypes import TENSORRT_NAMES
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import (
-    BATCH_AXIS,
     GATE_TABLE_ROLES,
     GATES_NAME,
     GRAPH_ROLES,
@@ -60,7 +61,7 @@ from fora_runtime.manifest import (
     Manifest,
     TensorSpec,
 )
-from fora_runtime.trust import restrict_tensorrt_runtime, untrusted_plan_error
+from fora_runtime.trust import restrict_tensorrt_runtime
 
 if TYPE_CHECKING:
     import tensorrt
@@ -86,40 +87,9 @@ class _RunTarget(NamedTuple):
     record: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class _Binding:
-    """One IO tensor of an engine and the buffer it is bound to."""
-
-    name: str
-    is_input: bool
-    # "inputs" (a staging buffer), "caches" (an arena slot) or "prediction".
-    buffer: str
-
-
-def _shape_fits(engine_shape: tuple[int, ...], spec_shape: tuple[int | str, ...]) -> bool:
-    """Whether an engine tensor's shape (-1: dynamic) can hold a buffer of ``spec_shape``.
-
-    Dynamic axes and the batch axis are settled when a context is bound, where input
-    shapes are set from the buffers and output shapes are checked against them.
-    """
-    return len(engine_shape) == len(spec_shape) and all(
-        got == -1 or want == BATCH_AXIS or got == want
-        for got, want in zip(engine_shape, spec_shape, strict=True)
-    )
-
-
-def _require_aligned(tensor: Any, what: str) -> None:
-    address = int(tensor.data_ptr())
-    if address % ALIGNMENT:
-        raise BackendError(
-            f"Backend 'tensorrt' | the {what} at {address:#x} is not {ALIGNMENT}-byte aligned (torch's "
-            f"CUDA allocator returned an unaligned block) | use torch's default CUDA caching allocator "
-            "(check PYTORCH_CUDA_ALLOC_CONF)"
-        )
-
-
 class TensorRTBackend(TorchTensorIO):
-    """Runs the full and reuse TensorRT engines of one engine folder on one CUDA device."""
+    """Runs the TensorRT engines of one engine folder on one CUDA device: one
+    :class:`TrtEngine` per plan, one shared activation buffer, one stream."""
 
     name = "tensorrt"
     supports_gate_table = True
@@ -129,36 +99,27 @@ class TensorRTBackend(TorchTensorIO):
         manifest: Manifest,
         folder: Path,
         *,
+        gate_table: bool = True,
         use_cuda_graphs: bool = False,
         device: int | None = None,
     ) -> None:
-        super().__init__(manifest, folder)
+        super().__init__(manifest, folder, gate_table=gate_table)
         self.use_cuda_graphs = use_cuda_graphs
         self._device_index = device
         self._torch: Any = None
         self._device: Any = None
-        # The TensorRT module of the folder's flavour (datacenter or RTX), set on activation.
-        self._trt: TrtModule | None = None
-        self._flavor: TrtFlavor = DATACENTER
+        # Kept while engines deserialised by the runtime live (and the logger with it).
         self._logger: tensorrt.ILogger | None = None
         self._runtime: tensorrt.Runtime | None = None
-        self._engines: dict[str, tensorrt.ICudaEngine] = {}
-        # Engine IO in binding order, each with the buffer it is bound to.
-        self._io: dict[str, list[_Binding]] = {}
+        self._engines: dict[str, TrtEngine] = {}
         self._activation: Any = None
-        self._activation_bytes = 0
         self._stream: Any = None
         self._inputs_ready: Any = None
         self._outputs_ready: Any = None
         # Owned here (not only by StepBuffers) so deactivate can sync before releasing them.
-        self._contexts: dict[tuple[str, int], tensorrt.IExecutionContext] = {}
-        # The IRuntimeConfig each context was created with (None on the strategy route), kept
-        # alive at least as long as its context.
-        self._runtime_configs: dict[tuple[str, int], Any] = {}
-        self._graphs: dict[tuple[str, int], Any] = {}
+        self._bound: dict[tuple[str, int], BoundContext] = {}
         # The gates engine's context (run per generation on its own rows, not per batch size).
-        self._gates_context: tensorrt.IExecutionContext | None = None
-        self._gates_runtime_config: Any = None
+        self._gates_context: BoundContext | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -210,52 +171,44 @@ class TensorRTBackend(TorchTensorIO):
                 record["gpu"],
                 gpu,
             )
-
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         restrict_tensorrt_runtime(runtime, trusted=self.trust_programs)  # no plugins from untrusted folders
-        engines: dict[str, tensorrt.ICudaEngine] = {}
-        io: dict[str, list[_Binding]] = {}
         roles: tuple[str, ...] = GRAPH_ROLES
         if self.use_gate_table and self.manifest.has_gate_table and "gates" in record["engines"]:
             roles += GATE_TABLE_ROLES
         with torch.cuda.device(device):
-            for role in roles:
-                path = self._engine_path(record, role)
-                blob = path.read_bytes()
-                flavor.check_plan(trt, runtime, blob, str(path))
-                engine = runtime.deserialize_cuda_engine(blob)
-                if engine is None and not self.trust_programs:
-                    raise untrusted_plan_error(path, flavor.title)
-                if engine is None:
-                    raise BackendError(
-                        f"{path} | {flavor.title} cannot deserialize it (see the TensorRT error above) "
-                        f"| rebuild the engines with this {flavor.title} on this GPU"
-                    )
-                io[role] = self._check_io(trt, role, engine, path)
-                engines[role] = engine
+            engines = {
+                role: TrtEngine.load(
+                    role,
+                    self._engine_path(record, role),
+                    self.manifest,
+                    runtime=runtime,
+                    trt=trt,
+                    flavor=flavor,
+                    torch=torch,
+                    trusted=self.trust_programs,
+                )
+                for role in roles
+            }
             # One activation buffer for every context of every engine: they never run concurrently.
-            size = max(int(engine.device_memory_size_v2) for engine in engines.values())
+            size = max(engine.device_memory_bytes for engine in engines.values())
             activation = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=device)
-            _require_aligned(activation, "shared activation buffer")
+            require_aligned(activation, "shared activation buffer")
             stream = torch.cuda.Stream(device=device)
-        self._torch, self._device, self._trt, self._flavor = torch, device, trt, flavor
-        self._logger, self._runtime, self._engines, self._io = logger, runtime, engines, io
-        self._activation, self._activation_bytes = activation, int(activation.numel())
-        self._stream = stream
+            gates_context = engines["gates"].create_context(activation) if "gates" in engines else None
+        self._logger, self._runtime = logger, runtime
+        self._torch, self._device, self._engines = torch, device, engines
+        self._activation, self._stream, self._gates_context = activation, stream, gates_context
         self._inputs_ready = torch.cuda.Event()
         self._outputs_ready = torch.cuda.Event()
-        if "gates" in engines:
-            with torch.cuda.device(device):
-                self._gates_context, self._gates_runtime_config = self._create_context("gates")
-                self._gates_context.set_device_memory(self._activation.data_ptr(), self._activation_bytes)
         log.info(
             "%s %s: loaded %s on %s, shared activation buffer %d bytes",
             flavor.title,
             version,
             ", ".join(str(record["engines"][role]) for role in roles),
             gpu,
-            self._activation_bytes,
+            int(activation.numel()),
         )
 
     def _check_profile(self, record: dict[str, Any]) -> None:
@@ -293,82 +246,6 @@ class TensorRTBackend(TorchTensorIO):
             )
         return path
 
-    def _check_io(self, trt: Any, role: str, engine: tensorrt.ICudaEngine, path: Path) -> list[_Binding]:
-        """The engine's IO must be the manifest's, and fit the buffers it will be bound to.
-
-        Names and dtypes are checked against ``role``'s graph in the manifest. Dtypes and
-        shapes are also checked against the buffer each tensor is bound to: staging
-        buffers are allocated from the full graph's input specs, cache slots from the
-        manifest's caches, and the one prediction buffer both engines write from the full
-        graph's prediction spec (so a reuse prediction of another dtype is refused here).
-        """
-        graph = self.manifest.graphs[role]
-        declared_in = {t.name: t for t in graph.inputs}
-        declared_out = {t.name: t for t in graph.outputs}
-        caches = {c.name: c for c in self.manifest.caches}
-        staged = {t.name: t for t in self.manifest.graphs["full"].inputs if t.name not in caches}
-        gates = self.manifest.graphs["gates"].outputs[0] if self.manifest.has_gate_table else None
-        if gates is not None:  # reuse_gated reads its table row from a staging buffer
-            staged[GATES_NAME] = gates
-        prediction = self.manifest.prediction
-        rebuild = "engines and manifest come from different builds; rebuild"
-        io: list[_Binding] = []
-        for index in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(index)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            kind = "input" if is_input else "output"
-            spec = (declared_in if is_input else declared_out).get(name)
-            if spec is None:
-                raise BackendError(
-                    f"{path} | {kind} '{name}' is not a {role} {kind} in the manifest | {rebuild}"
-                )
-            target: TensorSpec
-            if name in caches:
-                buffer, target, what = "caches", caches[name], f"its cache slot ({MANIFEST_NAME} 'caches')"
-            elif is_input and name in staged:
-                buffer, target, what = "inputs", staged[name], "its staging buffer (the full graph's input)"
-            elif not is_input and name == prediction.name:
-                buffer, target, what = "prediction", prediction, "the prediction buffer (the full graph's)"
-            elif not is_input and role == "gates" and gates is not None and name == GATES_NAME:
-                buffer, target, what = "table", gates, "the gate table (the gates graph's output)"
-            elif is_input:
-                raise BackendError(
-                    f"{path} | input '{name}' is neither a step input of the full graph nor a cache "
-                    f"| {rebuild}"
-                )
-            else:
-                raise BackendError(
-                    f"{path} | output '{name}' is neither the prediction '{prediction.name}' nor a cache, "
-                    f"so there is no buffer to bind it to | {rebuild}"
-                )
-            dtype = engine.get_tensor_dtype(name)
-            got = TENSORRT_NAMES.get(dtype.name, dtype.name)
-            if got != spec.dtype:
-                raise BackendError(
-                    f"{path} | {kind} '{name}' is {got}, the manifest says {spec.dtype} | rebuild"
-                )
-            if got != target.dtype:
-                raise BackendError(
-                    f"{path} | {kind} '{name}' is {got}, but {what} is {target.dtype} | {rebuild}"
-                )
-            dims = engine.get_tensor_shape(name)
-            shape = tuple(int(dims[i]) for i in range(len(dims)))
-            if not _shape_fits(shape, target.shape):
-                raise BackendError(
-                    f"{path} | {kind} '{name}' has shape {list(shape)}, but {what} has shape "
-                    f"{list(target.shape)} | {rebuild}"
-                )
-            if engine.get_tensor_location(name) != trt.TensorLocation.DEVICE:
-                raise BackendError(f"{path} | {kind} '{name}' lives in host memory | not supported; rebuild")
-            io.append(_Binding(name, is_input, buffer))
-        outputs = {binding.name for binding in io if not binding.is_input}
-        if outputs != set(declared_out):
-            raise BackendError(
-                f"{path} | outputs {sorted(outputs)} differ from the manifest's {sorted(declared_out)} "
-                "| rebuild"
-            )
-        return io
-
     def deactivate(self) -> None:
         # base.deactivate drops the StepBuffers (staging buffers, cache arena, prediction)
         # before it calls _deactivate_impl: the engine stream must be idle before they go.
@@ -378,17 +255,11 @@ class TensorRTBackend(TorchTensorIO):
 
     def _deactivate_impl(self) -> None:
         # deactivate() synchronised the engine stream: nothing is in flight any more.
-        self._graphs.clear()
-        self._contexts.clear()
-        self._runtime_configs.clear()
-        self._gates_context = self._gates_runtime_config = None
+        self._bound.clear()
+        self._gates_context = None
         self._engines.clear()
-        self._io.clear()
-        self._runtime = None
-        self._logger = None
-        self._trt = None
+        self._runtime = self._logger = None
         self._activation = None
-        self._activation_bytes = 0
         self._stream = self._inputs_ready = self._outputs_ready = None
 
     # -- buffers --------------------------------------------------------------------
@@ -413,7 +284,7 @@ class TensorRTBackend(TorchTensorIO):
 
         # One allocation for all caches; each cache is a 256-byte aligned view of it.
         arena = torch.zeros(max(layout.nbytes, ALIGNMENT), dtype=torch.uint8, device=self._device)
-        _require_aligned(arena, "cache arena")
+        require_aligned(arena, "cache arena")
         caches = {
             slot.spec.name: arena[slot.offset : slot.offset + slot.nbytes]
             .view(self._torch_dtype(slot.spec.dtype))
@@ -426,93 +297,26 @@ class TensorRTBackend(TorchTensorIO):
             caches=caches,
             prediction=prediction,
             cache_layout=layout,
-            bound={"arena": arena, "contexts": {}, "graphs": {}},
+            bound={"arena": arena, "contexts": {}},
         )
-        contexts: dict[str, tensorrt.IExecutionContext] = {}
-        runtime_configs: dict[str, Any] = {}
+        tensors = {**inputs, **caches, manifest.prediction.name: prediction}
         with torch.cuda.device(self._device):
-            for role in self._step_roles:
-                contexts[role], runtime_configs[role] = self._bind(role, buffers)
-            buffers.bound["contexts"].update(contexts)
+            contexts = {
+                role: self._engines[role].bind(tensors, self._activation, batch_size=batch_size)
+                for role in self._step_roles
+            }
             if self.use_cuda_graphs:
-                self._capture(buffers)
+                self._capture(contexts)
         # Kept only once every role is bound (and captured): a failure leaves nothing half made.
-        for role in self._step_roles:
-            self._contexts[(role, batch_size)] = contexts[role]
-            self._runtime_configs[(role, batch_size)] = runtime_configs[role]
+        buffers.bound["contexts"] = contexts
+        for role, bound in contexts.items():
+            self._bound[(role, batch_size)] = bound
         return buffers
-
-    def _create_context(self, role: str) -> tuple[tensorrt.IExecutionContext, Any]:
-        """A context of ``role``'s engine without its own device memory, and the
-        IRuntimeConfig it was created with (None on the strategy-argument route)."""
-        trt, flavor = self._trt, self._flavor
-        assert trt is not None, "contexts are created only while the backend is active"
-        engine = self._engines[role]
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        runtime_config: Any = None
-        if hasattr(engine, "create_runtime_config"):
-            # The IRuntimeConfig route. IRuntimeConfig.set_execution_context_allocation_strategy is
-            # in the TensorRT 11.4 Python API reference; ICudaEngine.create_runtime_config and the
-            # create_execution_context(runtime_config) overload are in the 10.13 Python bindings
-            # (and in the C++ API as createRuntimeConfig / createExecutionContext(IRuntimeConfig*)).
-            # Not yet run against an 11.x install.
-            runtime_config = engine.create_runtime_config()
-            runtime_config.set_execution_context_allocation_strategy(strategy)
-            flavor.configure_runtime_config(trt, runtime_config)
-            context = engine.create_execution_context(runtime_config)
-        else:  # TensorRT 10.x before IRuntimeConfig
-            context = engine.create_execution_context(strategy)
-        if context is None:
-            raise BackendError(
-                f"Backend 'tensorrt' | cannot create a {role} execution context (out of memory?)"
-            )
-        return context, runtime_config
-
-    def _bind(self, role: str, buffers: StepBuffers) -> tuple[tensorrt.IExecutionContext, Any]:
-        """A context of ``role``'s engine with shapes and addresses of ``buffers`` set once
-        (and the IRuntimeConfig to keep alive with it)."""
-        context, runtime_config = self._create_context(role)
-        context.set_device_memory(self._activation.data_ptr(), self._activation_bytes)
-        batch = buffers.batch_size
-        expected: dict[str, tuple[int, ...]] = {}
-        for binding in self._io[role]:
-            name, is_input = binding.name, binding.is_input
-            if binding.buffer == "caches":
-                tensor = buffers.caches[name]
-            elif binding.buffer == "inputs":
-                tensor = buffers.inputs[name]
-            else:
-                tensor = buffers.prediction
-            shape = tuple(int(d) for d in tensor.shape)
-            expected[name] = shape
-            if is_input and not context.set_input_shape(name, shape):
-                raise BackendError(
-                    f"Backend 'tensorrt' | {role} engine refuses shape {list(shape)} for '{name}' "
-                    f"(batch {batch}) "
-                    "| use a batch size inside the engines' profile, or rebuild with a wider --batch"
-                )
-            if not context.set_tensor_address(name, int(tensor.data_ptr())):
-                raise BackendError(f"Backend 'tensorrt' | {role} engine refuses the address of '{name}'")
-        for binding in self._io[role]:
-            if binding.is_input:
-                continue
-            name = binding.name
-            dims = context.get_tensor_shape(name)
-            got = tuple(int(dims[i]) for i in range(len(dims)))
-            if got != expected[name]:
-                raise BackendError(
-                    f"Backend 'tensorrt' | {role} output '{name}' has shape {list(got)} at batch {batch}, "
-                    f"the manifest says {list(expected[name])} | rebuild the engines"
-                )
-        return context, runtime_config
 
     def tensor_addresses(self, batch_size: int) -> dict[str, dict[str, int]]:
         """role -> tensor name -> device address bound in that engine's context (for checks)."""
-        buffers = self.buffers(batch_size)
-        return {
-            role: {b.name: int(context.get_tensor_address(b.name)) for b in self._io[role]}
-            for role, context in buffers.bound["contexts"].items()
-        }
+        contexts = self.buffers(batch_size).bound["contexts"]
+        return {role: self._engines[role].tensor_addresses(bound) for role, bound in contexts.items()}
 
     # -- CUDA graphs ----------------------------------------------------------------
     def capture_graphs(self, batch_size: int) -> None:
@@ -521,43 +325,17 @@ class TensorRTBackend(TorchTensorIO):
         Runs each engine once on whatever is staged (full, then reuse), so it
         overwrites the caches and the prediction: call it before a generation.
         """
-        buffers = self.buffers(batch_size)
-        if not buffers.bound["graphs"]:
+        contexts = self.buffers(batch_size).bound["contexts"]
+        if not any(bound.graph is not None for bound in contexts.values()):
             with self._torch.cuda.device(self._device):
-                self._capture(buffers)
+                self._capture(contexts)
 
-    def _capture(self, buffers: StepBuffers) -> None:
-        torch = self._torch
+    def _capture(self, contexts: dict[str, BoundContext]) -> None:
         stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        graphs: dict[str, Any] = {}
-        for role in self._step_roles:
-            context = buffers.bound["contexts"][role]
-            # Enqueue once outside the capture: the first enqueue after shapes or addresses
-            # are set does deferred setup work that must not end up in the graph.
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise BackendError(
-                    f"Backend 'tensorrt' | {role} engine failed to run (see the TensorRT error above)"
-                )
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                    captured = context.execute_async_v3(stream.cuda_stream)
-            except RuntimeError as err:
-                raise BackendError(
-                    f"Backend 'tensorrt' | CUDA graph capture of the {role} engine failed ({err}) "
-                    "| create the backend with use_cuda_graphs=False"
-                ) from err
-            if not captured:
-                raise BackendError(
-                    f"Backend 'tensorrt' | {role} engine could not be captured in a CUDA graph "
-                    "| create the backend with use_cuda_graphs=False"
-                )
-            graphs[role] = graph
-        for role, graph in graphs.items():
-            self._graphs[(role, buffers.batch_size)] = graph
-        buffers.bound["graphs"].update(graphs)
+        stream.wait_stream(self._torch.cuda.current_stream(self._device))
+        graphs = {role: self._engines[role].capture(contexts[role], stream) for role in self._step_roles}
+        for role, graph in graphs.items():  # all captured, or none kept
+            contexts[role].graph = graph
 
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
@@ -569,15 +347,7 @@ class TensorRTBackend(TorchTensorIO):
             # Inputs were staged on the caller's stream: the engine stream waits for them.
             self._inputs_ready.record(current)
             stream.wait_event(self._inputs_ready)
-            graph = buffers.bound["graphs"].get(role)
-            if graph is not None:
-                with torch.cuda.stream(stream):
-                    graph.replay()
-            elif not buffers.bound["contexts"][role].execute_async_v3(stream.cuda_stream):
-                raise BackendError(
-                    f"Backend 'tensorrt' | {role} engine failed to run (see the TensorRT error above) "
-                    "| check the inputs; rebuild the engines if it persists"
-                )
+            self._engines[role].enqueue(buffers.bound["contexts"][role], stream)
             # The caller's stream (prediction reads, next staging) waits for the engine.
             self._outputs_ready.record(stream)
             current.wait_event(self._outputs_ready)
@@ -586,9 +356,10 @@ class TensorRTBackend(TorchTensorIO):
         """Run the gates engine over ``rows`` in calls of at most ``gate_rows.max`` rows (its
         profile), on the engine stream, into one device table."""
         torch = self._torch
-        context = self._gates_context
-        if context is None:  # gate_table() checked gate_table_enabled: the engine is loaded
+        bound = self._gates_context
+        if bound is None:  # gate_table() checked gate_table_enabled: the engine is loaded
             raise BackendError("Backend 'tensorrt' | the gates engine is not loaded")
+        engine = self._engines["gates"]
         graph = self.manifest.graphs["gates"]
         count = len(rows[graph.inputs[0].name])
         dtype = self._torch_dtype(graph.outputs[0].dtype)
@@ -610,30 +381,12 @@ class TensorRTBackend(TorchTensorIO):
                 output = target if target.data_ptr() % ALIGNMENT == 0 else torch.empty_like(target)
                 tensors[GATES_NAME] = output
                 for name, tensor in tensors.items():
-                    _require_aligned(tensor, f"gates engine tensor '{name}'")
-                    if name != GATES_NAME and not context.set_input_shape(name, tuple(tensor.shape)):
-                        raise BackendError(
-                            f"Backend 'tensorrt' | gates engine refuses shape {list(tensor.shape)} for "
-                            f"'{name}' | rebuild the engines"
-                        )
-                    if not context.set_tensor_address(name, int(tensor.data_ptr())):
-                        raise BackendError(
-                            f"Backend 'tensorrt' | gates engine refuses the address of '{name}'"
-                        )
+                    require_aligned(tensor, f"gates engine tensor '{name}'")
                     tensor.record_stream(stream)  # in use on the engine stream until it is done
-                dims = context.get_tensor_shape(GATES_NAME)
-                got = tuple(int(dims[i]) for i in range(len(dims)))
-                if got != tuple(output.shape):
-                    raise BackendError(
-                        f"Backend 'tensorrt' | gates engine output has shape {list(got)} for {size} rows, "
-                        f"expected {list(output.shape)} | rebuild the engines"
-                    )
+                engine.set_io(bound, tensors, batch_size=size)
                 self._inputs_ready.record(current)
                 stream.wait_event(self._inputs_ready)
-                if not context.execute_async_v3(stream.cuda_stream):
-                    raise BackendError(
-                        "Backend 'tensorrt' | gates engine failed to run (see the TensorRT error above)"
-                    )
+                engine.enqueue(bound, stream)
                 self._outputs_ready.record(stream)
                 current.wait_event(self._outputs_ready)
                 if output is not target:

@@ -1,0 +1,164 @@
+"""Step inputs, checked against the manifest and staged into a backend's buffers.
+
+A session owns one :class:`StepInputs`: it checks what a caller passes (batch sizes, every
+step input's name, shape, dtype and values, and the timesteps and conditioning given up
+front to ``start``) and copies step inputs into the backend's staging buffers. Messages
+name the engine folder's manifest.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from fora_runtime.backends.base import StepBackend, StepBuffers, host_copy
+from fora_runtime.errors import InputError
+from fora_runtime.generation import PlannedInputs
+from fora_runtime.manifest import InputSpec, Manifest
+
+
+class StepInputs:
+    """The input checks and staging of one session (``check=False``: staging only)."""
+
+    def __init__(self, manifest: Manifest, backend: StepBackend, *, where: str, check: bool) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.where = where
+        self.check = check
+        #: The inputs each step feeds the graphs, with their roles (manifest order).
+        self.specs: tuple[InputSpec, ...] = manifest.step_inputs
+        self.latents_name = manifest.latents_input.name
+        self.timestep_name = manifest.timestep_input.name
+
+    def check_batch(self, batch_size: Any) -> int:
+        batch = self.manifest.batch
+        try:
+            size = operator.index(batch_size)  # ints of any kind (numpy too), not floats or bools
+        except TypeError:
+            size = None
+        if size is None or isinstance(batch_size, bool):
+            raise InputError(f"Batch size | got {batch_size!r} | expected an integer")
+        if not batch.contains(size):
+            raise InputError(
+                f"Batch size | got {size}, the engines were built for {batch.min}..{batch.max} "
+                f"| rebuild with --batch MIN:OPT:MAX covering it ({self.where})"
+            )
+        return size
+
+    def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` without the build constants among them, each checked to equal the
+        value the graphs were built with (e.g. Flux's position ids for the built size)."""
+        constants = {spec.name: spec for spec in self.manifest.inputs_of("build_constant")}
+        if not constants.keys() & inputs.keys():
+            return inputs
+        import numpy as np
+
+        for name in constants.keys() & inputs.keys():
+            built = np.asarray(constants[name].value, dtype="float64")
+            given = inputs[name]
+            given = host_copy(given).astype("float64") if given is not None else built
+            if given.shape != built.shape or not np.array_equal(given, built):
+                raise InputError(
+                    f"Input '{name}' | differs from the value the engines were built with (shape "
+                    f"{list(given.shape)} vs {list(built.shape)}) | it is fixed per build: rebuild with "
+                    f"the resolution / text length you need ({self.where})"
+                )
+        return {k: v for k, v in inputs.items() if k not in constants}
+
+    def plan(
+        self, timesteps: Any, conditioning: dict[str, Any], num_steps: int, batch_size: int
+    ) -> PlannedInputs:
+        """Check a generation's timesteps and conditioning given up front (host copies)."""
+        conditioning = self.drop_build_constants(conditioning)
+        names = list(self.manifest.conditioning_names)
+        if sorted(conditioning) != sorted(names):
+            raise InputError(
+                f"start() | got conditioning {sorted(conditioning)} | with timesteps, pass all of "
+                f"{names} (this model's conditioning inputs)"
+            )
+        try:
+            steps = host_copy(timesteps).astype("float32")
+        except (TypeError, ValueError) as err:
+            raise InputError(f"start() timesteps | got {timesteps!r} | expected numbers") from err
+        if (
+            steps.ndim not in (1, 2)
+            or steps.shape[0] != num_steps
+            or steps.shape[1:] not in ((), (batch_size,))
+        ):
+            raise InputError(
+                f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
+                f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
+            )
+        if self.check:
+            self.manifest.check_timesteps(steps, where=self.where)
+        values = {}
+        for name in names:
+            spec = self.manifest.input_spec(name)
+            value = host_copy(conditioning[name])
+            # The dtype as given: host copies of floating tensors are float32 (bf16 has no numpy type).
+            given_dtype = self.backend.describe_array(conditioning[name])[1]
+            if not _dtype_compatible(given_dtype, spec.dtype):
+                raise InputError(
+                    f"start() input '{name}' | got {given_dtype}, expected {spec.dtype} | ({self.where})"
+                )
+            want = spec.concrete_shape(batch_size)
+            if tuple(value.shape) != want:
+                raise InputError(
+                    f"start() input '{name}' | got shape {list(value.shape)}, expected {list(want)} "
+                    f"| ({self.where})"
+                )
+            self.manifest.check_values(name, value, where=self.where)
+            values[name] = value
+        return PlannedInputs(steps, values, dict(conditioning), timestep_name=self.timestep_name)
+
+    def stage(self, buffers: StepBuffers, inputs: dict[str, Any], *, only: tuple[str, ...] = ()) -> None:
+        """Check every step input (or those named in ``only``) against the manifest and
+        copy it into place."""
+        backend = self.backend
+        specs = [s for s in self.specs if s.name in only] if only else self.specs
+        if not self.check:
+            for spec in specs:
+                value = inputs[spec.name]
+                if spec.role == "timestep":
+                    value = backend.as_timestep(value, spec.concrete_shape(buffers.batch_size), spec.dtype)
+                backend.stage_input(buffers, spec.name, value)
+            return
+        inputs = self.drop_build_constants(inputs)
+        expected = {spec.name for spec in self.specs}
+        unknown = set(inputs) - expected
+        if unknown:
+            raise InputError(
+                f"Inputs {sorted(unknown)} | not inputs of these engines | expected {sorted(expected)}"
+            )
+        for spec in specs:
+            if spec.name not in inputs or inputs[spec.name] is None:
+                raise InputError(f"Input '{spec.name}' | missing | this model needs {sorted(expected)}")
+            value = inputs[spec.name]
+            want_shape = spec.concrete_shape(buffers.batch_size)
+            if spec.role == "timestep":
+                try:
+                    value = backend.as_timestep(value, want_shape, spec.dtype)
+                except (TypeError, ValueError) as err:
+                    raise InputError(
+                        f"Input '{spec.name}' | got {value!r} | expected a number or one number per sample"
+                    ) from err
+            shape, dtype = backend.describe_array(value)
+            if shape != want_shape:
+                raise InputError(
+                    f"Input '{spec.name}' | got shape {list(shape)}, expected {list(want_shape)} "
+                    f"| ({self.where})"
+                )
+            if not _dtype_compatible(dtype, spec.dtype):
+                raise InputError(f"Input '{spec.name}' | got {dtype}, expected {spec.dtype} | ({self.where})")
+            if backend.host_inputs:
+                self.manifest.check_values(spec.name, value, where=self.where)
+                if spec.role == "timestep":
+                    self.manifest.check_timesteps(value, where=self.where)
+            backend.stage_input(buffers, spec.name, value)
+
+
+def _dtype_compatible(got: str, want: str) -> bool:
+    if got == want:
+        return True
+    # Integer class labels of any width are safe to widen to int64.
+    return want == "int64" and got in ("int32", "int16", "uint8", "int8")
