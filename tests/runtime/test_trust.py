@@ -200,3 +200,19 @@ def test_untrusted_tensorrt_runtimes_see_no_plugins() -> None:
     assert untrusted.get_plugin_registry().parent_search_enabled is False
     assert untrusted.get_plugin_registry().all_creators_recursive == []
     assert untrusted.engine_host_code_allowed is False
+
+
+def test_the_cli_signs_and_checks_signatures(tiny_dit_dir: Path, tmp_path: Path, engine_copy: Path) -> None:
+    from click.testing import CliRunner
+
+    from fora_export.cli import main
+
+    key_file = tmp_path / "fora.key"
+    key_file.write_text(KEY.decode() + "\n")
+    out = tmp_path / "signed"
+    run = CliRunner().invoke
+    result = run(main, ["-q", "build", str(tiny_dit_dir), "--out", str(out), "--sign-key", str(key_file)])
+    assert result.exit_code == 0 and f"signed: {out / SIGNATURE_NAME}" in result.stdout, result.output
+    assert run(main, ["-q", "info", str(out), "--key-file", str(key_file)]).exit_code == 0
+    refused = run(main, ["-q", "info", str(engine_copy), "--key-file", str(key_file)])  # unsigned
+    assert refused.exit_code == 2 and "the folder is not signed" in refused.stderr
