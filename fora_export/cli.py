@@ -115,8 +115,10 @@ class ForaGroup(click.Group):
                     err.show()  # `fora-export` alone: the help, as click prints it
                     sys.exit(EXIT_BAD_INPUT)
                 _fail(_usage_message(err), EXIT_BAD_INPUT)
+            except ForaError as err:  # raised outside a command body (an option callback)
+                _fail(str(err))
             except click.ClickException as err:  # e.g. a file click could not open
-                _fail(f"{err.format_message()} | see `fora-export --help`", err.exit_code)
+                _fail(f"fora-export | {err.format_message()} | see `fora-export --help`", err.exit_code)
             except click.Abort as err:  # click's wrapping of KeyboardInterrupt (and EOF)
                 cause = (
                     "interrupted (Ctrl-C)" if isinstance(err.__context__, KeyboardInterrupt) else "aborted"
