@@ -3,8 +3,9 @@ and safety").
 
 An engine folder is data written by whoever built or copied it. Opening it:
 
-- **ONNX graphs** (``*.onnx``) are parsed by ONNX Runtime: no code from the folder runs
-  (ONNX Runtime refuses external-data paths that leave the model's folder).
+- **ONNX graphs** (``*.onnx``) are parsed by ONNX Runtime: no code from the folder runs.
+  The external-data paths inside an ONNX file are ONNX Runtime's to contain (1.32 refuses
+  paths leaving the model's folder; releases before that fix do not).
 - **TensorRT plans** (``*.plan``) are code-free except for plugin layers (kernels from
   plugin libraries, looked up by name in the process's plugin registry) and embedded host
   code. From an untrusted folder the runtime deserialises plans with the plugin registry
