@@ -46,9 +46,10 @@ from fora_export.errors import ConfigError
 from fora_export.progress import StageProgress
 from fora_runtime.calibration import METRICS, CalibrationRecord, schedule_file_name
 from fora_runtime.dtypes import numpy_dtype
-from fora_runtime.manifest import Manifest, load_manifest, verify_listed_file
+from fora_runtime.manifest import Manifest, file_record, load_manifest, verify_listed_file
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, SIGNATURE_NAME, FolderAccess, resolve_manifest_key, sign_folder
 
 #: ``--metric`` -> the change measure it minimises.
 METRIC_OPTIONS = {"l1": "rel_l1", "l2": "rel_l2"}
@@ -337,13 +338,28 @@ class CalibrationResult:
         }
 
 
-def _verify_except_calibrations(manifest: Manifest, folder: Path) -> None:
+def _verify_except_calibrations(manifest: Manifest, folder: Path, verify: str) -> None:
     """Every listed file but the calibrated schedules (a broken one is what a new calibration
-    replaces, so it must not stop it)."""
+    replaces, so it must not stop it), checked as ``verify`` says."""
     calibrated = set(manifest.calibrated_schedules.values())
     for name in manifest.files:
         if name not in calibrated:
-            verify_listed_file(manifest, folder, name, fix="rebuild the engines")
+            verify_listed_file(manifest, folder, name, verify, fix="rebuild the engines")  # type: ignore[arg-type]
+
+
+def _signing_key(folder: Path, access: FolderAccess) -> bytes | None:
+    """The key to re-sign a signed folder with after its manifest changes (the one its
+    signature is checked with), or None for an unsigned folder; a signed folder without a
+    key is refused before any work (its signature would no longer match)."""
+    if not (folder / SIGNATURE_NAME).exists():
+        return None
+    key = resolve_manifest_key(None, access.manifest_key_file)
+    if key is None:
+        raise ConfigError(
+            f"{folder} | is signed ({SIGNATURE_NAME}), and calibrating rewrites its manifest | pass the "
+            "signing key (--key-file FILE or $FORA_MANIFEST_KEY) to re-sign it"
+        )
+    return key
 
 
 def calibrate(
@@ -359,13 +375,18 @@ def calibrate(
     backend: str = "onnxruntime",
     conditioning: dict[str, np.ndarray] | None = None,
     progress: bool | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> CalibrationResult:
     """Measure, choose and write the calibrated schedule of ``steps`` steps with ``budget``
     full steps (see the module docstring). ``conditioning``: one value per sample for each
-    conditioning input (default: :func:`calibration_conditioning`)."""
+    conditioning input (default: :func:`calibration_conditioning`). ``access``: how the
+    folder is opened; a signed folder is checked with its key and re-signed with it."""
     folder = Path(engine_dir)
-    manifest = load_manifest(folder, verify_files=False)
-    _verify_except_calibrations(manifest, folder)
+    manifest = load_manifest(folder, verify="none", manifest_key_file=access.manifest_key_file)
+    _verify_except_calibrations(
+        manifest, folder, "full" if (folder / SIGNATURE_NAME).exists() else access.verify
+    )
+    key = _signing_key(folder, access)
     plan = plan_calibration(
         manifest,
         steps=steps,
@@ -384,7 +405,13 @@ def calibrate(
     started = time.perf_counter()
     with (
         StageProgress(len(plan.chunks), title="calibrate", enabled=progress) as bar,
-        ForaSession(folder, backend=backend, verify_files=False) as session,
+        ForaSession(
+            folder,
+            backend=backend,
+            verify="none",  # checked above (all but the calibrations)
+            trust_programs=access.trust_programs,
+            manifest_key_file=access.manifest_key_file,
+        ) as session,
     ):
         change, scheduler_record, timesteps = measure_change(session, plan, conditioning, progress=bar)
     seconds = time.perf_counter() - started
@@ -406,17 +433,21 @@ def calibrate(
         written_by=f"fora-export {fora_export.__version__}",
         seconds=round(seconds, 3),
     )
-    path = write_calibration(folder, record)
+    path = write_calibration(folder, record, signing_key=key)
     return CalibrationResult(folder=folder, file=path, record=record, uniform=uniform)
 
 
-def write_calibration(folder: str | Path, record: CalibrationRecord) -> Path:
+def write_calibration(
+    folder: str | Path, record: CalibrationRecord, *, signing_key: bytes | None = None
+) -> Path:
     """Write ``record`` into the engine folder and list it in the manifest (replacing an
     earlier calibration of the same step count). The file gets a new name and the manifest
     is replaced atomically, so at every moment the manifest lists complete, matching files;
-    the replaced file is deleted last."""
+    the replaced file is deleted last. ``signing_key``: re-sign the folder's manifest (a
+    signed folder between the manifest's and the signature's replacement is refused with
+    a one-line error until calibrate reruns)."""
     folder = Path(folder)
-    manifest = load_manifest(folder, verify_files=False)
+    manifest = load_manifest(folder, verify="none")
     text = record.to_json().encode()
     digest = hashlib.sha256(text).hexdigest()
     name = schedule_file_name(record.steps, digest)
@@ -427,7 +458,7 @@ def write_calibration(folder: str | Path, record: CalibrationRecord) -> Path:
         tmp.write_bytes(text)
         os.replace(tmp, path)
         files = {file: entry for file, entry in manifest.files.items() if file != old}
-        files[name] = {"bytes": len(text), "sha256": digest}
+        files[name] = file_record(path)
         updated = dataclasses.replace(
             manifest,
             files=files,
@@ -439,6 +470,8 @@ def write_calibration(folder: str | Path, record: CalibrationRecord) -> Path:
         if name != old:
             path.unlink(missing_ok=True)
         raise
+    if signing_key is not None:
+        sign_folder(folder, signing_key)
     if old is not None and old != name:
         (folder / old).unlink(missing_ok=True)
     return path

@@ -24,7 +24,6 @@ schedule alike.
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,11 @@ from fora_export.quality.sampling import DigitSampler, denoising_of
 from fora_runtime.manifest import Manifest
 from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 SCHEDULE_MODES = (*INTERVAL_MODES, "both")
 #: What ``--policies`` compares at equal full steps (static FORA is every interval's own row).
 POLICIES = ("static", "calibrated", "forecast", "calibrated+forecast")
-IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
@@ -57,31 +56,6 @@ def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
     if not values:
         raise ConfigError(f"{option} | got {text!r} | expected integers like {example}")
     return values
-
-
-def check_output_path(path: Path | None, option: str, *, image: bool) -> None:
-    """Refuse, before any work, an output path that cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ConfigError(f"{option} '{path}' | is a folder | pass a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{option} '{path}' | folder {parent} does not exist | create it first")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{option} '{path}' | folder {parent} is not writable | choose another")
-    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ConfigError(
-            f"{option} '{path}' | unknown image type {path.suffix or '(none)'!r} "
-            f"| end it in one of {', '.join(IMAGE_SUFFIXES)}"
-        )
-    if image:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                f"{option} | matplotlib is not installed | pip install 'fora-export[quality]'"
-            ) from err
 
 
 @dataclass(frozen=True)
@@ -338,6 +312,7 @@ def run_quality(
     *,
     backend: str = "onnxruntime",
     progress: bool | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> QualityReport:
     """Sample every schedule of ``plan`` and score it (see the module docstring)."""
     import torch
@@ -349,7 +324,7 @@ def run_quality(
     with StageProgress(total, title="quality", enabled=progress) as bar:
         bar.stage("training the digit classifier")
         classifier = DigitClassifier.fit(seed=plan.seed)
-        with ForaSession(engine_dir, backend=backend) as session:
+        with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
             manifest = session.manifest
             sampler = DigitSampler.for_manifest(manifest, plan.steps, NUM_CLASSES, str(engine_dir))
             timesteps = sampler.timesteps

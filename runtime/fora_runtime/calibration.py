@@ -157,12 +157,12 @@ def read_calibration(manifest: Manifest, folder: str | Path, steps: int) -> Cali
             f"it: fora-export calibrate {folder} --steps {steps} --full-steps K"
         )
     fix = f"calibrate again: fora-export calibrate {folder} --steps {steps} --full-steps K"
-    verify_listed_file(manifest, folder, name, fix=fix)
     path = folder / name
+    real = verify_listed_file(manifest, folder, name, "full", fix=fix)
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path} | is not valid JSON ({err}) | {fix}") from err
+        data = json.loads(real.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ManifestError(f"{path} | is not valid JSON ({type(err).__name__}) | {fix}") from err
     record = CalibrationRecord.from_dict(data, where=str(path))
     if record.steps != steps:
         raise ManifestError(

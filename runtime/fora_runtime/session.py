@@ -34,7 +34,7 @@ from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
 from fora_runtime.errors import GenerationError, InputError
 from fora_runtime.generation import GateTable, Generation, forecast_weights
 from fora_runtime.inputs import StepInputs
-from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
 from fora_runtime.schedule import CacheSchedule
 
 
@@ -47,7 +47,10 @@ class ForaSession:
         *,
         backend: str = "onnxruntime",
         schedule: CacheSchedule | CalibratedSchedules | str | None = None,
-        verify_files: bool = True,
+        verify: VerifyMode = "stamp",
+        trust_programs: bool = False,
+        manifest_key: str | bytes | None = None,
+        manifest_key_file: str | Path | None = None,
         check_inputs: bool = True,
         gate_table: bool = True,
         forecast: bool | None = None,
@@ -55,14 +58,24 @@ class ForaSession:
     ) -> None:
         """``schedule``: the default of every generation (None: the manifest's; ``"calibrated"``:
         for each step count the schedule ``fora-export calibrate`` wrote for it).
-        ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
+        ``verify``: how the folder's files are checked on open (``stamp``: size and a
+        stamp of each, ``full``: sha256 of each, ``none``). ``trust_programs=True`` vouches
+        for the folder: torch programs (which run code when loaded) and TensorRT plugin
+        layers are then allowed; a manifest signed under ``manifest_key`` /
+        ``manifest_key_file`` / ``$FORA_MANIFEST_KEY`` is trusted too (README, "Trust and
+        safety"). ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
         ``gate_table=False`` never precomputes gates (reuse steps compute their own).
         ``forecast`` (forecast builds, ``build --forecast``): None forecasts wherever the
         generation has a gate table; True refuses generations that cannot; False never
         forecasts (static FORA, one cache generation)."""
         self.engine_dir = Path(engine_dir)
-        self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
+        folder = open_engine_folder(
+            self.engine_dir, verify=verify, manifest_key=manifest_key, manifest_key_file=manifest_key_file
+        )
+        self.manifest: Manifest = folder.manifest
+        #: True when the folder may load code (torch programs, TensorRT plugins).
+        self.trusted = trust_programs or folder.signed
         self.schedule: CacheSchedule | CalibratedSchedules = (
             resolve_schedule(schedule, self.manifest, self.engine_dir) or self.manifest.schedule
         )
@@ -77,6 +90,7 @@ class ForaSession:
             self.engine_dir,
             gate_table=gate_table,
             forecast=forecast is not False,
+            trust_programs=self.trusted,
             **backend_options,
         )
         if forecast and not (gate_table and self.backend.supports_forecast):

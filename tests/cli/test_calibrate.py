@@ -121,7 +121,7 @@ def test_bad_calibrated_inputs_are_one_line_errors(engine_copy: Path) -> None:
     path.write_text(path.read_text().replace('"full_steps": [\n  0', '"full_steps": [\n  1'))
     code, _, stderr = run_cli("info", str(engine_copy))
     assert code == 2 and "calibrate again" in one_error_line(stderr)
-    manifest = load_manifest(engine_copy, verify_files=False)
+    manifest = load_manifest(engine_copy, verify="none")
     with pytest.raises(ManifestError, match="sha256 does not match"):
         read_calibration(manifest, engine_copy, STEPS)
     # Calibrating again repairs the folder (the broken file does not stop it).

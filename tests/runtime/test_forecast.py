@@ -24,6 +24,7 @@ from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.generation import forecast_weights
 from fora_runtime.schedule import CacheSchedule
+from tests.conftest import TRUSTED
 from tests.tiny_models import TINY_DIT, TINY_FLUX_DEV, TINY_PIXART, TINY_SD3, TINY_WAN, save_dit, save_pixart
 
 STEPS = 8
@@ -126,7 +127,7 @@ def test_forecast_weights_from_the_planned_timesteps() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_forecast_engine_validates_against_the_pytorch_forecast(forecast_engine: Path, backend: str) -> None:
-    report = validate(forecast_engine, backend=backend, steps=12, batch_sizes=[1, 4])
+    report = validate(forecast_engine, backend=backend, steps=12, batch_sizes=[1, 4], access=TRUSTED)
     assert report.passed, report.to_dict()
     forecast_cases = [c for c in report.graph_cases if c.role == "reuse_forecast"]
     assert {c.batch_size for c in forecast_cases} == {1, 4} and len(forecast_cases) == 6
@@ -153,7 +154,7 @@ def generate(session: ForaSession, **options: object) -> tuple[list[np.ndarray],
 def test_forecast_steps_follow_the_plan_and_static_runs_on_the_same_build(
     forecast_engine: Path, backend: str
 ) -> None:
-    with ForaSession(forecast_engine, backend=backend) as session:  # N=3: full at 0, 3, 6
+    with ForaSession(forecast_engine, backend=backend, trust_programs=True) as session:  # N=3: 0, 3, 6
         forecast, history = generate(session)
         assert history == ["full", "reuse_gated", "reuse_gated", "full"] + ["reuse_forecast"] * 2 + [
             "full",
@@ -165,7 +166,7 @@ def test_forecast_steps_follow_the_plan_and_static_runs_on_the_same_build(
     for step in range(4):
         assert np.array_equal(forecast[step], static[step])
     assert not np.allclose(forecast[4], static[4])
-    with ForaSession(forecast_engine, backend=backend, forecast=False) as session:
+    with ForaSession(forecast_engine, backend=backend, forecast=False, trust_programs=True) as session:
         assert session.backend.buffers(BATCH).previous_caches is None  # one cache generation
         assert np.array_equal(np.stack(generate(session)[0]), np.stack(static))
 
@@ -285,7 +286,7 @@ def test_cuda_graph_forecast_equals_eager(tmp_path: Path) -> None:
     build(str(model), engine, config, progress=False)
     results = {}
     for graphs in (False, True):
-        with ForaSession(engine, backend="torch", use_cuda_graphs=graphs) as session:
+        with ForaSession(engine, backend="torch", use_cuda_graphs=graphs, trust_programs=True) as session:
             outputs, history = generate(session)
             outputs_again, _ = generate(session)  # a second generation on the same buffers
         assert history.count("reuse_forecast") == 3

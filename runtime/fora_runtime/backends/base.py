@@ -40,17 +40,22 @@ def create_backend(
     *,
     gate_table: bool = True,
     forecast: bool = True,
+    trust_programs: bool = False,
     **options: Any,
 ) -> StepBackend:
     """Instantiate the backend called ``name`` (not yet activated). ``gate_table=False``: it
     loads no gate-table graphs, and generations compute their gates per reuse step.
-    ``forecast=False``: it loads no forecast graph and keeps one cache generation."""
+    ``forecast=False``: it loads no forecast graph and keeps one cache generation.
+    ``trust_programs``: the folder may load code (torch programs, TensorRT plugins; see
+    ``fora_runtime.trust``)."""
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(manifest, Path(folder), gate_table=gate_table, forecast=forecast, **options)
+    backend = backend_cls(manifest, Path(folder), gate_table=gate_table, forecast=forecast, **options)
+    backend.trust_programs = trust_programs
+    return backend
 
 
 @dataclass
@@ -121,6 +126,9 @@ class StepBackend(ABC):
         self.use_gate_table = gate_table
         #: False: load no forecast graph and keep one cache generation (fixed at construction).
         self.use_forecast = forecast
+        #: True: the folder may load code (torch programs, TensorRT plugin layers); set before
+        #: activation by ``create_backend``. False refuses both (``fora_runtime.trust``).
+        self.trust_programs = False
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 
