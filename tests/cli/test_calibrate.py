@@ -144,3 +144,26 @@ def test_a_malformed_file_with_a_matching_sha256_is_refused(engine_copy: Path) -
     dataclasses.replace(manifest, files=files).write(engine_copy)
     with pytest.raises(ManifestError, match="are not a schedule of 9 steps"):
         ForaSession(engine_copy, schedule="calibrated").start(STEPS, 2)
+
+
+def test_a_signed_folder_is_re_signed_with_its_key_or_refused(engine_copy: Path, tmp_path: Path) -> None:
+    from fora_runtime.trust import sign_folder
+
+    key_file = tmp_path / "fora.key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
+    sign_folder(engine_copy, key_file.read_bytes().rstrip(b"\n"))
+    code, _, stderr = run_cli("calibrate", str(engine_copy), "--steps", str(STEPS), "--full-steps", "3")
+    assert code == 2 and "is signed" in one_error_line(stderr)
+    assert not load_manifest(engine_copy).calibrated_schedules  # refused before any work
+    calibrate(engine_copy, STEPS, BUDGET, "--key-file", str(key_file))
+    manifest = load_manifest(engine_copy, manifest_key_file=key_file)  # the new signature holds
+    assert STEPS in manifest.calibrated_schedules
+
+
+def test_a_malformed_calibrated_schedules_entry_is_a_manifest_error(engine_copy: Path) -> None:
+    path = engine_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    for entry in ({"nine": "x.json"}, {"9": "../outside.json"}, {"9": "missing.json"}):
+        path.write_text(json.dumps({**data, "calibrated_schedules": entry}))
+        with pytest.raises(ManifestError, match=r"calibrated_schedules|calibrated schedule"):
+            load_manifest(engine_copy, verify="none")
