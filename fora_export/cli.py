@@ -412,7 +412,13 @@ def _validate_extras(
 @click.option("--steps", type=int, default=20, show_default=True, help="Steps per generation.")
 @click.option("--intervals", default="1,2,3,5", show_default=True, help="Cache intervals to compare.")
 @click.option("--batch", "batch_size", type=int, default=None, help="Batch size. [default: the build's opt]")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Generations per interval (median).")
+@click.option(
+    "--repeats",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Timed generations per interval (median and spread of them).",
+)
 @click.option(
     "--schedule-mode",
     type=click.Choice(["paper", "reference"]),
