@@ -704,17 +704,29 @@ def quality(
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option(
+    "--inspect",
+    is_flag=True,
+    help="Also describe each TensorRT plan with polygraphy (needs the TensorRT and GPU that built it).",
+)
 @_user_errors
-def info(engine_dir: Path, as_json: bool) -> None:
+def info(engine_dir: Path, as_json: bool, inspect: bool) -> None:
     """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends."""
     from fora_export.reports import print_manifest
     from fora_runtime.manifest import load_manifest
 
     manifest = load_manifest(engine_dir)  # verifies every file's size and sha256
+    plans: dict[str, str] = {}
+    if inspect:
+        from fora_export.plans import inspect_plans
+
+        plans = inspect_plans(engine_dir, manifest)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        click.echo(json.dumps({**manifest.to_dict(), **({"plans": plans} if inspect else {})}, indent=2))
     else:
         print_manifest(manifest, engine_dir)
+        for role, text in plans.items():
+            click.echo(f"\n{role} plan (polygraphy):\n{text}")
 
 
 @main.command()
