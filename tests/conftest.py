@@ -10,72 +10,9 @@ import pytest
 
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
-from fora_export.demo import make_demo_dit, make_demo_pixart
+from tests.tiny_models import OTHER_DIT, TINY_DIT, save_dit
 
 pytest_plugins = ["tests.pipeline_fixtures"]
-
-# learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.
-TINY_DIT = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 8,
-    "num_layers": 2,
-    "sample_size": 8,
-    "patch_size": 2,
-    "num_embeds_ada_norm": 10,
-}
-
-# Another shape on every axis the adapter reads: depth, heads, patch size, channels,
-# classes, and learn_sigma off (out_channels defaults to in_channels).
-OTHER_DIT = {
-    "num_attention_heads": 3,
-    "attention_head_dim": 4,
-    "in_channels": 3,
-    "out_channels": None,
-    "num_layers": 3,
-    "sample_size": 16,
-    "patch_size": 4,
-    "num_embeds_ada_norm": 7,
-}
-
-
-# PixArt-Sigma-like (no size conditions) and PixArt-alpha-1024-like (resolution and
-# aspect-ratio conditions; hidden size divisible by 3 as those embeddings need).
-TINY_PIXART = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 8,
-    "num_layers": 2,
-    "sample_size": 8,
-    "patch_size": 2,
-    "cross_attention_dim": 16,
-    "caption_channels": 12,
-    "use_additional_conditions": False,
-}
-OTHER_PIXART = {
-    "num_attention_heads": 3,
-    "attention_head_dim": 4,
-    "in_channels": 3,
-    "out_channels": None,
-    "num_layers": 3,
-    "sample_size": 12,
-    "patch_size": 2,
-    "cross_attention_dim": 12,
-    "caption_channels": 20,
-    "use_additional_conditions": True,
-}
-
-
-def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_pixart(config, seed=seed).save_pretrained(folder)
-    return folder
-
-
-def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_dit(config, seed=seed).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -24,74 +24,17 @@ from fora_export.demo_pipelines import (
     make_wan_pipeline,
     make_wan_vae,
 )
+from tests.tiny_models import TINY_DIT, TINY_FLUX_DEV, TINY_PIXART, TINY_SD35, TINY_WAN
 
-PIPELINE_DIT = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 8,
-    "num_layers": 2,
-    "sample_size": 8,
-    "patch_size": 2,
-    "num_embeds_ada_norm": 1000,
-}
-PIPELINE_PIXART = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 8,
-    "num_layers": 2,
-    "sample_size": 8,
-    "patch_size": 2,
-    "cross_attention_dim": 16,
-    "caption_channels": 12,
-    "use_additional_conditions": False,
-}
+# The DiT has DiTPipeline's 1000 classes; the Wan text width is the tiny T5's.
+PIPELINE_DIT = {**TINY_DIT, "num_embeds_ada_norm": 1000}
+PIPELINE_PIXART = TINY_PIXART
 #: Caption tokens of the PixArt build (pipelines pass max_sequence_length=16).
 PIXART_TEXT_LENGTH = 16
-# SD3.5-like (dual attention in 2 of 3 blocks, qk RMSNorm) and Flux.1-dev-like (guidance).
-PIPELINE_SD3 = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 4,
-    "num_layers": 3,
-    "attention_head_dim": 8,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 24,
-    "caption_projection_dim": 16,
-    "pooled_projection_dim": 12,
-    "out_channels": 4,
-    "pos_embed_max_size": 16,
-    "dual_attention_layers": (0, 1),
-    "qk_norm": "rms_norm",
-}
-PIPELINE_FLUX = {
-    "patch_size": 1,
-    "in_channels": 16,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 24,
-    "pooled_projection_dim": 12,
-    "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),
-}
+PIPELINE_SD3 = TINY_SD35
+PIPELINE_FLUX = TINY_FLUX_DEV
 # Wan 2.1-like: 2 latent frames (5 video frames) of 8x8 (64x64 pixels), 4 latent channels.
-PIPELINE_WAN = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 16,
-    "freq_dim": 16,
-    "ffn_dim": 32,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 32,
-}
+PIPELINE_WAN = {**TINY_WAN, "text_dim": 16, "rope_max_seq_len": 32}
 WAN_FRAMES = 2
 #: Wan 2.2 A14B's boundary: transformer for t >= 875, transformer_2 below (the T2V value).
 WAN_BOUNDARY = 0.875

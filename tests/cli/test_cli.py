@@ -63,7 +63,7 @@ def test_build_validate_bench(tiny_dit_dir: Path, tmp_path: Path) -> None:
 
 
 def test_validate_exit_code_1_on_mismatch(tiny_engine: Path, tmp_path: Path) -> None:
-    from tests.conftest import TINY_DIT, save_dit
+    from tests.tiny_models import TINY_DIT, save_dit
 
     impostor = save_dit(tmp_path / "impostor", TINY_DIT, seed=99)
     code, stdout, _ = invoke(

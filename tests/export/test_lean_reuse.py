@@ -18,7 +18,7 @@ from fora_export.demo import make_demo_dit
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import load_manifest
-from tests.conftest import OTHER_DIT, TINY_DIT
+from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
 

@@ -9,7 +9,7 @@ import torch
 
 from fora_export.errors import ConfigError
 from fora_export.loading import load_model
-from tests.conftest import TINY_DIT, save_dit
+from tests.tiny_models import TINY_DIT, save_dit
 
 
 def test_loads_a_transformer_folder(tiny_dit_dir: Path) -> None:

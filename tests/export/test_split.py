@@ -9,7 +9,7 @@ import torch
 from fora_export.adapters.registry import adapter_for
 from fora_export.demo import DEMO_DIT_CONFIG, make_demo_dit
 from fora_export.split.graphs import split_model
-from tests.conftest import OTHER_DIT, TINY_DIT
+from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
 

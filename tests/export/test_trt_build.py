@@ -34,7 +34,7 @@ from fora_export.builder.tensorrt import (
 from fora_export.errors import BuildError, ConfigError
 from fora_runtime import ForaSession, load_manifest
 from fora_runtime.manifest import BatchRange, TensorSpec
-from tests.conftest import TINY_DIT
+from tests.tiny_models import TINY_DIT
 
 BATCH = "1:2:4"
 # Low optimization level: tiny graphs, fast builds; numerics do not depend on it.

@@ -31,8 +31,15 @@ from fora_export.errors import BuildError, ConfigError
 from fora_runtime import load_manifest
 from fora_runtime.backends.trt_flavor import RTX_VERSION
 from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
-from tests.conftest import OTHER_PIXART, TINY_DIT, TINY_PIXART, save_dit, save_pixart
-from tests.validate.test_mmdit import TINY_FLUX_DEV, TINY_SD35
+from tests.tiny_models import (
+    OTHER_PIXART,
+    TINY_DIT,
+    TINY_FLUX_DEV,
+    TINY_PIXART,
+    TINY_SD35,
+    save_dit,
+    save_pixart,
+)
 
 # The TensorRT-RTX wheels exist for x86-64 Linux (and Windows); there, a missing install
 # is a failure, not a skip.

@@ -23,7 +23,7 @@ from fora_export.split.graphs import split_model
 from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange
 from fora_runtime.schedule import CacheSchedule
-from tests.conftest import OTHER_DIT, TINY_DIT
+from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
 STEPS = 7

@@ -39,7 +39,7 @@ from fora_runtime import BackendError, ForaSession, Generation, GenerationError,
 from fora_runtime.backends import backend_names, create_backend
 from fora_runtime.backends.torch_backend import TorchBackend, check_program_record
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange, graph_file, sha256_of
-from tests.conftest import TINY_DIT
+from tests.tiny_models import TINY_DIT
 
 INPUT_NAMES = ("latents", "timestep", "class_labels")
 NUM_STEPS = 6

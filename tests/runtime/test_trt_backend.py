@@ -28,8 +28,8 @@ from fora_runtime.backends.trt_engine import engine_io
 from fora_runtime.backends.trt_flavor import DATACENTER, check_build_record, tensorrt_version_tuple
 from fora_runtime.caches import ALIGNMENT, ArenaLayout
 from fora_runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec
-from tests.conftest import TINY_DIT
 from tests.export.test_trt_build import assert_matches, tensorrt_engine_folder
+from tests.tiny_models import TINY_DIT
 
 NUM_STEPS = 20
 BATCH_SIZE = 2

@@ -22,7 +22,7 @@ from fora_export.builder.pipeline import build
 from fora_export.cli import main
 from fora_runtime import CacheSchedule, ForaSession
 from fora_runtime.serving import DDIMSampler, seeded_latents
-from tests.conftest import TINY_PIXART, save_pixart
+from tests.tiny_models import TINY_PIXART, save_pixart
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")

@@ -19,40 +19,10 @@ from fora_export.demo import make_demo_flux, make_demo_sd3
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
+from tests.tiny_models import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, TINY_SD3, TINY_SD35
 
 pytestmark = pytest.mark.slow
 
-# Flux.1-dev-like (guidance embedding) and schnell-like (none), other widths and depths.
-TINY_FLUX_DEV = {
-    "patch_size": 1,
-    "in_channels": 16,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 24,
-    "pooled_projection_dim": 12,
-    "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),
-}
-TINY_FLUX_SCHNELL = {**TINY_FLUX_DEV, "num_layers": 1, "num_single_layers": 3, "guidance_embeds": False}
-# SD3.5-Medium-like (dual attention, qk RMSNorm) and SD3-Medium-like (neither).
-TINY_SD35 = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 4,
-    "num_layers": 3,
-    "attention_head_dim": 8,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 24,
-    "caption_projection_dim": 16,
-    "pooled_projection_dim": 12,
-    "out_channels": 4,
-    "pos_embed_max_size": 16,
-    "dual_attention_layers": (0, 1),
-    "qk_norm": "rms_norm",
-}
-TINY_SD3 = {**TINY_SD35, "num_layers": 2, "dual_attention_layers": (), "qk_norm": None}
 
 TEXT = 6
 FP32_GRAPH_ATOL = 1e-4  # fp32 graphs vs PyTorch (validate's own tolerance)

@@ -18,7 +18,7 @@ from fora_export.errors import ConfigError
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
-from tests.conftest import OTHER_PIXART, TINY_PIXART, save_pixart
+from tests.tiny_models import OTHER_PIXART, TINY_PIXART, save_pixart
 
 
 @pytest.fixture(scope="module")

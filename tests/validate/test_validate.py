@@ -72,7 +72,7 @@ def test_detects_a_wrong_engine(tiny_engine: Path, other_dit_dir: Path) -> None:
 
 def test_fails_when_outputs_differ(engine_copy: Path, tiny_dit_dir: Path, tmp_path: Path) -> None:
     # Same config, different weights: every comparison must fail, with the tolerance it needed.
-    from tests.conftest import TINY_DIT, save_dit
+    from tests.tiny_models import TINY_DIT, save_dit
 
     impostor = save_dit(tmp_path / "impostor", TINY_DIT, seed=123)
     report = validate(engine_copy, model=str(impostor), steps=4, batch_sizes=[2])

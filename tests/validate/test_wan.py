@@ -23,25 +23,10 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import make_scheduler, validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.experts import start_across_experts
+from tests.tiny_models import TINY_WAN, TINY_WAN_I2V
 
 pytestmark = pytest.mark.slow
 
-TINY_WAN = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 12,
-    "freq_dim": 16,
-    "ffn_dim": 32,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 64,
-}
-# Wan 2.1 I2V: the cross-attention also reads CLIP image embeddings (image_dim).
-TINY_WAN_I2V = {**TINY_WAN, "num_layers": 3, "image_dim": 10, "added_kv_proj_dim": 16}
 FRAMES, TEXT = 3, 6
 BOUNDARY = 0.875
 

@@ -1,0 +1,121 @@
+"""The tiny model configs of the test suite, one place for each: seeded models are made
+from them with the demo factories and saved with save_pretrained (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fora_export.demo import make_demo_dit, make_demo_pixart
+
+# learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.
+TINY_DIT = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 2,
+    "sample_size": 8,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 10,
+}
+
+# Another shape on every axis the adapter reads: depth, heads, patch size, channels,
+# classes, and learn_sigma off (out_channels defaults to in_channels).
+OTHER_DIT = {
+    "num_attention_heads": 3,
+    "attention_head_dim": 4,
+    "in_channels": 3,
+    "out_channels": None,
+    "num_layers": 3,
+    "sample_size": 16,
+    "patch_size": 4,
+    "num_embeds_ada_norm": 7,
+}
+
+
+# PixArt-Sigma-like (no size conditions) and PixArt-alpha-1024-like (resolution and
+# aspect-ratio conditions; hidden size divisible by 3 as those embeddings need).
+TINY_PIXART = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 2,
+    "sample_size": 8,
+    "patch_size": 2,
+    "cross_attention_dim": 16,
+    "caption_channels": 12,
+    "use_additional_conditions": False,
+}
+OTHER_PIXART = {
+    "num_attention_heads": 3,
+    "attention_head_dim": 4,
+    "in_channels": 3,
+    "out_channels": None,
+    "num_layers": 3,
+    "sample_size": 12,
+    "patch_size": 2,
+    "cross_attention_dim": 12,
+    "caption_channels": 20,
+    "use_additional_conditions": True,
+}
+
+
+# Flux.1-dev-like (guidance embedding) and schnell-like (none), other widths and depths.
+TINY_FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "pooled_projection_dim": 12,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+TINY_FLUX_SCHNELL = {**TINY_FLUX_DEV, "num_layers": 1, "num_single_layers": 3, "guidance_embeds": False}
+# SD3.5-Medium-like (dual attention, qk RMSNorm) and SD3-Medium-like (neither).
+TINY_SD35 = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 12,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": (0, 1),
+    "qk_norm": "rms_norm",
+}
+TINY_SD3 = {**TINY_SD35, "num_layers": 2, "dual_attention_layers": (), "qk_norm": None}
+
+TINY_WAN = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 12,
+    "freq_dim": 16,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 64,
+}
+# Wan 2.1 I2V: the cross-attention also reads CLIP image embeddings (image_dim).
+TINY_WAN_I2V = {**TINY_WAN, "num_layers": 3, "image_dim": 10, "added_kv_proj_dim": 16}
+
+
+def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
+    make_demo_pixart(config, seed=seed).save_pretrained(folder)
+    return folder
+
+
+def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
+    make_demo_dit(config, seed=seed).save_pretrained(folder)
+    return folder
