@@ -119,6 +119,7 @@ def test_build_config_validates() -> None:
         "workspace_bytes": None,
         "tf32": False,
         "compute_capabilities": None,
+        "fold_constants": True,
     }
     with pytest.raises(ConfigError, match=r"expected 0\.\.5"):
         TrtBuildConfig(opt_level=6)
