@@ -2,6 +2,7 @@
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
 #   make test   lint, type-check and run the test suite
 #   make quality  the README's quality table, plot and grid (tools/assets/) from demo-digits' trained weights
+#   make quality-flow  the same for demo-digits-flow (the flow-matching SD3 digit model)
 # CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
@@ -12,7 +13,7 @@ TENSORRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo quality test lint typecheck clean
+.PHONY: setup demo quality quality-flow test lint typecheck clean
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,15 @@ quality: $(STAMP)
 		--schedule-list 0 --schedule-list 0,1,2,3,4,6,8,11,15,20,26,33,41 \
 		--schedule-list 0,9,17,24,30,35,39,42,44,46,47,48,49 \
 		--save-json $(QUALITY_OUT)/quality.json --plot $(QUALITY_OUT)/quality.png --grid $(QUALITY_OUT)/quality-grid.png
+
+# The same schedules on the flow-matching model (its own scheduler, shift 3, and class tables).
+quality-flow: $(STAMP)
+	$(BIN)/fora-export build demo-digits-flow --out engines/demo-digits-flow --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --force
+	$(BIN)/fora-export quality engines/demo-digits-flow --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
+		--schedule-list 0 --schedule-list 0,1,2,3,4,6,8,11,15,20,26,33,41 \
+		--schedule-list 0,9,17,24,30,35,39,42,44,46,47,48,49 \
+		--save-json $(QUALITY_OUT)/quality-flow.json --plot $(QUALITY_OUT)/quality-flow.png \
+		--grid $(QUALITY_OUT)/quality-flow-grid.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

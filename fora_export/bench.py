@@ -40,6 +40,7 @@ from fora_runtime.dtypes import numpy_dtype
 from fora_runtime.manifest import InputSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 #: Timed generations per interval by default (the median of at least five).
 DEFAULT_REPEATS = 5
@@ -444,10 +445,11 @@ def bench(
     schedule_mode: str | None = None,
     backend: str = "onnxruntime",
     eager: EagerBaseline | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> BenchReport:
     """Benchmark one backend; ``eager`` (from :func:`eager_baseline`) adds the
     speedup over the diffusers model in eager PyTorch."""
-    with ForaSession(engine_dir, backend=backend) as session:
+    with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
         manifest = session.manifest
         plan = plan_bench(
             manifest,

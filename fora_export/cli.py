@@ -1,7 +1,9 @@
 """``fora-export``: build, validate and bench FORA engine folders.
 
-Exit codes: 0 success; 1 validation failed; 2 bad input (any user error, printed
-as one line without a traceback). Bugs keep their traceback.
+Exit codes: 0 success; 1 validation failed; 2 bad input (any user error, usage errors
+included, printed as one line ``error: subject | problem | fix`` without a traceback);
+130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM); nothing is left half-written
+either way. Bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,22 +24,158 @@ from fora_runtime.errors import ForaError
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shells' convention
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that every ``finally``
+    and ``except BaseException`` cleanup (the build's hidden folder, atomic writes) runs."""
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def _user_errors(func: F) -> F:
-    """Turn ForaErrors into a one-line message and exit code 2."""
+    """Turn ForaErrors (and a full disk) into a one-line message and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except ForaError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            _fail(str(err))
+        except OSError as err:
+            from fora_export.outputs import NO_SPACE, disk_full_error
+
+            if err.errno not in NO_SPACE:
+                raise
+            _fail(str(disk_full_error(err.filename or "(a file this command wrote)", None, err)))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _usage_message(err: click.UsageError) -> str:
+    """A click usage error as ``subject | problem | fix``."""
+    ctx = err.ctx
+    command = ctx.command_path if ctx is not None else "fora-export"
+    fix = f"see `{command} --help`"
+    if isinstance(err, click.NoSuchOption):
+        hint = f"; did you mean {', '.join(sorted(err.possibilities))}?" if err.possibilities else ""
+        return f"{err.option_name} | no such option of `{command}`{hint} | {fix}"
+    if isinstance(err, click.BadParameter | click.MissingParameter) and err.param is not None:
+        subject = err.param.get_error_hint(ctx) if ctx is not None else str(err.param.name)
+        subject = subject.replace("'", "")
+        problem = "missing" if isinstance(err, click.MissingParameter) else err.message.rstrip(".")
+        return f"{subject} | {problem} | {fix}"
+    return f"{command} | {err.message.rstrip('.')} | {fix}"
+
+
+@contextmanager
+def _termination_raises() -> Iterator[None]:
+    """While the CLI runs, SIGTERM raises :class:`Terminated` (main thread only)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class ForaGroup(click.Group):
+    """The command group, with every way out in one place: usage errors and user errors as
+    one line with exit 2, SIGINT 130, SIGTERM 143."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        with _termination_raises():
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.UsageError as err:
+                if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                    err.show()  # `fora-export` alone: the help, as click prints it
+                    sys.exit(EXIT_BAD_INPUT)
+                _fail(_usage_message(err), EXIT_BAD_INPUT)
+            except ForaError as err:  # raised outside a command body (an option callback)
+                _fail(str(err))
+            except click.ClickException as err:  # e.g. a file click could not open
+                _fail(f"fora-export | {err.format_message()} | see `fora-export --help`", err.exit_code)
+            except click.Abort as err:  # click's wrapping of KeyboardInterrupt (and EOF)
+                cause = (
+                    "interrupted (Ctrl-C)" if isinstance(err.__context__, KeyboardInterrupt) else "aborted"
+                )
+                _fail(f"fora-export | {cause} | nothing was left half-written; rerun", EXIT_INTERRUPTED)
+            except KeyboardInterrupt:
+                _fail(
+                    "fora-export | interrupted (Ctrl-C) | nothing was left half-written; rerun",
+                    EXIT_INTERRUPTED,
+                )
+            except Terminated:
+                _fail(
+                    "fora-export | terminated (SIGTERM) | nothing was left half-written; rerun",
+                    EXIT_TERMINATED,
+                )
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _folder_options(*, trust: bool = True) -> Callable[[F], F]:
+    """``--verify``, ``--key-file`` (and ``--trust``): how ENGINE_DIR is opened, passed to the
+    command as ``access`` (a ``fora_runtime.trust.FolderAccess``)."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, verify: str, key_file: Path | None, **kwargs: Any) -> Any:
+            from fora_runtime.trust import FolderAccess
+
+            trusted = bool(kwargs.pop("trust_programs", False))
+            access = FolderAccess(verify=verify, trust_programs=trusted, manifest_key_file=key_file)
+            return func(*args, access=access, **kwargs)
+
+        wrapper = click.option(
+            "--key-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="The deployer's manifest key: refuse ENGINE_DIR unless signed with it. "
+            "[default: $FORA_MANIFEST_KEY if set]",
+        )(wrapper)
+        wrapper = click.option(
+            "--verify",
+            type=click.Choice(["stamp", "full"]),
+            default="stamp",
+            show_default=True,
+            help="How ENGINE_DIR's files are checked: stamp (size, first/last MiB and samples) or full "
+            "(sha256 of every byte).",
+        )(wrapper)
+        if trust:
+            wrapper = click.option(
+                "--trust",
+                "trust_programs",
+                is_flag=True,
+                help="Vouch for ENGINE_DIR: load its torch programs (they run code when loaded) and "
+                "TensorRT plugin layers. Only for folders you built or trust (see README, Trust and safety).",
+            )(wrapper)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -47,7 +187,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ForaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fora-export")
 @click.option("-v", "--verbose", count=True, help="-v: stage timings; -vv: debug, incl. exporter output.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only (no warnings).")
@@ -177,6 +317,12 @@ def _default_out(model: str) -> Path:
     help="Refuse a build whose caches at the largest batch exceed this (lists the --cache subsets that fit).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Sign the manifest with this key file (HMAC-SHA256): runtimes holding the key trust the folder.",
+)
 @_user_errors
 def build(
     model: str,
@@ -201,16 +347,20 @@ def build(
     subfolder: str | None,
     max_cache_gib: float | None,
     force: bool,
+    sign_key: Path | None,
 ) -> None:
     """Split MODEL into full/reuse graphs and export them to an engine folder.
 
     MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
     a Hub id resolved by diffusers, or a built-in demo model: demo-dit, demo-pixart,
-    demo-sd3, demo-flux, demo-wan (random weights), demo-digits (trained on scikit-learn's digits).
+    demo-sd3, demo-flux, demo-wan (random weights), demo-digits (a DiT trained on scikit-learn's
+    digits) and demo-digits-flow (an SD3 MMDiT trained on them by flow matching).
     """
     from fora_export.builder.config import BuildConfig
     from fora_export.builder.pipeline import build as run_build
+    from fora_runtime.trust import resolve_manifest_key
 
+    key = resolve_manifest_key(key_file=sign_key) if sign_key is not None else None  # a bad key fails now
     config = BuildConfig.from_options(
         batch=batch,
         resolution=resolution,
@@ -232,7 +382,7 @@ def build(
         subfolder=subfolder,
         max_cache_gib=max_cache_gib,
     )
-    result = run_build(model, out or _default_out(model), config, force=force)
+    result = run_build(model, out or _default_out(model), config, force=force, sign_key=key)
     manifest = result.manifest
     sizes = {name: rec["bytes"] for name, rec in manifest.files.items()}
     click.echo(
@@ -241,6 +391,8 @@ def build(
         f"latent {manifest.resolution[0]}x{manifest.resolution[1]}, {manifest.schedule.describe()}"
     )
     click.echo(f"  {result.backend_note}")
+    if key is not None:
+        click.echo(f"  signed: {result.folder / 'manifest.json.hmac'} (HMAC-SHA256 under {sign_key})")
     for name, size in sizes.items():
         click.echo(f"  {name:<16} {size / 2**20:8.1f} MiB")
 
@@ -279,6 +431,7 @@ def build(
     help="Write a per-step error plot (steps.png, steps.json) and, with --pipeline, the image grid here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
+@_folder_options()
 @_user_errors
 def validate(
     engine_dir: Path,
@@ -293,9 +446,11 @@ def validate(
     guidance: float | None,
     report_dir: Path | None,
     as_json: bool,
+    access: Any,
 ) -> None:
     """Check ENGINE_DIR against the PyTorch model, per graph and over a trajectory."""
     from fora_export.errors import ConfigError
+    from fora_export.outputs import check_output_folder, require_matplotlib
     from fora_export.progress import StageProgress
     from fora_export.reports import print_validation
     from fora_export.validate.runner import validate as run_validate
@@ -306,6 +461,9 @@ def validate(
             sizes = [int(s) for s in batch_sizes.split(",")]
         except ValueError as err:
             raise ConfigError(f"--batch-sizes | got {batch_sizes!r} | expected e.g. 1,2,4") from err
+    check_output_folder(report_dir, "--report")  # before any work
+    if report_dir is not None:
+        require_matplotlib("--report")
     stages = 1 + (pipeline is not None) + (report_dir is not None and pipeline is None)
     with StageProgress(stages, title="validate") as progress:
         progress.stage("graphs and trajectory vs PyTorch")
@@ -318,6 +476,7 @@ def validate(
             interval=interval,
             batch_sizes=sizes,
             seed=seed,
+            access=access,
         )
         checked = _validate_extras(
             progress,
@@ -331,6 +490,7 @@ def validate(
             pipeline,
             guidance,
             report_dir,
+            access,
         )
     passed = report.passed and (checked is None or checked.passed)
     if as_json:
@@ -367,6 +527,7 @@ def _validate_extras(
     pipeline: str | None,
     guidance: float | None,
     report_dir: Path | None,
+    access: Any,
 ) -> Any:
     """``validate --pipeline`` and ``--report`` (fora_export.validate.pipeline_check)."""
     from fora_export.validate import pipeline_check
@@ -382,6 +543,7 @@ def _validate_extras(
             guidance=guidance,
             seed=seed,
             interval=interval,
+            access=access,
         )
     if report_dir is not None:
         if result is None:
@@ -394,6 +556,7 @@ def _validate_extras(
                 scheduler=scheduler,
                 interval=interval,
                 seed=seed,
+                access=access,
             )
         else:
             errors = result.steps_errors
@@ -442,6 +605,7 @@ def _validate_extras(
     default=None,
     help="Also write the JSON report to this file.",
 )
+@_folder_options()
 @_user_errors
 def bench(
     engine_dir: Path,
@@ -456,21 +620,25 @@ def bench(
     plot: Path | None,
     as_json: bool,
     save_json: Path | None,
+    access: Any,
 ) -> None:
     """Measure full/reuse step latency and end-to-end speedup per cache interval."""
     from fora_export.bench import bench as run_bench
     from fora_export.bench import eager_baseline, plan_bench
     from fora_export.errors import ConfigError
+    from fora_export.outputs import check_output_file, write_text_atomic
     from fora_export.reports import plot_bench, print_bench
     from fora_runtime.backends.base import create_backend
     from fora_runtime.manifest import load_manifest
 
+    check_output_file(save_json, "--save-json")  # output paths before any work
+    check_output_file(plot, "--plot", image=True)
     try:
         interval_list = tuple(int(s) for s in intervals.split(","))
     except ValueError as err:
         raise ConfigError(f"--intervals | got {intervals!r} | expected e.g. 1,2,3,5") from err
     backends = [b.strip() for b in backend.split(",") if b.strip()]
-    manifest = load_manifest(engine_dir)
+    manifest = load_manifest(engine_dir, **access.manifest_options())
     plan = plan_bench(  # every option checked before anything is timed
         manifest,
         steps=steps,
@@ -480,7 +648,7 @@ def bench(
         schedule_mode=schedule_mode,
     )
     for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
-        create_backend(name, manifest, engine_dir).preflight()
+        create_backend(name, manifest, engine_dir, trust_programs=access.trust_programs).preflight()
     from fora_export.progress import StageProgress
 
     baseline = None
@@ -506,13 +674,14 @@ def bench(
                     schedule_mode=schedule_mode,
                     backend=name,
                     eager=baseline,
+                    access=access,
                 )
             )
     if plot is not None:
         plot_bench(reports, plot)
     text = json.dumps({"runs": [r.to_dict() for r in reports]}, indent=2)
     if save_json is not None:
-        save_json.write_text(text + "\n")
+        write_text_atomic(save_json, text + "\n", "--save-json")
     if as_json:
         click.echo(text)
     else:
@@ -573,6 +742,7 @@ def bench(
     help="Site-packages folder the server's Python stub adds before importing fora_runtime (repeatable).",
 )
 @click.option("--force", is_flag=True, help="Replace a model of that name this command wrote before.")
+@_folder_options()
 @_user_errors
 def triton(
     engine_dir: Path,
@@ -588,6 +758,7 @@ def triton(
     threads: int,
     python_path: tuple[str, ...],
     force: bool,
+    access: Any,
 ) -> None:
     """Write a Triton Inference Server model that runs ENGINE_DIR's generations (see README, Serving)."""
     from fora_export.serving.triton_repo import TritonModelConfig, write_triton_model
@@ -602,8 +773,11 @@ def triton(
         max_queue_delay_us=max_queue_delay_us,
         threads=threads,
         python_path=python_path,
+        trust_programs=access.trust_programs,
     )
-    written = write_triton_model(engine_dir, repository, config, pipeline=pipeline, force=force)
+    written = write_triton_model(
+        engine_dir, repository, config, pipeline=pipeline, force=force, access=access
+    )
     spec = written.spec
     click.echo(
         f"wrote {written.folder}: {instances} {kind} instance(s), {written.backend}, {written.scheduler}, "
@@ -648,6 +822,7 @@ def triton(
 @click.option(
     "--grid", type=click.Path(path_type=Path), default=None, help="Write an image grid, a row per schedule."
 )
+@_folder_options()
 @_user_errors
 def quality(
     engine_dir: Path,
@@ -664,19 +839,21 @@ def quality(
     save_json: Path | None,
     plot: Path | None,
     grid: Path | None,
+    access: Any,
 ) -> None:
-    """Measure what each cache schedule costs in sample quality (digit models, e.g. demo-digits)."""
+    """Measure what each cache schedule costs in sample quality (digit models: demo-digits[-flow])."""
+    from fora_export.outputs import check_output_file, write_text_atomic
     from fora_export.quality.classifier import require_sklearn
     from fora_export.quality.report import plot_quality, print_quality, save_quality_grid
-    from fora_export.quality.runner import check_output_path, parse_int_list, plan_quality, run_quality
+    from fora_export.quality.runner import parse_int_list, plan_quality, run_quality
     from fora_runtime.manifest import load_manifest
 
     require_sklearn()
-    check_output_path(save_json, "--save-json", image=False)
-    check_output_path(plot, "--plot", image=True)
-    check_output_path(grid, "--grid", image=True)
+    check_output_file(save_json, "--save-json")
+    check_output_file(plot, "--plot", image=True)
+    check_output_file(grid, "--grid", image=True)
     plan = plan_quality(  # every option checked before anything runs
-        load_manifest(engine_dir),
+        load_manifest(engine_dir, **access.manifest_options()),
         intervals=parse_int_list(intervals, "--intervals", "1,2,3,5"),
         modes=schedule_mode,
         lists=tuple(parse_int_list(text, "--schedule-list", "0,1,2,5,9") for text in schedule_lists),
@@ -687,10 +864,10 @@ def quality(
         repeats=repeats,
         where=str(engine_dir),
     )
-    report = run_quality(engine_dir, plan, backend=backend)
+    report = run_quality(engine_dir, plan, backend=backend, access=access)
     text = json.dumps(report.to_dict(), indent=2)
     if save_json is not None:
-        save_json.write_text(text + "\n")
+        write_text_atomic(save_json, text + "\n", "--save-json")
     if plot is not None:
         plot_quality(report, plot)
     if grid is not None:
@@ -709,13 +886,14 @@ def quality(
     is_flag=True,
     help="Also describe each TensorRT plan with polygraphy (needs the TensorRT and GPU that built it).",
 )
+@_folder_options(trust=False)
 @_user_errors
-def info(engine_dir: Path, as_json: bool, inspect: bool) -> None:
-    """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends."""
+def info(engine_dir: Path, as_json: bool, inspect: bool, access: Any) -> None:
+    """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends (no torch needed)."""
     from fora_export.reports import print_manifest
     from fora_runtime.manifest import load_manifest
 
-    manifest = load_manifest(engine_dir)  # verifies every file's size and sha256
+    manifest = load_manifest(engine_dir, **access.manifest_options())  # checks every file (--verify)
     plans: dict[str, str] = {}
     if inspect:
         from fora_export.plans import inspect_plans
@@ -753,6 +931,7 @@ def info(engine_dir: Path, as_json: bool, inspect: bool) -> None:
 )
 @click.option("--device", default=None, help="Device of the torch backend and the pipeline (cpu, cuda).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the PNGs.")
+@_folder_options()
 @_user_errors
 def sample(
     engine_dir: Path,
@@ -766,11 +945,14 @@ def sample(
     backend: str,
     device: str | None,
     out_dir: Path,
+    access: Any,
 ) -> None:
     """Images from PIPELINE with ENGINE_DIR as its transformer, next to no cache and PyTorch FORA."""
     from fora_export.errors import ConfigError
+    from fora_export.outputs import check_output_folder
     from fora_export.sample import sample as run_sample
 
+    check_output_folder(out_dir, "--out")
     try:
         labels = tuple(int(v) for value in class_labels for v in value.split(",") if v.strip())
     except ValueError as err:
@@ -788,6 +970,7 @@ def sample(
         backend=backend,
         device=device,
         progress=sys.stderr.isatty(),
+        access=access,
     )
     click.echo(f"sampled {result.pipeline}: {result.steps} steps, {result.schedule}")
     for label, prefix in (("engine", "engine"), ("no cache", "nocache"), ("PyTorch FORA", "fora")):

@@ -1,5 +1,6 @@
 """Built-in demo models: small diffusers transformers with seeded random weights, and
-``demo-digits``, the one with trained weights (shipped in the package, see below).
+``demo-digits`` / ``demo-digits-flow``, the ones with trained weights (shipped in the
+package, see below).
 
 The random ones are created from a config, nothing downloaded. Every parameter is drawn from a
 seeded generator, including the layers DiT initialises to zero for training
@@ -98,22 +99,41 @@ def make_demo_dit_xl() -> nn.Module:
     return make_demo_dit(DIT_XL_2_CONFIG)
 
 
-#: ``demo-digits``: the one demo with trained weights, a DiT trained on scikit-learn's
-#: 8x8 digits by ``tools/train_digits.py``, shipped in the package as a save_pretrained folder.
+#: The demos with trained weights: transformers trained on scikit-learn's 8x8 digits by
+#: ``tools/train_digits.py``, shipped in the package as save_pretrained folders.
+#: ``demo-digits``: a DiT (DDPM); ``demo-digits-flow``: an SD3 MMDiT (rectified flow),
+#: whose folder also holds its class-conditioning tables (fora_export/quality/conditioning.py).
 DEMO_DIGITS_DIR = Path(__file__).parent / "demo_weights" / "digits"
+DEMO_DIGITS_FLOW_DIR = Path(__file__).parent / "demo_weights" / "digits-flow"
+#: Demo name -> (its folder, the ``tools/train_digits.py --family`` that trains it).
+TRAINED_DEMOS: dict[str, tuple[Path, str]] = {
+    "demo-digits": (DEMO_DIGITS_DIR, "dit"),
+    "demo-digits-flow": (DEMO_DIGITS_FLOW_DIR, "sd3"),
+}
+#: "Text" tokens of demo-digits-flow's class table (its encoder_hidden_states), so its build length.
+DIGITS_FLOW_TEXT_LENGTH = 4
 
 
-def load_demo_digits() -> nn.Module:
-    """The trained digits DiT, read from the package like any local MODEL folder (offline)."""
+def load_trained_demo(name: str) -> nn.Module:
+    """A trained digit demo, read from the package like any local MODEL folder (offline)."""
     from fora_export.errors import ConfigError
     from fora_export.loading import load_model  # here: loading imports this module
 
-    if not (DEMO_DIGITS_DIR / "config.json").is_file():
+    folder, family = TRAINED_DEMOS[name]
+    if not (folder / "config.json").is_file():
         raise ConfigError(
-            f"demo-digits | no trained weights in {DEMO_DIGITS_DIR} | reinstall fora-export, "
-            "or train them: python tools/train_digits.py"
+            f"{name} | no trained weights in {folder} | reinstall fora-export, "
+            f"or train them: python tools/train_digits.py --family {family}"
         )
-    return load_model(str(DEMO_DIGITS_DIR)).model
+    return load_model(str(folder)).model
+
+
+def load_demo_digits() -> nn.Module:
+    return load_trained_demo("demo-digits")
+
+
+def load_demo_digits_flow() -> nn.Module:
+    return load_trained_demo("demo-digits-flow")
 
 
 #: A small Flux.1-dev (about demo-dit's size and cost): 4 dual-stream and 8 single-stream
@@ -200,6 +220,7 @@ DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
     "demo-dit-xl": make_demo_dit_xl,
     "demo-pixart": make_demo_pixart,
     "demo-digits": load_demo_digits,
+    "demo-digits-flow": load_demo_digits_flow,
     "demo-flux": make_demo_flux,
     "demo-sd3": make_demo_sd3,
     "demo-wan": make_demo_wan,
@@ -209,5 +230,6 @@ DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
 DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
     "demo-flux": {"resolution": (32, 32), "caption_length": 64},
     "demo-sd3": {"caption_length": 64},
+    "demo-digits-flow": {"caption_length": DIGITS_FLOW_TEXT_LENGTH},
     "demo-wan": {"resolution": (16, 16), "caption_length": 64, "frames": 5},
 }

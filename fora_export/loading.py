@@ -41,10 +41,18 @@ class LoadedModel:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (a model's config.json, a pipeline's model_index.json)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} | cannot read model config ({err}) | re-save the model") from err
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deep" if isinstance(err, RecursionError) else str(err)
+        raise ConfigError(f"{path} | cannot read it as UTF-8 JSON ({reason}) | re-save the model") from err
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} | is a JSON {type(data).__name__}, expected an object | re-save the model with "
+            "save_pretrained"
+        )
+    return data
 
 
 def _diffusers_class(class_name: str, where: str) -> Any:
@@ -107,8 +115,6 @@ def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
     """Build defaults a pipeline's ``model_index.json`` implies for one of its transformers,
     and refusals of what the exported graphs cannot represent."""
     index = _read_config(path / "model_index.json")
-    if not isinstance(index, dict):
-        raise ConfigError(f"{path / 'model_index.json'} | is not a JSON object | re-save the pipeline")
     if index.get("expand_timesteps"):
         raise ConfigError(
             f"MODEL '{path}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a timestep "
@@ -116,9 +122,18 @@ def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
             "graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
         )
     ratio = index.get("boundary_ratio")
-    experts = [name for name in ("transformer", "transformer_2") if index.get(name) and index[name][0]]
+    experts = [
+        name
+        for name in ("transformer", "transformer_2")
+        if isinstance(index.get(name), list) and index[name] and index[name][0]
+    ]
     if ratio is None or len(experts) < 2:
         return {}
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f"{path / 'model_index.json'} | boundary_ratio is {ratio!r}, expected a number in [0, 1] "
+            "| re-save the pipeline"
+        )
     # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
     boundary = float(ratio) * 1000.0
     return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
@@ -151,7 +166,7 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
             )
     config = _read_config(folder / "config.json")
     class_name = config.get("_class_name")
-    if not class_name:
+    if not class_name or not isinstance(class_name, str):
         raise ConfigError(
             f"{folder / 'config.json'} | has no _class_name | not a diffusers model; "
             f"supported: {', '.join(supported_classes())}"
@@ -159,7 +174,7 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
     try:
         model = _from_pretrained(cls, str(folder), dtype)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # a malformed config too
         raise ConfigError(f"MODEL '{path}' | diffusers could not load it: {err}") from err
     return LoadedModel(
         model=model.eval(),

@@ -7,8 +7,10 @@ import sys
 import time
 from types import TracebackType
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from fora_export.terminal import console as new_console
+from fora_export.terminal import plain
 
 log = logging.getLogger("fora_export")
 
@@ -21,7 +23,7 @@ class StageProgress:
     """
 
     def __init__(self, total: int, *, title: str = "build", enabled: bool | None = None) -> None:
-        console = Console(stderr=True)
+        console = new_console(stderr=True)
         self._enabled = console.is_terminal if enabled is None else enabled
         self._progress = Progress(
             SpinnerColumn(),
@@ -35,7 +37,7 @@ class StageProgress:
         )
         self._title = title
         self._total = total
-        self._task = self._progress.add_task(title, total=total)
+        self._task = self._progress.add_task(plain(title), total=total)
         self._current: str | None = None
         self._started = 0.0
 
@@ -48,7 +50,8 @@ class StageProgress:
         self._finish_current()
         self._current = description
         self._started = time.perf_counter()
-        self._progress.update(self._task, description=f"{self._title}: {description}")
+        # Descriptions name models and paths: data, not markup.
+        self._progress.update(self._task, description=plain(f"{self._title}: {description}"))
 
     def add_stages(self, count: int) -> None:
         """Grow the total when a stage turns out to be needed (e.g. optional graphs)."""

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from fora_export.bench import BenchReport, Timing
 from fora_export.errors import ConfigError
-from fora_export.validate.compare import GRAPH_TOLERANCES
-from fora_export.validate.runner import ValidationReport
+from fora_export.outputs import save_figure
+from fora_export.terminal import console as new_console
+from fora_export.terminal import plain
 from fora_runtime.dtypes import itemsize
 from fora_runtime.manifest import Manifest
+
+if TYPE_CHECKING:  # torch-free at import: `info` prints manifests without loading torch
+    from fora_export.bench import BenchReport, Timing
+    from fora_export.validate.runner import ValidationReport
 
 
 def _verdict(passed: bool) -> str:
@@ -21,11 +26,13 @@ def _verdict(passed: bool) -> str:
 
 
 def print_validation(report: ValidationReport, console: Console | None = None) -> None:
-    console = console or Console()
+    from fora_export.validate.compare import GRAPH_TOLERANCES
+
+    console = console or new_console()
     tol = GRAPH_TOLERANCES[report.precision]
     console.print(
-        f"[bold]validate[/bold] {report.engine_dir} ({report.backend}, {report.precision}) "
-        f"against {report.model}"
+        f"[bold]validate[/bold] {plain(report.engine_dir)} ({plain(report.backend)}, {report.precision}) "
+        f"against {plain(report.model)}"
     )
     if report.graph_cases:
         table = Table(title=f"Graphs vs PyTorch (allowed: {tol.atol:g} abs + {tol.rtol:g} x max|ref|)")
@@ -39,7 +46,7 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
                 str(case.timestep),
                 f"{max(c.max_abs for c in case.comparisons):.2e}",
                 f"{max(c.max_rel for c in case.comparisons):.2e}",
-                worst.name,
+                plain(worst.name),
                 _verdict(case.passed) + ("" if case.passed else f" (needs {worst.max_abs:.1e})"),
             )
         console.print(table)
@@ -65,9 +72,13 @@ def _graph_bytes(manifest: Manifest, role: str) -> int:
 
 
 def print_manifest(manifest: Manifest, folder: Path, console: Console | None = None) -> None:
-    console = console or Console()
+    """What ``info`` prints. Every string from the folder is printed as data (``plain``)."""
+    console = console or new_console()
     height, width = manifest.resolution
-    console.print(f"[bold]{folder}[/bold]: {manifest.model_class} ({manifest.family}) from {manifest.source}")
+    console.print(
+        f"[bold]{plain(folder)}[/bold]: {plain(manifest.model_class)} ({plain(manifest.family)}) "
+        f"from {plain(manifest.source)}"
+    )
     console.print(
         f"latent {height}x{width}, batch {manifest.batch}, {manifest.precision}, "
         f"default schedule: {manifest.schedule.describe()}"
@@ -78,12 +89,12 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     )
     reuse_graph = manifest.export.get("reuse_graph", "plain")
     console.print(
-        f"caches: {len(manifest.caches)} tensors ({', '.join(kinds)}), "
+        f"caches: {len(manifest.caches)} tensors ({plain(', '.join(kinds))}), "
         f"{cache_bytes / 2**20:.1f} MiB per sample, {cache_bytes * manifest.batch.max / 2**20:.1f} MiB "
-        f"at batch {manifest.batch.max}; reuse graph: {reuse_graph}"
+        f"at batch {manifest.batch.max}; reuse graph: {plain(reuse_graph)}"
     )
     roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
-    console.print(f"inputs: {roles}")
+    console.print(f"inputs: {plain(roles)}")
     full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))
     if full_bytes:
         console.print(
@@ -102,17 +113,17 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     for column in ("graph", "file", "inputs", "outputs"):
         table.add_column(column)
     for role, graph in manifest.graphs.items():
-        table.add_row(role, graph.file, str(len(graph.inputs)), str(len(graph.outputs)))
+        table.add_row(role, plain(graph.file), str(len(graph.inputs)), str(len(graph.outputs)))
     console.print(table)
     files = Table(title="Files")
     files.add_column("file")
     files.add_column("MiB", justify="right")
     for name, record in manifest.files.items():
-        files.add_row(name, f"{int(record['bytes']) / 2**20:.1f}")
+        files.add_row(plain(name), f"{int(record['bytes']) / 2**20:.1f}")
     console.print(files)
     backends = ", ".join(_describe_backend(name, record) for name, record in manifest.backends.items())
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
-    console.print(f"built backends: {backends or 'none (ONNX only)'}; tools: {tools}")
+    console.print(f"built backends: {plain(backends or 'none (ONNX only)')}; tools: {plain(tools)}")
 
 
 def _describe_backend(name: str, record: object) -> str:
@@ -123,12 +134,12 @@ def _describe_backend(name: str, record: object) -> str:
 
 
 def print_bench(report: BenchReport, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or new_console()
     console.print(
-        f"[bold]bench[/bold] {report.engine_dir}: {report.model_class}, {report.precision}, "
-        f"batch {report.batch_size}, {report.steps} steps, backend {report.backend}"
+        f"[bold]bench[/bold] {plain(report.engine_dir)}: {plain(report.model_class)}, {report.precision}, "
+        f"batch {report.batch_size}, {report.steps} steps, backend {plain(report.backend)}"
     )
-    console.print(f"machine: {report.machine}")
+    console.print(f"machine: {plain(report.machine)}")
     console.print(
         f"step latency (median, spread): full {report.full_ms:.2f} ms ({_spread(report.full)}), "
         f"reuse {report.reuse_ms:.2f} ms ({_spread(report.reuse)}; reuse = "
@@ -167,7 +178,7 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
     console.print(table)
     if report.eager:
         console.print(
-            f"eager diffusers baseline ({report.eager.device}, {report.eager.precision}, no caching): "
+            f"eager diffusers baseline ({plain(report.eager.device)}, {report.eager.precision}, no caching): "
             f"{report.eager.median_ms:.1f} ms per generation ({_spread(report.eager.timing)})"
         )
     console.print(
@@ -208,9 +219,7 @@ def plot_bench(reports: list[BenchReport], path: Path) -> Path:
     axis.legend()
     figure.tight_layout()
     try:
-        figure.savefig(path, dpi=120)
-    except OSError as err:
-        raise ConfigError(f"--plot '{path}' | cannot write: {err}") from err
+        save_figure(figure, path, "--plot", dpi=120)
     finally:
         plt.close(figure)
     return path

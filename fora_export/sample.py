@@ -27,6 +27,7 @@ import numpy as np
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 #: Column order of the grid: label and file prefix.
 COLUMNS = (("no cache", "nocache"), ("PyTorch FORA", "fora"), ("engine", "engine"))
@@ -169,6 +170,7 @@ def run_three_ways(
     device: str | None = None,
     progress: bool = True,
     record_calls: bool = False,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> ThreeWays:
     """Run the pipeline with the engines, without cache and with PyTorch FORA (same seed,
     schedule and arguments); ``record_calls`` keeps every transformer output."""
@@ -177,7 +179,7 @@ def run_three_ways(
 
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
-    manifest = load_manifest(engine_dir)
+    manifest = load_manifest(engine_dir, **access.manifest_options())
     schedule = manifest.schedule
     if interval is not None:
         mode = schedule.mode if schedule.kind == "interval" else "paper"
@@ -192,7 +194,7 @@ def run_three_ways(
     kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
     dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
     engine = ForaTransformer.from_engine(
-        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule
+        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **access.session_options()
     )
     if device is not None:
         pipe.to(device)
@@ -249,6 +251,7 @@ def sample(
     backend: str = "onnxruntime",
     device: str | None = None,
     progress: bool = True,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> SampleResult:
     """Run the three ways (see the module docstring) and write the images and the grid."""
     out = Path(out_dir)
@@ -268,6 +271,7 @@ def sample(
         backend=backend,
         device=device,
         progress=progress,
+        access=access,
     )
     result = SampleResult(out, pipeline, steps, runs.schedule, seconds=dict(runs.seconds))
     outputs = runs.images

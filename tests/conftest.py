@@ -10,9 +10,20 @@ import pytest
 
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
+from fora_runtime.trust import KEY_ENV, FolderAccess
 from tests.tiny_models import OTHER_DIT, TINY_DIT, save_dit
 
 pytest_plugins = ["tests.pipeline_fixtures"]
+
+#: The folders the tests build themselves are trusted (their torch programs may load).
+TRUSTED = FolderAccess(trust_programs=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_deployer_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest key in the developer's environment would make every unsigned test folder
+    fail to open: tests that need one set it themselves."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,8 @@ from fora_runtime.manifest import BATCH_AXIS, InputSpec
 
 #: StableDiffusion3Pipeline's prompt length: 77 CLIP tokens + 256 T5 tokens (max_sequence_length).
 DEFAULT_TEXT_LENGTH = 333
+#: SD3's FlowMatchEulerDiscreteScheduler (its scheduler_config.json), which the manifest records.
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 class SD3Adapter(ModelAdapter):
@@ -102,7 +104,7 @@ class SD3Adapter(ModelAdapter):
         ]
 
     def scheduler_config(self) -> dict[str, Any]:
-        return {"num_train_timesteps": 1000, "shift": 3.0}  # SD3's FlowMatchEulerDiscreteScheduler
+        return dict(SCHEDULER_CONFIG)
 
     def family_conditioning(self) -> dict[str, Any]:
         return {"kind": "text", "text_length": self.text_length, "input_ranges": {}}

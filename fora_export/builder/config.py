@@ -11,7 +11,7 @@ from fora_export.builder.tensorrt import TrtBuildConfig
 from fora_export.errors import ConfigError
 from fora_export.export.onnx_export import ExportConfig
 from fora_runtime.errors import ScheduleError
-from fora_runtime.manifest import BatchRange
+from fora_runtime.manifest import MAX_DIM, BatchRange
 from fora_runtime.schedule import CacheSchedule
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -41,6 +41,8 @@ def parse_batch(text: str) -> BatchRange:
         low, opt, high = parts
     if not 1 <= low <= opt <= high:
         raise ConfigError(f"--batch | got {text!r} | need 1 <= MIN <= OPT <= MAX")
+    if high > MAX_DIM:
+        raise ConfigError(f"--batch | got {text!r} | MAX must be at most {MAX_DIM} (a tensor dimension)")
     return BatchRange(low, opt, high)
 
 

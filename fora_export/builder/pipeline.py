@@ -1,18 +1,25 @@
 """``fora-export build``: load, split, export both graphs, write the manifest.
 
-The folder is built in a hidden temporary sibling and moved into place only
-when everything (graphs, checks, manifest) succeeded, so a failed or
-interrupted build never leaves a folder claiming graphs that do not exist.
+The folder is built in a hidden temporary sibling (``.<out>.building-<pid>``) and moved
+into place only when everything (graphs, checks, manifest) succeeded, so a failed or
+interrupted build never leaves a folder claiming graphs that do not exist. The move is the
+only step that touches ``--out``: it never replaces a folder another process created
+meanwhile (``rename`` onto a non-empty folder fails), and with ``--force`` it replaces
+only an engine folder (its manifest parses, it holds nothing the manifest does not list).
+Hidden folders left by builds that were killed are removed by the next build to the same
+``--out`` (a previous folder found moved aside is put back).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,7 +36,7 @@ from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
 from fora_export.builder.config import BuildConfig, default_opset
 from fora_export.builder.trt_flavors import BuildFlavor
-from fora_export.errors import BuildError, ExportError
+from fora_export.errors import BuildError, ExportError, ForaError
 from fora_export.export.onnx_export import export_onnx, graph_io
 from fora_export.loading import LoadedModel, load_model
 from fora_export.progress import StageProgress
@@ -43,9 +50,12 @@ from fora_runtime.manifest import (
     GraphSpec,
     Manifest,
     TensorSpec,
+    file_record,
     graph_file,
-    sha256_of,
+    parse_manifest_bytes,
+    read_manifest_bytes,
 )
+from fora_runtime.trust import SIGNATURE_NAME, sign_folder
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +76,51 @@ class BuildResult:
 
 
 def build(
-    model_ref: str, out: str | Path, config: BuildConfig, *, force: bool = False, progress: bool | None = None
+    model_ref: str,
+    out: str | Path,
+    config: BuildConfig,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    sign_key: bytes | None = None,
 ) -> BuildResult:
-    """Build the engine folder ``out`` for MODEL ``model_ref``."""
+    """Build the engine folder ``out`` for MODEL ``model_ref``; with ``sign_key`` (the
+    deployer's key, ``fora_runtime.trust``) the manifest is signed."""
     out = Path(out)
+    _clear_stale_builds(out)  # first: it may put back a folder a killed build had moved aside
     _check_destination(out, force)
     tensorrt_flavor, backend_note = resolve_backend(config.backend)
     log.info("%s", backend_note)
     started = time.perf_counter()
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    tmp = _sibling(out, BUILDING, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
+    needed = 0
     try:
         stage_count = 6 if tensorrt_flavor or config.backend == "torch" else 5
         with StageProgress(stage_count, title=f"build {out.name}", enabled=progress) as stages:
             stages.stage(f"loading {model_ref}")
             loaded = load_model(model_ref, TORCH_DTYPES.get(config.precision), config.subfolder)
+            needed = _check_free_space(loaded, config, out, tensorrt=tensorrt_flavor is not None)
             tmp.mkdir(parents=True)
             if tensorrt_flavor and out.is_dir():
                 trt_build.seed_timing_cache(out, tmp, tensorrt_flavor)  # rebuilds reuse the earlier tuning
             manifest = export_folder(loaded, tmp, config, stages, tensorrt_flavor=tensorrt_flavor)
-        _move_into_place(tmp, out)
-    except BaseException:
+            if sign_key is not None:
+                sign_folder(tmp, sign_key)
+        _move_into_place(tmp, out, replace=force)
+    except BaseException as err:
+        full = _disk_full(err)
+        written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            file = Path(str(full.filename)) if full.filename else tmp
+            shown = out / file.name if file.parent == tmp else file  # the hidden folder is gone now
+            raise BuildError(
+                f"{shown} | no space left on the device ({full.strerror}) after writing "
+                f"{_size(written)} of the build; it needs at least {_size(needed)} (the model's weights in "
+                f"every graph format built), {_size(_free_bytes(out.parent))} free there | free space, or "
+                "pass --out on another disk"
+            ) from err
         raise
     seconds = time.perf_counter() - started
     log.info("built %s in %.1f s", out, seconds)
@@ -104,18 +137,21 @@ def resolve_backend(backend: str) -> tuple[BuildFlavor | None, str]:
     return trt_build.resolve_tensorrt(backend)
 
 
+#: The hidden siblings of ``--out``: a build in progress and a folder being replaced.
+BUILDING, REPLACED = "building", "old"
+
+
+def _sibling(out: Path, kind: str, pid: int) -> Path:
+    return out.parent / f".{out.name}.{kind}-{pid}"
+
+
 def _check_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out '{out}' | is a file | choose a folder path")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise BuildError(f"--out '{out}' | already exists | pass --force to replace it")
-        if not (out / MANIFEST_NAME).is_file():
-            # --force replaces engine folders only, never a folder of other files.
-            raise BuildError(
-                f"--out '{out}' | is not empty and not an engine folder (no {MANIFEST_NAME}) "
-                "| choose another --out; --force only replaces engine folders"
-            )
+        check_replaceable(out)
     if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise BuildError(f"--out '{out}' | is the current folder or one above it | choose a subfolder")
     try:
@@ -126,18 +162,131 @@ def _check_destination(out: Path, force: bool) -> None:
         raise BuildError(f"--out '{out}' | parent folder is not writable")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished folder in; on failure the previous folder is put back."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+def check_replaceable(folder: Path, *, shown: Path | None = None) -> None:
+    """Refuse to replace ``folder`` unless it is an engine folder: its manifest parses as one,
+    and it holds nothing the manifest does not list (--force never deletes other files)."""
+    shown = shown or folder
+    fix = "choose another --out; --force only replaces engine folders"
+    try:  # parsed only: no signature or file checks, the folder is about to be deleted
+        manifest = parse_manifest_bytes(read_manifest_bytes(folder)[1], where=str(folder / MANIFEST_NAME))
+    except ForaError as err:
+        parts = str(err).split(" | ")
+        reason = parts[min(1, len(parts) - 1)]
+        raise BuildError(
+            f"--out '{shown}' | is not empty and not an engine folder ({reason}) | {fix} "
+            "(remove it yourself if it is one from an older fora-export)"
+        ) from err
+    known = {MANIFEST_NAME, SIGNATURE_NAME, *manifest.files}
+    strangers = sorted(path.name for path in folder.iterdir() if path.name not in known)
+    if strangers:
+        raise BuildError(
+            f"--out '{shown}' | holds files its manifest does not list ({', '.join(strangers[:3])}"
+            f"{', ...' if len(strangers) > 3 else ''}) | move them out first, or {fix}"
+        )
+
+
+def _clear_stale_builds(out: Path) -> None:
+    """Remove the hidden folders that killed builds to ``out`` left behind; refuse to run next
+    to a build of ``out`` that is still running. A previous folder left moved aside (a build
+    killed between its two renames) is put back first."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({BUILDING}|{REPLACED})-(\d+)")
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        kind, pid = match.group(1), int(match.group(2))
+        if pid != os.getpid() and _process_alive(pid):
+            raise BuildError(
+                f"--out '{out}' | another build (process {pid}) is writing it now ({path.name}) | wait "
+                f"for it to finish; if no such build runs, remove {path}"
+            )
+        if kind == REPLACED and not out.exists():
+            path.rename(out)
+            log.warning("put back %s: a build killed while replacing it had moved it to %s", out, path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a build (process %d) that did not finish", path, pid)
+
+
+def _process_alive(pid: int) -> bool:
     try:
-        if out.exists():
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Move the finished build to ``out``: one ``rename``, which fails when another process
+    created a non-empty ``out`` meanwhile. With ``replace`` an existing ``out`` is first moved
+    aside, checked to still be an engine folder, and put back if anything fails."""
+    old = _sibling(out, REPLACED, os.getpid())
+    moved_aside = False
+    try:
+        if replace and out.exists():
             out.rename(old)
-        tmp.rename(out)
-    except OSError as err:
-        if old.exists() and not out.exists():
+            moved_aside = True
+            check_replaceable(old, shown=out)  # what is there now, not what was there at the start
+        os.rename(tmp, out)
+    except (OSError, BuildError) as err:
+        if moved_aside and not out.exists():
             old.rename(out)
+        if isinstance(err, BuildError):
+            raise
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise BuildError(
+                f"--out '{out}' | was created by another process while this build ran (nothing of it was "
+                "replaced; this build was discarded) | pass --force to replace it, or another --out"
+            ) from err
         raise BuildError(f"--out '{out}' | cannot move the finished build into place: {err}") from err
-    shutil.rmtree(old, ignore_errors=True)
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_free_space(loaded: LoadedModel, config: BuildConfig, out: Path, *, tensorrt: bool) -> int:
+    """Refuse a build the disk cannot hold, before exporting: every graph format built holds
+    the model's weights at least once (full graph), so their bytes are a lower bound."""
+    dtype = TORCH_DTYPES.get(config.precision)
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
+    weights = sum(t.numel() for t in (*loaded.model.parameters(), *loaded.model.buffers())) * itemsize
+    needed = weights * (1 + (config.backend == "torch") + tensorrt)
+    free = _free_bytes(out.parent)
+    if free is not None and needed > free:
+        raise BuildError(
+            f"--out '{out}' | the build needs at least {_size(needed)} (the model's weights in every graph "
+            f"format built), {_size(free)} free there | free space, or pass --out on another disk"
+        )
+    return needed
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+    except OSError:
+        return 0
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The out-of-space OSError behind ``err`` (exporters wrap the errors they meet)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @dataclass
@@ -323,7 +472,9 @@ def _check_cache_memory(
     )
 
 
-def _size(nbytes: int) -> str:
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "an unknown amount"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
@@ -498,7 +649,7 @@ def _file_records(folder: Path) -> dict[str, dict[str, object]]:
     records: dict[str, dict[str, object]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            records[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            records[path.name] = file_record(path)
     return records
 
 

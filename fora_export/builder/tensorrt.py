@@ -66,8 +66,8 @@ from fora_runtime.manifest import (
     BatchRange,
     GraphSpec,
     TensorSpec,
+    file_record,
     graph_file,
-    sha256_of,
 )
 
 if TYPE_CHECKING:
@@ -683,13 +683,13 @@ def seed_timing_cache(previous: Path, folder: Path, flavor: BuildFlavor = DATACE
 
 
 def engine_file_records(folder: Path, engines: Mapping[str, str] = ENGINE_FILES) -> dict[str, dict[str, Any]]:
-    """``Manifest.files`` entries (bytes, sha256) for the engine files."""
+    """``Manifest.files`` entries (bytes, sha256, stamp) for the engine files."""
     records: dict[str, dict[str, Any]] = {}
     for file in engines.values():
         path = Path(folder) / file
         if not path.is_file():
             raise BuildError(f"{path} | missing | build the TensorRT engines first")
-        records[file] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        records[file] = file_record(path)
     return records
 
 

@@ -11,8 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fora_export.errors import ConfigError
+from fora_export.outputs import save_figure
 from fora_export.quality.classifier import NUM_CLASSES
 from fora_export.quality.runner import QualityReport
+from fora_export.terminal import console as new_console
+from fora_export.terminal import plain
 
 
 def _psnr_text(value: float | None) -> str:
@@ -20,14 +23,15 @@ def _psnr_text(value: float | None) -> str:
 
 
 def print_quality(report: QualityReport, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or new_console()
     total = len(report.labels)
     console.print(
-        f"[bold]quality[/bold] {report.engine_dir} ({report.model}): {report.samples_per_class} samples "
-        f"per class ({total}), {report.steps} steps {report.scheduler}, seed {report.seed}, "
-        f"batch {report.batch_size}, backend {report.backend}; time: median of {report.repeats} runs"
+        f"[bold]quality[/bold] {plain(report.engine_dir)} ({plain(report.model)}): "
+        f"{report.samples_per_class} samples per class ({total}), {report.steps} steps "
+        f"{plain(report.scheduler)}, seed {report.seed}, "
+        f"batch {report.batch_size}, backend {plain(report.backend)}; time: median of {report.repeats} runs"
     )
-    console.print(f"machine: {report.machine}")
+    console.print(f"machine: {plain(report.machine)}")
     console.print(
         f"digit classifier (MLP on the real digits): accuracy {100 * report.classifier_accuracy:.1f}% on "
         f"held-out real digits; Fréchet distance of {total} real digits to all: {report.real_frechet:.2f}"
@@ -89,9 +93,7 @@ def _pyplot() -> Any:
 
 def _save(figure: Any, path: Path, option: str, plt: Any) -> Path:
     try:
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-    except OSError as err:
-        raise ConfigError(f"{option} '{path}' | cannot write: {err}") from err
+        save_figure(figure, path, option, dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
     return path
@@ -146,7 +148,8 @@ def plot_quality(report: QualityReport, path: Path) -> Path:
     axes[2].set_yscale("log")  # a broken schedule sits orders of magnitude above the rest
     axes[1].legend(fontsize=7)
     figure.suptitle(
-        f"{report.model}: {len(report.labels)} samples, {report.steps} DDIM steps ({report.machine})",
+        f"{report.model}: {len(report.labels)} samples, {report.steps} steps {report.scheduler} "
+        f"({report.machine})",
         fontsize=10,
     )
     figure.tight_layout()

@@ -1,9 +1,11 @@
 """Sample every schedule through the runtime and score it against the uncached samples.
 
-For a digit model (``demo-digits``: 1x8x8 pixel-space latents, 10 classes), K seeded
-samples per class are drawn with diffusers' DDIM scheduler (``beta_schedule="linear"``,
-the training schedule) for each cache schedule, from the same initial noise. The first
-schedule is always N=1 (no caching, through the runtime too): the reference.
+For a digit model (1x8x8 pixel-space latents, 10 classes: ``demo-digits``, a DDPM DiT,
+or ``demo-digits-flow``, a flow-matching SD3), K seeded samples per class are drawn with
+the family's scheduler and conditioning (:mod:`fora_export.quality.sampling`: DDIM on
+the linear training betas, or flow-matching Euler) for each cache schedule, from the
+same initial noise. The first schedule is always N=1 (no caching, through the runtime
+too): the reference.
 
 Per schedule: PSNR (pixels in [0, 1]) and relative L2 (the final samples) against the
 reference, the digit classifier's accuracy on the conditioning labels, the Fréchet
@@ -15,9 +17,7 @@ schedule alike.
 
 from __future__ import annotations
 
-import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,13 @@ from fora_export.errors import ConfigError
 from fora_export.progress import StageProgress
 from fora_export.quality.classifier import IMAGE_SHAPE, NUM_CLASSES, DigitClassifier, require_sklearn
 from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
-from fora_runtime.manifest import DenoisingSpec, Manifest
+from fora_export.quality.sampling import DigitSampler, denoising_of
+from fora_runtime.manifest import Manifest
 from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 SCHEDULE_MODES = (*INTERVAL_MODES, "both")
-IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
@@ -46,31 +47,6 @@ def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
     if not values:
         raise ConfigError(f"{option} | got {text!r} | expected integers like {example}")
     return values
-
-
-def check_output_path(path: Path | None, option: str, *, image: bool) -> None:
-    """Refuse, before any work, an output path that cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ConfigError(f"{option} '{path}' | is a folder | pass a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{option} '{path}' | folder {parent} does not exist | create it first")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{option} '{path}' | folder {parent} is not writable | choose another")
-    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ConfigError(
-            f"{option} '{path}' | unknown image type {path.suffix or '(none)'!r} "
-            f"| end it in one of {', '.join(IMAGE_SUFFIXES)}"
-        )
-    if image:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                f"{option} | matplotlib is not installed | pip install 'fora-export[quality]'"
-            ) from err
 
 
 @dataclass(frozen=True)
@@ -109,28 +85,35 @@ class QualityPlan:
         return [(start, min(start + self.batch_size, total)) for start in range(0, total, self.batch_size)]
 
 
+#: Scheduler families quality samples (see fora_export.quality.sampling).
+DIGIT_SCHEDULERS = ("ddpm", "flow_match")
+
+
 def check_digit_model(manifest: Manifest, where: str) -> None:
-    """The classifier judges 8x8 digits of 10 classes in pixel space, sampled with DDIM
-    (an epsilon-predicting, DDPM-trained model)."""
+    """The classifier judges 8x8 digits of 10 classes in pixel space: a DDPM or
+    flow-matching model of 1x8x8 BCHW latents whose conditioning inputs a class maps to
+    (class labels, or the model's class tables)."""
     conditioning, denoising = manifest.conditioning, manifest.denoising
     channels = denoising.latent_channels if denoising is not None else None
     scheduler = denoising.scheduler if denoising is not None else None
+    layout = denoising.latent_layout if denoising is not None else None
+    height, width = manifest.resolution
     found = (
-        f"{conditioning.get('kind')} with {conditioning.get('num_classes')} classes, "
-        f"{channels}x{manifest.resolution[0]}x{manifest.resolution[1]} latents, {scheduler} sampling"
+        f"{conditioning.get('kind')} conditioning, {channels}x{height}x{width} {layout} latents, "
+        f"{scheduler} sampling"
     )
     if (
-        conditioning.get("kind") != "class_labels"
-        or conditioning.get("num_classes") != NUM_CLASSES
-        or channels != 1
-        or scheduler != "ddpm"
-        or (denoising is not None and denoising.latent_layout != "BCHW")
+        channels != 1
+        or scheduler not in DIGIT_SCHEDULERS
+        or layout != "BCHW"
         or tuple(manifest.resolution) != IMAGE_SHAPE
     ):
         raise ConfigError(
-            f"{where} | quality scores 8x8 digit models (class labels 0-9, 1x8x8 pixel latents, "
-            f"DDPM-trained), this one has {found} | build demo-digits: fora-export build demo-digits"
+            f"{where} | quality scores 8x8 digit models (1x8x8 pixel latents, DDPM or flow matching, "
+            f"classes 0-9), this one has {found} | build one: fora-export build demo-digits "
+            "(or demo-digits-flow)"
         )
+    DigitSampler.for_manifest(manifest, 1, NUM_CLASSES, where)  # refuses conditioning no class maps to
 
 
 def plan_quality(
@@ -248,54 +231,13 @@ def to_pixels(samples: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(samples, np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def _denoising(manifest: Manifest) -> DenoisingSpec:
-    assert manifest.denoising is not None, "check_digit_model refuses manifests without one"
-    return manifest.denoising
-
-
-def _timesteps(manifest: Manifest, steps: int) -> tuple[Any, np.ndarray]:
-    from diffusers import DDIMScheduler
-
-    scheduler: Any = DDIMScheduler(
-        num_train_timesteps=_denoising(manifest).num_train_timesteps,
-        beta_schedule="linear",
-        clip_sample=False,
-    )
-    scheduler.set_timesteps(steps)
-    return scheduler, scheduler.timesteps.numpy()
-
-
-def _generate(
-    session: ForaSession,
-    scheduler: Any,
-    timesteps: np.ndarray,
-    schedule: CacheSchedule,
-    noise: Any,
-    labels: np.ndarray,
-) -> tuple[np.ndarray, float]:
-    """One generation of ``len(labels)`` samples; the samples and its wall time (runtime
-    steps and scheduler updates, the gate table's computation at start included)."""
-    import torch
-
-    channels = _denoising(session.manifest).latent_channels
-    latents = noise.clone()
-    started = time.perf_counter()
-    generation = session.start(
-        len(timesteps), len(labels), schedule=schedule, timesteps=timesteps, class_labels=labels
-    )
-    for t in timesteps:
-        prediction = generation.step(latents.numpy())
-        eps = torch.from_numpy(prediction[:, :channels])
-        latents = scheduler.step(eps, int(t), latents).prev_sample
-    return latents.numpy(), time.perf_counter() - started
-
-
 def run_quality(
     engine_dir: str | Path,
     plan: QualityPlan,
     *,
     backend: str = "onnxruntime",
     progress: bool | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> QualityReport:
     """Sample every schedule of ``plan`` and score it (see the module docstring)."""
     import torch
@@ -307,17 +249,18 @@ def run_quality(
     with StageProgress(total, title="quality", enabled=progress) as bar:
         bar.stage("training the digit classifier")
         classifier = DigitClassifier.fit(seed=plan.seed)
-        with ForaSession(engine_dir, backend=backend) as session:
+        with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
             manifest = session.manifest
-            scheduler, timesteps = _timesteps(manifest, plan.steps)
-            channels = _denoising(manifest).latent_channels
+            sampler = DigitSampler.for_manifest(manifest, plan.steps, NUM_CLASSES, str(engine_dir))
+            timesteps = sampler.timesteps
+            channels = denoising_of(manifest).latent_channels
             generator = torch.Generator().manual_seed(plan.seed)
             noise = torch.randn(len(labels), channels, *manifest.resolution, generator=generator)
             # Warm-up per batch size (first runs allocate buffers and pick kernels), so the
             # first timed schedule does not pay for it.
             warm = CacheSchedule.explicit([0])
             for size in sorted({end - start for start, end in chunks}):
-                _generate(session, scheduler, timesteps[:2], warm, noise[:size], labels[:size])
+                sampler.generate(session, timesteps[:2], warm, noise[:size], labels[:size])
             samples = {case.label: np.empty(tuple(noise.shape), np.float32) for case in plan.cases}
             runs: dict[str, list[float]] = {label: [0.0] * plan.repeats for label in samples}
             for repeat in range(plan.repeats):
@@ -327,8 +270,8 @@ def run_quality(
                             f"{case.label}, samples {start + 1}-{end} of {len(labels)}"
                             + (f", run {repeat + 1} of {plan.repeats}" if plan.repeats > 1 else "")
                         )
-                        out, took = _generate(
-                            session, scheduler, timesteps, case.schedule, noise[start:end], labels[start:end]
+                        out, took = sampler.generate(
+                            session, timesteps, case.schedule, noise[start:end], labels[start:end]
                         )
                         if repeat == 0:  # later runs only time the same generations again
                             samples[case.label][start:end] = out
@@ -343,7 +286,7 @@ def run_quality(
         batch_size=plan.batch_size,
         seed=plan.seed,
         repeats=plan.repeats,
-        scheduler="ddim (linear betas)",
+        scheduler=sampler.describe(),
         classifier_accuracy=classifier.real_accuracy,
         real_frechet=classifier.real_subset_distance(len(labels), seed=plan.seed),
         labels=labels,

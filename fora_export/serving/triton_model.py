@@ -99,7 +99,10 @@ class TritonPythonModel:
         options = instance_backend_options(
             backend, kind, device, threads=int(params.get("fora_threads", "0"))
         )
-        self._session = ForaSession(VERSION_DIR / params["fora_engine"], backend=backend, **options)
+        trusted = params.get("fora_trust_programs") == "true"  # fora-export triton --trust
+        self._session = ForaSession(
+            VERSION_DIR / params["fora_engine"], backend=backend, trust_programs=trusted, **options
+        )
         self._session.activate()
         self._spec = ServingSpec.from_manifest(
             self._session.manifest, max_batch=int(config["max_batch_size"])

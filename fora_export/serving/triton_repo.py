@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fora_export.errors import BuildError, ConfigError
-from fora_runtime.manifest import Manifest, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, Manifest, contained_file, load_manifest
 from fora_runtime.serving.ddim import DDIM_CLASS_NAME, DDIM_DEFAULTS, DDIMSampler
 from fora_runtime.serving.instances import INSTANCE_KINDS
 from fora_runtime.serving.requests import ServedTensor, ServingSpec
+from fora_runtime.trust import DEFAULT_ACCESS, SIGNATURE_NAME, FolderAccess
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class TritonModelConfig:
     max_queue_delay_us: int = 2000
     threads: int = 0
     python_path: tuple[str, ...] = ()
+    #: Vouch for the engine folder: the instances may load torch programs (``--trust``).
+    trust_programs: bool = False
 
     def check(self) -> None:
         if not self.name or self.name.startswith(".") or "/" in self.name or self.name != self.name.strip():
@@ -88,12 +91,17 @@ class WrittenModel:
     scheduler: str
 
 
-def resolve_backend(requested: str, kind: str, manifest: Manifest, engine_dir: Path) -> str:
+def resolve_backend(
+    requested: str, kind: str, manifest: Manifest, engine_dir: Path, *, trusted: bool = False
+) -> str:
     """The runtime backend the instances use; ``auto``: TensorRT engines, then torch
-    programs on GPU instances, ONNX Runtime on CPU ones."""
+    programs (trusted folders only: they run code when loaded) on GPU instances, ONNX Runtime
+    on CPU ones."""
     present = [b for b in BACKENDS if _BACKEND_FILE[b] in manifest.files]
     if requested == "auto":
-        order = ("tensorrt", "torch", "onnxruntime") if kind == "gpu" else ("onnxruntime",)
+        order: tuple[str, ...] = ("tensorrt", "torch", "onnxruntime") if kind == "gpu" else ("onnxruntime",)
+        if not trusted:
+            order = tuple(b for b in order if b != "torch")
         for backend in order:
             if backend in present:
                 return backend
@@ -146,12 +154,16 @@ def write_triton_model(
     *,
     pipeline: Path | None = None,
     force: bool = False,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> WrittenModel:
     """Write ``repository/<name>`` atomically: built in a hidden sibling folder of the
-    repository and moved into place when complete."""
+    repository and moved into place when complete. Only the manifest, its signature and the
+    files it lists are copied (each checked to lie inside ``engine_dir``)."""
     config.check()
-    manifest = load_manifest(engine_dir)  # verifies every file before it is copied
-    backend = resolve_backend(config.backend, config.kind, manifest, engine_dir)
+    manifest = load_manifest(engine_dir, **access.manifest_options())  # verifies every file before the copy
+    backend = resolve_backend(
+        config.backend, config.kind, manifest, engine_dir, trusted=config.trust_programs
+    )
     spec = ServingSpec.from_manifest(manifest, max_batch=config.max_batch)
     scheduler = scheduler_config(manifest, pipeline)
     target = repository / config.name
@@ -162,7 +174,7 @@ def write_triton_model(
         version = staging / VERSION
         version.mkdir()
         shutil.copy2(MODEL_TEMPLATE, version / "model.py")
-        shutil.copytree(engine_dir, version / ENGINE_SUBDIR)
+        _copy_engine_folder(engine_dir, manifest, version / ENGINE_SUBDIR)
         (version / SCHEDULER_NAME).write_text(json.dumps(scheduler, indent=2) + "\n")
         (staging / CONFIG_NAME).write_text(config_pbtxt(spec, config, backend))
         marker = {
@@ -182,6 +194,17 @@ def write_triton_model(
         raise
     log.info("wrote Triton model %s (%s, %s)", target, backend, scheduler["_class_name"])
     return WrittenModel(target, backend, spec, str(scheduler["_class_name"]))
+
+
+def _copy_engine_folder(engine_dir: Path, manifest: Manifest, target: Path) -> None:
+    """The engine folder's manifest, signature and listed files, nothing else: a stray symlink
+    in the folder is not followed into the repository."""
+    target.mkdir()
+    names = [MANIFEST_NAME, *manifest.files]
+    if (engine_dir / SIGNATURE_NAME).is_file():
+        names.append(SIGNATURE_NAME)
+    for name in names:
+        shutil.copy2(contained_file(engine_dir, name), target / name)
 
 
 def _check_repository(repository: Path, target: Path, force: bool) -> None:
@@ -223,6 +246,7 @@ def config_pbtxt(spec: ServingSpec, config: TritonModelConfig, backend: str) -> 
         "fora_scheduler": SCHEDULER_NAME,
         "fora_threads": str(config.threads),
         "fora_python_path": json.dumps(list(config.python_path)),
+        "fora_trust_programs": "true" if config.trust_programs else "false",
     }
     lines = [
         f'name: "{config.name}"',

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fora_export.errors import ConfigError
+from fora_export.outputs import save_figure, write_text_atomic
 from fora_export.sample import ThreeWays, run_three_ways, save_grid
 from fora_export.split.graphs import split_model
 from fora_export.validate.compare import TRAJECTORY_TOLERANCES, relative_l2, to_numpy
@@ -32,6 +33,7 @@ from fora_export.validate.runner import default_scheduler, load_reference, make_
 from fora_runtime.manifest import load_manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 
 @dataclass
@@ -83,6 +85,7 @@ def validate_pipeline(
     interval: int | None = None,
     device: str | None = None,
     progress: bool = False,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> tuple[PipelineResult, ThreeWays]:
     """The engines in ``pipeline`` against PyTorch FORA (see the module docstring)."""
     runs = run_three_ways(
@@ -96,6 +99,7 @@ def validate_pipeline(
         device=device,
         progress=progress,
         record_calls=True,
+        access=access,
     )
     images = runs.images
     errors = StepErrors(
@@ -126,9 +130,10 @@ def trajectory_step_errors(
     scheduler: str | None = None,
     interval: int | None = None,
     seed: int = 0,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> StepErrors:
     """Per-step errors along validate's trajectory (batch opt, random valid inputs)."""
-    manifest = load_manifest(engine_dir)
+    manifest = load_manifest(engine_dir, **access.manifest_options())
     denoising = manifest.denoising
     assert denoising is not None  # checked when the manifest was read
     scheduler = scheduler or default_scheduler(denoising)
@@ -139,7 +144,7 @@ def trajectory_step_errors(
     plan = schedule.plan(steps)
     adapter = load_reference(manifest, model)
     batch = manifest.batch.opt
-    with ForaSession(engine_dir, backend=backend) as session:
+    with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
         split = split_model(adapter, tuple(spec.name for spec in session.step_inputs))
         try:
             generator = torch.Generator().manual_seed(seed + 1)
@@ -220,10 +225,8 @@ def write_report(out_dir: str | Path, errors: StepErrors, runs: ThreeWays | None
     figure.tight_layout()
     written = [out / "steps.png", out / "steps.json"]
     try:
-        figure.savefig(written[0], dpi=120)
-        written[1].write_text(json.dumps(errors.to_dict(), indent=2) + "\n")
-    except OSError as err:
-        raise ConfigError(f"--report '{out}' | cannot write: {err}") from err
+        save_figure(figure, written[0], "--report", dpi=120)
+        write_text_atomic(written[1], json.dumps(errors.to_dict(), indent=2) + "\n", "--report")
     finally:
         plt.close(figure)
     if runs is not None:

@@ -41,6 +41,7 @@ from fora_export.validate.compare import (
 from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
+from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 log = logging.getLogger(__name__)
 
@@ -426,11 +427,13 @@ def validate(
     seed: int = 0,
     graphs: bool = True,
     trajectory: bool = True,
+    access: FolderAccess = DEFAULT_ACCESS,
 ) -> ValidationReport:
-    """Validate an engine folder; see the module docstring for what is checked."""
+    """Validate an engine folder; see the module docstring for what is checked. ``access``:
+    how the folder is verified and whether it is trusted (``fora_runtime.trust``)."""
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
-    with ForaSession(engine_dir, backend=backend) as session:
+    with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
         manifest = session.manifest
         assert manifest.denoising is not None  # checked when the manifest was read
         scheduler = scheduler or default_scheduler(manifest.denoising)

@@ -57,7 +57,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from fora_runtime.dtypes import torch_dtype
 from fora_runtime.errors import ForaError, InputError, ScheduleError
 from fora_runtime.generation import Generation
-from fora_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from fora_runtime.manifest import FOLDER_OPTIONS, MANIFEST_NAME, Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 
@@ -193,7 +193,9 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.engine_dir = Path(engine_dir)
-        manifest = load_manifest(self.engine_dir)
+        # The folder options of the sessions (verify, manifest key) apply to this first read too.
+        folder_options = {k: backend_options[k] for k in FOLDER_OPTIONS if k in backend_options}
+        manifest = load_manifest(self.engine_dir, **folder_options)
         signature = SIGNATURES.get(manifest.model_class)
         if signature is None:
             raise ForaError(

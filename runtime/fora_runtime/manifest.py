@@ -1,18 +1,28 @@
 """``manifest.json``: the contract between ``fora-export build`` and the runtime.
 
 The runtime reads only this file and the graph files it lists. Stdlib only.
+
+A folder is untrusted input until proven otherwise (README, "Trust and safety"): the
+manifest is parsed with every field's type and range checked (any flaw is a
+``ManifestError``, never another exception), every file it names must be a plain name
+inside the folder (no separators, ``..``, absolute paths or symlinks leaving it), and
+that is checked before any of those files is touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fora_runtime.dtypes import MANIFEST_DTYPES
-from fora_runtime.errors import InputError, ManifestError
+from fora_runtime.dtypes import MANIFEST_DTYPES, PRECISION_DTYPES
+from fora_runtime.errors import ForaError, InputError, ManifestError
 from fora_runtime.schedule import CacheSchedule
 
 #: 2: step inputs with roles (``inputs``) and the family's denoising contract (``denoising``).
@@ -37,6 +47,95 @@ def graph_file(role: str, kind: str = "onnx") -> str:
     return f"{role}{GRAPH_SUFFIXES[kind]}"
 
 
+#: Limits on what a manifest may hold (a crafted one must not exhaust memory or the stack).
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_NESTING = 32
+#: Largest dimension, batch size or count a manifest may record (fits every index type).
+MAX_DIM = 2**31 - 1
+#: A file name a manifest may list: a plain name inside the folder (checked by ``check_file_name``).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class FieldError(ValueError):
+    """A manifest field of the wrong type or value; ``Manifest.from_dict`` turns it into a
+    ``ManifestError`` naming the manifest."""
+
+
+_KINDS: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, dict | list) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def expect(value: Any, kind: type, path: str, *, low: float | None = None, high: float | None = None) -> Any:
+    """``value`` if it is of JSON ``kind`` (ints are not bools, floats accept ints), within
+    [low, high] for numbers; else FieldError naming ``path``."""
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise FieldError(f"field '{path}' is {_describe(value)}, expected {_KINDS[kind]}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise FieldError(f"field '{path}' is {value}, expected a value in [{low}, {high}]")
+    return float(value) if kind is float else value
+
+
+def field_of(data: Any, key: str, kind: type, path: str, **bounds: float) -> Any:
+    """``data[key]`` checked by :func:`expect`; ``data`` must be an object holding ``key``."""
+    where = f"{path}.{key}" if path else key
+    expect(data, dict, path or "(top level)")
+    if key not in data:
+        raise FieldError(f"field '{where}' is missing")
+    return expect(data[key], kind, where, **bounds)
+
+
+def list_of(data: Any, key: str, path: str, item: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+    """``data[key]`` as a list, each element converted by ``item(element, its path)``."""
+    values = field_of(data, key, list, path)
+    where = f"{path}.{key}" if path else key
+    return tuple(item(value, f"{where}[{index}]") for index, value in enumerate(values))
+
+
+def _shape(data: Any, path: str) -> tuple[int | str, ...]:
+    def dim(value: Any, where: str) -> int | str:
+        if value == BATCH_AXIS and isinstance(value, str):
+            return BATCH_AXIS
+        return int(expect(value, int, where, low=1, high=MAX_DIM))
+
+    return list_of(data, "shape", path, dim)
+
+
+def _dtype(data: Any, path: str) -> str:
+    dtype = field_of(data, "dtype", str, path)
+    if dtype not in MANIFEST_DTYPES:
+        raise FieldError(f"field '{path}.dtype' is {dtype!r}, expected one of {list(MANIFEST_DTYPES)}")
+    return str(dtype)
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain file name inside the engine folder: no separators, no ``..``,
+    not absolute, no leading dot; else FieldError (checked before any file is touched)."""
+    if not (isinstance(name, str) and _PLAIN_NAME.fullmatch(name) and ".." not in name and len(name) <= 255):
+        raise FieldError(
+            f"{where} names file {_describe(name)}: an engine folder's files are plain names inside it "
+            "(letters, digits, _ . + -; no path separators, '..' or absolute paths)"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A graph input or output. ``shape`` holds ints and the symbol ``"batch"``."""
@@ -52,8 +151,8 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+    def from_dict(cls, data: dict[str, Any], path: str = "tensor") -> TensorSpec:
+        return cls(name=field_of(data, "name", str, path), dtype=_dtype(data, path), shape=_shape(data, path))
 
 
 @dataclass(frozen=True)
@@ -71,13 +170,19 @@ class InputSpec(TensorSpec):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+    def from_dict(cls, data: dict[str, Any], path: str = "input") -> InputSpec:
+        role = field_of(data, "role", str, path)
+        if role not in INPUT_ROLES:
+            raise FieldError(f"field '{path}.role' is {role!r}, expected one of {list(INPUT_ROLES)}")
+        value = data.get("value")
+        if role == "build_constant":
+            value = field_of(data, "value", list, path)
         return cls(
-            name=data["name"],
-            dtype=data["dtype"],
-            shape=tuple(data["shape"]),
-            role=data["role"],
-            value=data.get("value"),
+            name=field_of(data, "name", str, path),
+            dtype=_dtype(data, path),
+            shape=_shape(data, path),
+            role=role,
+            value=value,
         )
 
 
@@ -115,16 +220,22 @@ class DenoisingSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DenoisingSpec:
-        low, high = data["timestep_range"]
+    def from_dict(cls, data: dict[str, Any], path: str = "denoising") -> DenoisingSpec:
+        bounds = list_of(data, "timestep_range", path, lambda value, where: expect(value, float, where))
+        if len(bounds) != 2 or bounds[0] > bounds[1]:
+            raise FieldError(f"field '{path}.timestep_range' is {list(bounds)}, expected [low, high]")
+        low, high = bounds
+        config = field_of(data, "scheduler_config", dict, path)
+        if "num_train_timesteps" in config:
+            expect(config["num_train_timesteps"], int, f"{path}.scheduler_config.num_train_timesteps", low=1)
         return cls(
-            latent_layout=str(data["latent_layout"]),
-            latent_channels=int(data["latent_channels"]),
-            output_channels=int(data["output_channels"]),
-            scheduler=str(data["scheduler"]),
-            scheduler_config=dict(data["scheduler_config"]),
-            timestep_scale=float(data["timestep_scale"]),
-            timestep_range=(float(low), float(high)),
+            latent_layout=field_of(data, "latent_layout", str, path),
+            latent_channels=field_of(data, "latent_channels", int, path, low=1, high=MAX_DIM),
+            output_channels=field_of(data, "output_channels", int, path, low=1, high=MAX_DIM),
+            scheduler=field_of(data, "scheduler", str, path),
+            scheduler_config=dict(config),
+            timestep_scale=field_of(data, "timestep_scale", float, path),
+            timestep_range=(low, high),
         )
 
 
@@ -139,13 +250,13 @@ class CacheSpec(TensorSpec):
         return {**super().to_dict(), "block": self.block, "kind": self.kind}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+    def from_dict(cls, data: dict[str, Any], path: str = "cache") -> CacheSpec:
         return cls(
-            name=data["name"],
-            dtype=data["dtype"],
-            shape=tuple(data["shape"]),
-            block=int(data["block"]),
-            kind=data["kind"],
+            name=field_of(data, "name", str, path),
+            dtype=_dtype(data, path),
+            shape=_shape(data, path),
+            block=field_of(data, "block", int, path, low=0, high=MAX_DIM),
+            kind=field_of(data, "kind", str, path),
         )
 
 
@@ -169,11 +280,11 @@ class GraphSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+    def from_dict(cls, data: dict[str, Any], path: str = "graph") -> GraphSpec:
         return cls(
-            file=data["file"],
-            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            file=check_file_name(field_of(data, "file", str, path), f"field '{path}.file'"),
+            inputs=list_of(data, "inputs", path, TensorSpec.from_dict),
+            outputs=list_of(data, "outputs", path, TensorSpec.from_dict),
         )
 
 
@@ -188,6 +299,15 @@ class BatchRange:
 
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = "batch") -> BatchRange:
+        low, opt, high = (
+            field_of(data, key, int, path, low=1, high=MAX_DIM) for key in ("min", "opt", "max")
+        )
+        if not low <= opt <= high:
+            raise FieldError(f"field '{path}' is {low}:{opt}:{high}, expected 1 <= min <= opt <= max")
+        return cls(min=low, opt=opt, max=high)
 
 
 @dataclass(frozen=True)
@@ -325,49 +445,77 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
+        """Parse and check a manifest. Every flaw, whatever its type or depth, is a
+        ManifestError naming ``where``: the data is untrusted."""
         if not isinstance(data, dict):
             raise ManifestError(f"{where} | top level is not a JSON object | rebuild the engines")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or isinstance(version, bool):
             raise ManifestError(
-                f"{where} | schema_version {version!r} is not supported (this runtime reads "
+                f"{where} | schema_version {_describe(version)} is not supported (this runtime reads "
                 f"{SCHEMA_VERSION}) | rebuild the engines with this fora-export (`fora-export build`), "
                 "or use the fora-runtime that matches the one that built them"
             )
         try:
-            roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in data["graphs"])
-            graphs = {role: GraphSpec.from_dict(data["graphs"][role]) for role in roles}
-            gate_rows = data.get("gate_rows")
-            manifest = cls(
-                model_class=data["model_class"],
-                family=data["family"],
-                model_config=dict(data["model_config"]),
-                source=data["source"],
-                resolution=(int(data["resolution"][0]), int(data["resolution"][1])),
-                batch=BatchRange(**data["batch"]),
-                precision=data["precision"],
-                schedule=CacheSchedule.from_dict(data["schedule"]),
-                conditioning=dict(data["conditioning"]),
-                graphs=graphs,
-                caches=tuple(CacheSpec.from_dict(c) for c in data["caches"]),
-                files=dict(data["files"]),
-                tools=dict(data["tools"]),
-                export=dict(data["export"]),
-                config_hash=data["config_hash"],
-                inputs=tuple(InputSpec.from_dict(i) for i in data["inputs"]),
-                denoising=DenoisingSpec.from_dict(data["denoising"]),
-                backends=dict(data.get("backends", {})),
-                gate_rows=BatchRange(**gate_rows) if gate_rows is not None else None,
-            )
+            manifest = cls._parse(data)
+            manifest._check_consistency(where)
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        except FieldError as err:
+            raise ManifestError(f"{where} | {err} | rebuild the engines with `fora-export build`") from err
+        except ForaError as err:  # e.g. a ScheduleError from the recorded schedule
+            raise ManifestError(f"{where} | {err} | rebuild the engines with `fora-export build`") from err
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as err:
+            # A net under the field checks: a manifest is untrusted input, never a traceback.
             raise ManifestError(
                 f"{where} | missing or malformed field ({type(err).__name__}: {err}) | "
                 "rebuild the engines with `fora-export build`"
             ) from err
-        manifest._check_consistency(where)
         return manifest
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any]) -> Manifest:
+        graphs_data = field_of(data, "graphs", dict, "")
+        roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in graphs_data)
+        graphs = {
+            role: GraphSpec.from_dict(field_of(graphs_data, role, dict, "graphs"), f"graphs.{role}")
+            for role in roles
+        }
+        unknown = sorted(set(graphs_data) - set(roles))
+        if unknown:
+            raise FieldError(
+                f"field 'graphs' has unknown roles {unknown}, expected {list(GRAPH_ROLES + GATE_TABLE_ROLES)}"
+            )
+        resolution = list_of(
+            data, "resolution", "", lambda v, where: expect(v, int, where, low=1, high=MAX_DIM)
+        )
+        if len(resolution) != 2:
+            raise FieldError(f"field 'resolution' is {list(resolution)}, expected [height, width]")
+        precision = field_of(data, "precision", str, "")
+        if precision not in PRECISION_DTYPES:
+            raise FieldError(f"field 'precision' is {precision!r}, expected one of {list(PRECISION_DTYPES)}")
+        gate_rows = data.get("gate_rows")
+        return cls(
+            model_class=field_of(data, "model_class", str, ""),
+            family=field_of(data, "family", str, ""),
+            model_config=dict(field_of(data, "model_config", dict, "")),
+            source=field_of(data, "source", str, ""),
+            resolution=(resolution[0], resolution[1]),
+            batch=BatchRange.from_dict(field_of(data, "batch", dict, "")),
+            precision=precision,
+            schedule=CacheSchedule.from_dict(field_of(data, "schedule", dict, "")),
+            conditioning=dict(field_of(data, "conditioning", dict, "")),
+            graphs=graphs,
+            caches=list_of(data, "caches", "", CacheSpec.from_dict),
+            files=_files(field_of(data, "files", dict, "")),
+            tools=dict(field_of(data, "tools", dict, "")),
+            export=dict(field_of(data, "export", dict, "")),
+            config_hash=field_of(data, "config_hash", str, ""),
+            inputs=list_of(data, "inputs", "", InputSpec.from_dict),
+            denoising=DenoisingSpec.from_dict(field_of(data, "denoising", dict, "")),
+            backends=dict(expect(data.get("backends", {}), dict, "backends")),
+            gate_rows=BatchRange.from_dict(gate_rows, "gate_rows") if gate_rows is not None else None,
+        )
 
     def _check_consistency(self, where: str) -> None:
         def bad(what: str) -> ManifestError:
@@ -379,16 +527,11 @@ class Manifest:
             for dim in spec.shape:
                 if dim != BATCH_AXIS and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
                     raise bad(f"tensor '{spec.name}' has invalid shape {list(spec.shape)}")
-        for name, record in self.files.items():
-            if not (
-                isinstance(record, dict)
-                and isinstance(record.get("bytes"), int)
-                and isinstance(record.get("sha256"), str)
-            ):
-                raise bad(f"files entry '{name}' is {record!r}, expected {{'bytes': int, 'sha256': str}}")
         ranges = self.conditioning.get("input_ranges", {})
         if not isinstance(ranges, dict) or not all(
-            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int | float) for v in r)
+            isinstance(r, list)
+            and len(r) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in r)
             for r in ranges.values()
         ):
             raise bad(f"conditioning.input_ranges is {ranges!r}, expected name -> [low, high]")
@@ -480,6 +623,46 @@ class Manifest:
                     raise ManifestError(f"{where} | {role} input '{spec.name}' is not a step input or cache")
 
 
+def _files(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``files`` table: plain names, each with its size, sha256 and (optionally) stamp."""
+    files: dict[str, dict[str, Any]] = {}
+    for name, record in data.items():
+        check_file_name(name, "field 'files'")
+        where = f"files.{name}"
+        field_of(record, "bytes", int, where, low=0, high=2**63 - 1)
+        for key in ("sha256", *(("stamp",) if "stamp" in record else ())):
+            if not _SHA256.fullmatch(field_of(record, key, str, where)):
+                raise FieldError(f"field '{where}.{key}' is {_describe(record[key])}, expected 64 hex digits")
+        files[name] = dict(record)
+    return files
+
+
+def _nesting(data: Any) -> int:
+    """The depth of nested lists and objects in ``data`` (iterative: any depth is safe)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_NESTING:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+# -- files ------------------------------------------------------------------------------
+#: How ``load_manifest`` checks the files a manifest lists: ``stamp`` (default) their size and
+#: a stamp of their first and last MiB and 64 samples between (catches truncation, a file of
+#: another build, a copy cut short; reads ~2.3 MiB per file), ``full`` every byte's sha256
+#: (catches any change; reads everything), ``none`` only that each exists inside the folder.
+VerifyMode = Literal["stamp", "full", "none"]
+VERIFY_MODES: tuple[str, ...] = ("stamp", "full", "none")
+#: The keyword arguments of ``load_manifest`` a session passes through (how a folder is opened).
+FOLDER_OPTIONS = ("verify", "manifest_key", "manifest_key_file")
+STAMP_EDGE = 1 << 20
+STAMP_SAMPLES = 64
+STAMP_SAMPLE = 1 << 12
+
+
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -488,14 +671,56 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(folder: str | Path, *, verify_files: bool = True) -> Manifest:
-    """Read and validate ``folder/manifest.json``.
+def stamp_of(path: Path) -> str:
+    """sha256 over the size, the first and last MiB and 64 evenly spaced 4 KiB samples of
+    ``path`` (the whole file when it is small): cheap, and it changes when a file is cut
+    short, extended or replaced by another file. Not proof against a deliberate edit
+    between the samples: that is what ``verify="full"`` and signed manifests are for."""
+    size = os.stat(path).st_size
+    digest = hashlib.sha256(b"fora-stamp-1:%d:" % size)
+    with open(path, "rb") as fh:
+        if size <= 2 * STAMP_EDGE + STAMP_SAMPLES * STAMP_SAMPLE:
+            while block := fh.read(STAMP_EDGE):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(fh.read(STAMP_EDGE))
+        span = size - 2 * STAMP_EDGE
+        for index in range(STAMP_SAMPLES):
+            fh.seek(STAMP_EDGE + index * span // STAMP_SAMPLES)
+            digest.update(fh.read(STAMP_SAMPLE))
+        fh.seek(size - STAMP_EDGE)
+        digest.update(fh.read(STAMP_EDGE))
+    return digest.hexdigest()
 
-    With ``verify_files`` every file listed in the manifest must exist with the
-    recorded size and sha256; a mismatch means the folder was tampered with or
-    copied incompletely.
-    """
-    folder = Path(folder)
+
+def file_record(path: Path) -> dict[str, Any]:
+    """The manifest's record of one file: its size, sha256 and stamp."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path), "stamp": stamp_of(path)}
+
+
+def contained_file(folder: Path, name: str) -> Path:
+    """``folder/name`` when it is a regular file inside ``folder`` (a symlink to a file in the
+    folder counts; one leaving it does not). Checked without reading or stat-ing anything
+    outside the folder, so a crafted manifest learns nothing about other files."""
+    check_file_name(name, f"{folder}")  # names were checked at parse time; callers may pass others
+    base = Path(os.path.realpath(folder))
+    path = base / name
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(base):
+            raise ManifestError(
+                f"{folder / name} | is a symlink leaving the engine folder | engine folders hold their "
+                "files; copy the file in (cp -L) or rebuild"
+            )
+        path = target
+    if not path.is_file():
+        what = "not a regular file" if path.exists() else "missing"
+        raise ManifestError(f"{folder / name} | {what}, but listed in {MANIFEST_NAME} | rebuild the engines")
+    return path
+
+
+def read_manifest_bytes(folder: Path) -> tuple[Path, bytes]:
+    """``folder/manifest.json`` and its bytes: a regular file inside the folder, size-capped."""
     if not folder.exists():
         raise ManifestError(f"Engine folder '{folder}' | does not exist | run `fora-export build` first")
     if not folder.is_dir():
@@ -503,32 +728,125 @@ def load_manifest(folder: str | Path, *, verify_files: bool = True) -> Manifest:
             f"Engine folder '{folder}' | is not a folder | pass the folder `build --out` wrote"
         )
     path = folder / MANIFEST_NAME
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise ManifestError(
             f"{path} | missing | not an engine folder, or its build did not finish; rebuild it"
         )
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path} | is not valid JSON ({err}) | rebuild the engines") from err
-    manifest = Manifest.from_dict(data, where=str(path))
-    if verify_files:
-        verify_manifest_files(manifest, folder)
-    return manifest
+        real = contained_file(folder, MANIFEST_NAME)
+        size = real.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{path} | {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES} bytes) "
+                "| rebuild the engines"
+            )
+        return path, real.read_bytes()
+    except OSError as err:
+        raise ManifestError(
+            f"{path} | cannot be read ({err.strerror or err}) | check its permissions"
+        ) from err
 
 
-def verify_manifest_files(manifest: Manifest, folder: Path) -> None:
+def parse_manifest_bytes(raw: bytes, *, where: str) -> Manifest:
+    """Parse the bytes of a ``manifest.json`` (UTF-8 JSON of bounded nesting)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{where} | is not valid JSON (not UTF-8: {err}) | rebuild the engines") from err
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{where} | is not valid JSON ({err}) | rebuild the engines") from err
+    except RecursionError as err:
+        raise ManifestError(
+            f"{where} | is not valid JSON for this runtime (nested deeper than {MAX_NESTING} levels) "
+            "| rebuild the engines"
+        ) from err
+    if _nesting(data) > MAX_NESTING:
+        raise ManifestError(
+            f"{where} | nested deeper than {MAX_NESTING} levels, which no manifest is | rebuild the engines"
+        )
+    return Manifest.from_dict(data, where=where)
+
+
+@dataclass(frozen=True)
+class EngineFolder:
+    """An opened engine folder: its parsed manifest and whether a deployer's key signed it."""
+
+    path: Path
+    manifest: Manifest
+    #: True when the manifest's signature was verified with the deployer's key.
+    signed: bool
+
+
+def open_engine_folder(
+    folder: str | Path,
+    *,
+    verify: VerifyMode = "stamp",
+    manifest_key: str | bytes | None = None,
+    manifest_key_file: str | Path | None = None,
+) -> EngineFolder:
+    """Read, check and (with a key) authenticate ``folder/manifest.json``, then its files.
+
+    Order: the manifest's bytes are read (size-capped), their signature is verified when a
+    key is given (``manifest_key``, ``manifest_key_file`` or ``FORA_MANIFEST_KEY``; then an
+    unsigned folder is refused, and the files are checked in full since a stamp is no
+    proof), then parsed and checked, every listed name contained; only then are the listed
+    files opened, per ``verify``.
+    """
+    from fora_runtime import trust
+
+    if verify not in VERIFY_MODES:
+        raise ManifestError(f"verify | got {verify!r} | expected one of {', '.join(VERIFY_MODES)}")
+    folder = Path(folder)
+    key = trust.resolve_manifest_key(manifest_key, manifest_key_file)
+    path, raw = read_manifest_bytes(folder)
+    if key is not None:
+        trust.verify_manifest_signature(folder, raw, key)
+        verify = "full"
+    manifest = parse_manifest_bytes(raw, where=str(path))
+    verify_manifest_files(manifest, folder, verify)
+    return EngineFolder(path=folder, manifest=manifest, signed=key is not None)
+
+
+def load_manifest(
+    folder: str | Path,
+    *,
+    verify: VerifyMode = "stamp",
+    manifest_key: str | bytes | None = None,
+    manifest_key_file: str | Path | None = None,
+) -> Manifest:
+    """Read and validate ``folder/manifest.json`` (see :func:`open_engine_folder`).
+
+    Every file listed in the manifest must exist inside the folder with the recorded
+    size and stamp (``verify="full"``: sha256); a mismatch means the folder was tampered
+    with or copied incompletely.
+    """
+    return open_engine_folder(
+        folder, verify=verify, manifest_key=manifest_key, manifest_key_file=manifest_key_file
+    ).manifest
+
+
+def verify_manifest_files(manifest: Manifest, folder: Path, verify: VerifyMode = "stamp") -> None:
+    """Check every listed file: contained in ``folder`` (always, ``none`` included), its size,
+    then its stamp (``stamp``; files recorded without one get their sha256 checked) or its
+    sha256 (``full``)."""
     for name, record in manifest.files.items():
         file = folder / name
-        if not file.is_file():
-            raise ManifestError(f"{file} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
-        size = file.stat().st_size
+        real = contained_file(folder, name)
+        if verify == "none":
+            continue
+        size = real.stat().st_size
         if size != record.get("bytes"):
             raise ManifestError(
                 f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated "
                 "or was replaced; rebuild the engines"
             )
-        if sha256_of(file) != record.get("sha256"):
+        if verify == "stamp" and "stamp" in record:
+            if stamp_of(real) != record["stamp"]:
+                raise ManifestError(
+                    f"{file} | its stamp (size, first/last MiB, samples) does not match {MANIFEST_NAME} "
+                    "| file was replaced or modified; rebuild the engines"
+                )
+        elif sha256_of(real) != record.get("sha256"):
             raise ManifestError(
                 f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; rebuild the engines"
             )

@@ -36,7 +36,7 @@ from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend,
 from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError
 from fora_runtime.generation import GateTable, Generation
 from fora_runtime.inputs import StepInputs
-from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, load_manifest
+from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
 from fora_runtime.schedule import CacheSchedule
 
 
@@ -49,23 +49,42 @@ class ForaSession:
         *,
         backend: str = "onnxruntime",
         schedule: CacheSchedule | None = None,
-        verify_files: bool = True,
+        verify: VerifyMode = "stamp",
+        trust_programs: bool = False,
+        manifest_key: str | bytes | None = None,
+        manifest_key_file: str | Path | None = None,
         check_inputs: bool = True,
         gate_table: bool = True,
         detect_nonfinite: bool = False,
         **backend_options: Any,
     ) -> None:
-        """``check_inputs=False`` skips the per-step shape, dtype and value checks (for
+        """``verify``: how the folder's files are checked on open (``stamp``: size and a
+        stamp of each, ``full``: sha256 of each, ``none``). ``trust_programs=True`` vouches
+        for the folder: torch programs (which run code when loaded) and TensorRT plugin
+        layers are then allowed; a manifest signed under ``manifest_key`` /
+        ``manifest_key_file`` / ``$FORA_MANIFEST_KEY`` is trusted too (README, "Trust and
+        safety"). ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
         ``gate_table=False`` never precomputes gates (reuse steps compute their own).
         ``detect_nonfinite=True`` makes every step check its prediction for NaN/Inf and raise
-        :class:`NonFiniteError` naming the step (the default for ``start``; it reads every
-        prediction, a device sync per step on GPUs: leave it off in hot loops)."""
+        :class:`NonFiniteError` naming the step (each generation's ``detect_nonfinite`` starts
+        as this; it reads every prediction, a device sync per step on GPUs: leave it off in
+        hot loops)."""
         self.engine_dir = Path(engine_dir)
-        self.manifest: Manifest = load_manifest(self.engine_dir, verify_files=verify_files)
+        folder = open_engine_folder(
+            self.engine_dir, verify=verify, manifest_key=manifest_key, manifest_key_file=manifest_key_file
+        )
+        self.manifest: Manifest = folder.manifest
+        #: True when the folder may load code (torch programs, TensorRT plugins).
+        self.trusted = trust_programs or folder.signed
         self.schedule = schedule if schedule is not None else self.manifest.schedule
         self.backend: StepBackend = create_backend(
-            backend, self.manifest, self.engine_dir, gate_table=gate_table, **backend_options
+            backend,
+            self.manifest,
+            self.engine_dir,
+            gate_table=gate_table,
+            trust_programs=self.trusted,
+            **backend_options,
         )
         self._inputs = StepInputs(
             self.manifest, self.backend, where=str(self.engine_dir / MANIFEST_NAME), check=check_inputs
@@ -117,7 +136,6 @@ class ForaSession:
         *,
         schedule: CacheSchedule | None = None,
         timesteps: Any = None,
-        detect_nonfinite: bool | None = None,
         **conditioning: Any,
     ) -> Generation:
         """Begin a new generation; earlier generations of this session become stale.
@@ -125,11 +143,12 @@ class ForaSession:
         ``timesteps`` (one per step, each a number or one per sample) and the
         generation's conditioning (e.g. ``class_labels``) are optional; given, steps
         may omit them, and where the build and backend allow, the gates of every
-        step are computed here at once (:attr:`Generation.uses_gate_table`).
-        ``detect_nonfinite`` overrides the session's setting for this generation.
+        step are computed here at once (:attr:`Generation.uses_gate_table`). The generation
+        checks its predictions for NaN/Inf when the session does (its ``detect_nonfinite``
+        attribute switches that per generation).
         """
         with self._exclusive("start()"):
-            return self._start(num_steps, batch_size, schedule, timesteps, detect_nonfinite, conditioning)
+            return self._start(num_steps, batch_size, schedule, timesteps, conditioning)
 
     def _start(
         self,
@@ -137,7 +156,6 @@ class ForaSession:
         batch_size: int,
         schedule: CacheSchedule | None,
         timesteps: Any,
-        detect_nonfinite: bool | None,
         conditioning: dict[str, Any],
     ) -> Generation:
         batch_size = self._inputs.check_batch(batch_size)
@@ -161,9 +179,13 @@ class ForaSession:
                 table = GateTable(self.backend.gate_table(rows), reuse_steps)
         self._retire()
         self._runner = StepRunner(self.backend, self._inputs, buffers, self._calls)
-        check = self.detect_nonfinite if detect_nonfinite is None else detect_nonfinite
         return Generation(
-            self._runner, plan, planned, table, detect_nonfinite=check, where=str(self.engine_dir)
+            self._runner,
+            plan,
+            planned,
+            table,
+            detect_nonfinite=self.detect_nonfinite,
+            where=str(self.engine_dir),
         )
 
     def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:

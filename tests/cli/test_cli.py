@@ -152,12 +152,12 @@ def test_torch_backend_build_validate_bench_on_cpu(tiny_dit_dir: Path, tmp_path:
         "build", str(tiny_dit_dir), "--out", str(out), "--backend", "torch", "--device", "cpu"
     )
     assert code == 0 and "full.pt2" in stdout and "reuse.pt2" in stdout
-    code, stdout, _ = invoke("validate", str(out), "--backend", "torch", "--steps", "6", "--json")
+    code, stdout, _ = invoke("validate", str(out), "--backend", "torch", "--trust", "--steps", "6", "--json")
     assert code == 0
     report = json.loads(stdout)
     assert report["backend"] == "torch" and report["passed"]
     code, stdout, _ = invoke(
-        "bench", str(out), "--backend", "torch", "--steps", "4", "--repeats", "1", "--json"
+        "bench", str(out), "--backend", "torch", "--trust", "--steps", "4", "--repeats", "1", "--json"
     )
     assert code == 0 and json.loads(stdout)["runs"][0]["backend"] == "torch"
 
@@ -179,6 +179,7 @@ def test_bench_several_backends_and_plot(tiny_dit_dir: Path, tmp_path: Path) -> 
         str(out),
         "--backend",
         "onnxruntime,torch",
+        "--trust",
         "--steps",
         "4",
         "--intervals",

@@ -1,7 +1,8 @@
-"""The demo-digits engine (trained weights from the package), built once per test session."""
+"""The trained digit engines (weights from the package), each built once per test session."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,4 +15,20 @@ from fora_export.builder.pipeline import build
 def digits_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "demo-digits"
     build("demo-digits", out, BuildConfig.from_options(batch="1:40:40"), progress=False)
+    return out
+
+
+def refuse_connections(*_: object, **__: object) -> None:
+    raise AssertionError("the network was used")
+
+
+@pytest.fixture(scope="session")
+def digits_flow_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo-digits-flow built with every socket connection refused: it loads offline."""
+    out = tmp_path_factory.mktemp("engines") / "demo-digits-flow"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", refuse_connections)  # every name lookup
+        patch.setattr(socket, "create_connection", refuse_connections)
+        patch.setattr(socket.socket, "connect", refuse_connections)
+        build("demo-digits-flow", out, BuildConfig.from_options(batch="1:40:40"), progress=False)
     return out

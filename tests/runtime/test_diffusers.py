@@ -101,7 +101,7 @@ def pipeline_case(request: pytest.FixtureRequest) -> tuple[Path, Path]:
 def test_pipeline_images_equal_pytorch_fora(cls: Any, pipeline_case: tuple[Path, Path], backend: str) -> None:
     folder, engine = pipeline_case
     reference_pipe, reference = reference_pipeline(cls, folder, engine)
-    pipe = enable_fora(cls.from_pretrained(folder), engine, backend=backend)
+    pipe = enable_fora(cls.from_pretrained(folder), engine, backend=backend, trust_programs=True)
     assert isinstance(pipe.transformer, ForaTransformer)
     results = []
     for guidance, steps in CALLS:
@@ -250,7 +250,10 @@ def test_fp16_engine_in_an_fp32_pipeline(
     """Cast at the boundary: fp32 prompt embeddings go into the fp16 engine, the fp32 VAE
     decodes what it denoised."""
     pipe = enable_fora(
-        PixArtAlphaPipeline.from_pretrained(pixart_pipeline_dir), fp16_pixart_engine, backend=backend
+        PixArtAlphaPipeline.from_pretrained(pixart_pipeline_dir),
+        fp16_pixart_engine,
+        backend=backend,
+        trust_programs=True,
     )
     assert pipe.transformer.dtype == torch.float32  # the VAE's
     reference_pipe, reference = reference_pipeline(

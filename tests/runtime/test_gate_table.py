@@ -23,6 +23,7 @@ from fora_export.split.graphs import split_model
 from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange
 from fora_runtime.schedule import CacheSchedule
+from tests.conftest import TRUSTED
 from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
@@ -86,7 +87,7 @@ def test_build_writes_gate_table_graphs_and_programs(tiny_torch_engine: Path) ->
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_table_generation_equals_per_step_gates(tiny_torch_engine: Path, backend: str) -> None:
-    with ForaSession(tiny_torch_engine, backend=backend) as session:
+    with ForaSession(tiny_torch_engine, backend=backend, trust_programs=True) as session:
         per_step, used_per_step = generate(session, up_front=False)
         gated, used_table = generate(session, up_front=True)
         per_sample, _ = generate(session, up_front=True, per_sample=True)
@@ -99,7 +100,9 @@ def test_gate_table_generation_equals_per_step_gates(tiny_torch_engine: Path, ba
 
 def test_gate_table_can_be_switched_off(tiny_torch_engine: Path) -> None:
     for backend in BACKENDS:
-        with ForaSession(tiny_torch_engine, backend=backend, gate_table=False) as session:
+        with ForaSession(
+            tiny_torch_engine, backend=backend, trust_programs=True, gate_table=False
+        ) as session:
             _, used = generate(session, up_front=True)
             assert not session.backend.gate_table_enabled
             loaded = getattr(session.backend, "_sessions", None) or session.backend._programs  # type: ignore[attr-defined]
@@ -118,7 +121,7 @@ def test_table_holds_the_reuse_steps_only(tiny_torch_engine: Path) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_narrower_integer_labels_are_widened_for_the_table(tiny_torch_engine: Path, backend: str) -> None:
     latents = np.zeros((BATCH, 4, 8, 8), np.float32)
-    with ForaSession(tiny_torch_engine, backend=backend) as session:
+    with ForaSession(tiny_torch_engine, backend=backend, trust_programs=True) as session:
         narrow = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS.astype(np.int32))
         got = [to_numpy(narrow.step(latents)) for _ in range(3)]
         wide = session.start(3, BATCH, timesteps=TIMESTEPS[:3], class_labels=LABELS)
@@ -143,7 +146,7 @@ def test_validate_checks_the_gated_reuse_step(tiny_torch_engine: Path) -> None:
     from fora_export.validate.runner import validate
 
     for backend in BACKENDS:
-        report = validate(tiny_torch_engine, backend=backend, steps=6, batch_sizes=[1, 2])
+        report = validate(tiny_torch_engine, backend=backend, steps=6, batch_sizes=[1, 2], access=TRUSTED)
         roles = {case.role for case in report.graph_cases}
         assert roles == {"full", "reuse", "reuse_gated"}
         assert report.trajectory is not None and report.trajectory.gate_table
@@ -231,7 +234,7 @@ def test_manifest_refuses_half_a_gate_table(tiny_torch_engine: Path, tmp_path: P
         r"gate-table graphs|gate_rows|reuse_gated input 'gates'|only the full graph's prediction|'latents'"
     )
     with pytest.raises(ManifestError, match=match):
-        load_manifest(folder, verify_files=False)
+        load_manifest(folder, verify="none")
 
 
 def test_explicit_schedule_reuse_reads_its_own_row(tiny_torch_engine: Path) -> None:
@@ -260,7 +263,7 @@ def test_cuda_graphed_gate_table_equals_per_step_gates(tiny_dit_dir: Path, tmp_p
     out = tmp_path / "cuda"
     config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cuda")
     build(str(tiny_dit_dir), out, config, progress=False)
-    with ForaSession(out, backend="torch") as session:
+    with ForaSession(out, backend="torch", trust_programs=True) as session:
         assert session.backend.uses_cuda_graphs  # type: ignore[attr-defined]
         per_step, _ = generate(session, up_front=False)
         gated, used = generate(session, up_front=True)

@@ -92,7 +92,7 @@ def test_unknown_schema_version(engine_copy: Path) -> None:
 
 def test_missing_field(engine_copy: Path) -> None:
     rewrite(engine_copy, lambda d: d.pop("caches"))
-    with pytest.raises(ManifestError, match="missing or malformed field"):
+    with pytest.raises(ManifestError, match="field 'caches' is missing"):
         load_manifest(engine_copy)
 
 
@@ -114,19 +114,22 @@ def test_tampered_graph_file(engine_copy: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match="sha256 does not match"):
+    with pytest.raises(ManifestError, match=r"its stamp .* does not match"):
         load_manifest(engine_copy)
+    with pytest.raises(ManifestError, match="sha256 does not match"):
+        load_manifest(engine_copy, verify="full")
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["files"].update({"full.onnx": "x"}), "files entry 'full.onnx'"),
-        (lambda d: d["caches"][0].update(shape=["batch", "foo", 4]), "invalid shape"),
+        (lambda d: d["files"].update({"full.onnx": "x"}), "'files.full.onnx' is \"x\", expected an object"),
+        (lambda d: d["caches"][0].update(shape=["batch", "foo", 4]), "field 'caches[0].shape[1]' is \"foo\""),
         (lambda d: d["conditioning"].update(input_ranges={"class_labels": 5}), "input_ranges"),
-        (lambda d: d.update(resolution="big"), "missing or malformed field"),
-        (lambda d: d["graphs"]["full"].update(inputs=None), "missing or malformed field"),
-        (lambda d: d.update(files=[]), "is not listed in 'files'"),
+        (lambda d: d.update(resolution="big"), "field 'resolution' is \"big\", expected a list"),
+        (lambda d: d["graphs"]["full"].update(inputs=None), "'graphs.full.inputs' is null, expected a list"),
+        (lambda d: d.update(files=[]), "field 'files' is list, expected an object"),
+        (lambda d: d["files"].pop("reuse.onnx"), "is not listed in 'files'"),
     ],
 )
 def test_malformed_nested_fields(engine_copy: Path, edit, message: str) -> None:

@@ -24,7 +24,7 @@ def latents(seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def session(request: pytest.FixtureRequest, tiny_torch_engine: Path):
-    with ForaSession(tiny_torch_engine, backend=request.param) as s:
+    with ForaSession(tiny_torch_engine, backend=request.param, trust_programs=True) as s:
         yield s
 
 
@@ -125,7 +125,9 @@ def test_detect_nonfinite_names_the_step(tiny_torch_engine: Path) -> None:
     with ForaSession(tiny_torch_engine) as quiet:  # off by default: NaN passes through
         assert np.isnan(quiet.start(3, 2).step(bad, 999, class_labels=LABELS)).any()
     for backend in BACKENDS:
-        with ForaSession(tiny_torch_engine, backend=backend, detect_nonfinite=True) as session:
+        with ForaSession(
+            tiny_torch_engine, backend=backend, trust_programs=True, detect_nonfinite=True
+        ) as session:
             gen = session.start(3, 2)
             gen.step(latents(), 999, class_labels=LABELS)
             pattern = (
@@ -135,9 +137,10 @@ def test_detect_nonfinite_names_the_step(tiny_torch_engine: Path) -> None:
             with pytest.raises(NonFiniteError, match=pattern):
                 gen.step(bad, 900, class_labels=LABELS)
             # Per generation: switched off for this one, on again for the next.
-            assert np.isnan(
-                np.asarray(session.start(1, 2, detect_nonfinite=False).step(bad, 999, class_labels=LABELS))
-            ).any()
+            quiet_generation = session.start(1, 2)
+            quiet_generation.detect_nonfinite = False
+            assert np.isnan(np.asarray(quiet_generation.step(bad, 999, class_labels=LABELS))).any()
+            assert session.start(1, 2).detect_nonfinite
 
 
 def test_onnxruntime_run_failures_name_the_graph(tiny_engine: Path) -> None:

@@ -164,7 +164,7 @@ def torch_engine(tmp_path_factory: pytest.TempPathFactory, tiny_engine: Path) ->
 
 @pytest.fixture
 def cpu_session(torch_engine: tuple[Path, SplitModel]):
-    with ForaSession(torch_engine[0], backend="torch", device="cpu") as session:
+    with ForaSession(torch_engine[0], backend="torch", trust_programs=True, device="cpu") as session:
         yield session
 
 
@@ -321,12 +321,12 @@ def test_reuse_receives_the_very_cache_tensors_full_returned(cpu_session: ForaSe
 def test_interleaved_sessions_equal_sequential_ones(torch_engine: tuple[Path, SplitModel]) -> None:
     folder = torch_engine[0]
     inputs_a, inputs_b = step_inputs(2, seed=2), step_inputs(2, seed=3)
-    with ForaSession(folder, backend="torch", device="cpu") as session:
+    with ForaSession(folder, backend="torch", trust_programs=True, device="cpu") as session:
         sequential_a = run_session(session, inputs_a)
         sequential_b = run_session(session, inputs_b)
     with (
-        ForaSession(folder, backend="torch", device="cpu") as first,
-        ForaSession(folder, backend="torch", device="cpu") as second,
+        ForaSession(folder, backend="torch", trust_programs=True, device="cpu") as first,
+        ForaSession(folder, backend="torch", trust_programs=True, device="cpu") as second,
     ):
         gen_a, gen_b = first.start(NUM_STEPS, 2), second.start(NUM_STEPS, 2)
         outs_a, outs_b = [], []
@@ -389,18 +389,18 @@ def test_other_torch_version_is_refused(torch_engine: tuple[Path, SplitModel], t
         data["backends"]["torch"]["torch"] = "1.13.1+cu117"
 
     folder = edit_manifest(torch_engine[0], tmp_path / "engine", edit)
-    session = ForaSession(folder, backend="torch", device="cpu")
+    session = ForaSession(folder, backend="torch", trust_programs=True, device="cpu")
     with pytest.raises(BackendError, match=r"saved by torch 1\.13\.1\+cu117, this is torch .* \| re-export"):
         session.activate()
 
 
 def test_missing_record_is_refused(tiny_engine: Path) -> None:
     with pytest.raises(BackendError, match=r"no backends\.torch record\) \| rebuild with"):
-        ForaSession(tiny_engine, backend="torch").activate()
+        ForaSession(tiny_engine, backend="torch", trust_programs=True).activate()
 
 
 def test_other_device_type_is_refused(torch_engine: tuple[Path, SplitModel]) -> None:
-    session = ForaSession(torch_engine[0], backend="torch", device="cuda")
+    session = ForaSession(torch_engine[0], backend="torch", trust_programs=True, device="cuda")
     with pytest.raises(BackendError, match=r"traced on cpu, this backend runs on cuda \| re-export"):
         session.activate()
 
@@ -408,7 +408,7 @@ def test_other_device_type_is_refused(torch_engine: tuple[Path, SplitModel]) -> 
 def test_unverified_program_file_is_refused(torch_engine: tuple[Path, SplitModel], tmp_path: Path) -> None:
     folder = edit_manifest(torch_engine[0], tmp_path / "engine", lambda data: data["files"].pop("reuse.pt2"))
     with pytest.raises(BackendError, match=re.escape("reuse.pt2 | not listed in manifest.json 'files'")):
-        ForaSession(folder, backend="torch", device="cpu").activate()
+        ForaSession(folder, backend="torch", trust_programs=True, device="cpu").activate()
 
 
 def test_record_checks() -> None:
@@ -461,10 +461,10 @@ def cuda_engine(tmp_path_factory: pytest.TempPathFactory, tiny_engine: Path) -> 
 @needs_cuda
 def test_cuda_graph_replay_equals_eager(cuda_engine: Path) -> None:
     inputs = step_inputs(2, seed=7)
-    with ForaSession(cuda_engine, backend="torch", use_cuda_graphs=False) as eager:
+    with ForaSession(cuda_engine, backend="torch", trust_programs=True, use_cuda_graphs=False) as eager:
         assert not eager.backend.uses_cuda_graphs  # type: ignore[attr-defined]
         expected = run_session(eager, inputs)
-    with ForaSession(cuda_engine, backend="torch") as graphed:
+    with ForaSession(cuda_engine, backend="torch", trust_programs=True) as graphed:
         assert graphed.backend.uses_cuda_graphs  # type: ignore[attr-defined]
         for batch in (1, 3):  # captured per batch size
             run_session(graphed, step_inputs(batch, seed=batch))
@@ -475,7 +475,7 @@ def test_cuda_graph_replay_equals_eager(cuda_engine: Path) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_cache_addresses_stay_fixed(cuda_engine: Path) -> None:
-    with ForaSession(cuda_engine, backend="torch") as session:
+    with ForaSession(cuda_engine, backend="torch", trust_programs=True) as session:
         views = session.cache_views(2)
         pointers = {name: t.data_ptr() for name, t in views.items()}
         assert pointers and all(t.is_cuda for t in views.values())
@@ -490,13 +490,13 @@ def test_cuda_cache_addresses_stay_fixed(cuda_engine: Path) -> None:
 @needs_cuda
 def test_cuda_matches_cpu_fp32(cuda_engine: Path, torch_engine: tuple[Path, SplitModel]) -> None:
     inputs = step_inputs(2, seed=10)
-    with ForaSession(torch_engine[0], backend="torch", device="cpu") as cpu:
+    with ForaSession(torch_engine[0], backend="torch", trust_programs=True, device="cpu") as cpu:
         expected = run_session(cpu, inputs)
     # cuDNN convolutions (the patch embedding) default to TF32, ~1e-3 off fp32; the
     # flag is read when the graphs are captured, so it must be off before start().
     with (
         torch.backends.cudnn.flags(enabled=True, allow_tf32=False),
-        ForaSession(cuda_engine, backend="torch") as cuda,
+        ForaSession(cuda_engine, backend="torch", trust_programs=True) as cuda,
     ):
         got = run_session(cuda, inputs)
     assert_close(got, expected, atol=1e-4)
@@ -513,10 +513,10 @@ def test_cuda_fp16_matches_cpu_fp32(
     )
     add_torch_programs(folder, device="cuda", precision="fp16")
     inputs = step_inputs(2, seed=11)
-    with ForaSession(torch_engine[0], backend="torch", device="cpu") as cpu:
+    with ForaSession(torch_engine[0], backend="torch", trust_programs=True, device="cpu") as cpu:
         expected = run_session(cpu, inputs)
     half_inputs = [{**s, "latents": s["latents"].astype(np.float16)} for s in inputs]
-    with ForaSession(folder, backend="torch") as cuda:
+    with ForaSession(folder, backend="torch", trust_programs=True) as cuda:
         got = run_session(cuda, half_inputs)
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         scale = float(np.abs(b).max())
@@ -529,10 +529,10 @@ def test_cuda_batch_sizes_do_not_share_graph_memory(cuda_engine: Path) -> None:
     # Full at batch 3, full at batch 1, then reuse at batch 3: with one memory pool for
     # every batch size, batch 1's replay could overwrite batch 3's caches.
     big, small = step_inputs(3, seed=11), step_inputs(1, seed=12)
-    with ForaSession(cuda_engine, backend="torch", use_cuda_graphs=False) as eager:
+    with ForaSession(cuda_engine, backend="torch", trust_programs=True, use_cuda_graphs=False) as eager:
         eager.run_step("full", 3, big[0])
         expected = to_numpy(eager.run_step("reuse", 3, big[1]))
-    with ForaSession(cuda_engine, backend="torch") as graphed:
+    with ForaSession(cuda_engine, backend="torch", trust_programs=True) as graphed:
         graphed.run_step("full", 3, big[0])
         graphed.run_step("full", 1, small[0])
         got = to_numpy(graphed.run_step("reuse", 3, big[1]))

@@ -141,7 +141,7 @@ def test_runtime_registers_the_op_itself(tiny_torch_engine: Path) -> None:
             sys.modules[name] = None
         import numpy as np
         from fora_runtime import ForaSession
-        with ForaSession({str(out)!r}, backend="torch") as session:
+        with ForaSession({str(out)!r}, backend="torch", trust_programs=True) as session:
             gen = session.start(3, 2, timesteps=[900.0, 800.0, 700.0], class_labels=np.array([1, 2]))
             for _ in range(3):
                 out = gen.step(np.zeros((2, 4, 8, 8), np.float32))

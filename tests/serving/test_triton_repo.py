@@ -134,3 +134,34 @@ def test_pipeline_scheduler_config_is_copied_and_checked(tiny_engine: Path, tmp_
 def test_missing_engine_folder_is_a_one_line_error(tmp_path: Path) -> None:
     code, _, err = invoke(str(tmp_path / "nope"), "--out", str(tmp_path / "models"))
     assert_user_error(code, err, r"does not exist \| run `fora-export build` first")
+
+
+def test_torch_programs_are_served_only_from_a_trusted_folder(
+    tiny_torch_engine: Path, tmp_path: Path
+) -> None:
+    """auto on GPU instances picks torch programs only with --trust, which config.pbtxt records
+    for model.py's session."""
+    repo = tmp_path / "models"
+    code, out, _ = invoke(str(tiny_torch_engine), "--out", str(repo), "--kind", "gpu")
+    assert code == 0 and "onnxruntime" in out
+    assert (
+        '{ key: "fora_trust_programs" value: { string_value: "false" } }'
+        in (repo / "fora" / "config.pbtxt").read_text()
+    )
+    code, out, _ = invoke(str(tiny_torch_engine), "--out", str(repo), "--kind", "gpu", "--trust", "--force")
+    assert code == 0 and "torch" in out
+    assert (
+        '{ key: "fora_trust_programs" value: { string_value: "true" } }'
+        in (repo / "fora" / "config.pbtxt").read_text()
+    )
+
+
+def test_only_the_listed_files_are_copied(engine_copy: Path, tmp_path: Path) -> None:
+    """A stray symlink in the engine folder is not followed into the repository."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the repository")
+    (engine_copy / "notes.txt").symlink_to(secret)
+    repo = tmp_path / "models"
+    assert invoke(str(engine_copy), "--out", str(repo))[0] == 0
+    copied = sorted(p.name for p in (repo / "fora" / "1" / "engine").iterdir())
+    assert copied == sorted(["manifest.json", *load_manifest(engine_copy).files])

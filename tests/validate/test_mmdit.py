@@ -19,6 +19,7 @@ from fora_export.demo import make_demo_flux, make_demo_sd3
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
+from tests.conftest import TRUSTED
 from tests.tiny_models import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, TINY_SD3, TINY_SD35
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def _assert_fp32_parity(report) -> None:
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_mmdit_engines_validate(engine: str, backend: str, request: pytest.FixtureRequest) -> None:
     folder = request.getfixturevalue(engine)
-    report = validate(folder, backend=backend, steps=8)
+    report = validate(folder, backend=backend, steps=8, access=TRUSTED)
     _assert_fp32_parity(report)
     # every graph case ran: full, reuse and the gate-table reuse at each batch size
     assert {c.role for c in report.graph_cases} == {"full", "reuse", "reuse_gated"}

@@ -18,6 +18,7 @@ from fora_export.errors import ConfigError
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
+from tests.conftest import TRUSTED
 from tests.tiny_models import OTHER_PIXART, TINY_PIXART, save_pixart
 
 
@@ -150,7 +151,7 @@ def test_pixart_on_the_torch_backend(pixart_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "torch"
     config = BuildConfig.from_options(caption_length=6, backend="torch", device="cpu")
     build(str(pixart_dir), out, config, progress=False)
-    report = validate(out, backend="torch", steps=8, batch_sizes=[1, 3])
+    report = validate(out, backend="torch", steps=8, batch_sizes=[1, 3], access=TRUSTED)
     assert_fp32_parity(report)
 
 

@@ -23,6 +23,7 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import make_scheduler, validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.experts import start_across_experts
+from tests.conftest import TRUSTED
 from tests.tiny_models import TINY_WAN, TINY_WAN_I2V
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def two_experts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_wan_t2v_validates(wan_t2v: Path, backend: str) -> None:
-    report = validate(wan_t2v, backend=backend, steps=8)
+    report = validate(wan_t2v, backend=backend, steps=8, access=TRUSTED)
     assert report.passed, report.to_dict()
     assert max(c.worst.max_abs for c in report.graph_cases) <= 1e-4
     assert report.trajectory.runtime_vs_fora_rel_l2 <= 1e-4 and report.trajectory.gate_table

@@ -35,16 +35,26 @@ def backend_names() -> tuple[str, ...]:
 
 
 def create_backend(
-    name: str, manifest: Manifest, folder: str | Path, *, gate_table: bool = True, **options: Any
+    name: str,
+    manifest: Manifest,
+    folder: str | Path,
+    *,
+    gate_table: bool = True,
+    trust_programs: bool = False,
+    **options: Any,
 ) -> StepBackend:
     """Instantiate the backend called ``name`` (not yet activated). ``gate_table=False``: it
-    loads no gate-table graphs, and generations compute their gates per reuse step."""
+    loads no gate-table graphs, and generations compute their gates per reuse step.
+    ``trust_programs``: the folder may load code (torch programs, TensorRT plugins; see
+    ``fora_runtime.trust``)."""
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    return backend_cls(manifest, Path(folder), gate_table=gate_table, **options)
+    backend = backend_cls(manifest, Path(folder), gate_table=gate_table, **options)
+    backend.trust_programs = trust_programs
+    return backend
 
 
 @dataclass
@@ -127,6 +137,9 @@ class StepBackend(ABC):
         self.folder = Path(folder)
         #: False: load no gate-table graphs (fixed at construction, before activation loads them).
         self.use_gate_table = gate_table
+        #: True: the folder may load code (torch programs, TensorRT plugin layers); set before
+        #: activation by ``create_backend``. False refuses both (``fora_runtime.trust``).
+        self.trust_programs = False
         self._active = False
         self._buffers: dict[int, StepBuffers] = {}
 

@@ -58,7 +58,15 @@ from fora_runtime.backends.torch_io import TorchTensorIO
 from fora_runtime.backends.torch_ops import gated_residual_sum_op
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, GRAPH_ROLES, MANIFEST_NAME, Manifest
+from fora_runtime.manifest import (
+    GATE_TABLE_ROLES,
+    GATES_NAME,
+    GRAPH_ROLES,
+    MANIFEST_NAME,
+    Manifest,
+    graph_file,
+)
+from fora_runtime.trust import untrusted_program_error
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,26 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
                 f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}), the same in 'programs', "
                 "'inputs' and 'outputs' | re-export the torch programs"
             )
+    # The record is untrusted data: every value of the type the checks below compare.
+    names_ok = all(
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+        for key in ("inputs", "outputs")
+        for names in record[key].values()
+    )
+    batch = record.get("batch", {})
+    if not (
+        names_ok
+        and all(isinstance(file, str) for file in roles.values())
+        and all(isinstance(record[key], str) for key in ("device", "dtype"))
+        and isinstance(batch, dict)
+        and all(
+            isinstance(batch.get(k, 1), int) and not isinstance(batch.get(k), bool) for k in ("min", "max")
+        )
+    ):
+        raise BackendError(
+            f"{where} | torch record has fields of the wrong type (program files and devices are "
+            "strings, inputs/outputs lists of names, batch min/max integers) | re-export the torch programs"
+        )
     return record
 
 
@@ -134,6 +162,14 @@ class TorchBackend(TorchTensorIO):
         # Owned here (not only by StepBuffers) so deactivate syncs before releasing them.
         self._graphs: list[Any] = []
 
+    def preflight(self) -> None:
+        """Programs run code when loaded: refuse them from a folder nobody vouched for."""
+        if not self.trust_programs:
+            record = self.manifest.backends.get("torch")
+            programs = record.get("programs") if isinstance(record, dict) else None
+            first = programs.get("full") if isinstance(programs, dict) else None
+            raise untrusted_program_error(self.folder / str(first or graph_file("full", "torch")))
+
     @property
     def uses_cuda_graphs(self) -> bool:
         return self.device is not None and self.device.type == "cuda" and self._use_cuda_graphs
@@ -155,6 +191,7 @@ class TorchBackend(TorchTensorIO):
         self._torch = torch
         self.device = self._resolve_device(torch, str(record["device"]))
         self._check_io(record)
+        self.preflight()
         # Reuse programs call fora's custom ops: they must exist before a program loads.
         gated_residual_sum_op(torch)
         programs: dict[str, Any] = {}

@@ -61,6 +61,7 @@ from fora_runtime.manifest import (
     Manifest,
     TensorSpec,
 )
+from fora_runtime.trust import restrict_tensorrt_runtime
 
 if TYPE_CHECKING:
     import tensorrt
@@ -172,6 +173,7 @@ class TensorRTBackend(TorchTensorIO):
             )
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        restrict_tensorrt_runtime(runtime, trusted=self.trust_programs)  # no plugins from untrusted folders
         roles: tuple[str, ...] = GRAPH_ROLES
         if self.use_gate_table and self.manifest.has_gate_table and "gates" in record["engines"]:
             roles += GATE_TABLE_ROLES
@@ -185,6 +187,7 @@ class TensorRTBackend(TorchTensorIO):
                     trt=trt,
                     flavor=flavor,
                     torch=torch,
+                    trusted=self.trust_programs,
                 )
                 for role in roles
             }
@@ -228,13 +231,14 @@ class TensorRTBackend(TorchTensorIO):
     def _engine_path(self, record: dict[str, Any], role: str) -> Path:
         file = str(record["engines"][role])
         path = self.folder / file
-        if not path.is_file():
-            raise BackendError(f"{path} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
+        # Listed first: only names in 'files' are known to be plain names inside the folder.
         listed = self.manifest.files.get(file)
         if listed is None:
             raise BackendError(
                 f"{path} | not listed in the manifest's 'files', so it is unverified | rebuild the engines"
             )
+        if not path.is_file():
+            raise BackendError(f"{path} | missing, but listed in {MANIFEST_NAME} | rebuild the engines")
         recorded = record.get("sha256", {}).get(file)
         if recorded is not None and recorded != listed.get("sha256"):
             raise BackendError(

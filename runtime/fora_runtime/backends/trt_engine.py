@@ -20,6 +20,7 @@ from fora_runtime.caches import ALIGNMENT
 from fora_runtime.dtypes import TENSORRT_NAMES
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import BATCH_AXIS, GATES_NAME, MANIFEST_NAME, Manifest, TensorSpec
+from fora_runtime.trust import untrusted_plan_error
 
 if TYPE_CHECKING:
     import tensorrt
@@ -183,12 +184,17 @@ class TrtEngine:
         trt: TrtModule,
         flavor: TrtFlavor,
         torch: Any,
+        trusted: bool = False,
     ) -> TrtEngine:
         """Read ``path``, check it with the flavour (TensorRT-RTX asks whether the plan runs on
-        this GPU), deserialise it and check its IO against ``role`` in the manifest."""
+        this GPU), deserialise it and check its IO against ``role`` in the manifest. Untrusted
+        (``runtime`` restricted by ``fora_runtime.trust.restrict_tensorrt_runtime``), a plan
+        with plugin layers or host code fails to deserialise and says why."""
         blob = path.read_bytes()
         flavor.check_plan(trt, runtime, blob, str(path))
         engine = runtime.deserialize_cuda_engine(blob)
+        if engine is None and not trusted:
+            raise untrusted_plan_error(path, flavor.title)
         if engine is None:
             raise BackendError(
                 f"{path} | {flavor.title} cannot deserialize it (see the TensorRT error above) "
