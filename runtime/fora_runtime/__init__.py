@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from fora_runtime.errors import (
     BackendError,
+    ConcurrentUseError,
     ForaError,
     GenerationError,
     InputError,
     ManifestError,
+    NonFiniteError,
     ScheduleError,
 )
 from fora_runtime.generation import Generation
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "CacheSchedule",
+    "ConcurrentUseError",
     "ForaError",
     "ForaSession",
     "Generation",
@@ -30,6 +33,7 @@ __all__ = [
     "InputError",
     "Manifest",
     "ManifestError",
+    "NonFiniteError",
     "ScheduleError",
     "load_manifest",
 ]

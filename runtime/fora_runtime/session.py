@@ -26,11 +26,14 @@ needs only the latents:
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend
-from fora_runtime.errors import GenerationError, InputError
+from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, in_family_of
+from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError
 from fora_runtime.generation import GateTable, Generation
 from fora_runtime.inputs import StepInputs
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
@@ -52,6 +55,7 @@ class ForaSession:
         manifest_key_file: str | Path | None = None,
         check_inputs: bool = True,
         gate_table: bool = True,
+        detect_nonfinite: bool = False,
         **backend_options: Any,
     ) -> None:
         """``verify``: how the folder's files are checked on open (``stamp``: size and a
@@ -61,7 +65,11 @@ class ForaSession:
         ``manifest_key_file`` / ``$FORA_MANIFEST_KEY`` is trusted too (README, "Trust and
         safety"). ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
-        ``gate_table=False`` never precomputes gates (reuse steps compute their own)."""
+        ``gate_table=False`` never precomputes gates (reuse steps compute their own).
+        ``detect_nonfinite=True`` makes every step check its prediction for NaN/Inf and raise
+        :class:`NonFiniteError` naming the step (each generation's ``detect_nonfinite`` starts
+        as this; it reads every prediction, a device sync per step on GPUs: leave it off in
+        hot loops)."""
         self.engine_dir = Path(engine_dir)
         folder = open_engine_folder(
             self.engine_dir, verify=verify, manifest_key=manifest_key, manifest_key_file=manifest_key_file
@@ -85,22 +93,34 @@ class ForaSession:
         self.step_inputs: tuple[InputSpec, ...] = self._inputs.specs
         self.latents_name = self._inputs.latents_name
         self.timestep_name = self._inputs.timestep_name
+        self.detect_nonfinite = detect_nonfinite
         # The runner of the current generation; retired (so that generation is stale) when
         # anything else uses the buffers.
         self._runner: StepRunner | None = None
+        self._calls = OneCallAtATime(str(self.engine_dir))
 
     @property
     def check_inputs(self) -> bool:
         return self._inputs.check
 
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        self._calls.acquire(what)
+        try:
+            yield
+        finally:
+            self._calls.release()
+
     # -- lifecycle ------------------------------------------------------------------
     def activate(self) -> ForaSession:
-        self.backend.activate()
+        with self._exclusive("activate()"):
+            self.backend.activate()
         return self
 
     def deactivate(self) -> None:
-        self._retire()
-        self.backend.deactivate()
+        with self._exclusive("deactivate()"):
+            self._retire()
+            self.backend.deactivate()
 
     def __enter__(self) -> ForaSession:
         return self.activate()
@@ -123,8 +143,21 @@ class ForaSession:
         ``timesteps`` (one per step, each a number or one per sample) and the
         generation's conditioning (e.g. ``class_labels``) are optional; given, steps
         may omit them, and where the build and backend allow, the gates of every
-        step are computed here at once (:attr:`Generation.uses_gate_table`).
+        step are computed here at once (:attr:`Generation.uses_gate_table`). The generation
+        checks its predictions for NaN/Inf when the session does (its ``detect_nonfinite``
+        attribute switches that per generation).
         """
+        with self._exclusive("start()"):
+            return self._start(num_steps, batch_size, schedule, timesteps, conditioning)
+
+    def _start(
+        self,
+        num_steps: int,
+        batch_size: int,
+        schedule: CacheSchedule | None,
+        timesteps: Any,
+        conditioning: dict[str, Any],
+    ) -> Generation:
         batch_size = self._inputs.check_batch(batch_size)
         plan = (schedule or self.schedule).plan(num_steps)
         planned = None
@@ -145,8 +178,15 @@ class ForaSession:
                 rows = planned.rows(batch_size, reuse_steps, names)
                 table = GateTable(self.backend.gate_table(rows), reuse_steps)
         self._retire()
-        self._runner = StepRunner(self.backend, self._inputs, buffers)
-        return Generation(self._runner, plan, planned, table)
+        self._runner = StepRunner(self.backend, self._inputs, buffers, self._calls)
+        return Generation(
+            self._runner,
+            plan,
+            planned,
+            table,
+            detect_nonfinite=self.detect_nonfinite,
+            where=str(self.engine_dir),
+        )
 
     def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` without the build constants among them, each checked to equal the
@@ -155,7 +195,8 @@ class ForaSession:
 
     def reset(self) -> None:
         """Invalidate the current generation (its caches can no longer be reused)."""
-        self._retire()
+        with self._exclusive("reset()"):
+            self._retire()
 
     def _retire(self) -> None:
         if self._runner is not None:
@@ -168,20 +209,49 @@ class ForaSession:
         ``full`` of this batch size wrote. Invalidates the current generation."""
         if role not in ("full", "reuse"):
             raise InputError(f"Graph role | got {role!r} | expected 'full' or 'reuse'")
-        batch_size = self._inputs.check_batch(batch_size)
-        buffers = self.backend.buffers(batch_size)
-        self._retire()
-        self._inputs.stage(buffers, inputs)
-        (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
-        return self.backend.read_prediction(buffers)
+        with self._exclusive("run_step()"):
+            batch_size = self._inputs.check_batch(batch_size)
+            buffers = self.backend.buffers(batch_size)
+            self._retire()
+            self._inputs.stage(buffers, inputs)
+            (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
+            prediction = self.backend.read_prediction(buffers)
+        return in_family_of(prediction, inputs.get(self.latents_name))
 
     def cache_views(self, batch_size: int) -> dict[str, Any]:
-        """The live cache buffers of ``batch_size`` (backend arrays, not copies)."""
-        return self.backend.buffers(batch_size).caches
+        """The live cache buffers of ``batch_size`` (the backend's own arrays, not copies)."""
+        with self._exclusive("cache_views()"):
+            return self.backend.buffers(batch_size).caches
 
     def read_caches(self, batch_size: int) -> dict[str, Any]:
-        """Host copies of the caches of ``batch_size`` (for validation)."""
-        return self.backend.read_caches(self.backend.buffers(batch_size))
+        """Host (numpy) copies of the caches of ``batch_size`` (for validation)."""
+        with self._exclusive("read_caches()"):
+            return self.backend.read_caches(self.backend.buffers(batch_size))
+
+
+class OneCallAtATime:
+    """Lets one thread at a time into a session: a call from a second thread while one runs
+    raises :class:`ConcurrentUseError` instead of staging its inputs into the same buffers
+    (which gave wrong results, silently). Not a queue, and not bound to a thread: a session
+    may move between threads, one call at a time."""
+
+    def __init__(self, where: str) -> None:
+        self._lock = threading.Lock()
+        self._holder = ""
+        self._where = where
+
+    def acquire(self, what: str) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"ForaSession {self._where} | {what} called in thread '{threading.current_thread().name}' "
+                f"while thread '{self._holder}' runs a call of the same session | a session serves "
+                "one thread at a time: use one ForaSession per thread (each has its own caches), "
+                "or serialise the calls with a lock"
+            )
+        self._holder = threading.current_thread().name
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 class StepRunner:
@@ -193,10 +263,13 @@ class StepRunner:
     another run's caches, so a retired runner refuses to run.
     """
 
-    def __init__(self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers) -> None:
+    def __init__(
+        self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers, calls: OneCallAtATime
+    ) -> None:
         self._backend = backend
         self._inputs = inputs
         self._buffers = buffers
+        self._calls = calls
         self._live = True
 
     @property
@@ -209,6 +282,14 @@ class StepRunner:
 
     def retire(self) -> None:
         self._live = False
+
+    def acquire(self, what: str) -> None:
+        """Enter the session for one step (:class:`ConcurrentUseError` while another thread
+        is in it); the generation calls :meth:`release` when the step is done."""
+        self._calls.acquire(what)
+
+    def release(self) -> None:
+        self._calls.release()
 
     def require_live(self) -> None:
         if not self._live:
@@ -224,7 +305,7 @@ class StepRunner:
         step_inputs = {inputs.latents_name: latents, inputs.timestep_name: timestep, **conditioning}
         inputs.stage(self._buffers, step_inputs)
         (self._backend.run_full if full else self._backend.run_reuse)(self._buffers)
-        return self._backend.read_prediction(self._buffers)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)
 
     def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
         """The reuse step ``step`` reading its gates from ``table``; returns the prediction."""
@@ -233,4 +314,4 @@ class StepRunner:
         self._inputs.stage(self._buffers, {name: latents}, only=(name,))
         first_row = table.block_of[step] * self.batch_size
         self._backend.run_reuse_gated(self._buffers, table.table, first_row)
-        return self._backend.read_prediction(self._buffers)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)

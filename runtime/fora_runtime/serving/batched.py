@@ -12,6 +12,7 @@ result. Requests with other keys run in their own groups.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class BatchedGenerator:
         return [np.array(part, copy=True) for part in np.split(final, bounds)]
 
     def _loop(
-        self, latents: np.ndarray, conditioning: dict[str, np.ndarray], request: GenerationRequest
+        self, latents: np.ndarray, conditioning: dict[str, Any], request: GenerationRequest
     ) -> np.ndarray:
         sampler = self.new_sampler()
         timesteps = sampler.timesteps(request.num_steps)
