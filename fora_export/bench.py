@@ -1,10 +1,18 @@
 """``fora-export bench``: step latencies and end-to-end speedup per cache interval.
 
-Everything is measured side by side in one run on one backend: the median
-latency of a full and of a reuse step, then whole generations of ``steps``
-steps for each interval N (N=1 is no caching), run round-robin so drift in
-machine load affects every interval alike. The speedup of N is
-``time(N=1) / time(N)``; its ideal is ``steps / full steps`` (reuse for free).
+Everything is measured side by side in one run on one backend: the latency of a
+full and of a reuse step, then whole generations of ``steps`` steps for each
+interval N (N=1 is no caching), run round-robin so drift in machine load affects
+every interval alike. The speedup of N is ``time(N=1) / time(N)`` on the medians;
+its ideal is ``steps / full steps`` (reuse for free).
+
+Statistics: every timed quantity is first warmed up until steady (two consecutive
+runs within ``STEADY_TOLERANCE`` of each other, at most ``MAX_WARMUP_RUNS`` runs),
+then timed ``repeats`` times (generations, default 5) or ``step_runs`` times (single
+steps, default 10). Each row reports the median and the spread (quartiles, IQR
+relative to the median, min and max); a spread above ``SPREAD_WARNING`` or a warm-up
+that did not settle is reported as a warning, since such numbers are the machine's
+noise as much as the engines' speed.
 
 Between steps the latents get a cheap update (``latents -= 0.01 * eps``) in
 place of a scheduler, so the numbers are the transformer's time alone.
@@ -20,7 +28,8 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +42,106 @@ from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
+#: Timed generations per interval by default (the median of at least five).
+DEFAULT_REPEATS = 5
+#: Timed single steps per step latency.
+DEFAULT_STEP_RUNS = 10
+#: Warm-up is steady when two consecutive runs differ by at most this fraction.
+STEADY_TOLERANCE = 0.10
+MAX_WARMUP_RUNS = 8
+#: A spread (interquartile range / median) above this is reported as a warning.
+SPREAD_WARNING = 0.10
+
+
+@dataclass
+class Timing:
+    """Repeated timings of one quantity (ms): median and spread, and how it was warmed up."""
+
+    runs_ms: list[float]
+    #: Untimed runs before these, until two consecutive ones agreed (``steady``).
+    warmup_runs: int = 0
+    steady: bool = True
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.runs_ms)
+
+    @property
+    def quartiles_ms(self) -> tuple[float, float]:
+        if len(self.runs_ms) < 2:
+            return self.median_ms, self.median_ms
+        q1, _, q3 = statistics.quantiles(self.runs_ms, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median (0 for a single run)."""
+        q1, q3 = self.quartiles_ms
+        return (q3 - q1) / self.median_ms if self.median_ms else 0.0
+
+    def problem(self, what: str) -> str | None:
+        """Why these numbers deserve suspicion, in words, or None."""
+        q1, q3 = self.quartiles_ms
+        if self.spread > SPREAD_WARNING:
+            return (
+                f"{what}: spread {100 * self.spread:.0f}% of the median (quartiles {q1:.4g}..{q3:.4g} ms, "
+                f"min {min(self.runs_ms):.4g}, max {max(self.runs_ms):.4g}, {len(self.runs_ms)} runs): "
+                "the machine was busy or the runs too few; rerun on a quiet machine or with more --repeats"
+            )
+        if not self.steady:
+            return (
+                f"{what}: warm-up did not settle in {self.warmup_runs} runs (consecutive runs kept "
+                f"differing by more than {100 * STEADY_TOLERANCE:.0f}%)"
+            )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        q1, q3 = self.quartiles_ms
+        return {
+            "median_ms": self.median_ms,
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "iqr_ms": q3 - q1,
+            "spread": self.spread,
+            "min_ms": min(self.runs_ms),
+            "max_ms": max(self.runs_ms),
+            "runs_ms": list(self.runs_ms),
+            "warmup_runs": self.warmup_runs,
+            "steady": self.steady,
+        }
+
+
+def warm_up(run: Callable[[], float], *, max_runs: int = MAX_WARMUP_RUNS) -> tuple[int, bool]:
+    """Call ``run`` (it returns its time in ms) until two consecutive runs are within
+    ``STEADY_TOLERANCE`` of each other, at least twice and at most ``max_runs`` times;
+    returns (runs, whether it settled)."""
+    times = [run(), run()]
+    while abs(times[-1] - times[-2]) > STEADY_TOLERANCE * min(times[-1], times[-2]):
+        if len(times) >= max_runs:
+            return len(times), False
+        times.append(run())
+    return len(times), True
+
+
+def timed(run: Callable[[], float], runs: int) -> Timing:
+    """Warm ``run`` up until steady, then time it ``runs`` times."""
+    warmup, steady = warm_up(run)
+    return Timing([run() for _ in range(runs)], warmup_runs=warmup, steady=steady)
+
 
 @dataclass
 class IntervalResult:
     interval: int
     num_full: int
-    median_ms: float
-    runs_ms: list[float]
+    timing: Timing
     speedup: float = 0.0
+    #: The speedup from the quartiles: N=1's lower over this row's upper, and the reverse.
+    speedup_range: tuple[float, float] = (0.0, 0.0)
     ideal: float = 0.0
+
+    @property
+    def median_ms(self) -> float:
+        return self.timing.median_ms
 
     @property
     def efficiency(self) -> float:
@@ -49,7 +149,15 @@ class IntervalResult:
         return self.speedup / self.ideal if self.ideal else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "efficiency": self.efficiency}
+        return {
+            "interval": self.interval,
+            "num_full": self.num_full,
+            **self.timing.to_dict(),
+            "speedup": self.speedup,
+            "speedup_range": list(self.speedup_range),
+            "ideal": self.ideal,
+            "efficiency": self.efficiency,
+        }
 
 
 @dataclass
@@ -59,11 +167,19 @@ class EagerBaseline:
     model: str
     device: str
     precision: str
-    median_ms: float
-    runs_ms: list[float]
+    timing: Timing
+
+    @property
+    def median_ms(self) -> float:
+        return self.timing.median_ms
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "model": self.model,
+            "device": self.device,
+            "precision": self.precision,
+            **self.timing.to_dict(),
+        }
 
 
 @dataclass
@@ -76,15 +192,31 @@ class BenchReport:
     batch_size: int
     steps: int
     schedule_mode: str
-    full_ms: float
-    reuse_ms: float
+    full: Timing
+    reuse: Timing
     #: A reuse step reading gates precomputed at start(); None without a gate table.
-    gated_reuse_ms: float | None = None
+    gated_reuse: Timing | None = None
     #: A forecast reuse step (both cache generations); None without a forecast graph. The
     #: end-to-end generations of a forecast build forecast.
-    forecast_reuse_ms: float | None = None
+    forecast_reuse: Timing | None = None
     intervals: list[IntervalResult] = field(default_factory=list)
     eager: EagerBaseline | None = None
+
+    @property
+    def full_ms(self) -> float:
+        return self.full.median_ms
+
+    @property
+    def reuse_ms(self) -> float:
+        return self.reuse.median_ms
+
+    @property
+    def gated_reuse_ms(self) -> float | None:
+        return self.gated_reuse.median_ms if self.gated_reuse is not None else None
+
+    @property
+    def forecast_reuse_ms(self) -> float | None:
+        return self.forecast_reuse.median_ms if self.forecast_reuse is not None else None
 
     @property
     def reuse_to_full(self) -> float:
@@ -93,14 +225,45 @@ class BenchReport:
     def speedup_vs_eager(self, row: IntervalResult) -> float | None:
         return self.eager.median_ms / row.median_ms if self.eager else None
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reuse_to_full"] = self.reuse_to_full
-        data["intervals"] = [
-            {**r.to_dict(), "speedup_vs_eager": self.speedup_vs_eager(r)} for r in self.intervals
+    @property
+    def warnings(self) -> list[str]:
+        """Rows whose spread or warm-up makes their numbers suspect (see :meth:`Timing.problem`)."""
+        named: list[tuple[str, Timing | None]] = [
+            ("full step", self.full),
+            ("reuse step", self.reuse),
+            ("gated reuse step", self.gated_reuse),
+            ("forecast reuse step", self.forecast_reuse),
+            *((f"N={row.interval}", row.timing) for row in self.intervals),
+            ("eager baseline", self.eager.timing if self.eager else None),
         ]
-        data["eager"] = self.eager.to_dict() if self.eager else None
-        return data
+        problems = (timing.problem(what) for what, timing in named if timing is not None)
+        return [problem for problem in problems if problem is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine_dir": self.engine_dir,
+            "backend": self.backend,
+            "machine": self.machine,
+            "model_class": self.model_class,
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "schedule_mode": self.schedule_mode,
+            "full_ms": self.full_ms,
+            "reuse_ms": self.reuse_ms,
+            "gated_reuse_ms": self.gated_reuse_ms,
+            "forecast_reuse_ms": self.forecast_reuse_ms,
+            "reuse_to_full": self.reuse_to_full,
+            "full": self.full.to_dict(),
+            "reuse": self.reuse.to_dict(),
+            "gated_reuse": self.gated_reuse.to_dict() if self.gated_reuse else None,
+            "forecast_reuse": self.forecast_reuse.to_dict() if self.forecast_reuse else None,
+            "intervals": [
+                {**r.to_dict(), "speedup_vs_eager": self.speedup_vs_eager(r)} for r in self.intervals
+            ],
+            "eager": self.eager.to_dict() if self.eager else None,
+            "warnings": self.warnings,
+        }
 
 
 def describe_machine() -> str:
@@ -153,40 +316,38 @@ def _noise_slice(manifest: Manifest, output: Any) -> Any:
     return output[tuple(index)]
 
 
-def _median_step_ms(session: ForaSession, role: str, batch: int, inputs: dict[str, Any], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        _synchronize(session.run_step(role, batch, inputs))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _step_ms(session: ForaSession, role: str, batch: int, inputs: dict[str, Any]) -> float:
+    start = time.perf_counter()
+    _synchronize(session.run_step(role, batch, inputs))
+    return (time.perf_counter() - start) * 1e3
 
 
-def _median_gated_reuse_ms(
+def _gated_reuse_timing(
     session: ForaSession, batch: int, inputs: dict[str, Any], runs: int, *, forecast: bool = False
-) -> float:
-    """Median latency of reuse steps that read the gate table (one full step, or two with
-    ``forecast``, then ``runs`` plain or forecast reuse steps of one generation, each timed
-    alone)."""
+) -> Timing:
+    """Reuse steps that read the gate table: one generation, a full step (two with
+    ``forecast``), then plain (or forecast) reuse steps warmed up until steady and ``runs``
+    of them, each timed alone."""
     latents, conditioning = _split_inputs(session, inputs)
     full = 2 if forecast else 1
-    timesteps = _timesteps(session.manifest, runs + full)
+    steps = full + MAX_WARMUP_RUNS + runs
     generation = session.start(
-        runs + full,
+        steps,
         batch,
         schedule=CacheSchedule.explicit(range(full)),
-        timesteps=timesteps,
+        timesteps=_timesteps(session.manifest, steps),
         forecast=forecast,
         **conditioning,
     )
     for _ in range(full):
         _synchronize(generation.step(latents))
-    times = []
-    for _ in range(runs):
+
+    def gated_step() -> float:
         start = time.perf_counter()
         _synchronize(generation.step(latents))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3
+
+    return timed(gated_step, runs)
 
 
 def _generation_ms(
@@ -237,24 +398,21 @@ def eager_baseline(
     inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
     timesteps = _timesteps(manifest, steps)
     latents_name, timestep_name = manifest.latents_input.name, manifest.timestep_input.name
-    runs = []
+
+    def generation_ms() -> float:
+        latents = inputs[latents_name].clone()
+        start = time.perf_counter()
+        for t in timesteps:
+            timestep = torch.full_like(inputs[timestep_name], float(t))
+            output = adapter.predict({**inputs, latents_name: latents, timestep_name: timestep})
+            latents -= 0.01 * adapter.noise_prediction(output)
+        _synchronize(latents)
+        return (time.perf_counter() - start) * 1e3
+
     with torch.no_grad():
-        adapter.predict(inputs)  # warm-up: lazy initialisation, kernel selection
-        for _ in range(repeats):
-            latents = inputs[latents_name].clone()
-            start = time.perf_counter()
-            for t in timesteps:
-                timestep = torch.full_like(inputs[timestep_name], float(t))
-                output = adapter.predict({**inputs, latents_name: latents, timestep_name: timestep})
-                latents -= 0.01 * adapter.noise_prediction(output)
-            _synchronize(latents)
-            runs.append((time.perf_counter() - start) * 1e3)
+        timing = timed(generation_ms, repeats)  # warm-up: lazy initialisation, kernel selection
     return EagerBaseline(
-        model=model or manifest.source,
-        device=str(device),
-        precision=manifest.precision,
-        median_ms=statistics.median(runs),
-        runs_ms=runs,
+        model=model or manifest.source, device=str(device), precision=manifest.precision, timing=timing
     )
 
 
@@ -298,8 +456,8 @@ def bench(
     steps: int = 20,
     intervals: tuple[int, ...] = (1, 2, 3, 5),
     batch_size: int | None = None,
-    repeats: int = 3,
-    step_runs: int = 10,
+    repeats: int = DEFAULT_REPEATS,
+    step_runs: int = DEFAULT_STEP_RUNS,
     schedule_mode: str | None = None,
     backend: str = "onnxruntime",
     eager: EagerBaseline | None = None,
@@ -320,20 +478,22 @@ def bench(
         batch, schedules = plan.batch_size, plan.schedules
         host_inputs = random_step_inputs(manifest, session.step_inputs, batch, seed=0)
         inputs = {name: session.backend.upload(value) for name, value in host_inputs.items()}
-        # Warm up both graphs (first runs allocate and pick kernels).
-        for role in ("full", "reuse", "full"):
-            warm = session.run_step(role, batch, inputs)
-        _synchronize(warm)  # queued warm-up work must not land in the first timed step
-        full_ms = _median_step_ms(session, "full", batch, inputs, step_runs)
-        reuse_ms = _median_step_ms(session, "reuse", batch, inputs, step_runs)
-        gated_reuse_ms = None
+        # Each warmed up until steady (first runs allocate and pick kernels); full first, so
+        # reuse has caches to read.
+        full = timed(lambda: _step_ms(session, "full", batch, inputs), step_runs)
+        reuse = timed(lambda: _step_ms(session, "reuse", batch, inputs), step_runs)
+        gated_reuse = None
         if session.backend.gate_table_enabled:
-            _median_gated_reuse_ms(session, batch, inputs, 2)  # warm-up (first runs allocate)
-            gated_reuse_ms = _median_gated_reuse_ms(session, batch, inputs, step_runs)
-        forecast_reuse_ms = None
+            gated_reuse = _gated_reuse_timing(session, batch, inputs, step_runs)
+        forecast_reuse = None
         if session.backend.forecast_enabled:
-            _median_gated_reuse_ms(session, batch, inputs, 2, forecast=True)  # warm-up
-            forecast_reuse_ms = _median_gated_reuse_ms(session, batch, inputs, step_runs, forecast=True)
+            forecast_reuse = _gated_reuse_timing(session, batch, inputs, step_runs, forecast=True)
+        # Generations: the longest (N=1) until steady, every other schedule once (its gate
+        # table size, first-run allocations), then round-robin.
+        warmup, steady = warm_up(lambda: _generation_ms(session, schedules[1], steps, batch, inputs))
+        for n, schedule in schedules.items():
+            if n != 1:
+                _generation_ms(session, schedule, steps, batch, inputs)
         runs: dict[int, list[float]] = {n: [] for n in schedules}
         for _ in range(repeats):
             for n, schedule in schedules.items():
@@ -347,22 +507,24 @@ def bench(
         batch_size=batch,
         steps=steps,
         schedule_mode=plan.schedule_mode,
-        full_ms=full_ms,
-        reuse_ms=reuse_ms,
-        gated_reuse_ms=gated_reuse_ms,
-        forecast_reuse_ms=forecast_reuse_ms,
+        full=full,
+        reuse=reuse,
+        gated_reuse=gated_reuse,
+        forecast_reuse=forecast_reuse,
         eager=eager,
     )
-    baseline = statistics.median(runs[1])
+    baseline = Timing(runs[1])
+    low_base, high_base = baseline.quartiles_ms
     for n, schedule in schedules.items():
-        median = statistics.median(runs[n])
+        timing = Timing(runs[n], warmup_runs=warmup if n == 1 else 1, steady=steady if n == 1 else True)
+        low, high = timing.quartiles_ms
         report.intervals.append(
             IntervalResult(
                 interval=n,
                 num_full=schedule.num_full(steps),
-                median_ms=median,
-                runs_ms=runs[n],
-                speedup=baseline / median,
+                timing=timing,
+                speedup=baseline.median_ms / timing.median_ms,
+                speedup_range=(low_base / high, high_base / low),
                 ideal=schedule.ideal_speedup(steps),
             )
         )

@@ -607,7 +607,13 @@ def _validate_extras(
 @click.option("--steps", type=int, default=20, show_default=True, help="Steps per generation.")
 @click.option("--intervals", default="1,2,3,5", show_default=True, help="Cache intervals to compare.")
 @click.option("--batch", "batch_size", type=int, default=None, help="Batch size. [default: the build's opt]")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Generations per interval (median).")
+@click.option(
+    "--repeats",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Timed generations per interval (median and spread of them).",
+)
 @click.option(
     "--schedule-mode",
     type=click.Choice(["paper", "reference"]),
@@ -993,18 +999,30 @@ def calibrate(
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option(
+    "--inspect",
+    is_flag=True,
+    help="Also describe each TensorRT plan with polygraphy (needs the TensorRT and GPU that built it).",
+)
 @_folder_options(trust=False)
 @_user_errors
-def info(engine_dir: Path, as_json: bool, access: Any) -> None:
+def info(engine_dir: Path, as_json: bool, inspect: bool, access: Any) -> None:
     """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends (no torch needed)."""
     from fora_export.reports import print_manifest
     from fora_runtime.manifest import load_manifest
 
     manifest = load_manifest(engine_dir, **access.manifest_options())  # checks every file (--verify)
+    plans: dict[str, str] = {}
+    if inspect:
+        from fora_export.plans import inspect_plans
+
+        plans = inspect_plans(engine_dir, manifest)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        click.echo(json.dumps({**manifest.to_dict(), **({"plans": plans} if inspect else {})}, indent=2))
     else:
         print_manifest(manifest, engine_dir)
+        for role, text in plans.items():
+            click.echo(f"\n{role} plan (polygraphy):\n{text}")
 
 
 @main.command()

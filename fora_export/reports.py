@@ -17,7 +17,7 @@ from fora_runtime.dtypes import itemsize
 from fora_runtime.manifest import Manifest
 
 if TYPE_CHECKING:  # torch-free at import: `info` prints manifests without loading torch
-    from fora_export.bench import BenchReport
+    from fora_export.bench import BenchReport, Timing
     from fora_export.validate.runner import ValidationReport
 
 
@@ -185,33 +185,41 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
     )
     console.print(f"machine: {plain(report.machine)}")
     console.print(
-        f"step latency (median): full {report.full_ms:.2f} ms, reuse {report.reuse_ms:.2f} ms "
-        f"(reuse = {100 * report.reuse_to_full:.1f}% of full)"
+        f"step latency (median, spread): full {report.full_ms:.2f} ms ({_spread(report.full)}), "
+        f"reuse {report.reuse_ms:.2f} ms ({_spread(report.reuse)}; reuse = "
+        f"{100 * report.reuse_to_full:.1f}% of full)"
     )
-    if report.gated_reuse_ms is not None:
+    if report.gated_reuse is not None:
         console.print(
             f"reuse with the gate table (gates computed once per generation): "
-            f"{report.gated_reuse_ms:.3f} ms ({100 * report.gated_reuse_ms / report.full_ms:.1f}% of full); "
+            f"{report.gated_reuse.median_ms:.3f} ms ({_spread(report.gated_reuse)}; "
+            f"{100 * report.gated_reuse.median_ms / report.full_ms:.1f}% of full); "
             "the end-to-end runs below use it"
         )
-    if report.forecast_reuse_ms is not None:
+    if report.forecast_reuse is not None:
         console.print(
-            f"forecast reuse step (both cache generations): {report.forecast_reuse_ms:.3f} ms "
-            f"({100 * report.forecast_reuse_ms / report.full_ms:.1f}% of full); the end-to-end runs below "
-            "forecast after their second full step"
+            f"forecast reuse step (both cache generations): {report.forecast_reuse.median_ms:.3f} ms "
+            f"({_spread(report.forecast_reuse)}; "
+            f"{100 * report.forecast_reuse.median_ms / report.full_ms:.1f}% of full); the end-to-end "
+            "runs below forecast after their second full step"
         )
-    table = Table(title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule)")
-    columns = ["N", "full steps", "time (ms)", "speedup vs N=1", "ideal", "of ideal"]
+    runs = len(report.intervals[0].timing.runs_ms) if report.intervals else 0
+    table = Table(
+        title=f"End to end, {report.steps} steps ({report.schedule_mode} schedule), median of {runs} runs"
+    )
+    columns = ["N", "full steps", "time (ms)", "spread", "speedup vs N=1", "ideal", "of ideal"]
     if report.eager:
         columns.append("vs eager")
     for column in columns:
         table.add_column(column, justify="right")
     for row in report.intervals:
+        low, high = row.speedup_range
         cells = [
             str(row.interval),
             str(row.num_full),
             f"{row.median_ms:.1f}",
-            f"{row.speedup:.2f}x",
+            _spread(row.timing),
+            f"{row.speedup:.2f}x ({low:.2f}-{high:.2f})" if row.interval != 1 else f"{row.speedup:.2f}x",
             f"{row.ideal:.2f}x",
             f"{row.efficiency:.2f}",
         ]
@@ -222,8 +230,18 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
     if report.eager:
         console.print(
             f"eager diffusers baseline ({plain(report.eager.device)}, {report.eager.precision}, no caching): "
-            f"{report.eager.median_ms:.1f} ms per generation"
+            f"{report.eager.median_ms:.1f} ms per generation ({_spread(report.eager.timing)})"
         )
+    console.print(
+        "spread: interquartile range / median; speedups in brackets from the quartiles", style="dim"
+    )
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False)
+
+
+def _spread(timing: Timing) -> str:
+    """A timing's spread in words: IQR relative to the median."""
+    return f"IQR {100 * timing.spread:.0f}%" if len(timing.runs_ms) > 1 else "1 run"
 
 
 def plot_bench(reports: list[BenchReport], path: Path) -> Path:

@@ -34,6 +34,6 @@ ENGINE="${ENGINE_DIR:-$OUT/engine}"
         --batch 2:2:2 --backend torch --device cuda
     # --trust: torch programs run code when loaded; this script built the folder just above.
     "${FORA[@]}" bench "$ENGINE" --backend torch --trust --steps "${STEPS:-250}" --intervals "${INTERVALS:-1,3,5}" \
-        --repeats "${REPEATS:-3}" --plot "$OUT/bench.png" --save-json "$OUT/bench.json"
+        --repeats "${REPEATS:-5}" --plot "$OUT/bench.png" --save-json "$OUT/bench.json"
 } 2>&1 | tee "$OUT/log.txt"
 echo "wrote $OUT/log.txt, $OUT/bench.png, $OUT/bench.json"

@@ -48,11 +48,12 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fora_export.builder.trt_flavors import BUILD_FLAVORS, DATACENTER_BUILD, BuildFlavor
 from fora_export.errors import BuildError, ConfigError
@@ -92,13 +93,17 @@ class TrtBuildConfig:
     use TF32 math (TensorRT's default, ~1e-3 relative error); it is off so fp32
     engines match the fp32 ONNX graphs to ~1e-5. ``compute_capabilities`` are the
     TensorRT-RTX targets ("8.6", ...; None: ``trt_flavors.DEFAULT_RTX_TARGETS``);
-    datacenter TensorRT builds for the visible GPU and takes none.
+    datacenter TensorRT builds for the visible GPU and takes none. ``fold_constants``
+    parses a copy of each graph with its constant subgraphs folded (see
+    :func:`fold_for_parser`); the engine folder keeps the graphs as exported.
     """
 
     opt_level: int = 3
     workspace_bytes: int | None = None
     tf32: bool = False
     compute_capabilities: tuple[str, ...] | None = None
+    #: Fold constants (polygraphy) in a copy of each graph before TensorRT parses it.
+    fold_constants: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.opt_level, bool) or not isinstance(self.opt_level, int):
@@ -152,6 +157,75 @@ def resolve_tensorrt(backend: str) -> tuple[BuildFlavor | None, str]:
         return None, f"backend {backend}: ONNX graphs only ({why})"
     what = "TensorRT engines" if flavor is DATACENTER_BUILD else "TensorRT-RTX plans for RTX GPUs"
     return flavor, f"backend {backend}: ONNX graphs + {what} ({why})"
+
+
+# -- graphs for the parser ------------------------------------------------------------
+
+#: Graphs up to this size (with external data) are folded; folding holds one in memory.
+FOLD_MAX_BYTES = 4 << 30
+#: Constants larger than this stay computed at run time rather than stored in the plan.
+FOLD_TENSOR_BYTES = 16 << 20
+
+
+class FoldedGraph(NamedTuple):
+    """The graph TensorRT parses and what was done to get it, in words (for the record)."""
+
+    path: Path
+    note: str
+
+
+def fold_for_parser(onnx_path: Path, scratch: Path) -> FoldedGraph:
+    """A copy of ``onnx_path`` in ``scratch`` with its constant subgraphs folded, for
+    TensorRT's ONNX parser: polygraphy's ``fold_constants`` (onnx-graphsurgeon folding,
+    ONNX Runtime evaluating the constant subgraphs, shape subgraphs folded where shapes are
+    static), which TensorRT's own tools run before parsing. Exports with a dynamic batch
+    leave shape arithmetic and casts of constants behind; folded, the parser sees fewer
+    layers. The graph's inputs and outputs are unchanged. Where folding cannot run
+    (polygraphy not installed, a graph over ``FOLD_MAX_BYTES``, ONNX Runtime failing on a
+    constant subgraph, e.g. a bf16 one) the graph is parsed as exported and the note says why.
+    """
+    try:
+        from polygraphy.backend.onnx import fold_constants, onnx_from_path, save_onnx
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+    except ImportError as err:
+        log.warning(
+            "polygraphy is not installed (%s): TensorRT parses the graphs as exported "
+            "(pip install 'fora-export[gpu]' folds their constants first)",
+            err,
+        )
+        return FoldedGraph(onnx_path, "as exported: polygraphy is not installed")
+    external = [p for p in onnx_path.parent.glob(f"{onnx_path.name}.data") if p.is_file()]
+    size = onnx_path.stat().st_size + sum(p.stat().st_size for p in external)
+    if size > FOLD_MAX_BYTES:
+        log.info(
+            "%s: %.1f GiB, parsed as exported (folding holds a graph in memory)", onnx_path.name, size / 2**30
+        )
+        return FoldedGraph(onnx_path, f"as exported: {size / 2**30:.1f} GiB is over the folding limit")
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):  # its progress lines go to stdout
+            model = onnx_from_path(str(onnx_path), external_data_dir=str(onnx_path.parent))
+            before = len(model.graph.node)
+            # onnx's shape inference, not ONNX Runtime's symbolic one: that writes
+            # sym_shape_infer_temp.onnx into the working directory where it gives up.
+            folded = fold_constants(
+                model,
+                fold_shapes=True,
+                error_ok=False,
+                size_threshold=FOLD_TENSOR_BYTES,
+                allow_onnxruntime_shape_inference=False,
+            )
+            out = Path(scratch) / onnx_path.name
+            save_onnx(folded, str(out), external_data_path=f"{out.name}.data" if external else None)
+    except (PolygraphyException, RuntimeError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        log.warning(
+            "%s: constant folding failed (%s); TensorRT parses the graph as exported", onnx_path.name, reason
+        )
+        return FoldedGraph(onnx_path, f"as exported: folding failed ({reason})")
+    after = len(folded.graph.node)
+    log.info("%s: constants folded for TensorRT, %d -> %d nodes", onnx_path.name, before, after)
+    return FoldedGraph(out, f"constants folded: {before} -> {after} nodes")
 
 
 # -- building -----------------------------------------------------------------------------
@@ -275,8 +349,9 @@ def build_engine(
     *,
     outputs: Sequence[TensorSpec] | None = None,
     flavor: BuildFlavor = DATACENTER_BUILD,
-) -> Path:
-    """Parse ``onnx_path``, build one strongly typed engine with ``flavor`` and write it to ``out``.
+) -> BuiltEngine:
+    """Parse ``onnx_path`` (a constant-folded copy of it, see :func:`fold_for_parser`), build
+    one strongly typed engine with ``flavor`` and write it to ``out``.
 
     ``inputs`` are the graph's manifest inputs: the network's inputs must be exactly
     these (names, dtypes, shapes with the batch axis); its profile spans ``batch`` on
@@ -294,10 +369,22 @@ def build_engine(
         raise BuildError(f"{onnx_path} | missing | export the ONNX graphs before building engines")
     logger = _logger(trt)
     cache = timing_cache if flavor.uses_timing_cache else None
-    with _capture(logger) as errors:
-        parsed = _parse(trt, logger, errors, onnx_path, flavor)
-        check_network_io(parsed.network, onnx_path, inputs, outputs)
-        return _build(trt, logger, errors, parsed, inputs, batch, cache, Path(out), config, flavor)
+    out = Path(out)
+    # The folded copy lives next to the engine until the engine is built (never in a manifest).
+    with tempfile.TemporaryDirectory(prefix=".fold-", dir=out.parent) as scratch:
+        graph = fold_for_parser(onnx_path, Path(scratch)) if config.fold_constants else None
+        with _capture(logger) as errors:
+            parsed = _parse(trt, logger, errors, onnx_path, flavor, graph.path if graph else None)
+            check_network_io(parsed.network, onnx_path, inputs, outputs)
+            path = _build(trt, logger, errors, parsed, inputs, batch, cache, out, config, flavor)
+    return BuiltEngine(path, graph.note if graph else "as exported: folding switched off")
+
+
+class BuiltEngine(NamedTuple):
+    """An engine written by :func:`build_engine`, and how its graph was prepared for the parser."""
+
+    path: Path
+    parsed: str
 
 
 @dataclass
@@ -312,12 +399,19 @@ class ParsedNetwork:
 
 
 def _parse(
-    trt: TrtModule, logger: Any, errors: list[str], onnx_path: Path, flavor: BuildFlavor
+    trt: TrtModule,
+    logger: Any,
+    errors: list[str],
+    onnx_path: Path,
+    flavor: BuildFlavor,
+    parse_path: Path | None = None,
 ) -> ParsedNetwork:
+    """Parse ``parse_path`` (default ``onnx_path``: a folded copy may stand in for it);
+    messages name ``onnx_path``."""
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(parse_path or onnx_path)):
         messages = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or errors
         raise BuildError(
             f"{onnx_path} | {flavor.title}'s ONNX parser rejected it: {'; '.join(messages) or 'no message'} "
@@ -524,18 +618,18 @@ def build_engines(
     engines: Mapping[str, str] = ENGINE_FILES,
     profiles: Mapping[str, BatchRange] | None = None,
     flavor: BuildFlavor = DATACENTER_BUILD,
-) -> dict[str, Path]:
+) -> dict[str, BuiltEngine]:
     """Build ``full.plan`` and ``reuse.plan`` (or the roles of ``engines``) in ``folder``
     from the graphs' ONNX files with ``flavor``, each with the batch profile ``batch``
     unless ``profiles`` gives its role another range; each network's inputs and
     outputs are checked against its ``GraphSpec``.
 
     Builds of a flavour with a timing cache share ``folder/timing.cache`` (created, or
-    reused when present). Returns role -> engine path.
+    reused when present). Returns role -> the engine built.
     """
     folder = Path(folder)
     cache = folder / TIMING_CACHE_FILE
-    built: dict[str, Path] = {}
+    built: dict[str, BuiltEngine] = {}
     for role, file in engines.items():
         if role not in graphs:
             raise BuildError(f"{folder} | no '{role}' graph in the manifest | expected {sorted(graphs)}")
@@ -567,10 +661,12 @@ def build_folder_engines(
     unless ``profiles`` gives its role another range: the gates graph's rows) and return
     the manifest's ``backends["tensorrt"]`` record."""
     engines = {role: graph_file(role, "tensorrt") for role in graphs}
-    build_engines(folder, graphs, batch, config, engines=engines, profiles=profiles, flavor=flavor)
-    return tensorrt_record(
+    built = build_engines(folder, graphs, batch, config, engines=engines, profiles=profiles, flavor=flavor)
+    record = tensorrt_record(
         folder, batch, config, engines=engines, gate_rows=profiles.get("gates"), flavor=flavor
     )
+    record["build"]["parsed"] = {role: engine.parsed for role, engine in built.items()}
+    return record
 
 
 def seed_timing_cache(previous: Path, folder: Path, flavor: BuildFlavor = DATACENTER_BUILD) -> bool:

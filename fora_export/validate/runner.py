@@ -11,6 +11,9 @@
 4. Calibrated schedules (``fora-export calibrate``): for every one the manifest lists,
    the plan a ``schedule="calibrated"`` generation gets equals the file's full steps;
    for the one the trajectory runs, so do the graphs its steps ran.
+
+With ``backend="tensorrt"`` (datacenter TensorRT) the graph cases also hold every engine
+against its ONNX graph on ONNX Runtime (``fora_export/validate/engines.py``, polygraphy).
 """
 
 from __future__ import annotations
@@ -486,6 +489,21 @@ def validate_trajectory(
     )
 
 
+def _engines_vs_onnxruntime(
+    folder: Path, manifest: Manifest, batch_sizes: list[int], seed: int
+) -> list[GraphCase]:
+    """Each TensorRT engine against its ONNX graph (polygraphy's runners; datacenter TensorRT:
+    polygraphy's TensorRT runner imports ``tensorrt``, which TensorRT-RTX plans do not load in)."""
+    from fora_export.validate.engines import compare_engines_with_onnxruntime
+    from fora_runtime.backends.trt_flavor import DATACENTER, flavor_of
+
+    record = manifest.backends.get("tensorrt")
+    if flavor_of(record, where=str(folder)) is not DATACENTER:
+        log.info("TensorRT-RTX plans: compared with PyTorch through the runtime only (not with polygraphy)")
+        return []
+    return compare_engines_with_onnxruntime(folder, manifest, batch_sizes, seed=seed)
+
+
 def validate(
     engine_dir: str | Path,
     *,
@@ -529,6 +547,10 @@ def validate(
         try:
             if graphs:
                 report.graph_cases = validate_graphs(session, split, batch_sizes, seed)
+                if backend == "tensorrt":
+                    report.graph_cases += _engines_vs_onnxruntime(
+                        Path(engine_dir), manifest, batch_sizes, seed
+                    )
             if trajectory:
                 report.trajectory = validate_trajectory(
                     session,

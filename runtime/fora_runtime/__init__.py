@@ -8,10 +8,12 @@ from __future__ import annotations
 from fora_runtime.calibration import CalibratedSchedules, CalibrationRecord
 from fora_runtime.errors import (
     BackendError,
+    ConcurrentUseError,
     ForaError,
     GenerationError,
     InputError,
     ManifestError,
+    NonFiniteError,
     ScheduleError,
 )
 from fora_runtime.generation import Generation
@@ -26,6 +28,7 @@ __all__ = [
     "CacheSchedule",
     "CalibratedSchedules",
     "CalibrationRecord",
+    "ConcurrentUseError",
     "ForaError",
     "ForaSession",
     "Generation",
@@ -33,6 +36,7 @@ __all__ = [
     "InputError",
     "Manifest",
     "ManifestError",
+    "NonFiniteError",
     "ScheduleError",
     "load_manifest",
 ]

@@ -30,3 +30,11 @@ class BackendError(ForaError):
 
 class GenerationError(ForaError):
     """A generation was used out of order (stale, finished, or wrong batch size)."""
+
+
+class ConcurrentUseError(GenerationError):
+    """A session was called from a second thread while a call of another thread ran."""
+
+
+class NonFiniteError(ForaError):
+    """A step's prediction held NaN or Inf (raised with ``detect_nonfinite=True``)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fora_runtime.backends.base import host_copy
-from fora_runtime.errors import GenerationError, InputError
+from fora_runtime.backends.base import host_array, host_copy
+from fora_runtime.errors import GenerationError, InputError, NonFiniteError
 
 if TYPE_CHECKING:
     from fora_runtime.session import StepRunner
@@ -129,11 +129,17 @@ class Generation:
         plan: tuple[bool, ...],
         planned: PlannedInputs | None = None,
         gate_table: GateTable | None = None,
+        *,
+        detect_nonfinite: bool = False,
+        where: str = "",
     ) -> None:
         self._runner = runner
         self.plan = plan
         self._planned = planned
         self._gate_table = gate_table
+        #: Check every prediction for NaN/Inf (a device sync per step on GPUs).
+        self.detect_nonfinite = detect_nonfinite
+        self._where = where
         self.step_index = 0
         #: The graph each step ran so far ("full", "reuse", "reuse_gated", "reuse_forecast").
         self.history: list[str] = []
@@ -170,6 +176,15 @@ class Generation:
         ``timestep`` and the conditioning may be omitted when they were given to
         ``start``; given anyway, host values must equal the planned ones."""
         runner = self._runner
+        runner.acquire("step()")
+        try:
+            prediction = self._step(runner, latents, timestep, conditioning)
+        finally:
+            runner.release()
+        self.step_index += 1
+        return prediction
+
+    def _step(self, runner: StepRunner, latents: Any, timestep: Any, conditioning: dict[str, Any]) -> Any:
         runner.require_live()
         if self.done:
             raise GenerationError(
@@ -198,5 +213,24 @@ class Generation:
         else:
             prediction = runner.run(full, latents, timestep, conditioning)
             self.history.append("full" if full else "reuse")
-        self.step_index += 1
+        if self.detect_nonfinite:
+            self._check_finite(prediction, latents, index, "full" if full else "reuse")
         return prediction
+
+    def _check_finite(self, prediction: Any, latents: Any, index: int, kind: str) -> None:
+        import numpy as np
+
+        finite = np.isfinite(host_array(prediction))
+        if finite.all():
+            return
+        try:
+            cause = "held" if not np.isfinite(host_array(latents)).all() else "were finite"
+        except TypeError:
+            cause = "could not be read"
+        raise NonFiniteError(
+            f"Step {index} of {self.num_steps} ({kind}) | the prediction holds "
+            f"{finite.size - int(finite.sum())} NaN/Inf values of {finite.size}; the latents passed "
+            f"{cause}{' NaN/Inf' if cause == 'held' else ''} | check the latents and the scheduler (NaN "
+            "latents propagate); engines of a model whose fp16 activations overflow (Flux) need "
+            f"--precision bf16 ({self._where})"
+        )

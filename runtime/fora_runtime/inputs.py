@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from fora_runtime.backends.base import StepBackend, StepBuffers, host_copy
+from fora_runtime.backends.base import StepBackend, StepBuffers, host_array, host_copy, is_torch_tensor
 from fora_runtime.errors import InputError
 from fora_runtime.generation import PlannedInputs
 from fora_runtime.manifest import InputSpec, Manifest
@@ -76,22 +76,24 @@ class StepInputs:
                 f"start() | got conditioning {sorted(conditioning)} | with timesteps, pass all of "
                 f"{names} (this model's conditioning inputs)"
             )
-        try:
-            steps = host_copy(timesteps).astype("float32")
-        except (TypeError, ValueError) as err:
-            raise InputError(f"start() timesteps | got {timesteps!r} | expected numbers") from err
+        subject = "start() timesteps"
+        values = numeric_values(timesteps, subject, "numbers, one per step (or per step and sample)")
+        if values is None:  # a device tensor: read once here, not per step
+            values = numeric_values(host_copy(timesteps), subject, "numbers")
+        assert values is not None
         if (
-            steps.ndim not in (1, 2)
-            or steps.shape[0] != num_steps
-            or steps.shape[1:] not in ((), (batch_size,))
+            values.ndim not in (1, 2)
+            or values.shape[0] != num_steps
+            or values.shape[1:] not in ((), (batch_size,))
         ):
             raise InputError(
-                f"start() timesteps | got shape {list(steps.shape)} | expected [{num_steps}] or "
+                f"{subject} | got shape {list(values.shape)} | expected [{num_steps}] or "
                 f"[{num_steps}, {batch_size}]: one timestep per step (or per step and sample)"
             )
         if self.check:
-            self.manifest.check_timesteps(steps, where=self.where)
-        values = {}
+            self.check_timestep_values(values, subject)
+        steps = values.astype("float32")
+        planned = {}
         for name in names:
             spec = self.manifest.input_spec(name)
             value = host_copy(conditioning[name])
@@ -108,8 +110,8 @@ class StepInputs:
                     f"| ({self.where})"
                 )
             self.manifest.check_values(name, value, where=self.where)
-            values[name] = value
-        return PlannedInputs(steps, values, dict(conditioning), timestep_name=self.timestep_name)
+            planned[name] = value
+        return PlannedInputs(steps, planned, dict(conditioning), timestep_name=self.timestep_name)
 
     def stage(self, buffers: StepBuffers, inputs: dict[str, Any], *, only: tuple[str, ...] = ()) -> None:
         """Check every step input (or those named in ``only``) against the manifest and
@@ -136,11 +138,16 @@ class StepInputs:
             value = inputs[spec.name]
             want_shape = spec.concrete_shape(buffers.batch_size)
             if spec.role == "timestep":
+                subject = f"Input '{spec.name}'"
+                host = numeric_values(value, subject, "a number or one number per sample")
+                if host is not None:  # device tensors are not read (that would sync every step)
+                    self.check_timestep_values(host, subject)
+                    value = host
                 try:
                     value = backend.as_timestep(value, want_shape, spec.dtype)
                 except (TypeError, ValueError) as err:
                     raise InputError(
-                        f"Input '{spec.name}' | got {value!r} | expected a number or one number per sample"
+                        f"{subject} | got {_short(value)} | expected a number or one number per sample"
                     ) from err
             shape, dtype = backend.describe_array(value)
             if shape != want_shape:
@@ -150,11 +157,57 @@ class StepInputs:
                 )
             if not _dtype_compatible(dtype, spec.dtype):
                 raise InputError(f"Input '{spec.name}' | got {dtype}, expected {spec.dtype} | ({self.where})")
-            if backend.host_inputs:
-                self.manifest.check_values(spec.name, value, where=self.where)
-                if spec.role == "timestep":
-                    self.manifest.check_timesteps(value, where=self.where)
+            if backend.host_inputs and self.manifest.value_range(spec.name) is not None:
+                self.manifest.check_values(spec.name, host_array(value), where=self.where)
             backend.stage_input(buffers, spec.name, value)
+
+    def check_timestep_values(self, values: Any, subject: str) -> None:
+        """Timesteps (host float64 values) must be finite and inside the range the engines
+        serve (the family's, or one expert's part of it)."""
+        import numpy as np
+
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise InputError(
+                f"{subject} | values are not all finite ({int(finite.size - finite.sum())} NaN/Inf of "
+                f"{finite.size}) | pass finite numbers (the scheduler's timesteps)"
+            )
+        self.manifest.check_timesteps(values, where=self.where)
+
+
+def numeric_values(value: Any, subject: str, expected: str) -> Any:
+    """Host float64 values of ``value`` when it is a number or an array of numbers (numpy,
+    nested lists, CPU torch tensors, with or without grad); None for a device tensor (not read
+    here). Booleans, strings, None and other objects are refused with ``subject``."""
+    import numpy as np
+
+    if isinstance(value, bool | np.bool_ | str | bytes):
+        raise InputError(f"{subject} | got {_short(value)} ({type(value).__name__}) | expected {expected}")
+    if is_torch_tensor(value):
+        if value.dtype.is_complex or str(value.dtype) == "torch.bool":
+            raise InputError(
+                f"{subject} | got a {str(value.dtype).removeprefix('torch.')} tensor | expected numbers"
+            )
+        if value.device.type != "cpu":
+            return None
+        return value.detach().double().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:  # ragged lists
+        raise InputError(f"{subject} | got {_short(value)} | expected {expected}") from err
+    kind = array.dtype.kind
+    if kind == "b":
+        raise InputError(f"{subject} | got a bool array | expected numbers, not truth values")
+    if kind in "USa":
+        raise InputError(f"{subject} | got a str array | expected numbers (convert strings yourself)")
+    if kind not in "iuf":
+        raise InputError(f"{subject} | got {_short(value)} | expected {expected}")
+    return array.astype("float64")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _dtype_compatible(got: str, want: str) -> bool:

@@ -26,12 +26,15 @@ needs only the latents:
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend
+from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, in_family_of
 from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
-from fora_runtime.errors import GenerationError, InputError
+from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError
 from fora_runtime.generation import GateTable, Generation, forecast_weights
 from fora_runtime.inputs import StepInputs
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
@@ -54,6 +57,7 @@ class ForaSession:
         check_inputs: bool = True,
         gate_table: bool = True,
         forecast: bool | None = None,
+        detect_nonfinite: bool = False,
         **backend_options: Any,
     ) -> None:
         """``schedule``: the default of every generation (None: the manifest's; ``"calibrated"``:
@@ -68,7 +72,11 @@ class ForaSession:
         ``gate_table=False`` never precomputes gates (reuse steps compute their own).
         ``forecast`` (forecast builds, ``build --forecast``): None forecasts wherever the
         generation has a gate table; True refuses generations that cannot; False never
-        forecasts (static FORA, one cache generation)."""
+        forecasts (static FORA, one cache generation).
+        ``detect_nonfinite=True`` makes every step check its prediction for NaN/Inf and raise
+        :class:`NonFiniteError` naming the step (each generation's ``detect_nonfinite`` starts
+        as this; it reads every prediction, a device sync per step on GPUs: leave it off in
+        hot loops)."""
         self.engine_dir = Path(engine_dir)
         folder = open_engine_folder(
             self.engine_dir, verify=verify, manifest_key=manifest_key, manifest_key_file=manifest_key_file
@@ -107,22 +115,34 @@ class ForaSession:
         self.step_inputs: tuple[InputSpec, ...] = self._inputs.specs
         self.latents_name = self._inputs.latents_name
         self.timestep_name = self._inputs.timestep_name
+        self.detect_nonfinite = detect_nonfinite
         # The runner of the current generation; retired (so that generation is stale) when
         # anything else uses the buffers.
         self._runner: StepRunner | None = None
+        self._calls = OneCallAtATime(str(self.engine_dir))
 
     @property
     def check_inputs(self) -> bool:
         return self._inputs.check
 
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        self._calls.acquire(what)
+        try:
+            yield
+        finally:
+            self._calls.release()
+
     # -- lifecycle ------------------------------------------------------------------
     def activate(self) -> ForaSession:
-        self.backend.activate()
+        with self._exclusive("activate()"):
+            self.backend.activate()
         return self
 
     def deactivate(self) -> None:
-        self._retire()
-        self.backend.deactivate()
+        with self._exclusive("deactivate()"):
+            self._retire()
+            self.backend.deactivate()
 
     def __enter__(self) -> ForaSession:
         return self.activate()
@@ -151,8 +171,22 @@ class ForaSession:
         may omit them, and where the build and backend allow, the gates of every
         step are computed here at once (:attr:`Generation.uses_gate_table`), on forecast
         builds with each reuse step's forecast weights (``forecast`` overrides the
-        session's: True needs the timesteps, False reuses plainly).
+        session's: True needs the timesteps, False reuses plainly). The generation
+        checks its predictions for NaN/Inf when the session does (its ``detect_nonfinite``
+        attribute switches that per generation).
         """
+        with self._exclusive("start()"):
+            return self._start(num_steps, batch_size, schedule, timesteps, forecast, conditioning)
+
+    def _start(
+        self,
+        num_steps: int,
+        batch_size: int,
+        schedule: CacheSchedule | CalibratedSchedules | str | None,
+        timesteps: Any,
+        forecast: bool | None,
+        conditioning: dict[str, Any],
+    ) -> Generation:
         batch_size = self._inputs.check_batch(batch_size)
         plan = (resolve_schedule(schedule, self.manifest, self.engine_dir) or self.schedule).plan(num_steps)
         planned = None
@@ -184,8 +218,15 @@ class ForaSession:
                     weights = self.backend.upload(per_step[reuse_steps].reshape(-1))  # rows as the table's
                 table = GateTable(self.backend.gate_table(rows), reuse_steps, weights, forecast_steps)
         self._retire()
-        self._runner = StepRunner(self.backend, self._inputs, buffers)
-        return Generation(self._runner, plan, planned, table)
+        self._runner = StepRunner(self.backend, self._inputs, buffers, self._calls)
+        return Generation(
+            self._runner,
+            plan,
+            planned,
+            table,
+            detect_nonfinite=self.detect_nonfinite,
+            where=str(self.engine_dir),
+        )
 
     def drop_build_constants(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` without the build constants among them, each checked to equal the
@@ -194,7 +235,8 @@ class ForaSession:
 
     def reset(self) -> None:
         """Invalidate the current generation (its caches can no longer be reused)."""
-        self._retire()
+        with self._exclusive("reset()"):
+            self._retire()
 
     def _retire(self) -> None:
         if self._runner is not None:
@@ -207,20 +249,49 @@ class ForaSession:
         ``full`` of this batch size wrote. Invalidates the current generation."""
         if role not in ("full", "reuse"):
             raise InputError(f"Graph role | got {role!r} | expected 'full' or 'reuse'")
-        batch_size = self._inputs.check_batch(batch_size)
-        buffers = self.backend.buffers(batch_size)
-        self._retire()
-        self._inputs.stage(buffers, inputs)
-        (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
-        return self.backend.read_prediction(buffers)
+        with self._exclusive("run_step()"):
+            batch_size = self._inputs.check_batch(batch_size)
+            buffers = self.backend.buffers(batch_size)
+            self._retire()
+            self._inputs.stage(buffers, inputs)
+            (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
+            prediction = self.backend.read_prediction(buffers)
+        return in_family_of(prediction, inputs.get(self.latents_name))
 
     def cache_views(self, batch_size: int) -> dict[str, Any]:
-        """The live cache buffers of ``batch_size`` (backend arrays, not copies)."""
-        return self.backend.buffers(batch_size).caches
+        """The live cache buffers of ``batch_size`` (the backend's own arrays, not copies)."""
+        with self._exclusive("cache_views()"):
+            return self.backend.buffers(batch_size).caches
 
     def read_caches(self, batch_size: int) -> dict[str, Any]:
-        """Host copies of the caches of ``batch_size`` (for validation)."""
-        return self.backend.read_caches(self.backend.buffers(batch_size))
+        """Host (numpy) copies of the caches of ``batch_size`` (for validation)."""
+        with self._exclusive("read_caches()"):
+            return self.backend.read_caches(self.backend.buffers(batch_size))
+
+
+class OneCallAtATime:
+    """Lets one thread at a time into a session: a call from a second thread while one runs
+    raises :class:`ConcurrentUseError` instead of staging its inputs into the same buffers
+    (which gave wrong results, silently). Not a queue, and not bound to a thread: a session
+    may move between threads, one call at a time."""
+
+    def __init__(self, where: str) -> None:
+        self._lock = threading.Lock()
+        self._holder = ""
+        self._where = where
+
+    def acquire(self, what: str) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"ForaSession {self._where} | {what} called in thread '{threading.current_thread().name}' "
+                f"while thread '{self._holder}' runs a call of the same session | a session serves "
+                "one thread at a time: use one ForaSession per thread (each has its own caches), "
+                "or serialise the calls with a lock"
+            )
+        self._holder = threading.current_thread().name
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 class StepRunner:
@@ -232,10 +303,13 @@ class StepRunner:
     another run's caches, so a retired runner refuses to run.
     """
 
-    def __init__(self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers) -> None:
+    def __init__(
+        self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers, calls: OneCallAtATime
+    ) -> None:
         self._backend = backend
         self._inputs = inputs
         self._buffers = buffers
+        self._calls = calls
         self._live = True
 
     @property
@@ -248,6 +322,14 @@ class StepRunner:
 
     def retire(self) -> None:
         self._live = False
+
+    def acquire(self, what: str) -> None:
+        """Enter the session for one step (:class:`ConcurrentUseError` while another thread
+        is in it); the generation calls :meth:`release` when the step is done."""
+        self._calls.acquire(what)
+
+    def release(self) -> None:
+        self._calls.release()
 
     def require_live(self) -> None:
         if not self._live:
@@ -263,7 +345,7 @@ class StepRunner:
         step_inputs = {inputs.latents_name: latents, inputs.timestep_name: timestep, **conditioning}
         inputs.stage(self._buffers, step_inputs)
         (self._backend.run_full if full else self._backend.run_reuse)(self._buffers)
-        return self._backend.read_prediction(self._buffers)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)
 
     def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
         """The reuse step ``step`` reading its gates from ``table`` (and its forecast weights,
@@ -276,4 +358,4 @@ class StepRunner:
             self._backend.run_reuse_forecast(self._buffers, table.table, first_row, table.forecast_weights)
         else:
             self._backend.run_reuse_gated(self._buffers, table.table, first_row)
-        return self._backend.read_prediction(self._buffers)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)

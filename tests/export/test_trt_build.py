@@ -119,6 +119,7 @@ def test_build_config_validates() -> None:
         "workspace_bytes": None,
         "tf32": False,
         "compute_capabilities": None,
+        "fold_constants": True,
     }
     with pytest.raises(ConfigError, match=r"expected 0\.\.5"):
         TrtBuildConfig(opt_level=6)
@@ -138,11 +139,25 @@ def test_profile_spans_the_batch_range_on_axis_0() -> None:
     assert shapes["timestep"] == ((1,), (2,), (8,))
 
 
-def test_tensorrt_available_gives_a_reason() -> None:
+def test_tensorrt_available_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way of not having TensorRT has its own reason, and having it says which GPU."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
     ok, reason = tensorrt_available()
-    assert isinstance(ok, bool) and reason
-    if ok:
-        assert reason.startswith("tensorrt ") and "GPU" in reason
+    assert not ok and reason.startswith("cannot import 'tensorrt'"), reason
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
+    fake.Builder = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, reason = tensorrt_available()
+    assert not ok and reason.startswith("tensorrt 10.13 imported, but no CUDA GPU is visible"), reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert tensorrt_available() == (True, "tensorrt 10.13 imported and GPU NVIDIA H200 visible")
 
 
 def test_build_refuses_clearly_without_tensorrt(tmp_path: Path) -> None:

@@ -196,6 +196,55 @@ def test_parser_rejection_names_node_and_operator(tmp_path: Path) -> None:
     assert not (tmp_path / "x.plan").exists()
 
 
+def test_constants_are_folded_before_tensorrt_parses_a_graph(tmp_path: Path) -> None:
+    """A constant subgraph (a product of constants, cast: what dynamic-batch exports leave
+    behind) reaches TensorRT as one stored tensor; the graph computes the same, and the
+    folded copy does not outlive the build."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def constant(name: str, value: float) -> Any:
+        tensor = numpy_helper.from_array(np.full((1, 2, 1, 8), value, np.float32), name)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    nodes = [
+        constant("scale", 0.5),
+        constant("shift", 3.0),
+        helper.make_node("Mul", ["scale", "shift"], ["product"]),
+        helper.make_node("Cast", ["product"], ["bias"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "bias"], ["y"]),
+    ]
+    onnx = _onnx_model(tmp_path / "fold.onnx", nodes, 17)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    folded = trt_build.fold_for_parser(onnx, scratch)
+    assert folded.note == "constants folded: 5 -> 1 nodes" and folded.path.parent == scratch
+    x = np.random.default_rng(0).standard_normal((3, 2, 4, 8)).astype(np.float32)
+    outputs = [ort.InferenceSession(str(path)).run(None, {"x": x})[0] for path in (onnx, folded.path)]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    np.testing.assert_allclose(outputs[0], x + 1.5, rtol=0, atol=1e-6)
+
+    built = build_engine(
+        onnx, SPECS, BatchRange(1, 2, 4), None, tmp_path / "f.plan", outputs=OUT_SPECS, flavor=RTX_BUILD
+    )
+    assert built.parsed == "constants folded: 5 -> 1 nodes" and built.path.stat().st_size > 0
+    assert not list(tmp_path.glob(".fold-*"))  # the folded copy is gone
+    unfolded = build_engine(
+        onnx, SPECS, BatchRange(1, 2, 4), None, tmp_path / "u.plan", TrtBuildConfig(fold_constants=False),
+        outputs=OUT_SPECS, flavor=RTX_BUILD,
+    )  # fmt: skip
+    assert unfolded.parsed == "as exported: folding switched off"
+
+
+def test_the_record_says_how_each_graph_was_parsed(rtx_folder: Path) -> None:
+    parsed = load_manifest(rtx_folder).backends["tensorrt"]["build"]["parsed"]
+    assert set(parsed) == set(load_manifest(rtx_folder).graphs)
+    assert all(
+        note.startswith(("constants folded: ", "as exported: folding failed")) for note in parsed.values()
+    )
+
+
 def _attention_graph(tmp_path: Path) -> Path:
     """One opset-23 ``Attention`` node as ``--exporter dynamo --opset 23`` makes of SDPA
     (q, k, v as [batch, heads, tokens, head dim]; 2 heads of dim 8, fp32: the tiny DiT's).

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fora_runtime import ForaSession, GenerationError, InputError
+from fora_runtime import ConcurrentUseError, ForaSession, GenerationError, InputError
 
 LABELS = np.array([1, 2])
 
@@ -80,15 +81,27 @@ def test_batch_size_accepts_numpy_ints_and_refuses_floats(session: ForaSession) 
         session.start(2, 2.0)
 
 
-def test_cache_buffers_stay_at_fixed_addresses(session: ForaSession) -> None:
+def test_reuse_reads_the_cache_views_in_place(session: ForaSession) -> None:
+    """The views are the memory both graphs are bound to: zeroing them changes the next
+    reuse step, restoring them restores it; generations never move them."""
     views = session.cache_views(2)
-    addresses = {name: view.ctypes.data for name, view in views.items()}
     run_generation(session, latents())
     run_generation(session, latents(seed=3))
-    assert {n: v.ctypes.data for n, v in session.cache_views(2).items()} == addresses
+    assert all(a is b for a, b in zip(views.values(), session.cache_views(2).values(), strict=True))
+    full = {"latents": latents(seed=1), "timestep": np.full(2, 999.0, np.float32), "class_labels": LABELS}
+    reuse = {**full, "timestep": np.full(2, 900.0, np.float32)}
+    session.run_step("full", 2, full)
+    base = session.run_step("reuse", 2, reuse)
+    written = {name: view.copy() for name, view in views.items()}
+    for view in views.values():
+        view[...] = 0
+    zeroed = session.run_step("reuse", 2, reuse)
+    for name, view in views.items():
+        view[...] = written[name]
+    assert np.abs(zeroed - base).max() > 1e-3
+    np.testing.assert_array_equal(session.run_step("reuse", 2, reuse), base)
     # One arena: every cache is a view of the same allocation.
-    bases = {id(view.base) for view in views.values()}
-    assert len(bases) == 1
+    assert len({id(view.base) for view in views.values()}) == 1
 
 
 def test_full_step_writes_caches_in_place(session: ForaSession) -> None:
@@ -199,3 +212,49 @@ def test_unchecked_inputs_give_the_same_results(tiny_engine: Path) -> None:
     with ForaSession(tiny_engine) as checked, ForaSession(tiny_engine, check_inputs=False) as fast:
         for a, b in zip(run_generation(checked, x), run_generation(fast, x), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_thread_is_refused_while_a_call_of_the_first_runs(tiny_engine: Path) -> None:
+    """Two threads staging inputs into one session's buffers gave wrong latents, silently:
+    while one thread's step runs, every call of another thread is refused."""
+    with ForaSession(tiny_engine) as session:
+        gen = session.start(3, 2)
+        inside, leave = threading.Event(), threading.Event()
+        real_full = session.backend.run_full
+
+        def held_full(buffers: object) -> None:
+            inside.set()  # the worker is inside its step; hold it there
+            assert leave.wait(30)
+            real_full(buffers)  # type: ignore[arg-type]
+
+        session.backend.run_full = held_full  # type: ignore[method-assign]
+        results: list[np.ndarray] = []
+        worker = threading.Thread(
+            target=lambda: results.append(gen.step(latents(seed=1), 999, class_labels=LABELS)), name="worker"
+        )
+        worker.start()
+        step = {"latents": latents(), "timestep": np.full(2, 999.0, np.float32), "class_labels": LABELS}
+        try:
+            assert inside.wait(30)
+            for call in (
+                lambda: session.start(3, 2),
+                lambda: gen.step(latents(), 999, class_labels=LABELS),
+                lambda: session.run_step("full", 2, step),
+                lambda: session.read_caches(2),
+            ):
+                with pytest.raises(
+                    ConcurrentUseError,
+                    match=r"called in thread 'MainThread' while thread 'worker' runs a call",
+                ):
+                    call()
+        finally:
+            leave.set()
+            worker.join(30)
+        session.backend.run_full = real_full  # type: ignore[method-assign]
+        # The worker's step ran undisturbed; the session (and the generation) now serve this thread.
+        with ForaSession(tiny_engine) as reference:
+            expected = reference.start(3, 2).step(latents(seed=1), 999, class_labels=LABELS)
+        assert len(results) == 1 and gen.step_index == 1
+        np.testing.assert_array_equal(results[0], expected)
+        gen.step(latents(), 900, class_labels=LABELS)
+        assert gen.step_index == 2

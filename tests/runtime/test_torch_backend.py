@@ -36,8 +36,8 @@ from fora_export.export.torch_program import (
 )
 from fora_export.split.graphs import SplitModel, split_model
 from fora_runtime import BackendError, ForaSession, Generation, GenerationError, InputError, load_manifest
-from fora_runtime.backends import backend_names
-from fora_runtime.backends.torch_backend import check_program_record
+from fora_runtime.backends import backend_names, create_backend
+from fora_runtime.backends.torch_backend import TorchBackend, check_program_record
 from fora_runtime.manifest import MANIFEST_NAME, BatchRange, graph_file, sha256_of
 from tests.tiny_models import TINY_DIT
 
@@ -171,8 +171,11 @@ def cpu_session(torch_engine: tuple[Path, SplitModel]):
 # -- export -------------------------------------------------------------------------------
 
 
-def test_backend_is_registered() -> None:
-    assert "torch" in backend_names()
+def test_backend_name_creates_this_backend(tiny_engine: Path) -> None:
+    """The registry's "module:Class" entry resolves to this class, not just a listed name."""
+    backend = create_backend("torch", load_manifest(tiny_engine), tiny_engine, gate_table=False)
+    assert type(backend) is TorchBackend and backend.name == "torch" and "torch" in backend_names()
+    assert not backend.is_active and not backend.use_gate_table
 
 
 def test_record_and_archive_metadata(torch_engine: tuple[Path, SplitModel]) -> None:
@@ -362,9 +365,10 @@ def test_accepts_tensors_scalar_timesteps_and_narrow_labels(cpu_session: ForaSes
 def test_predictions_survive_later_steps(cpu_session: ForaSession) -> None:
     inputs = step_inputs(2, seed=6)
     gen = cpu_session.start(NUM_STEPS, 2)
-    first = gen.step(inputs[0]["latents"], inputs[0]["timestep"], class_labels=inputs[0]["class_labels"])
+    latents = [torch.from_numpy(step["latents"]) for step in inputs]
+    first = gen.step(latents[0], inputs[0]["timestep"], class_labels=inputs[0]["class_labels"])
     kept = first.clone()
-    gen.step(inputs[1]["latents"], inputs[1]["timestep"], class_labels=inputs[1]["class_labels"])
+    gen.step(latents[1], inputs[1]["timestep"], class_labels=inputs[1]["class_labels"])
     assert torch.equal(first, kept)
 
 

@@ -58,8 +58,11 @@ def test_chain_sum_is_the_definition() -> None:
 def test_op_on_cpu_is_the_chain_and_registers_once() -> None:
     op = gated_residual_sum_op(torch)
     assert gated_residual_sum_op(torch) is op
-    assert torch.ops.fora.gated_residual_sum.default is not None
     hidden, gates, caches = random_sum_inputs(9, torch.float32)
+    # Programs call it through torch.ops (the dispatcher), not through the Python object.
+    assert torch.equal(
+        torch.ops.fora.gated_residual_sum(hidden, gates, caches), chain_sum(hidden, gates, caches)
+    )
     assert torch.equal(op(hidden, gates, caches), chain_sum(hidden, gates, caches))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from fora_runtime import BackendError, ForaSession, InputError, load_manifest
-from fora_runtime.backends import StepBuffers, backend_names
+from fora_runtime.backends import StepBuffers, backend_names, create_backend
 from fora_runtime.backends.trt import TensorRTBackend, _tensorrt_version
 from fora_runtime.backends.trt_engine import engine_io
 from fora_runtime.backends.trt_flavor import DATACENTER, check_build_record, tensorrt_version_tuple
@@ -84,8 +84,11 @@ def trt_folder(
 # -- anywhere -----------------------------------------------------------------------------
 
 
-def test_backend_is_registered() -> None:
-    assert "tensorrt" in backend_names()
+def test_backend_name_creates_this_backend(tiny_engine: Path) -> None:
+    """The registry's "module:Class" entry resolves to this class, not just a listed name."""
+    backend = create_backend("tensorrt", load_manifest(tiny_engine), tiny_engine, gate_table=False)
+    assert type(backend) is TensorRTBackend and backend.name == "tensorrt" and "tensorrt" in backend_names()
+    assert not backend.is_active and not backend.use_gate_table
 
 
 def test_module_imports_without_optional_packages() -> None:

@@ -10,6 +10,7 @@ calls ``run_full`` / ``run_reuse`` on them each step.
 from __future__ import annotations
 
 import importlib
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,6 +105,38 @@ def host_copy(value: Any) -> Any:
             value = value.float()
         value = value.cpu().numpy()
     return np.array(value, copy=True)
+
+
+def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (a caller that made one
+    has imported it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def host_array(value: Any) -> Any:
+    """A host numpy array of ``value`` without copying where none is needed: torch tensors
+    (any device, with or without grad) detached and moved to the host, bfloat16 as float32
+    (numpy has none), anything else through ``numpy.asarray``."""
+    import numpy as np
+
+    if is_torch_tensor(value):
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.cpu().numpy()
+    return np.asarray(value)
+
+
+def in_family_of(value: Any, like: Any) -> Any:
+    """``value`` (a prediction: a numpy array or a torch tensor, owned by the caller) in the
+    array family of ``like`` (the latents the caller passed): a torch tensor for torch
+    latents (numpy arrays wrapped without a copy, on the CPU), a numpy array otherwise
+    (torch tensors moved to the host, which waits for the device; bfloat16 as float32, which
+    numpy lacks). Other dtypes are kept."""
+    if is_torch_tensor(like):
+        return value if is_torch_tensor(value) else sys.modules["torch"].from_numpy(value)
+    return host_array(value) if is_torch_tensor(value) else value
 
 
 class StepBackend(ABC):

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from fora_runtime._lazy import import_optional
-from fora_runtime.backends.base import StepBackend, StepBuffers
+from fora_runtime.backends.base import StepBackend, StepBuffers, host_array, is_torch_tensor
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.dtypes import name_of, numpy_dtype
-from fora_runtime.errors import BackendError
+from fora_runtime.errors import BackendError, InputError
 from fora_runtime.manifest import (
     FORECAST_ROLE,
     FORECAST_WEIGHT_NAME,
@@ -69,7 +69,6 @@ class OnnxRuntimeBackend(StepBackend):
         self._intra_op_threads = intra_op_threads
         self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
-        self._errors: tuple[type[BaseException], ...] = ()
         self._run_errors: tuple[type[BaseException], ...] = ()
         self.providers: list[str] = []
 
@@ -106,9 +105,8 @@ class OnnxRuntimeBackend(StepBackend):
                 raise BackendError(f"{path} | ONNX Runtime cannot load it: {err}") from err
             self._check_io(role, session)
             self._sessions[role] = session
-        self._errors = _ort_errors(ort)
         # A failed run (a kernel refusing its shapes) surfaces as a bare RuntimeError.
-        self._run_errors = (*self._errors, RuntimeError)
+        self._run_errors = (*_ort_errors(ort), RuntimeError)
         self.providers = self._sessions["full"].get_providers()
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -239,7 +237,15 @@ class OnnxRuntimeBackend(StepBackend):
         try:
             session.run_with_iobinding(binding)
         except self._run_errors as err:
-            raise BackendError(f"Backend 'onnxruntime' | {role} graph failed: {err}") from err
+            raise self._run_error(role, err) from err
+
+    def _run_error(self, role: str, err: BaseException) -> BackendError:
+        """An ONNX Runtime failure as one line naming the graph (its messages span lines)."""
+        return BackendError(
+            f"Backend 'onnxruntime' | {role} graph ({self.manifest.graphs[role].file}) failed: "
+            f"{' '.join(str(err).split())} | check the step inputs (check_inputs=False skips the "
+            "checks that catch bad ones); rebuild the engines if it persists"
+        )
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         session = self._sessions["gates"]
@@ -249,8 +255,8 @@ class OnnxRuntimeBackend(StepBackend):
             feed = {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in chunk.items()}
             try:
                 parts.append(session.run([GATES_NAME], feed)[0])
-            except self._errors as err:
-                raise BackendError(f"Backend 'onnxruntime' | gates graph failed: {err}") from err
+            except self._run_errors as err:
+                raise self._run_error("gates", err) from err
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
@@ -260,23 +266,33 @@ class OnnxRuntimeBackend(StepBackend):
         self.stage_input(buffers, FORECAST_WEIGHT_NAME, weights)
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
+        # torch tensors as the torch backend takes them: any device, grad or not.
+        array = host_array(value) if is_torch_tensor(value) else value
         target = buffers.inputs[name]
-        if isinstance(target, np.ndarray):
-            np.copyto(target, value, casting="same_kind")
-        else:
-            target.update_inplace(np.ascontiguousarray(value))
+        try:
+            if isinstance(target, np.ndarray):
+                np.copyto(target, array, casting="same_kind")
+            else:
+                target.update_inplace(np.ascontiguousarray(array))
+        except (TypeError, ValueError) as err:  # reached with check_inputs=False only
+            raise InputError(
+                f"Input '{name}' | cannot be staged: {err} | pass shape {list(target.shape)} of "
+                f"{name_of(target.dtype) if isinstance(target, np.ndarray) else 'the graph dtype'}"
+            ) from err
 
     def read_prediction(self, buffers: StepBuffers) -> Any:
         pred = buffers.prediction
         return pred.copy() if isinstance(pred, np.ndarray) else pred.numpy()
 
     def as_timestep(self, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
-        array = np.asarray(value, dtype=_numpy_dtype(dtype))
+        array = np.asarray(host_array(value), dtype=_numpy_dtype(dtype))
         if array.ndim == 0:
             return np.full(shape, array, dtype=array.dtype)
         return array
 
     def describe_array(self, value: Any) -> tuple[tuple[int, ...], str]:
+        if is_torch_tensor(value):  # without a host copy; bfloat16 too, which numpy lacks
+            return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
         array = np.asarray(value)
         return tuple(array.shape), name_of(array.dtype)
 
