@@ -13,7 +13,7 @@ TENSORRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo quality quality-flow test lint typecheck clean
+.PHONY: setup demo quality quality-flow quality-policies test lint typecheck clean
 
 $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,23 @@ quality-flow: $(STAMP)
 		--schedule-list 0,9,17,24,30,35,39,42,44,46,47,48,49 \
 		--save-json $(QUALITY_OUT)/quality-flow.json --plot $(QUALITY_OUT)/quality-flow.png \
 		--grid $(QUALITY_OUT)/quality-flow-grid.png
+
+# Static FORA, calibrated, forecast and calibrated + forecast at each N's full-step count, on
+# both trained models: a forecast build (its static rows run with the forecast off),
+# calibrated on 100 samples of other noise (seed 1) than the scored ones (seed 0).
+quality-policies: $(STAMP)
+	$(BIN)/fora-export build demo-digits --out engines/demo-digits-forecast --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --forecast --force
+	$(BIN)/fora-export calibrate engines/demo-digits-forecast --steps 50 --full-steps 13 --samples 100 --seed 1
+	$(BIN)/fora-export quality engines/demo-digits-forecast --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
+		--intervals 1,2,3,4,5,7,10 --schedule-mode paper --policies static,calibrated,forecast,calibrated+forecast \
+		--save-json $(QUALITY_OUT)/quality-policies.json --plot $(QUALITY_OUT)/quality-policies.png \
+		--grid $(QUALITY_OUT)/quality-policies-grid.png
+	$(BIN)/fora-export build demo-digits-flow --out engines/demo-digits-flow-forecast --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --forecast --force
+	$(BIN)/fora-export calibrate engines/demo-digits-flow-forecast --steps 50 --full-steps 13 --samples 100 --seed 1
+	$(BIN)/fora-export quality engines/demo-digits-flow-forecast --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
+		--intervals 1,2,3,4,5,7,10 --schedule-mode paper --policies static,calibrated,forecast,calibrated+forecast \
+		--save-json $(QUALITY_OUT)/quality-flow-policies.json --plot $(QUALITY_OUT)/quality-flow-policies.png \
+		--grid $(QUALITY_OUT)/quality-flow-policies-grid.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -196,6 +196,9 @@ class BenchReport:
     reuse: Timing
     #: A reuse step reading gates precomputed at start(); None without a gate table.
     gated_reuse: Timing | None = None
+    #: A forecast reuse step (both cache generations); None without a forecast graph. The
+    #: end-to-end generations of a forecast build forecast.
+    forecast_reuse: Timing | None = None
     intervals: list[IntervalResult] = field(default_factory=list)
     eager: EagerBaseline | None = None
 
@@ -212,6 +215,10 @@ class BenchReport:
         return self.gated_reuse.median_ms if self.gated_reuse is not None else None
 
     @property
+    def forecast_reuse_ms(self) -> float | None:
+        return self.forecast_reuse.median_ms if self.forecast_reuse is not None else None
+
+    @property
     def reuse_to_full(self) -> float:
         return self.reuse_ms / self.full_ms
 
@@ -225,6 +232,7 @@ class BenchReport:
             ("full step", self.full),
             ("reuse step", self.reuse),
             ("gated reuse step", self.gated_reuse),
+            ("forecast reuse step", self.forecast_reuse),
             *((f"N={row.interval}", row.timing) for row in self.intervals),
             ("eager baseline", self.eager.timing if self.eager else None),
         ]
@@ -244,10 +252,12 @@ class BenchReport:
             "full_ms": self.full_ms,
             "reuse_ms": self.reuse_ms,
             "gated_reuse_ms": self.gated_reuse_ms,
+            "forecast_reuse_ms": self.forecast_reuse_ms,
             "reuse_to_full": self.reuse_to_full,
             "full": self.full.to_dict(),
             "reuse": self.reuse.to_dict(),
             "gated_reuse": self.gated_reuse.to_dict() if self.gated_reuse else None,
+            "forecast_reuse": self.forecast_reuse.to_dict() if self.forecast_reuse else None,
             "intervals": [
                 {**r.to_dict(), "speedup_vs_eager": self.speedup_vs_eager(r)} for r in self.intervals
             ],
@@ -312,19 +322,25 @@ def _step_ms(session: ForaSession, role: str, batch: int, inputs: dict[str, Any]
     return (time.perf_counter() - start) * 1e3
 
 
-def _gated_reuse_timing(session: ForaSession, batch: int, inputs: dict[str, Any], runs: int) -> Timing:
-    """Reuse steps that read the gate table: one generation, a full step, then reuse steps
-    warmed up until steady and ``runs`` of them, each timed alone."""
+def _gated_reuse_timing(
+    session: ForaSession, batch: int, inputs: dict[str, Any], runs: int, *, forecast: bool = False
+) -> Timing:
+    """Reuse steps that read the gate table: one generation, a full step (two with
+    ``forecast``), then plain (or forecast) reuse steps warmed up until steady and ``runs``
+    of them, each timed alone."""
     latents, conditioning = _split_inputs(session, inputs)
-    steps = 1 + MAX_WARMUP_RUNS + runs
+    full = 2 if forecast else 1
+    steps = full + MAX_WARMUP_RUNS + runs
     generation = session.start(
         steps,
         batch,
-        schedule=CacheSchedule.explicit([0]),
+        schedule=CacheSchedule.explicit(range(full)),
         timesteps=_timesteps(session.manifest, steps),
+        forecast=forecast,
         **conditioning,
     )
-    _synchronize(generation.step(latents))
+    for _ in range(full):
+        _synchronize(generation.step(latents))
 
     def gated_step() -> float:
         start = time.perf_counter()
@@ -469,6 +485,9 @@ def bench(
         gated_reuse = None
         if session.backend.gate_table_enabled:
             gated_reuse = _gated_reuse_timing(session, batch, inputs, step_runs)
+        forecast_reuse = None
+        if session.backend.forecast_enabled:
+            forecast_reuse = _gated_reuse_timing(session, batch, inputs, step_runs, forecast=True)
         # Generations: the longest (N=1) until steady, every other schedule once (its gate
         # table size, first-run allocations), then round-robin.
         warmup, steady = warm_up(lambda: _generation_ms(session, schedules[1], steps, batch, inputs))
@@ -491,6 +510,7 @@ def bench(
         full=full,
         reuse=reuse,
         gated_reuse=gated_reuse,
+        forecast_reuse=forecast_reuse,
         eager=eager,
     )
     baseline = Timing(runs[1])

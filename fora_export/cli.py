@@ -316,6 +316,12 @@ def _default_out(model: str) -> Path:
     default=None,
     help="Refuse a build whose caches at the largest batch exceed this (lists the --cache subsets that fit).",
 )
+@click.option(
+    "--forecast",
+    is_flag=True,
+    help="Also export the forecast reuse graph: caches forecast from the last two full steps (gate-table "
+    "families; doubles the cache memory).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
 @click.option(
     "--sign-key",
@@ -346,6 +352,7 @@ def build(
     frames: int | None,
     subfolder: str | None,
     max_cache_gib: float | None,
+    forecast: bool,
     force: bool,
     sign_key: Path | None,
 ) -> None:
@@ -381,6 +388,7 @@ def build(
         frames=frames,
         subfolder=subfolder,
         max_cache_gib=max_cache_gib,
+        forecast=forecast,
     )
     result = run_build(model, out or _default_out(model), config, force=force, sign_key=key)
     manifest = result.manifest
@@ -393,15 +401,21 @@ def build(
     click.echo(f"  {result.backend_note}")
     if key is not None:
         click.echo(f"  signed: {result.folder / 'manifest.json.hmac'} (HMAC-SHA256 under {sign_key})")
+    width = max(16, *(len(name) for name in sizes))
     for name, size in sizes.items():
-        click.echo(f"  {name:<16} {size / 2**20:8.1f} MiB")
+        click.echo(f"  {name:<{width}} {size / 2**20:8.1f} MiB")
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="PyTorch model to compare with. [default: the build's source]")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend to validate.")
-@click.option("--steps", type=int, default=20, show_default=True, help="Trajectory length.")
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Trajectory length. [default: 20; with --schedule calibrated, its step count when there is one]",
+)
 @click.option(
     "--scheduler",
     type=click.Choice(["ddim", "dpm", "flow-euler"]),
@@ -411,6 +425,14 @@ def build(
 )
 @click.option(
     "--interval", type=int, default=None, help="Cache interval for the trajectory. [default: manifest]"
+)
+@click.option(
+    "--schedule",
+    "schedule",
+    type=click.Choice(["manifest", "calibrated"]),
+    default=None,
+    help="Cache schedule: the manifest's, or calibrated (the one fora-export calibrate wrote for --steps)."
+    " [default: manifest]",
 )
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -437,9 +459,10 @@ def validate(
     engine_dir: Path,
     model: str | None,
     backend: str,
-    steps: int,
+    steps: int | None,
     scheduler: str | None,
     interval: int | None,
+    schedule: str | None,
     batch_sizes: str | None,
     seed: int,
     pipeline: str | None,
@@ -453,7 +476,11 @@ def validate(
     from fora_export.outputs import check_output_folder, require_matplotlib
     from fora_export.progress import StageProgress
     from fora_export.reports import print_validation
+    from fora_export.schedules import default_steps
     from fora_export.validate.runner import validate as run_validate
+    from fora_runtime.manifest import load_manifest
+
+    steps = default_steps(load_manifest(engine_dir, verify="none"), schedule, steps)
 
     sizes = None
     if batch_sizes:
@@ -474,6 +501,7 @@ def validate(
             steps=steps,
             scheduler=scheduler,
             interval=interval,
+            schedule=schedule,
             batch_sizes=sizes,
             seed=seed,
             access=access,
@@ -486,6 +514,7 @@ def validate(
             steps,
             scheduler,
             interval,
+            schedule,
             seed,
             pipeline,
             guidance,
@@ -523,6 +552,7 @@ def _validate_extras(
     steps: int,
     scheduler: str | None,
     interval: int | None,
+    schedule: str | None,
     seed: int,
     pipeline: str | None,
     guidance: float | None,
@@ -543,6 +573,7 @@ def _validate_extras(
             guidance=guidance,
             seed=seed,
             interval=interval,
+            schedule=schedule,
             access=access,
         )
     if report_dir is not None:
@@ -556,6 +587,7 @@ def _validate_extras(
                 scheduler=scheduler,
                 interval=interval,
                 seed=seed,
+                schedule_option=schedule,
                 access=access,
             )
         else:
@@ -806,6 +838,13 @@ def triton(
     metavar="STEPS",
     help="Also an explicit schedule: its full steps, e.g. 0,1,2,5,9 (repeatable).",
 )
+@click.option(
+    "--policies",
+    default="static",
+    show_default=True,
+    help="Cache policies compared at each interval's full-step count: static, calibrated (needs "
+    "fora-export calibrate at --steps), forecast (needs build --forecast), calibrated+forecast.",
+)
 @click.option("--samples", type=int, default=10, show_default=True, help="Seeded samples per class.")
 @click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps per sample.")
 @click.option(
@@ -829,6 +868,7 @@ def quality(
     intervals: str,
     schedule_mode: str,
     schedule_lists: tuple[str, ...],
+    policies: str,
     samples: int,
     steps: int,
     batch_size: int | None,
@@ -863,6 +903,7 @@ def quality(
         seed=seed,
         repeats=repeats,
         where=str(engine_dir),
+        policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
     )
     report = run_quality(engine_dir, plan, backend=backend, access=access)
     text = json.dumps(report.to_dict(), indent=2)
@@ -876,6 +917,83 @@ def quality(
         click.echo(text)
     else:
         print_quality(report)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, required=True, help="Step count the schedule is for (only this one).")
+@click.option(
+    "--full-steps", "budget", type=int, required=True, help="Full steps K to place (step 0 is one of them)."
+)
+@click.option("--samples", type=int, default=20, show_default=True, help="Calibration samples.")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["ddim", "dpm", "flow-euler"]),
+    default=None,
+    help="Sampling scheduler. [default: ddim for DDPM families, flow-euler for flow-matching ones]",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["l1", "l2"]),
+    default="l1",
+    show_default=True,
+    help="Cache change measure whose accumulated drift the choice minimises (relative L1 or L2).",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the calibration noise.")
+@click.option("--batch", "batch_size", type=int, default=None, help="Samples per generation.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule file's contents as JSON.")
+@_folder_options()
+@_user_errors
+def calibrate(
+    engine_dir: Path,
+    steps: int,
+    budget: int,
+    samples: int,
+    scheduler: str | None,
+    metric: str,
+    seed: int,
+    batch_size: int | None,
+    backend: str,
+    as_json: bool,
+    access: Any,
+) -> None:
+    """Choose the full steps of STEPS-step generations from measured cache change, into ENGINE_DIR.
+
+    Runs --samples generations with every step full, measures how much the caches change
+    per step, and places --full-steps full steps where the reuse steps' accumulated change
+    is least. Use it with --schedule calibrated (validate, sample) or schedule="calibrated".
+    A signed folder is re-signed with its key (--key-file or $FORA_MANIFEST_KEY).
+    """
+    from fora_export.calibrate import calibrate as run_calibrate
+
+    result = run_calibrate(
+        engine_dir,
+        steps=steps,
+        budget=budget,
+        samples=samples,
+        scheduler=scheduler,
+        metric=metric,
+        seed=seed,
+        batch_size=batch_size,
+        backend=backend,
+        progress=sys.stderr.isatty(),
+        access=access,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    record = result.record
+    click.echo(
+        f"calibrated {engine_dir} for {record.steps} {record.scheduler['name']} steps on {record.samples} "
+        f"samples in {record.seconds:.1f} s: {len(record.full_steps)} full steps at "
+        f"{','.join(map(str, record.full_steps))}"
+    )
+    click.echo(
+        f"  accumulated drift ({record.metric}): {record.cost:.4g}; evenly spaced "
+        f"({','.join(map(str, result.uniform))}): {record.uniform_cost:.4g}"
+    )
+    click.echo(f"  wrote {result.file} (listed in manifest.json with its sha256)")
 
 
 @main.command()
@@ -927,6 +1045,14 @@ def info(engine_dir: Path, as_json: bool, inspect: bool, access: Any) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--interval", type=int, default=None, help="Cache interval. [default: the manifest's]")
 @click.option(
+    "--schedule",
+    "schedule",
+    type=click.Choice(["manifest", "calibrated"]),
+    default=None,
+    help="Cache schedule: the manifest's, or calibrated (the one fora-export calibrate wrote for --steps)."
+    " [default: manifest]",
+)
+@click.option(
     "--backend", default="onnxruntime", show_default=True, help="Runtime backend of the engine run."
 )
 @click.option("--device", default=None, help="Device of the torch backend and the pipeline (cpu, cuda).")
@@ -942,6 +1068,7 @@ def sample(
     guidance: float | None,
     seed: int,
     interval: int | None,
+    schedule: str | None,
     backend: str,
     device: str | None,
     out_dir: Path,
@@ -967,6 +1094,7 @@ def sample(
         guidance=guidance,
         seed=seed,
         interval=interval,
+        schedule=schedule,
         backend=backend,
         device=device,
         progress=sys.stderr.isatty(),

@@ -55,14 +55,29 @@ def print_validation(report: ValidationReport, console: Console | None = None) -
         console.print(
             f"Trajectory ({trajectory.scheduler}, {trajectory.steps} steps, batch {trajectory.batch_size}, "
             f"{trajectory.schedule}, {trajectory.num_full} full"
-            f"{', gate table' if trajectory.gate_table else ''}): runtime vs PyTorch FORA rel. L2 "
+            f"{', gate table' if trajectory.gate_table else ''}"
+            f"{', forecast from the last two full steps' if trajectory.forecast else ''}): runtime vs "
+            "PyTorch FORA rel. L2 "
             f"{trajectory.runtime_vs_fora_rel_l2:.2e} (allowed {trajectory.tolerance:g}) "
             f"{_verdict(trajectory.passed)}"
         )
         console.print(
             f"FORA vs no caching (PyTorch, information only): rel. L2 {trajectory.fora_vs_nocache_rel_l2:.3f}"
         )
+    for check in report.calibrated:
+        ran = "" if check.ran_full_steps is None else ", and the trajectory's full steps"
+        console.print(
+            f"Calibrated schedule for {check.steps} steps ({check.file}): full at "
+            f"{','.join(map(str, check.file_full_steps))}; the runtime's plan{ran} "
+            + ("equal it " if check.passed else f"differ ({check.planned_full_steps}) ")
+            + _verdict(check.passed)
+        )
     console.print(f"Result: {_verdict(report.passed)}")
+
+
+def _bytes(count: float) -> str:
+    """A size in MiB (KiB below one MiB, so tiny models' caches do not read 0.0)."""
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def _graph_bytes(manifest: Manifest, role: str) -> int:
@@ -88,11 +103,20 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         itemsize(c.dtype) * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
     )
     reuse_graph = manifest.export.get("reuse_graph", "plain")
+    # Forecast builds keep two generations of every cache (the last two full steps').
+    generations = 2 if manifest.has_forecast else 1
+    held = cache_bytes * generations
+    doubled = f" (two generations for the forecast: 2 x {_bytes(cache_bytes)})" if generations == 2 else ""
     console.print(
         f"caches: {len(manifest.caches)} tensors ({plain(', '.join(kinds))}), "
-        f"{cache_bytes / 2**20:.1f} MiB per sample, {cache_bytes * manifest.batch.max / 2**20:.1f} MiB "
-        f"at batch {manifest.batch.max}; reuse graph: {plain(reuse_graph)}"
+        f"{_bytes(held)} per sample, {_bytes(held * manifest.batch.max)} "
+        f"at batch {manifest.batch.max}{doubled}; reuse graph: {plain(reuse_graph)}"
     )
+    if manifest.has_forecast:
+        console.print(
+            "forecast: yes (reuse steps after the second full step forecast each cache from the last two "
+            "full steps; the weights come with the gate table)"
+        )
     roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
     console.print(f"inputs: {plain(roles)}")
     full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))
@@ -109,6 +133,10 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         )
     else:
         console.print("gate table: no (reuse steps compute their gates)")
+    for steps, file in sorted(manifest.calibrated_schedules.items()):
+        console.print(
+            f"calibrated schedule for {steps} steps: {_describe_calibration(manifest, folder, steps, file)}"
+        )
     table = Table(title="Graphs")
     for column in ("graph", "file", "inputs", "outputs"):
         table.add_column(column)
@@ -124,6 +152,22 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     backends = ", ".join(_describe_backend(name, record) for name, record in manifest.backends.items())
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items())
     console.print(f"built backends: {plain(backends or 'none (ONNX only)')}; tools: {plain(tools)}")
+
+
+def _describe_calibration(manifest: Manifest, folder: Path, steps: int, file: str) -> str:
+    """A calibrated schedule in words (or why its file cannot be read)."""
+    from fora_runtime.calibration import read_calibration
+    from fora_runtime.errors import ForaError
+
+    try:
+        record = read_calibration(manifest, folder, steps)
+    except ForaError as err:
+        return f"{file}: unreadable ({err})"
+    return (
+        f"{len(record.full_steps)} full at {','.join(map(str, record.full_steps))} ({file}; "
+        f"{record.scheduler.get('name')}, {record.samples} samples, {record.metric} drift {record.cost:.3g} "
+        f"vs {record.uniform_cost:.3g} evenly spaced)"
+    )
 
 
 def _describe_backend(name: str, record: object) -> str:
@@ -151,6 +195,13 @@ def print_bench(report: BenchReport, console: Console | None = None) -> None:
             f"{report.gated_reuse.median_ms:.3f} ms ({_spread(report.gated_reuse)}; "
             f"{100 * report.gated_reuse.median_ms / report.full_ms:.1f}% of full); "
             "the end-to-end runs below use it"
+        )
+    if report.forecast_reuse is not None:
+        console.print(
+            f"forecast reuse step (both cache generations): {report.forecast_reuse.median_ms:.3f} ms "
+            f"({_spread(report.forecast_reuse)}; "
+            f"{100 * report.forecast_reuse.median_ms / report.full_ms:.1f}% of full); the end-to-end "
+            "runs below forecast after their second full step"
         )
     runs = len(report.intervals[0].timing.runs_ms) if report.intervals else 0
     table = Table(

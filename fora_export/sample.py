@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from fora_export.errors import ConfigError
+from fora_export.schedules import chosen_schedule
 from fora_runtime.manifest import Manifest, load_manifest
-from fora_runtime.schedule import CacheSchedule
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 #: Column order of the grid: label and file prefix.
@@ -166,6 +166,7 @@ def run_three_ways(
     guidance: float | None = None,
     seed: int = 0,
     interval: int | None = None,
+    schedule: str | None = None,
     backend: str = "onnxruntime",
     device: str | None = None,
     progress: bool = True,
@@ -180,10 +181,7 @@ def run_three_ways(
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
     manifest = load_manifest(engine_dir, **access.manifest_options())
-    schedule = manifest.schedule
-    if interval is not None:
-        mode = schedule.mode if schedule.kind == "interval" else "paper"
-        schedule = CacheSchedule.interval_of(interval, mode)
+    plan = chosen_schedule(manifest, engine_dir, steps, interval=interval, schedule=schedule)
     pipe = load_pipeline(pipeline)
     original = getattr(pipe, "transformer", None)
     if original is None or type(original).__name__ != manifest.model_class:
@@ -194,11 +192,11 @@ def run_three_ways(
     kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
     dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
     engine = ForaTransformer.from_engine(
-        engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **access.session_options()
+        engine_dir, backend=backend, device=device, dtype=dtype, schedule=plan, **access.session_options()
     )
     if device is not None:
         pipe.to(device)
-    runs = ThreeWays(manifest, type(pipe).__name__, type(pipe.scheduler).__name__, steps, schedule.describe())
+    runs = ThreeWays(manifest, type(pipe).__name__, type(pipe.scheduler).__name__, steps, plan.describe())
 
     def timed(prefix: str, label: str, transformer: Any) -> None:
         pipe.transformer = transformer
@@ -221,7 +219,7 @@ def run_three_ways(
     finally:
         engine.close()
     timed("nocache", "no cache", original)
-    reference = ForaReference.for_engines(original, manifest, schedule)
+    reference = ForaReference.for_engines(original, manifest, plan)
     reference.reset(_calls_per_run(pipe, steps))  # per cache context
     try:
         timed("fora", "PyTorch FORA", reference)
@@ -248,6 +246,7 @@ def sample(
     guidance: float | None = None,
     seed: int = 0,
     interval: int | None = None,
+    schedule: str | None = None,
     backend: str = "onnxruntime",
     device: str | None = None,
     progress: bool = True,
@@ -268,6 +267,7 @@ def sample(
         guidance=guidance,
         seed=seed,
         interval=interval,
+        schedule=schedule,
         backend=backend,
         device=device,
         progress=progress,

@@ -8,7 +8,9 @@ timestep and conditioning. Two facts are common to all families and live here:
   one shared vector: stacking those weight rows makes all of them one matrix product
   (:func:`stacked_gate_projection`);
 - the weighted residual sum reads each cache once (:class:`WeightedCacheSum`); in
-  torch programs it is one ``fora::gated_residual_sum`` op (a fused kernel on CUDA).
+  torch programs it is one ``fora::gated_residual_sum`` op (a fused kernel on CUDA);
+- a first-order forecast of the caches is the same sum over twice the caches
+  (:class:`ForecastGatedReuse`), so every family's gated reuse step forecasts unchanged.
 """
 
 from __future__ import annotations
@@ -64,3 +66,32 @@ class WeightedCacheSum(nn.Module):
         for index, cache in enumerate(caches):
             hidden = gates[:, index].unsqueeze(1) * cache + hidden
         return hidden
+
+
+class ForecastGatedReuse(nn.Module):
+    """The forecast reuse step of a family: ``(latents, gates, forecast_weight, *caches,
+    *previous) -> prediction``.
+
+    Each cache is forecast from the last two full steps j < k, ``A(t) ~ A_k + w (A_k - A_j)``
+    with ``w = (t - t_k) / (t_k - t_j)`` per sample (the runtime computes it from the planned
+    timesteps). Its gated contribution ``g A(t) = g (1 + w) A_k - g w A_j`` is a weighted sum
+    over twice the caches, so the family's gated reuse step runs unchanged on the current
+    caches followed by the previous ones, with their gates ``g (1 + w)`` and ``-g w``
+    followed by the gate table's other rows (final-layer modulation): one pass over both
+    cache generations, one fused op in torch programs, the same multiply-add chain in ONNX.
+    ``w = 0`` is plain reuse.
+    """
+
+    def __init__(self, gated_reuse: nn.Module, num_caches: int) -> None:
+        super().__init__()
+        self.gated_reuse = gated_reuse
+        self.num_caches = num_caches
+
+    def forward(
+        self, latents: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, *caches: torch.Tensor
+    ) -> torch.Tensor:
+        count = self.num_caches
+        w = weight.to(gates.dtype)[:, None, None]
+        cache_gates = gates[:, :count]
+        forecast = torch.cat((cache_gates * (1 + w), cache_gates * -w, gates[:, count:]), dim=1)
+        return self.gated_reuse(latents, forecast, *caches)

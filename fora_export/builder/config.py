@@ -81,6 +81,9 @@ class BuildConfig:
     #: "lean": the family's reuse step computing only gates and the residual sum
     #: (when it has one); "plain": every block's forward with replayed sublayers.
     reuse_graph: str = "lean"
+    #: Also export the forecast reuse graph (first-order forecast of the caches from the last
+    #: two full steps; needs the lean reuse graph's gate table).
+    forecast: bool = False
 
     def __post_init__(self) -> None:
         limit = self.max_cache_gib
@@ -99,6 +102,16 @@ class BuildConfig:
             )
         if self.reuse_graph not in ("lean", "plain"):
             raise ConfigError(f"--reuse-graph | got {self.reuse_graph!r} | expected lean or plain")
+        if self.forecast and self.reuse_graph == "plain":
+            raise ConfigError(
+                "--forecast | the forecast weights live in the lean reuse step's gate table; the plain "
+                "reuse graph (--reuse-graph plain) has none | drop --reuse-graph plain, or --forecast"
+            )
+        if self.forecast and self.backend in ("tensorrt", "tensorrt-rtx"):
+            raise ConfigError(
+                f"--forecast | no TensorRT engine is built for the forecast graph yet (--backend "
+                f"{self.backend}) | build with --backend onnx or torch"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device | got {self.device!r} | expected auto, cpu, cuda or cuda:N")
 
@@ -125,6 +138,7 @@ class BuildConfig:
         frames: int | None = None,
         subfolder: str | None = None,
         max_cache_gib: float | None = None,
+        forecast: bool = False,
     ) -> BuildConfig:
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision | got {precision!r} | expected one of {', '.join(PRECISIONS)}")
@@ -148,6 +162,7 @@ class BuildConfig:
             adapter=AdapterOptions(cache=kinds, caption_length=caption_length, frames=frames),
             subfolder=subfolder,
             max_cache_gib=max_cache_gib,
+            forecast=forecast,
             backend=backend,
             device=device,
             reuse_graph=reuse_graph,
@@ -182,4 +197,5 @@ class BuildConfig:
             "tensorrt": self.tensorrt.to_dict(),
             "subfolder": self.subfolder,
             "max_cache_gib": self.max_cache_gib,
+            "forecast": self.forecast,
         }

@@ -32,6 +32,7 @@ import torch
 import fora_export
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, torch_program_ops
 from fora_export.adapters.casting import cast_model
+from fora_export.adapters.gated import ForecastGatedReuse
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
 from fora_export.builder.config import BuildConfig, default_opset
@@ -43,6 +44,8 @@ from fora_export.progress import StageProgress
 from fora_export.split.graphs import SplitModel, split_model
 from fora_runtime.manifest import (
     BATCH_AXIS,
+    FORECAST_ROLE,
+    FORECAST_WEIGHT_NAME,
     GATES_NAME,
     MANIFEST_NAME,
     BatchRange,
@@ -53,6 +56,7 @@ from fora_runtime.manifest import (
     file_record,
     graph_file,
     parse_manifest_bytes,
+    previous_cache_name,
     read_manifest_bytes,
 )
 from fora_runtime.trust import SIGNATURE_NAME, sign_folder
@@ -90,6 +94,11 @@ def build(
     _clear_stale_builds(out)  # first: it may put back a folder a killed build had moved aside
     _check_destination(out, force)
     tensorrt_flavor, backend_note = resolve_backend(config.backend)
+    if config.forecast and tensorrt_flavor is not None:
+        raise BuildError(
+            f"--forecast | --backend {config.backend} chose {tensorrt_flavor.title} engines, and none is "
+            "built for the forecast graph yet | build with --backend onnx or torch"
+        )
     log.info("%s", backend_note)
     started = time.perf_counter()
     tmp = _sibling(out, BUILDING, os.getpid())
@@ -341,7 +350,9 @@ def export_folder(
         reuse_module, reuse_caches = _reuse_module(split, config)
         _check_cache_memory(split, caches, reuse_caches, config)
         reuse_module = reuse_module.to(device)
-        jobs = _graph_jobs(split, reuse_module, reuse_caches, example, caches, batch)
+        jobs = _graph_jobs(
+            split, reuse_module, reuse_caches, example, caches, batch, forecast=config.forecast
+        )
         cache_specs = _cache_specs(split, caches, reuse_caches)
 
         for job in jobs:
@@ -505,9 +516,12 @@ def _graph_jobs(
     example: dict[str, torch.Tensor],
     caches: dict[str, torch.Tensor],
     batch: BatchRange,
+    *,
+    forecast: bool = False,
 ) -> list[GraphJob]:
     """The graphs of this build, in export order: full and reuse, then the gate-table
-    pair when the family has one for its lean reuse graph."""
+    pair when the family has one for its lean reuse graph, then (``forecast``) the
+    forecast reuse graph built on the gate table's reuse step."""
     names = list(split.input_names)
     step_args = tuple(example[n] for n in names)
     cache_args = tuple(caches[n] for n in reuse_caches)
@@ -530,10 +544,14 @@ def _graph_jobs(
             fused_ops=True,
         ),
     ]
-    if reuse_module is split.reuse:
-        return jobs
-    gate_table = split.adapter.gate_table_graphs(reuse_caches)
+    gate_table = None if reuse_module is split.reuse else split.adapter.gate_table_graphs(reuse_caches)
     if gate_table is None:
+        if forecast:
+            raise BuildError(
+                f"--forecast | {split.adapter.model_class} caching {','.join(split.adapter.cached_kinds)} "
+                "has no gate table (the forecast weights come with it: DiT, SD3, Flux and Wan with the lean "
+                "reuse graph and every sublayer cached) | drop --forecast, or cache every sublayer"
+            )
         return jobs
     table_args = tuple(example[n] for n in gate_table.table_inputs)
     with torch.no_grad():
@@ -553,6 +571,28 @@ def _graph_jobs(
             fused_ops=True,
         ),
     ]
+    if forecast:
+        # The previous full step's caches: other tensors of the caches' shapes (distinct objects:
+        # the tracer must see two inputs, not one input twice).
+        previous = tuple(cache.clone() * 0.5 for cache in cache_args)
+        weight = torch.full((example[latents_name].shape[0],), 0.5, device=example[latents_name].device)
+        jobs.append(
+            GraphJob(
+                FORECAST_ROLE,
+                ForecastGatedReuse(gate_table.gated_reuse, len(reuse_caches)).eval(),
+                (example[latents_name], gates, weight, *cache_args, *previous),
+                [
+                    latents_name,
+                    GATES_NAME,
+                    FORECAST_WEIGHT_NAME,
+                    *reuse_caches,
+                    *(previous_cache_name(name) for name in reuse_caches),
+                ],
+                [PREDICTION],
+                batch,
+                fused_ops=True,
+            )
+        )
     return jobs
 
 
@@ -617,6 +657,11 @@ def _check_graphs(
 ) -> None:
     """The exported IO must be what the runtime will bind: names, dtypes, shapes."""
     expected = {s.name: s for s in (*step_specs, *caches, *((gates,) if gates is not None else ()))}
+    if FORECAST_ROLE in graphs:
+        expected[FORECAST_WEIGHT_NAME] = TensorSpec(FORECAST_WEIGHT_NAME, "float32", (BATCH_AXIS,))
+        for cache in caches:
+            name = previous_cache_name(cache.name)
+            expected[name] = TensorSpec(name, cache.dtype, cache.shape)
     prediction = graphs["full"].outputs[0]
     for role, graph in graphs.items():
         output = graph.outputs[0]

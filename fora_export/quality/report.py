@@ -78,6 +78,29 @@ def print_quality(report: QualityReport, console: Console | None = None) -> None
     ]
     for note in notes:
         console.print(note, soft_wrap=True)
+    for line in policy_comparison(report):
+        console.print(line, soft_wrap=True)
+
+
+def policy_comparison(report: QualityReport) -> list[str]:
+    """Per interval compared by several policies, their PSNR at its full-step count, and
+    whether each beats static FORA (paper counting) there."""
+    static = {r.interval: r for r in report.results if r.kind in ("paper", "both")}
+    others: dict[int, list[Any]] = {}
+    for row in report.results:
+        if row.kind in ("calibrated", "forecast", "calibrated+forecast") and row.interval is not None:
+            others.setdefault(row.interval, []).append(row)
+    lines = []
+    for interval, rows in others.items():
+        base = static.get(interval)
+        if base is None:
+            continue
+        parts = [f"static {_psnr_text(base.psnr_db)}"]
+        for row in rows:
+            delta = (row.psnr_db or float("inf")) - (base.psnr_db or float("inf"))
+            parts.append(f"{row.kind} {_psnr_text(row.psnr_db)} ({delta:+.1f})")
+        lines.append(f"{base.num_full} full steps (N={interval}), PSNR dB: " + ", ".join(parts))
+    return lines
 
 
 def _pyplot() -> Any:
@@ -106,7 +129,14 @@ _STYLES = {
     "reference": ("s", "FORA N, reference counting"),
     "both": ("D", "FORA N, both countings"),
     "explicit": ("^", "explicit full steps"),
+    "calibrated": ("v", "calibrated (same full steps as N)"),
+    "forecast": ("P", "forecast (N's schedule)"),
+    "calibrated+forecast": ("X", "calibrated + forecast"),
 }
+
+
+#: Rows of the policies beyond static FORA (one per interval, joined into a curve like N's).
+POLICY_KINDS = ("calibrated", "forecast", "calibrated+forecast")
 
 
 def plot_quality(report: QualityReport, path: Path) -> Path:
@@ -122,12 +152,13 @@ def plot_quality(report: QualityReport, path: Path) -> Path:
     )
     for index, (axis, (title, value)) in enumerate(zip(axes, panels, strict=True)):
         for kind, (marker, name) in _STYLES.items():
-            rows = sorted((r for r in report.results if r.kind == kind), key=lambda r: r.speedup)
+            rows = sorted((r for r in report.results if r.kind == kind), key=lambda r: -r.num_full)
             if not rows:
                 continue
             xs, ys = [r.speedup for r in rows], [value(r) for r in rows]
-            # FORA's N in order of speedup, joined so each counting reads as one curve.
-            style = "-" if kind in ("paper", "reference") else ""
+            # Joined in budget order (most full steps first), so each counting and policy reads
+            # as one curve even where timing noise reorders the measured speedups.
+            style = "-" if kind in ("paper", "reference", *POLICY_KINDS) else ""
             axis.plot(xs, ys, marker=marker, linestyle=style, linewidth=0.8, label=name)
             for r in rows if index == 0 else ():  # names on the first panel only: no clutter
                 if kind in ("paper", "both"):

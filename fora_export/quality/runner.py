@@ -7,6 +7,13 @@ the linear training betas, or flow-matching Euler) for each cache schedule, from
 same initial noise. The first schedule is always N=1 (no caching, through the runtime
 too): the reference.
 
+Policies (``policies``) at equal full steps: ``static`` FORA (the intervals, and explicit
+lists), ``calibrated`` (for each interval's full-step count K, the K full steps chosen from
+the engine folder's calibration of these steps, as ``fora-export calibrate --full-steps K``
+would place them), ``forecast`` (the static paper schedule with forecast reuse steps) and
+``calibrated+forecast``. Forecast policies need a ``build --forecast`` folder; static rows
+then run with the forecast off on the same engines.
+
 Per schedule: PSNR (pixels in [0, 1]) and relative L2 (the final samples) against the
 reference, the digit classifier's accuracy on the conditioning labels, the Fréchet
 distance of its features to the real digits', the full steps, and the time of the same
@@ -36,6 +43,8 @@ from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
 SCHEDULE_MODES = (*INTERVAL_MODES, "both")
+#: What ``--policies`` compares at equal full steps (static FORA is every interval's own row).
+POLICIES = ("static", "calibrated", "forecast", "calibrated+forecast")
 
 
 def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
@@ -56,10 +65,12 @@ class ScheduleCase:
     label: str
     schedule: CacheSchedule
     #: "none" (N=1, the reference), "paper", "reference", "both" (the two readings give the
-    #: same plan at these steps: one row), or "explicit" (labelled "list K", K from 1 in the
-    #: order given).
+    #: same plan at these steps: one row), "explicit" (labelled "list K", K from 1 in the
+    #: order given), or a policy beyond static: "calibrated", "forecast", "calibrated+forecast".
     kind: str
     interval: int | None = None
+    #: Reuse steps forecast the caches from the last two full steps (a forecast build).
+    forecast: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,8 +139,11 @@ def plan_quality(
     seed: int = 0,
     repeats: int = 3,
     where: str = "ENGINE_DIR",
+    policies: tuple[str, ...] = ("static",),
+    engine_dir: str | Path | None = None,
 ) -> QualityPlan:
-    """Check every option against the manifest before anything runs."""
+    """Check every option against the manifest before anything runs. ``engine_dir`` (where
+    the calibration is read from) defaults to ``where``."""
     check_digit_model(manifest, where)
     for name, value in (("--samples", samples_per_class), ("--steps", steps), ("--repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -168,6 +182,7 @@ def plan_quality(
         schedule = CacheSchedule.explicit(full_steps)
         full = schedule.num_full(steps)  # refuses steps past the last one
         cases.append(ScheduleCase(f"list {number} ({full} full)", schedule, "explicit"))
+    cases += _policy_cases(manifest, Path(engine_dir or where), policies, intervals, steps, where)
     return QualityPlan(
         steps=steps,
         samples_per_class=samples_per_class,
@@ -176,6 +191,64 @@ def plan_quality(
         cases=tuple(cases),
         repeats=repeats,
     )
+
+
+def _policy_cases(
+    manifest: Manifest,
+    folder: Path,
+    policies: tuple[str, ...],
+    intervals: tuple[int, ...],
+    steps: int,
+    where: str,
+) -> list[ScheduleCase]:
+    """The rows of the policies beyond static FORA, one per interval N > 1 at N's full-step
+    count K (paper counting): calibrated (K full steps where the calibration's accumulated
+    drift is least), forecast (N's schedule, forecast reuse), calibrated + forecast."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise ConfigError(
+            f"--policies | got {','.join(policies) or 'none'} | expected some of {','.join(POLICIES)}"
+        )
+    if any("forecast" in p for p in policies) and not manifest.has_forecast:
+        raise ConfigError(
+            f"{where} | the forecast policies need forecast reuse graphs, these engines have none | "
+            f"rebuild with --forecast (static rows then run with the forecast off)"
+        )
+    calibration = None
+    if any(p.startswith("calibrated") for p in policies):
+        from fora_runtime.calibration import CalibratedSchedules
+
+        if steps not in manifest.calibrated_schedules:
+            raise ConfigError(
+                f"{where} | the calibrated policies read the calibration of {steps} steps, and there is none "
+                f"| run fora-export calibrate {folder} --steps {steps} --full-steps K first"
+            )
+        calibration = CalibratedSchedules(manifest, folder).record(steps)
+    cases = []
+    for n in dict.fromkeys(intervals):
+        if n == 1:
+            continue
+        static = CacheSchedule.interval_of(n, "paper")
+        budget = static.num_full(steps)
+        calibrated = None
+        if calibration is not None:
+            from fora_export.calibrate import select_full_steps
+
+            if budget == len(calibration.full_steps):
+                calibrated = calibration.schedule  # the file's own: what schedule="calibrated" runs
+            else:
+                chosen, _ = select_full_steps(calibration.change[calibration.metric], budget)
+                calibrated = CacheSchedule.explicit(chosen)
+        for policy in policies:
+            if policy == "forecast":
+                cases.append(ScheduleCase(f"forecast N={n}", static, policy, n, forecast=True))
+            elif policy.startswith("calibrated"):
+                assert calibrated is not None
+                forecast = policy == "calibrated+forecast"
+                cases.append(
+                    ScheduleCase(f"{policy} {budget} full", calibrated, policy, n, forecast=forecast)
+                )
+    return cases
 
 
 @dataclass
@@ -195,6 +268,8 @@ class ScheduleResult:
     rel_l2: float
     accuracy: float
     frechet: float
+    #: Reuse steps forecast the caches (the forecast policies).
+    forecast: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -261,6 +336,11 @@ def run_quality(
             warm = CacheSchedule.explicit([0])
             for size in sorted({end - start for start, end in chunks}):
                 sampler.generate(session, timesteps[:2], warm, noise[:size], labels[:size])
+                if any(case.forecast for case in plan.cases):  # and the forecast graph's
+                    twice = CacheSchedule.explicit([0, 1])
+                    sampler.generate(
+                        session, timesteps[:3], twice, noise[:size], labels[:size], forecast=True
+                    )
             samples = {case.label: np.empty(tuple(noise.shape), np.float32) for case in plan.cases}
             runs: dict[str, list[float]] = {label: [0.0] * plan.repeats for label in samples}
             for repeat in range(plan.repeats):
@@ -271,7 +351,12 @@ def run_quality(
                             + (f", run {repeat + 1} of {plan.repeats}" if plan.repeats > 1 else "")
                         )
                         out, took = sampler.generate(
-                            session, timesteps, case.schedule, noise[start:end], labels[start:end]
+                            session,
+                            timesteps,
+                            case.schedule,
+                            noise[start:end],
+                            labels[start:end],
+                            forecast=case.forecast,
                         )
                         if repeat == 0:  # later runs only time the same generations again
                             samples[case.label][start:end] = out
@@ -313,6 +398,7 @@ def run_quality(
                 rel_l2=relative_l2(samples[case.label], samples[reference]),
                 accuracy=classifier.accuracy(pixels, labels),
                 frechet=frechet_distance(classifier.features(pixels), classifier.real_features),
+                forecast=case.forecast,
             )
         )
     return report

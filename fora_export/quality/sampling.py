@@ -105,16 +105,18 @@ class DigitSampler:
         schedule: CacheSchedule,
         noise: Any,
         labels: np.ndarray,
+        forecast: bool = False,
     ) -> tuple[np.ndarray, float]:
         """One generation of ``len(labels)`` samples over ``timesteps`` (the first steps of
         :attr:`timesteps`); the samples and its wall time (runtime steps and scheduler
-        updates, the gate table's computation at start included)."""
+        updates, the gate table's computation at start included). ``forecast``: reuse steps
+        forecast the caches (forecast builds)."""
         scheduler = self.new_scheduler()
         feeds = self.conditioning.feeds(labels)
         latents = noise.clone()
         started = time.perf_counter()
         generation = session.start(
-            len(timesteps), len(labels), schedule=schedule, timesteps=timesteps, **feeds
+            len(timesteps), len(labels), schedule=schedule, timesteps=timesteps, forecast=forecast, **feeds
         )
         for index in range(len(timesteps)):
             latents = self.update(scheduler, index, generation.step(latents.numpy()), latents)

@@ -27,11 +27,11 @@ import torch
 from fora_export.errors import ConfigError
 from fora_export.outputs import save_figure, write_text_atomic
 from fora_export.sample import ThreeWays, run_three_ways, save_grid
+from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import split_model
 from fora_export.validate.compare import TRAJECTORY_TOLERANCES, relative_l2, to_numpy
 from fora_export.validate.runner import default_scheduler, load_reference, make_scheduler
 from fora_runtime.manifest import load_manifest
-from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
@@ -83,6 +83,7 @@ def validate_pipeline(
     guidance: float | None = None,
     seed: int = 0,
     interval: int | None = None,
+    schedule: str | None = None,
     device: str | None = None,
     progress: bool = False,
     access: FolderAccess = DEFAULT_ACCESS,
@@ -95,6 +96,7 @@ def validate_pipeline(
         guidance=guidance,
         seed=seed,
         interval=interval,
+        schedule=schedule,
         backend=backend,
         device=device,
         progress=progress,
@@ -130,6 +132,7 @@ def trajectory_step_errors(
     scheduler: str | None = None,
     interval: int | None = None,
     seed: int = 0,
+    schedule_option: str | None = None,
     access: FolderAccess = DEFAULT_ACCESS,
 ) -> StepErrors:
     """Per-step errors along validate's trajectory (batch opt, random valid inputs)."""
@@ -137,10 +140,7 @@ def trajectory_step_errors(
     denoising = manifest.denoising
     assert denoising is not None  # checked when the manifest was read
     scheduler = scheduler or default_scheduler(denoising)
-    schedule = manifest.schedule
-    if interval is not None:
-        mode = schedule.mode if schedule.kind == "interval" else "paper"
-        schedule = CacheSchedule.interval_of(interval, mode)
+    schedule = chosen_schedule(manifest, engine_dir, steps, interval=interval, schedule=schedule_option)
     plan = schedule.plan(steps)
     adapter = load_reference(manifest, model)
     batch = manifest.batch.opt

@@ -8,7 +8,10 @@ cached sublayer output; a reuse step runs it with the taps replaying them. Which
 step is which comes from a plan the caller fixes per run (:meth:`reset`), not from
 anything the pipeline does, so the reference shares no lifecycle logic with the
 drop-in it checks. Each cache context (``cache_context(name)``) keeps its own step
-counter and caches.
+counter and caches. With ``forecast`` (engines built with ``--forecast``, whose drop-in
+forecasts), reuse steps after the second full step replay the caches forecast from the
+last two full steps (:mod:`fora_export.validate.forecast_ref`), at the ``timestep`` the
+pipeline passes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.registry import adapter_for
 from fora_export.errors import ConfigError
 from fora_export.split.graphs import SplitModel, split_model
+from fora_export.validate.forecast_ref import ForecastHistory
 from fora_runtime.manifest import Manifest
 from fora_runtime.schedule import CacheSchedule
 
@@ -33,18 +37,24 @@ from fora_runtime.schedule import CacheSchedule
 @dataclass
 class _ContextSteps:
     step: int = 0
-    caches: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: ForecastHistory = field(default_factory=ForecastHistory)
 
 
 class ForaReference(nn.Module):
     """``model`` run with FORA caching in PyTorch, full or reuse per ``schedule``."""
 
     def __init__(
-        self, model: nn.Module, schedule: CacheSchedule, options: AdapterOptions | None = None
+        self,
+        model: nn.Module,
+        schedule: CacheSchedule,
+        options: AdapterOptions | None = None,
+        *,
+        forecast: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.schedule = schedule
+        self.forecast = forecast
         adapter = adapter_for(model, options, where="pipeline transformer")
         self._split: SplitModel = split_model(adapter, ())
         self._plan: tuple[bool, ...] = ()
@@ -74,6 +84,7 @@ class ForaReference(nn.Module):
             model,
             schedule or manifest.schedule,
             AdapterOptions.from_dict(manifest.export.get("adapter_options")),
+            forecast=manifest.has_forecast,
         )
         reference._split.adapter.fix_resolution(manifest.resolution)
         return reference
@@ -117,12 +128,20 @@ class ForaReference(nn.Module):
                 "call reset(num_steps) before each pipeline run"
             )
         taps = self._split.taps
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if self.forecast and timestep is None:
+            raise ConfigError(
+                "ForaReference | forecast needs the timestep of every call | call the transformer with "
+                "timestep=, as diffusers pipelines do"
+            )
         if self._plan[steps.step]:
             with taps.recording() as recorded:
                 output = self.model(*args, **kwargs)
-            steps.caches = dict(recorded)
+            steps.history.record(torch.as_tensor(timestep if timestep is not None else 0.0), dict(recorded))
         else:
-            with taps.replaying(steps.caches):
+            history = steps.history
+            caches = history.reuse_caches(torch.as_tensor(timestep)) if self.forecast else history.caches[-1]
+            with taps.replaying(caches):
                 output = self.model(*args, **kwargs)
         steps.step += 1
         return output

@@ -8,6 +8,9 @@
    schedule): runtime vs PyTorch FORA, final-latent relative L2.
 3. Drift: PyTorch FORA vs PyTorch without caching, as information (this is the
    approximation FORA makes, not an export error).
+4. Calibrated schedules (``fora-export calibrate``): for every one the manifest lists,
+   the plan a ``schedule="calibrated"`` generation gets equals the file's full steps;
+   for the one the trajectory runs, so do the graphs its steps ran.
 
 With ``backend="tensorrt"`` (datacenter TensorRT) the graph cases also hold every engine
 against its ONNX graph on ONNX Runtime (``fora_export/validate/engines.py``, polygraphy).
@@ -29,6 +32,7 @@ from fora_export.adapters.casting import cast_model
 from fora_export.adapters.registry import adapter_for
 from fora_export.errors import ConfigError
 from fora_export.loading import load_model
+from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import SplitModel, split_model
 from fora_export.validate.compare import (
     GRAPH_TOLERANCES,
@@ -38,7 +42,9 @@ from fora_export.validate.compare import (
     relative_l2,
     to_numpy,
 )
-from fora_runtime.manifest import DenoisingSpec, Manifest
+from fora_export.validate.forecast_ref import ForecastHistory
+from fora_runtime.calibration import CalibratedSchedules
+from fora_runtime.manifest import FORECAST_ROLE, DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
@@ -92,10 +98,37 @@ class TrajectoryResult:
     final_nonfinite: bool
     #: Whether the runtime's reuse steps read gates precomputed at start().
     gate_table: bool = False
+    #: Whether the runtime's reuse steps forecast the caches (and so the reference does).
+    forecast: bool = False
+    #: The steps at which the runtime ran the full graph.
+    ran_full_steps: list[int] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.final_nonfinite and self.runtime_vs_fora_rel_l2 <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class CalibratedCheck:
+    """A calibrated schedule against what the runtime does with it."""
+
+    steps: int
+    file: str
+    file_full_steps: list[int]
+    #: The full steps of a ``schedule="calibrated"`` generation's plan.
+    planned_full_steps: list[int]
+    #: The steps that ran the full graph when the trajectory ran this schedule (else None).
+    ran_full_steps: list[int] | None = None
+
+    @property
+    def passed(self) -> bool:
+        ran = self.ran_full_steps
+        return self.planned_full_steps == self.file_full_steps and (
+            ran is None or ran == self.file_full_steps
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -109,11 +142,13 @@ class ValidationReport:
     precision: str
     graph_cases: list[GraphCase] = field(default_factory=list)
     trajectory: TrajectoryResult | None = None
+    calibrated: list[CalibratedCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         graphs_ok = all(c.passed for c in self.graph_cases)
-        return graphs_ok and (self.trajectory is None or self.trajectory.passed)
+        calibrated_ok = all(c.passed for c in self.calibrated)
+        return graphs_ok and calibrated_ok and (self.trajectory is None or self.trajectory.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +160,7 @@ class ValidationReport:
             "graph_tolerance": asdict(GRAPH_TOLERANCES[self.precision]),
             "graphs": [c.to_dict() for c in self.graph_cases],
             "trajectory": self.trajectory.to_dict() if self.trajectory else None,
+            "calibrated": [c.to_dict() for c in self.calibrated],
         }
 
 
@@ -225,8 +261,56 @@ def validate_graphs(
                         [compare("prediction", gated_pred, ref_reuse, tolerance)],
                     )
                 )
+            if session.backend.forecast_enabled:
+                cases.append(_forecast_case(session, split, feed, inputs, batch, timestep, (low, top)))
             log.debug("graphs: batch %d t=%d done", batch, timestep)
     return cases
+
+
+def _forecast_case(
+    session: ForaSession,
+    split: SplitModel,
+    feed: _Feeder,
+    inputs: dict[str, torch.Tensor],
+    batch: int,
+    timestep: float,
+    served: tuple[float, float],
+) -> GraphCase:
+    """The forecast reuse step of a three-step generation (full at t + 2g and t + g, forecast
+    at t) against the PyTorch reference: the caches themselves forecast and replayed
+    through the model's blocks (:mod:`fora_export.validate.forecast_ref`)."""
+    low, top = served
+    gap = min(float(REUSE_GAP), (top - low) / 3)
+    reuse_t = min(timestep, top - 2 * gap)
+    times = (reuse_t + 2 * gap, reuse_t + gap, reuse_t)
+    scale = split.adapter.timestep_scale
+    name = session.timestep_name
+    history = ForecastHistory()
+    with torch.no_grad():
+        for t in times[:2]:
+            at_t = torch.full((batch,), t * scale)
+            history.record(at_t, split.run_full(dict(inputs, **{name: at_t}))[1])
+        at_t = torch.full((batch,), times[2] * scale)
+        reference = split.run_reuse(dict(inputs, **{name: at_t}), history.reuse_caches(at_t))
+    fed = feed(inputs)
+    latents = fed[session.latents_name]
+    conditioning = {k: v for k, v in fed.items() if k not in (session.latents_name, name)}
+    generation = session.start(
+        3,
+        batch,
+        schedule=CacheSchedule.explicit([0, 1]),
+        timesteps=[t * scale for t in times],
+        forecast=True,
+        **conditioning,
+    )
+    for _ in range(3):
+        prediction = generation.step(latents)
+    if generation.history[-1] != FORECAST_ROLE:
+        raise ConfigError("validate | the forecast step ran plain reuse | report this bug")
+    tolerance = GRAPH_TOLERANCES[session.manifest.precision]
+    return GraphCase(
+        FORECAST_ROLE, batch, times[2], [compare("prediction", prediction, reference, tolerance)]
+    )
 
 
 def _gated_reuse_step(
@@ -368,15 +452,19 @@ def validate_trajectory(
         fed = feed(step_inputs(latents, t))
         return generation.step(fed.pop(latents_name), fed.pop(timestep_name), **fed)
 
-    caches: dict[str, torch.Tensor] = {}
+    forecast = generation.uses_forecast
+    history = ForecastHistory()
 
     def fora_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal caches
+        inputs = step_inputs(latents, t)
         with torch.no_grad():
             if plan[k]:
-                pred, caches = split.run_full(step_inputs(latents, t))
+                pred, caches = split.run_full(inputs)
+                history.record(inputs[timestep_name], caches)
                 return pred
-            return split.run_reuse(step_inputs(latents, t), caches)
+            if forecast:
+                return split.run_reuse(inputs, history.reuse_caches(inputs[timestep_name]))
+            return split.run_reuse(inputs, history.caches[-1])
 
     def nocache_step(k: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -396,6 +484,8 @@ def validate_trajectory(
         fora_vs_nocache_rel_l2=relative_l2(final_fora, final_nocache),
         final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
         gate_table=generation.uses_gate_table,
+        forecast=forecast,
+        ran_full_steps=[k for k, role in enumerate(generation.history) if role == "full"],
     )
 
 
@@ -421,7 +511,7 @@ def validate(
     backend: str = "onnxruntime",
     steps: int = 20,
     scheduler: str | None = None,
-    schedule: CacheSchedule | None = None,
+    schedule: CacheSchedule | str | None = None,
     interval: int | None = None,
     batch_sizes: list[int] | None = None,
     seed: int = 0,
@@ -430,7 +520,8 @@ def validate(
     access: FolderAccess = DEFAULT_ACCESS,
 ) -> ValidationReport:
     """Validate an engine folder; see the module docstring for what is checked. ``access``:
-    how the folder is verified and whether it is trusted (``fora_runtime.trust``)."""
+    how the folder is verified and whether it is trusted (``fora_runtime.trust``);
+    ``schedule="calibrated"``: the trajectory runs the schedule calibrated for ``steps``."""
     if steps < 1:
         raise ConfigError(f"--steps | got {steps} | expected >= 1")
     with ForaSession(engine_dir, backend=backend, **access.session_options()) as session:
@@ -438,10 +529,8 @@ def validate(
         assert manifest.denoising is not None  # checked when the manifest was read
         scheduler = scheduler or default_scheduler(manifest.denoising)
         make_scheduler(scheduler, steps, manifest.denoising)  # refuses a wrong family before work
-        if schedule is None and interval is not None:
-            # Count the interval the way the engines' own schedule does.
-            mode = manifest.schedule.mode if manifest.schedule.kind == "interval" else "paper"
-            schedule = CacheSchedule.interval_of(interval, mode)
+        if not isinstance(schedule, CacheSchedule):  # "calibrated" (refused without a file), options
+            schedule = chosen_schedule(manifest, engine_dir, steps, interval=interval, schedule=schedule)
         if batch_sizes is None:
             batch_sizes = sorted({manifest.batch.min, manifest.batch.opt, manifest.batch.max})
         for batch in batch_sizes:
@@ -472,6 +561,33 @@ def validate(
                     batch_size=manifest.batch.opt,
                     seed=seed,
                 )
+            report.calibrated = check_calibrated(session, report.trajectory)
         finally:
             split.remove()
     return report
+
+
+def check_calibrated(session: ForaSession, trajectory: TrajectoryResult | None) -> list[CalibratedCheck]:
+    """Every calibrated schedule of the folder: its file's full steps against the plan of a
+    ``schedule="calibrated"`` generation and, where the trajectory ran it, the steps that
+    ran the full graph."""
+    manifest = session.manifest
+    calibrated = CalibratedSchedules(manifest, session.engine_dir)
+    checks = []
+    for steps in calibrated.steps:
+        record = calibrated.record(steps)
+        generation = session.start(steps, manifest.batch.min, schedule="calibrated")
+        ran = None
+        if trajectory is not None and trajectory.schedule == record.schedule.describe():
+            ran = trajectory.ran_full_steps
+        checks.append(
+            CalibratedCheck(
+                steps=steps,
+                file=manifest.calibrated_schedules[steps],
+                file_full_steps=list(record.full_steps),
+                planned_full_steps=[k for k, full in enumerate(generation.plan) if full],
+                ran_full_steps=ran,
+            )
+        )
+    session.reset()
+    return checks

@@ -5,6 +5,7 @@ Imports nothing heavy: backends load onnxruntime / tensorrt / torch on first use
 
 from __future__ import annotations
 
+from fora_runtime.calibration import CalibratedSchedules, CalibrationRecord
 from fora_runtime.errors import (
     BackendError,
     ConcurrentUseError,
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "CacheSchedule",
+    "CalibratedSchedules",
+    "CalibrationRecord",
     "ConcurrentUseError",
     "ForaError",
     "ForaSession",

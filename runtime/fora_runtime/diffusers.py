@@ -187,7 +187,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         backend: str = "onnxruntime",
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | str | None = None,
         gate_table: bool = True,
         **backend_options: Any,
     ) -> None:
@@ -240,7 +240,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         backend: str = "onnxruntime",
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | str | None = None,
         **backend_options: Any,
     ) -> ForaTransformer:
         """Load ``engine_dir`` on ``backend`` (``onnxruntime``, ``torch``, ``tensorrt``).
@@ -248,7 +248,9 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         ``device`` is where the torch / TensorRT backend runs (``cpu``, ``cuda:N``; default:
         where the torch programs were traced; ONNX Runtime takes ``providers=`` instead);
         ``dtype`` is the pipeline's dtype (default float32, as pipelines loaded without
-        ``torch_dtype``); ``schedule`` overrides the manifest's.
+        ``torch_dtype``); ``schedule`` overrides the manifest's (``"calibrated"``: the
+        schedule ``fora-export calibrate`` wrote for the pipeline's step count);
+        ``forecast=False`` reuses plainly on engines built with ``--forecast``.
         """
         return cls(
             engine_dir, backend=backend, device=device, dtype=dtype, schedule=schedule, **backend_options

@@ -2,7 +2,8 @@
 
 It tracks the step index against the cache schedule's plan and, when the
 timesteps and conditioning were given to ``start``, holds them
-(:class:`PlannedInputs`) and the gate table computed from them (:class:`GateTable`).
+(:class:`PlannedInputs`) and the gate table computed from them (:class:`GateTable`),
+with, on forecast builds, each reuse step's forecast weights (:func:`forecast_weights`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,47 @@ if TYPE_CHECKING:
 
 
 class GateTable:
-    """A backend's gate table and the step each block of ``batch`` rows belongs to."""
+    """A backend's gate table and the step each block of ``batch`` rows belongs to; with a
+    forecast, the forecast weight of each row (a backend array of the same rows) and the
+    steps that forecast."""
 
-    def __init__(self, table: Any, steps: list[int]) -> None:
+    def __init__(
+        self,
+        table: Any,
+        steps: list[int],
+        forecast_weights: Any = None,
+        forecast_steps: frozenset[int] = frozenset(),
+    ) -> None:
         self.table = table
         self.block_of = {step: block for block, step in enumerate(steps)}
+        self.forecast_weights = forecast_weights
+        self.forecast_steps = forecast_steps
+
+
+def forecast_weights(plan: tuple[bool, ...], timesteps: Any, batch_size: int) -> tuple[Any, frozenset[int]]:
+    """Per step and sample, the weight ``w = (t - t_k) / (t_k - t_j)`` of the first-order
+    forecast ``A(t) ~ A_k + w (A_k - A_j)`` from the last two full steps j < k before each
+    reuse step (float32 ``[steps, batch]``, 0 where there is none), and the reuse steps
+    that have two full steps before them (the earlier ones reuse plainly). A sample whose
+    two full steps share a timestep (order-2 schedulers repeat them) gets w = 0."""
+    import numpy as np
+
+    times = np.asarray(timesteps, dtype=np.float64).reshape(len(plan), -1)
+    times = np.broadcast_to(times, (len(plan), batch_size))
+    weights = np.zeros((len(plan), batch_size), dtype=np.float32)
+    steps = set()
+    last = before = None
+    for index, full in enumerate(plan):
+        if full:
+            before, last = last, index
+            continue
+        if before is None or last is None:
+            continue
+        span = times[last] - times[before]
+        safe = np.where(span != 0, span, 1.0)
+        weights[index] = np.where(span != 0, (times[index] - times[last]) / safe, 0.0)
+        steps.add(index)
+    return weights, frozenset(steps)
 
 
 class PlannedInputs:
@@ -104,11 +141,18 @@ class Generation:
         self.detect_nonfinite = detect_nonfinite
         self._where = where
         self.step_index = 0
+        #: The graph each step ran so far ("full", "reuse", "reuse_gated", "reuse_forecast").
+        self.history: list[str] = []
 
     @property
     def uses_gate_table(self) -> bool:
         """True when reuse steps read gates computed at ``start`` (they only read caches)."""
         return self._gate_table is not None
+
+    @property
+    def uses_forecast(self) -> bool:
+        """True when reuse steps after the second full step forecast the caches."""
+        return self._gate_table is not None and self._gate_table.forecast_weights is not None
 
     @property
     def num_steps(self) -> int:
@@ -163,8 +207,12 @@ class Generation:
             conditioning = {**planned.given, **conditioning}
         if not full and self._gate_table is not None:
             prediction = runner.run_gated(latents, self._gate_table, index)
+            self.history.append(
+                "reuse_forecast" if index in self._gate_table.forecast_steps else "reuse_gated"
+            )
         else:
             prediction = runner.run(full, latents, timestep, conditioning)
+            self.history.append("full" if full else "reuse")
         if self.detect_nonfinite:
             self._check_finite(prediction, latents, index, "full" if full else "reuse")
         return prediction

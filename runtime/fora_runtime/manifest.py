@@ -34,6 +34,20 @@ GRAPH_ROLES = ("full", "reuse")
 #: rows at once, ``reuse_gated`` is the reuse step reading its row instead of computing it.
 GATE_TABLE_ROLES = ("gates", "reuse_gated")
 GATES_NAME = "gates"
+#: Optional (``build --forecast``, with the gate-table graphs): the reuse step that forecasts
+#: each cache from the last two full steps, ``A + w (A - A_previous)``. It reads the gate
+#: table's row, the step's weight ``w`` per sample, the caches and the previous caches.
+FORECAST_ROLE = "reuse_forecast"
+FORECAST_WEIGHT_NAME = "forecast_weight"
+#: The previous full step's cache ``name`` is the forecast graph's input ``previous.<name>``.
+PREVIOUS_PREFIX = "previous."
+
+
+def previous_cache_name(name: str) -> str:
+    """The forecast graph's input holding cache ``name`` of the full step before the last."""
+    return f"{PREVIOUS_PREFIX}{name}"
+
+
 #: What each step input is. ``build_constant`` inputs (e.g. Flux's position ids) are fixed
 #: per build and baked into the graphs; their values are recorded so a caller who passes
 #: them anyway is checked.
@@ -336,6 +350,9 @@ class Manifest:
     backends: dict[str, Any] = field(default_factory=dict)
     #: Rows the ``gates`` graph takes per call; None when the build has no gate-table graphs.
     gate_rows: BatchRange | None = None
+    #: Calibrated schedules written by ``fora-export calibrate``: step count -> file (listed in
+    #: ``files`` with its sha256; the file itself is read by ``fora_runtime.calibration``).
+    calibrated_schedules: dict[int, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- IO helpers used by the runtime -------------------------------------------------
@@ -435,12 +452,20 @@ class Manifest:
         data["caches"] = [c.to_dict() for c in self.caches]
         data["inputs"] = [i.to_dict() for i in self.inputs]
         data["denoising"] = self.denoising.to_dict() if self.denoising is not None else None
+        data["calibrated_schedules"] = {str(steps): file for steps, file in self.calibrated_schedules.items()}
         # Put the version first so a human reading the file sees it.
         return {"schema_version": data.pop("schema_version"), **data}
 
     def write(self, folder: Path) -> Path:
+        """Write ``manifest.json`` atomically: readers see the old file or the new one, never
+        a half-written one (``fora-export calibrate`` rewrites it in place)."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -476,7 +501,8 @@ class Manifest:
     @classmethod
     def _parse(cls, data: dict[str, Any]) -> Manifest:
         graphs_data = field_of(data, "graphs", dict, "")
-        roles = GRAPH_ROLES + tuple(r for r in GATE_TABLE_ROLES if r in graphs_data)
+        optional = (*GATE_TABLE_ROLES, FORECAST_ROLE)
+        roles = GRAPH_ROLES + tuple(r for r in optional if r in graphs_data)
         graphs = {
             role: GraphSpec.from_dict(field_of(graphs_data, role, dict, "graphs"), f"graphs.{role}")
             for role in roles
@@ -484,7 +510,7 @@ class Manifest:
         unknown = sorted(set(graphs_data) - set(roles))
         if unknown:
             raise FieldError(
-                f"field 'graphs' has unknown roles {unknown}, expected {list(GRAPH_ROLES + GATE_TABLE_ROLES)}"
+                f"field 'graphs' has unknown roles {unknown}, expected {list(GRAPH_ROLES + optional)}"
             )
         resolution = list_of(
             data, "resolution", "", lambda v, where: expect(v, int, where, low=1, high=MAX_DIM)
@@ -515,6 +541,9 @@ class Manifest:
             denoising=DenoisingSpec.from_dict(field_of(data, "denoising", dict, "")),
             backends=dict(expect(data.get("backends", {}), dict, "backends")),
             gate_rows=BatchRange.from_dict(gate_rows, "gate_rows") if gate_rows is not None else None,
+            calibrated_schedules=_calibrated_schedules(
+                expect(data.get("calibrated_schedules", {}), dict, "")
+            ),
         )
 
     def _check_consistency(self, where: str) -> None:
@@ -550,7 +579,14 @@ class Manifest:
         for role, graph in self.graphs.items():
             if graph.file not in self.files:
                 raise ManifestError(f"{where} | {role} graph file '{graph.file}' is not listed in 'files'")
+        for steps, file in self.calibrated_schedules.items():
+            if file not in self.files:
+                raise ManifestError(
+                    f"{where} | calibrated schedule of {steps} steps: '{file}' is not listed in 'files' "
+                    "| run fora-export calibrate again"
+                )
         self._check_gate_table(where)
+        self._check_forecast(where)
 
     def _check_inputs(self, bad: Any) -> None:
         roles = [spec.role for spec in self.inputs]
@@ -563,11 +599,14 @@ class Manifest:
                 raise bad(f"build constant '{spec.name}' has no recorded value")
         step = {spec.name: spec for spec in self.step_inputs}
         cache_names = {c.name for c in self.caches}
+        forecast_only = {FORECAST_WEIGHT_NAME, *(previous_cache_name(name) for name in cache_names)}
         for role, graph in self.graphs.items():
             if role == "gates":
                 continue
             for tensor in graph.inputs:
                 if tensor.name in cache_names or tensor.name == GATES_NAME:
+                    continue
+                if role == FORECAST_ROLE and tensor.name in forecast_only:
                     continue
                 want = step.get(tensor.name)
                 if want is None or (want.dtype, want.shape) != (tensor.dtype, tensor.shape):
@@ -621,6 +660,50 @@ class Manifest:
             for spec in self.graphs[role].inputs:
                 if spec.name not in known:
                     raise ManifestError(f"{where} | {role} input '{spec.name}' is not a step input or cache")
+
+    @property
+    def has_forecast(self) -> bool:
+        """True when the build has the forecast reuse graph (``build --forecast``)."""
+        return FORECAST_ROLE in self.graphs
+
+    def _check_forecast(self, where: str) -> None:
+        if not self.has_forecast:
+            return
+        if not self.has_gate_table:
+            raise ManifestError(
+                f"{where} | a {FORECAST_ROLE} graph without the gate-table graphs | rebuild the engines"
+            )
+        graph = self.graphs[FORECAST_ROLE]
+        gated = self.graphs["reuse_gated"]
+        caches = [c.name for c in self.caches]
+        weight = (FORECAST_WEIGHT_NAME, "float32", (BATCH_AXIS,))
+        leading = (self.latents_input.name, GATES_NAME)
+        expected = [(t.name, t.dtype, t.shape) for t in gated.inputs if t.name in leading]
+        expected.append(weight)
+        by_name = {c.name: c for c in self.caches}
+        expected += [(name, by_name[name].dtype, by_name[name].shape) for name in caches]
+        expected += [(previous_cache_name(n), by_name[n].dtype, by_name[n].shape) for n in caches]
+        got = [(t.name, t.dtype, t.shape) for t in graph.inputs]
+        outputs = [(t.name, t.dtype, t.shape) for t in graph.outputs]
+        prediction = [(self.prediction.name, self.prediction.dtype, self.prediction.shape)]
+        if got != expected or outputs != prediction:
+            raise ManifestError(
+                f"{where} | the {FORECAST_ROLE} graph must take latents, {GATES_NAME}, "
+                f"{FORECAST_WEIGHT_NAME} [batch] float32, the caches and the previous caches, and output the "
+                "prediction | rebuild the engines"
+            )
+
+
+def _calibrated_schedules(data: dict[str, Any]) -> dict[int, str]:
+    """``calibrated_schedules``: step count (a JSON key of digits) -> a plain file name."""
+    schedules = {}
+    for steps, file in data.items():
+        if not (isinstance(steps, str) and steps.isdigit() and 1 <= int(steps) <= MAX_DIM):
+            raise FieldError(
+                f"field 'calibrated_schedules' has key {_describe(steps)}, expected a step count"
+            )
+        schedules[int(steps)] = check_file_name(file, f"field 'calibrated_schedules.{steps}'")
+    return schedules
 
 
 def _files(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -829,24 +912,43 @@ def verify_manifest_files(manifest: Manifest, folder: Path, verify: VerifyMode =
     """Check every listed file: contained in ``folder`` (always, ``none`` included), its size,
     then its stamp (``stamp``; files recorded without one get their sha256 checked) or its
     sha256 (``full``)."""
-    for name, record in manifest.files.items():
-        file = folder / name
-        real = contained_file(folder, name)
-        if verify == "none":
-            continue
-        size = real.stat().st_size
-        if size != record.get("bytes"):
+    calibrated = {file: steps for steps, file in manifest.calibrated_schedules.items()}
+    for name in manifest.files:
+        fix = "rebuild the engines"
+        if name in calibrated:
+            fix = f"calibrate again: fora-export calibrate {folder} --steps {calibrated[name]} --full-steps K"
+        verify_listed_file(manifest, folder, name, verify, fix=fix)
+
+
+def verify_listed_file(
+    manifest: Manifest,
+    folder: Path,
+    name: str,
+    verify: VerifyMode = "full",
+    *,
+    fix: str = "rebuild the engines",
+) -> Path:
+    """Check one listed file as :func:`verify_manifest_files` does; returns its real path."""
+    record = manifest.files[name]
+    file = Path(folder) / name
+    try:
+        real = contained_file(Path(folder), name)
+    except ManifestError as err:
+        raise ManifestError(str(err).replace("| rebuild the engines", f"| {fix}")) from err
+    if verify == "none":
+        return real
+    size = real.stat().st_size
+    if size != record.get("bytes"):
+        raise ManifestError(
+            f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated or was "
+            f"replaced; {fix}"
+        )
+    if verify == "stamp" and "stamp" in record:
+        if stamp_of(real) != record["stamp"]:
             raise ManifestError(
-                f"{file} | size {size} bytes, expected {record.get('bytes')} | file is truncated "
-                "or was replaced; rebuild the engines"
+                f"{file} | its stamp (size, first/last MiB, samples) does not match {MANIFEST_NAME} "
+                f"| file was replaced or modified; {fix}"
             )
-        if verify == "stamp" and "stamp" in record:
-            if stamp_of(real) != record["stamp"]:
-                raise ManifestError(
-                    f"{file} | its stamp (size, first/last MiB, samples) does not match {MANIFEST_NAME} "
-                    "| file was replaced or modified; rebuild the engines"
-                )
-        elif sha256_of(real) != record.get("sha256"):
-            raise ManifestError(
-                f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; rebuild the engines"
-            )
+    elif sha256_of(real) != record.get("sha256"):
+        raise ManifestError(f"{file} | sha256 does not match {MANIFEST_NAME} | file was modified; {fix}")
+    return real

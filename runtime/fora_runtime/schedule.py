@@ -8,8 +8,11 @@ between. There are two readings of "every N steps" (see README, "Schedules"):
   and recomputes when ``i == S-1 or i % N == 0``. When (S-1) is not a multiple
   of N the two differ: with S=50, N=3 the reference recomputes at steps 0 and 1.
 
-A schedule can also be an explicit list of full steps. The plan for a given
-number of steps is computed once, up front, as a tuple of booleans.
+A schedule can also be an explicit list of full steps, or a calibrated one: an
+explicit list chosen by ``fora-export calibrate`` for one step count, which it
+plans and no other (``fora_runtime.calibration`` reads it from the engine folder).
+The plan for a given number of steps is computed once, up front, as a tuple of
+booleans.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ class CacheSchedule:
     the per-step full/reuse decision for a generation of ``num_steps`` steps.
     """
 
-    kind: Literal["interval", "explicit"]
+    kind: Literal["interval", "explicit", "calibrated"]
     interval: int = 1
     mode: IntervalMode = "paper"
     full_steps: tuple[int, ...] = ()
+    #: ``calibrated`` only: the step count it was calibrated for, the only one it plans.
+    steps: int | None = None
 
     @classmethod
     def interval_of(cls, interval: int, mode: str = "paper") -> CacheSchedule:
@@ -67,11 +72,30 @@ class CacheSchedule:
             )
         return cls(kind="explicit", full_steps=steps)
 
+    @classmethod
+    def calibrated(cls, full_steps: Iterable[int], steps: int) -> CacheSchedule:
+        """Full at ``full_steps`` (chosen by calibration), for generations of ``steps`` steps only."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ScheduleError(f"Calibrated schedule | step count {steps!r} | expected an integer >= 1")
+        listed = cls.explicit(full_steps)
+        if listed.full_steps[-1] >= steps:
+            raise ScheduleError(
+                f"Calibrated schedule | full step {listed.full_steps[-1]} is past the last of its {steps} "
+                "steps | calibrate again"
+            )
+        return cls(kind="calibrated", full_steps=listed.full_steps, steps=steps)
+
     def plan(self, num_steps: int) -> tuple[bool, ...]:
         """``plan[k]`` is True when step k runs the full graph."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ScheduleError(f"Number of steps | got {num_steps!r} | expected an integer >= 1")
-        if self.kind == "explicit":
+        if self.kind == "calibrated" and num_steps != self.steps:
+            raise ScheduleError(
+                f"Calibrated schedule | calibrated for {self.steps} steps, the generation has {num_steps} "
+                f"| run {self.steps} steps, or calibrate for {num_steps}: fora-export calibrate ENGINE_DIR "
+                f"--steps {num_steps} --full-steps K"
+            )
+        if self.kind in ("explicit", "calibrated"):
             if self.full_steps[-1] >= num_steps:
                 raise ScheduleError(
                     f"Explicit schedule | full step {self.full_steps[-1]} is past the last step "
@@ -93,6 +117,8 @@ class CacheSchedule:
         return num_steps / self.num_full(num_steps)
 
     def describe(self) -> str:
+        if self.kind == "calibrated":
+            return f"calibrated for {self.steps} steps: full at {list(self.full_steps)}"
         if self.kind == "explicit":
             return f"explicit full steps {list(self.full_steps)}"
         if self.interval == 1:
@@ -100,6 +126,8 @@ class CacheSchedule:
         return f"full every {self.interval} steps ({self.mode})"
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "calibrated":
+            return {"kind": "calibrated", "steps": self.steps, "full_steps": list(self.full_steps)}
         if self.kind == "explicit":
             return {"kind": "explicit", "full_steps": list(self.full_steps)}
         return {"kind": "interval", "interval": self.interval, "mode": self.mode}
@@ -111,4 +139,8 @@ class CacheSchedule:
             return cls.interval_of(data.get("interval"), data.get("mode", "paper"))  # type: ignore[arg-type]
         if kind == "explicit":
             return cls.explicit(data.get("full_steps", ()))
-        raise ScheduleError(f"Schedule | unknown kind {kind!r} | expected 'interval' or 'explicit'")
+        if kind == "calibrated":
+            return cls.calibrated(data.get("full_steps", ()), data.get("steps"))  # type: ignore[arg-type]
+        raise ScheduleError(
+            f"Schedule | unknown kind {kind!r} | expected 'interval', 'explicit' or 'calibrated'"
+        )

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, in_family_of
+from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
 from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError
-from fora_runtime.generation import GateTable, Generation
+from fora_runtime.generation import GateTable, Generation, forecast_weights
 from fora_runtime.inputs import StepInputs
 from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
 from fora_runtime.schedule import CacheSchedule
@@ -48,17 +49,20 @@ class ForaSession:
         engine_dir: str | Path,
         *,
         backend: str = "onnxruntime",
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | CalibratedSchedules | str | None = None,
         verify: VerifyMode = "stamp",
         trust_programs: bool = False,
         manifest_key: str | bytes | None = None,
         manifest_key_file: str | Path | None = None,
         check_inputs: bool = True,
         gate_table: bool = True,
+        forecast: bool | None = None,
         detect_nonfinite: bool = False,
         **backend_options: Any,
     ) -> None:
-        """``verify``: how the folder's files are checked on open (``stamp``: size and a
+        """``schedule``: the default of every generation (None: the manifest's; ``"calibrated"``:
+        for each step count the schedule ``fora-export calibrate`` wrote for it).
+        ``verify``: how the folder's files are checked on open (``stamp``: size and a
         stamp of each, ``full``: sha256 of each, ``none``). ``trust_programs=True`` vouches
         for the folder: torch programs (which run code when loaded) and TensorRT plugin
         layers are then allowed; a manifest signed under ``manifest_key`` /
@@ -66,6 +70,9 @@ class ForaSession:
         safety"). ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
         hot loops whose inputs are known good; a bad input then fails inside the backend).
         ``gate_table=False`` never precomputes gates (reuse steps compute their own).
+        ``forecast`` (forecast builds, ``build --forecast``): None forecasts wherever the
+        generation has a gate table; True refuses generations that cannot; False never
+        forecasts (static FORA, one cache generation).
         ``detect_nonfinite=True`` makes every step check its prediction for NaN/Inf and raise
         :class:`NonFiniteError` naming the step (each generation's ``detect_nonfinite`` starts
         as this; it reads every prediction, a device sync per step on GPUs: leave it off in
@@ -77,15 +84,30 @@ class ForaSession:
         self.manifest: Manifest = folder.manifest
         #: True when the folder may load code (torch programs, TensorRT plugins).
         self.trusted = trust_programs or folder.signed
-        self.schedule = schedule if schedule is not None else self.manifest.schedule
+        self.schedule: CacheSchedule | CalibratedSchedules = (
+            resolve_schedule(schedule, self.manifest, self.engine_dir) or self.manifest.schedule
+        )
+        if forecast and not self.manifest.has_forecast:
+            raise InputError(
+                f"ForaSession forecast | {self.engine_dir / MANIFEST_NAME} was built without --forecast | "
+                "rebuild with `fora-export build --forecast`, or leave forecast off"
+            )
         self.backend: StepBackend = create_backend(
             backend,
             self.manifest,
             self.engine_dir,
             gate_table=gate_table,
+            forecast=forecast is not False,
             trust_programs=self.trusted,
             **backend_options,
         )
+        if forecast and not (gate_table and self.backend.supports_forecast):
+            raise InputError(
+                f"ForaSession forecast | backend '{backend}'{'' if gate_table else ' without a gate table'} "
+                "cannot forecast | use the onnxruntime or torch backend with gate_table=True, or "
+                "forecast=False"
+            )
+        self.forecast = forecast
         self._inputs = StepInputs(
             self.manifest, self.backend, where=str(self.engine_dir / MANIFEST_NAME), check=check_inputs
         )
@@ -134,32 +156,39 @@ class ForaSession:
         num_steps: int,
         batch_size: int,
         *,
-        schedule: CacheSchedule | None = None,
+        schedule: CacheSchedule | CalibratedSchedules | str | None = None,
         timesteps: Any = None,
+        forecast: bool | None = None,
         **conditioning: Any,
     ) -> Generation:
         """Begin a new generation; earlier generations of this session become stale.
 
+        ``schedule`` overrides the session's for this generation (``"calibrated"``: the
+        schedule calibrated for ``num_steps``; another step count is a ScheduleError).
+
         ``timesteps`` (one per step, each a number or one per sample) and the
         generation's conditioning (e.g. ``class_labels``) are optional; given, steps
         may omit them, and where the build and backend allow, the gates of every
-        step are computed here at once (:attr:`Generation.uses_gate_table`). The generation
+        step are computed here at once (:attr:`Generation.uses_gate_table`), on forecast
+        builds with each reuse step's forecast weights (``forecast`` overrides the
+        session's: True needs the timesteps, False reuses plainly). The generation
         checks its predictions for NaN/Inf when the session does (its ``detect_nonfinite``
         attribute switches that per generation).
         """
         with self._exclusive("start()"):
-            return self._start(num_steps, batch_size, schedule, timesteps, conditioning)
+            return self._start(num_steps, batch_size, schedule, timesteps, forecast, conditioning)
 
     def _start(
         self,
         num_steps: int,
         batch_size: int,
-        schedule: CacheSchedule | None,
+        schedule: CacheSchedule | CalibratedSchedules | str | None,
         timesteps: Any,
+        forecast: bool | None,
         conditioning: dict[str, Any],
     ) -> Generation:
         batch_size = self._inputs.check_batch(batch_size)
-        plan = (schedule or self.schedule).plan(num_steps)
+        plan = (resolve_schedule(schedule, self.manifest, self.engine_dir) or self.schedule).plan(num_steps)
         planned = None
         if timesteps is not None:
             planned = self._inputs.plan(timesteps, conditioning, len(plan), batch_size)
@@ -167,6 +196,13 @@ class ForaSession:
             raise InputError(
                 f"start() | got conditioning {sorted(conditioning)} without timesteps | pass "
                 "timesteps too, or pass conditioning to each step()"
+            )
+        wanted = self.forecast if forecast is None else forecast
+        if wanted and not (planned is not None and self.backend.forecast_enabled):
+            why = "without timesteps" if planned is None else "on engines or a session that cannot forecast"
+            raise InputError(
+                f"start() forecast | asked for {why} | pass timesteps to start() on a forecast build "
+                "(fora-export build --forecast), or forecast=False"
             )
         buffers = self.backend.buffers(batch_size)
         table = None
@@ -176,7 +212,11 @@ class ForaSession:
             if reuse_steps:
                 names = tuple(spec.name for spec in self.manifest.graphs["gates"].inputs)
                 rows = planned.rows(batch_size, reuse_steps, names)
-                table = GateTable(self.backend.gate_table(rows), reuse_steps)
+                weights, forecast_steps = None, frozenset[int]()
+                if wanted is not False and self.backend.forecast_enabled:
+                    per_step, forecast_steps = forecast_weights(plan, planned.timesteps, batch_size)
+                    weights = self.backend.upload(per_step[reuse_steps].reshape(-1))  # rows as the table's
+                table = GateTable(self.backend.gate_table(rows), reuse_steps, weights, forecast_steps)
         self._retire()
         self._runner = StepRunner(self.backend, self._inputs, buffers, self._calls)
         return Generation(
@@ -308,10 +348,14 @@ class StepRunner:
         return in_family_of(self._backend.read_prediction(self._buffers), latents)
 
     def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
-        """The reuse step ``step`` reading its gates from ``table``; returns the prediction."""
+        """The reuse step ``step`` reading its gates from ``table`` (and its forecast weights,
+        when ``table`` forecasts that step); returns the prediction."""
         self.require_live()
         name = self._inputs.latents_name
         self._inputs.stage(self._buffers, {name: latents}, only=(name,))
         first_row = table.block_of[step] * self.batch_size
-        self._backend.run_reuse_gated(self._buffers, table.table, first_row)
+        if step in table.forecast_steps:
+            self._backend.run_reuse_forecast(self._buffers, table.table, first_row, table.forecast_weights)
+        else:
+            self._backend.run_reuse_gated(self._buffers, table.table, first_row)
         return in_family_of(self._backend.read_prediction(self._buffers), latents)

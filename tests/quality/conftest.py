@@ -32,3 +32,11 @@ def digits_flow_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.setattr(socket.socket, "connect", refuse_connections)
         build("demo-digits-flow", out, BuildConfig.from_options(batch="1:40:40"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_forecast_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo-digits built with --forecast (the forecast graph besides the static ones)."""
+    out = tmp_path_factory.mktemp("engines") / "demo-digits-forecast"
+    build("demo-digits", out, BuildConfig.from_options(batch="1:40:40", forecast=True), progress=False)
+    return out

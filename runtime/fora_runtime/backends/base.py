@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError, GenerationError
-from fora_runtime.manifest import MANIFEST_NAME, Manifest
+from fora_runtime.manifest import FORECAST_ROLE, MANIFEST_NAME, Manifest
 
 # name -> "module:Class"; modules are imported only when the backend is asked for,
 # so the runtime imports without onnxruntime / tensorrt / torch installed.
@@ -40,11 +40,13 @@ def create_backend(
     folder: str | Path,
     *,
     gate_table: bool = True,
+    forecast: bool = True,
     trust_programs: bool = False,
     **options: Any,
 ) -> StepBackend:
     """Instantiate the backend called ``name`` (not yet activated). ``gate_table=False``: it
     loads no gate-table graphs, and generations compute their gates per reuse step.
+    ``forecast=False``: it loads no forecast graph and keeps one cache generation.
     ``trust_programs``: the folder may load code (torch programs, TensorRT plugins; see
     ``fora_runtime.trust``)."""
     target = _BACKENDS.get(name)
@@ -52,7 +54,7 @@ def create_backend(
         raise BackendError(f"Backend '{name}' | unknown | expected one of {', '.join(_BACKENDS)}")
     module_name, class_name = target.split(":")
     backend_cls: type[StepBackend] = getattr(importlib.import_module(module_name), class_name)
-    backend = backend_cls(manifest, Path(folder), gate_table=gate_table, **options)
+    backend = backend_cls(manifest, Path(folder), gate_table=gate_table, forecast=forecast, **options)
     backend.trust_programs = trust_programs
     return backend
 
@@ -75,6 +77,20 @@ class StepBuffers:
     bound: dict[str, Any] = field(default_factory=dict)
     #: Set by the first full step: before it the caches hold no data to reuse.
     caches_written: bool = False
+    #: Forecast builds: the caches of the full step before the last, the arena's second
+    #: generation (None for other builds: one generation).
+    previous_caches: dict[str, Any] | None = None
+    #: Which of the two generations ``caches`` is: backends bind both ways round once.
+    generation: int = 0
+    #: Full steps run on these buffers (a forecast needs two of the current generation's).
+    full_steps_run: int = 0
+
+    def swap_cache_generations(self) -> None:
+        """Make the older generation the one the next full step writes (and the newest one
+        "previous"): references swap, no cache moves."""
+        if self.previous_caches is not None:
+            self.caches, self.previous_caches = self.previous_caches, self.caches
+            self.generation ^= 1
 
 
 def host_copy(value: Any) -> Any:
@@ -131,12 +147,18 @@ class StepBackend(ABC):
     host_inputs: ClassVar[bool] = True
     #: True when the backend implements the gate-table path (``gates`` + ``reuse_gated``).
     supports_gate_table: ClassVar[bool] = False
+    #: True when the backend runs the forecast reuse graph (two cache generations).
+    supports_forecast: ClassVar[bool] = False
 
-    def __init__(self, manifest: Manifest, folder: Path, *, gate_table: bool = True) -> None:
+    def __init__(
+        self, manifest: Manifest, folder: Path, *, gate_table: bool = True, forecast: bool = True
+    ) -> None:
         self.manifest = manifest
         self.folder = Path(folder)
         #: False: load no gate-table graphs (fixed at construction, before activation loads them).
         self.use_gate_table = gate_table
+        #: False: load no forecast graph and keep one cache generation (fixed at construction).
+        self.use_forecast = forecast
         #: True: the folder may load code (torch programs, TensorRT plugin layers); set before
         #: activation by ``create_backend``. False refuses both (``fora_runtime.trust``).
         self.trust_programs = False
@@ -193,10 +215,13 @@ class StepBackend(ABC):
 
     # -- stepping -------------------------------------------------------------------
     def run_full(self, buffers: StepBuffers) -> None:
-        """Run the full graph on the staged inputs; writes caches and prediction."""
+        """Run the full graph on the staged inputs; writes caches and prediction. With two
+        cache generations it writes the older one, which becomes ``caches``."""
         self._require_active()
+        buffers.swap_cache_generations()
         self._run_impl("full", buffers)
         buffers.caches_written = True
+        buffers.full_steps_run += 1
 
     def run_reuse(self, buffers: StepBuffers) -> None:
         """Run the reuse graph on the staged inputs and the caches; writes prediction."""
@@ -244,6 +269,35 @@ class StepBackend(ABC):
         self._stage_gates(buffers, table, first_row)
         self._run_impl("reuse_gated", buffers)
 
+    @property
+    def forecast_enabled(self) -> bool:
+        """Whether forecast reuse steps can run here (a forecast build, its graph loaded)."""
+        return (
+            self.supports_forecast
+            and self.use_forecast
+            and self.manifest.has_forecast
+            and self.gate_table_enabled
+        )
+
+    def run_reuse_forecast(self, buffers: StepBuffers, table: Any, first_row: int, weights: Any) -> None:
+        """Run the reuse step forecasting each cache from the last two full steps: gates from
+        ``table[first_row : first_row + batch]``, the forecast weight of each sample from
+        ``weights`` (the same rows); writes the prediction."""
+        self._require_active()
+        if not self.forecast_enabled:
+            raise BackendError(
+                f"Backend '{self.name}' | no forecast graph loaded (a build without --forecast, no "
+                "gate table, or use_forecast off) | run plain reuse steps"
+            )
+        if buffers.full_steps_run < 2:
+            raise GenerationError(
+                f"Forecast reuse step | batch {buffers.batch_size} has {buffers.full_steps_run} full steps | "
+                "a forecast needs two; reuse plainly until then"
+            )
+        self._stage_gates(buffers, table, first_row)
+        self._stage_forecast_weights(buffers, weights[first_row : first_row + buffers.batch_size])
+        self._run_impl(FORECAST_ROLE, buffers)
+
     def upload(self, value: Any) -> Any:
         """A host array moved to where this backend's steps read inputs (the device
         for GPU backends), so step loops time the steps rather than transfers."""
@@ -272,6 +326,9 @@ class StepBackend(ABC):
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
         raise NotImplementedError
+
+    def _stage_forecast_weights(self, buffers: StepBuffers, weights: Any) -> None:
+        raise NotImplementedError  # only reached when supports_forecast is True
 
     @abstractmethod
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:

@@ -5,6 +5,11 @@ inputs are bound (IO binding, raw pointers) to the same ranges of one arena, and
 the bindings are made once per batch size. Step inputs are copied into fixed
 staging buffers, so a step is "copy inputs, run, copy prediction out".
 
+Forecast builds keep two cache generations in the arena (twice the bytes). Every
+graph is bound once per generation: the full graph writing generation g, the reuse
+graphs reading it (the forecast graph also reading the other one as "previous"), so
+switching which generation is the newest selects another binding and moves nothing.
+
 Thread spinning is off by default: with two sessions on few cores, spinning
 threads of the idle session steal cores from the busy one.
 """
@@ -21,7 +26,14 @@ from fora_runtime.backends.base import StepBackend, StepBuffers, host_array, is_
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.dtypes import name_of, numpy_dtype
 from fora_runtime.errors import BackendError, InputError
-from fora_runtime.manifest import GATE_TABLE_ROLES, GATES_NAME, Manifest
+from fora_runtime.manifest import (
+    FORECAST_ROLE,
+    FORECAST_WEIGHT_NAME,
+    GATE_TABLE_ROLES,
+    GATES_NAME,
+    Manifest,
+    previous_cache_name,
+)
 
 
 def _numpy_dtype(dtype: str) -> Any:
@@ -39,6 +51,7 @@ class OnnxRuntimeBackend(StepBackend):
 
     name = "onnxruntime"
     supports_gate_table = True
+    supports_forecast = True
 
     def __init__(
         self,
@@ -46,11 +59,12 @@ class OnnxRuntimeBackend(StepBackend):
         folder: Path,
         *,
         gate_table: bool = True,
+        forecast: bool = True,
         providers: list[str] | str = "auto",
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
     ) -> None:
-        super().__init__(manifest, folder, gate_table=gate_table)
+        super().__init__(manifest, folder, gate_table=gate_table, forecast=forecast)
         self._requested_providers = providers
         self._intra_op_threads = intra_op_threads
         self._allow_spinning = allow_spinning
@@ -81,6 +95,8 @@ class OnnxRuntimeBackend(StepBackend):
         )
         for role, graph in self.manifest.graphs.items():
             if role in GATE_TABLE_ROLES and not self.use_gate_table:
+                continue
+            if role == FORECAST_ROLE and not (self.use_gate_table and self.use_forecast):
                 continue
             path = self.folder / graph.file
             try:
@@ -128,36 +144,47 @@ class OnnxRuntimeBackend(StepBackend):
         if self.gate_table_enabled:  # the reuse_gated step reads its table row from here
             shape = (batch_size, *manifest.gate_table_shape)
             inputs[GATES_NAME] = self._empty(ort, shape, manifest.gate_table_dtype)
+        generations = 2 if FORECAST_ROLE in self._sessions else 1
+        if generations == 2:  # the forecast step reads each sample's weight from here
+            inputs[FORECAST_WEIGHT_NAME] = self._empty(ort, (batch_size,), "float32")
         pred = manifest.prediction
         prediction = self._empty(ort, pred.concrete_shape(batch_size), pred.dtype)
 
-        # One allocation for all caches; each cache is a byte range of it.
-        arena = self._empty(ort, (layout.nbytes,), "uint8")
-        caches: dict[str, Any] = {}
-        pointers: dict[str, int] = {}
+        # One allocation for all caches (both generations); each cache is a byte range of it.
+        arena = self._empty(ort, (generations * layout.nbytes,), "uint8")
         base = self._pointer(arena)
-        for slot in layout.slots:
-            pointers[slot.spec.name] = base + slot.offset
-            if self._device == "cpu":
-                caches[slot.spec.name] = (
-                    arena[slot.offset : slot.offset + slot.nbytes]
-                    .view(_numpy_dtype(slot.spec.dtype))
-                    .reshape(slot.shape)
-                )
-            else:  # device memory: no host view, the pointer is the handle
-                caches[slot.spec.name] = pointers[slot.spec.name]
+        caches: list[dict[str, Any]] = [{} for _ in range(generations)]
+        pointers: list[dict[str, int]] = [{} for _ in range(generations)]
+        for generation in range(generations):
+            start = generation * layout.nbytes
+            for slot in layout.slots:
+                pointers[generation][slot.spec.name] = base + start + slot.offset
+                if self._device == "cpu":
+                    caches[generation][slot.spec.name] = (
+                        arena[start + slot.offset : start + slot.offset + slot.nbytes]
+                        .view(_numpy_dtype(slot.spec.dtype))
+                        .reshape(slot.shape)
+                    )
+                else:  # device memory: no host view, the pointer is the handle
+                    caches[generation][slot.spec.name] = pointers[generation][slot.spec.name]
 
         buffers = StepBuffers(
             batch_size=batch_size,
             inputs=inputs,
-            caches=caches,
+            caches=caches[0],
             prediction=prediction,
             cache_layout=layout,
             bound={"arena": arena},
+            previous_caches=caches[1] if generations == 2 else None,
         )
         for role, session in self._sessions.items():
-            if role != "gates":  # run once per generation on its own rows, not per batch
-                buffers.bound[role] = self._bind(session, buffers, pointers)
+            if role == "gates":  # run once per generation on its own rows, not per batch
+                continue
+            # One binding per generation g: caches at generation g, previous ones at the other.
+            buffers.bound[role] = tuple(
+                self._bind(session, buffers, pointers[g], pointers[1 - g] if generations == 2 else {})
+                for g in range(generations)
+            )
         return buffers
 
     def _empty(self, ort: Any, shape: tuple[int, ...], dtype: str) -> Any:
@@ -169,15 +196,20 @@ class OnnxRuntimeBackend(StepBackend):
     def _pointer(self, array: Any) -> int:
         return int(array.ctypes.data) if isinstance(array, np.ndarray) else int(array.data_ptr())
 
-    def _bind(self, session: Any, buffers: StepBuffers, cache_ptrs: dict[str, int]) -> Any:
+    def _bind(
+        self, session: Any, buffers: StepBuffers, cache_ptrs: dict[str, int], previous_ptrs: dict[str, int]
+    ) -> Any:
         binding = session.io_binding()
         layout = buffers.cache_layout
         device = self._device
+        previous = {previous_cache_name(name): name for name in previous_ptrs}
         for arg in session.get_inputs():
-            if arg.name in cache_ptrs:
-                slot = layout.slot(arg.name)
+            if arg.name in cache_ptrs or arg.name in previous:
+                cache = previous.get(arg.name, arg.name)
+                slot = layout.slot(cache)
+                pointer = previous_ptrs[cache] if arg.name in previous else cache_ptrs[cache]
                 binding.bind_input(
-                    arg.name, device, 0, _numpy_dtype(slot.spec.dtype), list(slot.shape), cache_ptrs[arg.name]
+                    arg.name, device, 0, _numpy_dtype(slot.spec.dtype), list(slot.shape), pointer
                 )
             else:
                 self._bind_array(binding.bind_input, arg.name, buffers.inputs[arg.name])
@@ -201,7 +233,7 @@ class OnnxRuntimeBackend(StepBackend):
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
         session = self._sessions[role]
-        binding = buffers.bound[role]
+        binding = buffers.bound[role][buffers.generation]
         try:
             session.run_with_iobinding(binding)
         except self._run_errors as err:
@@ -229,6 +261,9 @@ class OnnxRuntimeBackend(StepBackend):
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
         self.stage_input(buffers, GATES_NAME, table[first_row : first_row + buffers.batch_size])
+
+    def _stage_forecast_weights(self, buffers: StepBuffers, weights: Any) -> None:
+        self.stage_input(buffers, FORECAST_WEIGHT_NAME, weights)
 
     def stage_input(self, buffers: StepBuffers, name: str, value: Any) -> None:
         # torch tensors as the torch backend takes them: any device, grad or not.

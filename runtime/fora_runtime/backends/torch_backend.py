@@ -35,6 +35,15 @@ Caches are therefore the programs' own output allocations rather than slices
 of one arena (the ``ArenaLayout`` only reports their size): forcing them into an
 arena would cost a copy per cache and step.
 
+Forecast builds (``reuse_forecast.pt2``) keep two cache generations. Eager: the
+previous full step's output tensors stay referenced as ``previous_caches`` (no copy).
+CUDA graphs: the full program is captured once per generation, the second capture in
+a private pool of its own (its static outputs, generation 1's caches, must not lie in
+the first capture's temporaries, which every replay of it overwrites); each reuse
+program is captured once per generation, reading that generation's outputs (the
+forecast program also the other's as "previous"). A full step replays the capture
+that writes the older generation.
+
 fp32 programs on CUDA follow torch's TF32 switches, read when a graph is
 captured: cuDNN convolutions (DiT's patch embedding) default to TF32, about 1e-3
 off fp32. Turn ``torch.backends.cudnn.allow_tf32`` off before ``buffers()`` /
@@ -59,6 +68,8 @@ from fora_runtime.backends.torch_ops import gated_residual_sum_op
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError
 from fora_runtime.manifest import (
+    FORECAST_ROLE,
+    FORECAST_WEIGHT_NAME,
     GATE_TABLE_ROLES,
     GATES_NAME,
     GRAPH_ROLES,
@@ -98,16 +109,18 @@ def check_program_record(record: Any, *, running_torch: str, where: str) -> dict
             f"re-export the programs with this torch, or install torch {built}"
         )
     roles = record["programs"]
+    role_sets = (
+        sorted(GRAPH_ROLES),
+        sorted(GRAPH_ROLES + GATE_TABLE_ROLES),
+        sorted((*GRAPH_ROLES, *GATE_TABLE_ROLES, FORECAST_ROLE)),
+    )
     for key in ("programs", "inputs", "outputs"):
         value = record[key]
-        if (
-            not isinstance(value, dict)
-            or sorted(value) not in (sorted(GRAPH_ROLES), sorted(GRAPH_ROLES + GATE_TABLE_ROLES))
-            or sorted(value) != sorted(roles)
-        ):
+        if not isinstance(value, dict) or sorted(value) not in role_sets or sorted(value) != sorted(roles):
             raise BackendError(
                 f"{where} | torch record field '{key}' is {value!r}, expected one entry per role "
-                f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}), the same in 'programs', "
+                f"{list(GRAPH_ROLES)} (and optionally {list(GATE_TABLE_ROLES)}, then {FORECAST_ROLE}), the "
+                "same in 'programs', "
                 "'inputs' and 'outputs' | re-export the torch programs"
             )
     # The record is untrusted data: every value of the type the checks below compare.
@@ -140,6 +153,7 @@ class TorchBackend(TorchTensorIO):
 
     name = "torch"
     supports_gate_table = True
+    supports_forecast = True
 
     def __init__(
         self,
@@ -147,10 +161,11 @@ class TorchBackend(TorchTensorIO):
         folder: Path,
         *,
         gate_table: bool = True,
+        forecast: bool = True,
         device: str = "auto",
         use_cuda_graphs: bool = True,
     ) -> None:
-        super().__init__(manifest, folder, gate_table=gate_table)
+        super().__init__(manifest, folder, gate_table=gate_table, forecast=forecast)
         self._requested_device = device
         self._use_cuda_graphs = use_cuda_graphs
         self._torch: Any = None
@@ -159,6 +174,7 @@ class TorchBackend(TorchTensorIO):
         self._step_names: tuple[str, ...] = ()
         self._cache_names: tuple[str, ...] = ()
         self._has_gate_programs = False
+        self._has_forecast_program = False
         # Owned here (not only by StepBuffers) so deactivate syncs before releasing them.
         self._graphs: list[Any] = []
 
@@ -182,6 +198,10 @@ class TorchBackend(TorchTensorIO):
     def gate_table_enabled(self) -> bool:
         return self.manifest.has_gate_table and self._has_gate_programs
 
+    @property
+    def forecast_enabled(self) -> bool:
+        return self._has_forecast_program
+
     # -- lifecycle ------------------------------------------------------------------
     def _activate_impl(self) -> None:
         torch = import_optional("torch", backend=self.name, install=TORCH_INSTALL)
@@ -195,7 +215,8 @@ class TorchBackend(TorchTensorIO):
         # Reuse programs call fora's custom ops: they must exist before a program loads.
         gated_residual_sum_op(torch)
         programs: dict[str, Any] = {}
-        for role in GRAPH_ROLES + (GATE_TABLE_ROLES if self._has_gate_programs else ()):
+        roles = GRAPH_ROLES + (GATE_TABLE_ROLES if self._has_gate_programs else ())
+        for role in roles + ((FORECAST_ROLE,) if self._has_forecast_program else ()):
             programs[role] = self._load(torch, record, role)
         self._programs = programs
         log.info(
@@ -284,6 +305,18 @@ class TorchBackend(TorchTensorIO):
                 problems.append(
                     f"reuse_gated outputs are {record['outputs']['reuse_gated']}, expected the prediction"
                 )
+        self._has_forecast_program = (
+            self._has_gate_programs
+            and self.use_forecast
+            and manifest.has_forecast
+            and FORECAST_ROLE in record["programs"]
+        )
+        if self._has_forecast_program:
+            want = [t.name for t in manifest.graphs[FORECAST_ROLE].inputs]
+            if list(record["inputs"][FORECAST_ROLE]) != want:
+                problems.append(f"{FORECAST_ROLE} inputs {record['inputs'][FORECAST_ROLE]} are not {want}")
+            if tuple(record["outputs"][FORECAST_ROLE]) != (manifest.prediction.name,):
+                problems.append(f"{FORECAST_ROLE} outputs are not the prediction")
         if problems:
             raise BackendError(
                 f"{where} | torch programs do not match the manifest: {'; '.join(problems)} | "
@@ -356,8 +389,15 @@ class TorchBackend(TorchTensorIO):
                 dtype=self._torch_dtype(self.manifest.gate_table_dtype),
                 device=self.device,
             )
+        if self._has_forecast_program:  # the forecast step reads each sample's weight from here
+            inputs[FORECAST_WEIGHT_NAME] = torch.zeros((batch_size,), dtype=torch.float32, device=self.device)
         buffers = StepBuffers(
-            batch_size=batch_size, inputs=inputs, caches={}, prediction=None, cache_layout=layout
+            batch_size=batch_size,
+            inputs=inputs,
+            caches={},
+            prediction=None,
+            cache_layout=layout,
+            previous_caches={} if self._has_forecast_program else None,
         )
         if self.uses_cuda_graphs:
             try:
@@ -370,10 +410,13 @@ class TorchBackend(TorchTensorIO):
         return buffers
 
     def _capture(self, buffers: StepBuffers) -> None:
-        """Capture one CUDA graph per program for this batch size (see module docstring)."""
+        """Capture one CUDA graph per program, generation and this batch size (see module
+        docstring)."""
         torch = self._torch
         full, reuse = self._programs["full"], self._programs["reuse"]
         gated = self._programs.get("reuse_gated")
+        forecast = self._programs.get(FORECAST_ROLE)
+        generations = 2 if forecast is not None else 1
         args = self._step_args(buffers)
         with torch.cuda.device(self.device), torch.no_grad():
             # On this device: torch.cuda.graph's own default side stream is created once per
@@ -387,25 +430,41 @@ class TorchBackend(TorchTensorIO):
                     reuse(*args, *outputs[1:])
                     if gated is not None:
                         gated(*self._gated_args(buffers, outputs[1:]))
+                    if forecast is not None:
+                        forecast(*self._forecast_args(buffers, outputs[1:], outputs[1:]))
             torch.cuda.current_stream().wait_stream(side)
             del outputs
 
-            full_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(full_graph, stream=side):  # a new private pool
-                outputs = full(*args)
-            caches = dict(zip(self._cache_names, outputs[1:], strict=True))
-            reuse_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(reuse_graph, pool=full_graph.pool(), stream=side):
-                reuse_prediction = reuse(*args, *(caches[n] for n in self._cache_names))
-            graphs = {"full": full_graph, "reuse": reuse_graph}
-            predictions = {"full": outputs[0], "reuse": reuse_prediction}
-            if gated is not None:
-                graphs["reuse_gated"] = torch.cuda.CUDAGraph()
-                cache_args = tuple(caches[n] for n in self._cache_names)
-                with torch.cuda.graph(graphs["reuse_gated"], pool=full_graph.pool(), stream=side):
-                    predictions["reuse_gated"] = gated(*self._gated_args(buffers, cache_args))
-        self._graphs.extend(graphs.values())
-        buffers.caches.update(caches)
+            # Full captures first: generation g's caches are capture g's static outputs.
+            full_graphs, cache_sets, full_predictions = [], [], []
+            for _ in range(generations):
+                full_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(full_graph, stream=side):  # a new private pool each
+                    outputs = full(*args)
+                full_graphs.append(full_graph)
+                cache_sets.append(tuple(outputs[1:]))
+                full_predictions.append(outputs[0])
+            pool = full_graphs[0].pool()
+            graphs: dict[str, list[Any]] = {"full": full_graphs}
+            predictions: dict[str, list[Any]] = {"full": full_predictions}
+            for generation in range(generations):
+                caches = cache_sets[generation]
+                captures = [("reuse", reuse, (*args, *caches))]
+                if gated is not None:
+                    captures.append(("reuse_gated", gated, self._gated_args(buffers, caches)))
+                if forecast is not None:
+                    previous = cache_sets[1 - generation]
+                    captures.append((FORECAST_ROLE, forecast, self._forecast_args(buffers, caches, previous)))
+                for role, program, program_args in captures:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=side):
+                        prediction = program(*program_args)
+                    graphs.setdefault(role, []).append(graph)
+                    predictions.setdefault(role, []).append(prediction)
+        self._graphs.extend(graph for per_generation in graphs.values() for graph in per_generation)
+        buffers.caches.update(zip(self._cache_names, cache_sets[0], strict=True))
+        if buffers.previous_caches is not None:
+            buffers.previous_caches.update(zip(self._cache_names, cache_sets[1], strict=True))
         # Not outputs[0]: capture ran nothing, so there is no prediction until a step replays.
         buffers.prediction = None
         buffers.bound["graphs"] = graphs
@@ -417,18 +476,32 @@ class TorchBackend(TorchTensorIO):
     def _gated_args(self, buffers: StepBuffers, caches: tuple[Any, ...]) -> tuple[Any, ...]:
         return (buffers.inputs[self.manifest.latents_input.name], buffers.inputs[GATES_NAME], *caches)
 
+    def _forecast_args(
+        self, buffers: StepBuffers, caches: tuple[Any, ...], previous: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
+        latents = buffers.inputs[self.manifest.latents_input.name]
+        weight = buffers.inputs[FORECAST_WEIGHT_NAME]
+        return (latents, buffers.inputs[GATES_NAME], weight, *caches, *previous)
+
     # -- stepping -------------------------------------------------------------------
     def _run_impl(self, role: str, buffers: StepBuffers) -> None:
         graphs = buffers.bound.get("graphs")
         if graphs is not None:
-            graphs[role].replay()
-            buffers.prediction = buffers.bound["predictions"][role]
+            graphs[role][buffers.generation].replay()
+            buffers.prediction = buffers.bound["predictions"][role][buffers.generation]
             return
         program = self._programs[role]
         args = self._step_args(buffers)
         if role != "full":  # run_reuse / run_reuse_gated have checked that a full step ran
             caches = tuple(buffers.caches[n] for n in self._cache_names)
-            args = self._gated_args(buffers, caches) if role == "reuse_gated" else (*args, *caches)
+            if role == FORECAST_ROLE:
+                assert buffers.previous_caches is not None  # run_reuse_forecast checked two full steps
+                previous = tuple(buffers.previous_caches[n] for n in self._cache_names)
+                args = self._forecast_args(buffers, caches, previous)
+            elif role == "reuse_gated":
+                args = self._gated_args(buffers, caches)
+            else:
+                args = (*args, *caches)
         try:
             with self._torch.no_grad():
                 outputs = program(*args)
@@ -464,6 +537,9 @@ class TorchBackend(TorchTensorIO):
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:
         buffers.inputs[GATES_NAME].copy_(table[first_row : first_row + buffers.batch_size])
+
+    def _stage_forecast_weights(self, buffers: StepBuffers, weights: Any) -> None:
+        buffers.inputs[FORECAST_WEIGHT_NAME].copy_(weights)
 
     def read_prediction(self, buffers: StepBuffers) -> Any:
         if buffers.prediction is None:

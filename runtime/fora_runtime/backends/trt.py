@@ -100,10 +100,11 @@ class TensorRTBackend(TorchTensorIO):
         folder: Path,
         *,
         gate_table: bool = True,
+        forecast: bool = True,
         use_cuda_graphs: bool = False,
         device: int | None = None,
     ) -> None:
-        super().__init__(manifest, folder, gate_table=gate_table)
+        super().__init__(manifest, folder, gate_table=gate_table, forecast=forecast)
         self.use_cuda_graphs = use_cuda_graphs
         self._device_index = device
         self._torch: Any = None
