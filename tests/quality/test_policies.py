@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.quality.test_quality_cli import run_cli
+from tests.quality.quality_cli import run_cli
 
 STEPS = 20
 POLICIES = "static,calibrated,forecast,calibrated+forecast"

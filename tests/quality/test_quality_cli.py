@@ -7,62 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fora_export.cli import main
+from tests.quality.quality_cli import STEPS, rows, run_cli, small_quality_report
 
-STEPS = 20
-ALL_STEPS = ",".join(str(k) for k in range(STEPS))
 #: Uncached samples score the classifier's accuracy on held-out real digits within this
 #: margin: 40 samples make one sample 2.5 points (binomial sd ~5 points at 90%), and the
 #: model's own errors (about 5 points at 20 steps) come on top.
 ACCURACY_MARGIN = 0.15
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    # Wide enough that rich does not wrap the table's schedule names.
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.fixture(scope="module")
 def report(digits_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("quality")
-    code, stdout, stderr = run_cli(
-        "quality",
-        str(digits_engine),
-        "--samples",
-        "4",
-        "--steps",
-        str(STEPS),
-        "--repeats",
-        "1",
-        "--intervals",
-        "1,3",
-        "--schedule-mode",
-        "paper",
-        # every step full: identical to N=1; full at step 0 only: every later step reuses
-        # the caches of the noisiest step (a deliberately broken schedule).
-        "--schedule-list",
-        ALL_STEPS,
-        "--schedule-list",
-        "0",
-        "--json",
-        "--save-json",
-        str(out / "quality.json"),
-        "--plot",
-        str(out / "plot.png"),
-        "--grid",
-        str(out / "grid.png"),
+    return small_quality_report(
+        digits_engine, out, "--save-json", str(out / "quality.json"), "--plot", str(out / "plot.png")
     )
-    assert code == 0, stderr
-    data = json.loads(stdout)
-    data["_out"] = str(out)
-    return data
-
-
-def rows(report: dict) -> dict[str, dict]:
-    return {row["label"]: row for row in report["schedules"]}
 
 
 def test_report_lists_every_schedule_with_its_full_steps(report: dict) -> None:

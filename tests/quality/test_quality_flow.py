@@ -4,14 +4,11 @@ an SD3 MMDiT, rectified flow, class tables as its conditioning inputs)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fora_export.cli import main
 from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_DIGITS_FLOW_DIR, DIGITS_FLOW_TEXT_LENGTH
 from fora_export.errors import ConfigError
 from fora_export.quality.classifier import NUM_CLASSES
@@ -22,54 +19,18 @@ from fora_export.quality.conditioning import (
 )
 from fora_export.quality.sampling import DigitSampler, model_folder
 from fora_runtime.manifest import Manifest, load_manifest
+from tests.quality.quality_cli import STEPS, rows, small_quality_report
 
-STEPS = 20
-ALL_STEPS = ",".join(str(k) for k in range(STEPS))
 #: Uncached samples score the classifier's accuracy on held-out real digits (96.7%) within
 #: this margin: 40 samples make one sample 2.5 points (binomial sd ~3 points at 95%); at 20
 #: steps this model's own error on 500 samples is about 0-2 points (README).
 ACCURACY_MARGIN = 0.10
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.fixture(scope="module")
 def report(digits_flow_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("quality-flow")
-    code, stdout, stderr = run_cli(
-        "quality",
-        str(digits_flow_engine),
-        "--samples",
-        "4",
-        "--steps",
-        str(STEPS),
-        "--repeats",
-        "1",
-        "--intervals",
-        "1,3",
-        "--schedule-mode",
-        "paper",
-        # every step full: identical to N=1 (a scheduler carrying state from one generation
-        # to the next would break this); full at step 0 only: deliberately broken.
-        "--schedule-list",
-        ALL_STEPS,
-        "--schedule-list",
-        "0",
-        "--json",
-        "--grid",
-        str(out / "grid.png"),
-    )
-    assert code == 0, stderr
-    data = json.loads(stdout)
-    data["_out"] = str(out)
-    return data
-
-
-def rows(report: dict) -> dict[str, dict]:
-    return {row["label"]: row for row in report["schedules"]}
+    return small_quality_report(digits_flow_engine, out)
 
 
 def test_builds_as_sd3_flow_matching_with_the_class_table_inputs(digits_flow_engine: Path) -> None:
