@@ -67,7 +67,8 @@ def test_all_full_steps_equal_no_caching(report: dict) -> None:
 
 def test_uncached_samples_score_like_real_digits(report: dict) -> None:
     reference = rows(report)["no caching (N=1)"]
-    assert reference["accuracy"] >= report["classifier_accuracy"] - ACCURACY_MARGIN
+    # Within the margin both ways: far above the real digits would mean a broken metric.
+    assert abs(reference["accuracy"] - report["classifier_accuracy"]) <= ACCURACY_MARGIN
 
 
 def test_a_broken_schedule_scores_worse(report: dict) -> None:
