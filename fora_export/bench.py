@@ -129,6 +129,10 @@ def timed(run: Callable[[], float], runs: int) -> Timing:
     return Timing([run() for _ in range(runs)], warmup_runs=warmup, steady=steady)
 
 
+#: Most steps or repeats a bench takes (far past any sampler; bounds the timesteps array).
+MAX_BENCH_COUNT = 100_000
+
+
 @dataclass
 class IntervalResult:
     interval: int
@@ -436,8 +440,8 @@ def plan_bench(
 ) -> BenchPlan:
     """Check every bench option against the manifest before anything runs."""
     for name, value in (("--steps", steps), ("--repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BENCH_COUNT:
+            raise ConfigError(f"{name} | got {value!r} | expected an integer from 1 to {MAX_BENCH_COUNT}")
     batch = manifest.batch.opt if batch_size is None else batch_size
     if not manifest.batch.contains(batch):
         raise ConfigError(

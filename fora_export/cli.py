@@ -137,6 +137,10 @@ class ForaGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+#: Seeds go to torch and numpy generators: non-negative int64 (larger ones overflow there).
+SEED = click.IntRange(0, 2**63 - 1)
+
+
 def _folder_options(*, trust: bool = True) -> Callable[[F], F]:
     """``--verify``, ``--key-file`` (and ``--trust``): how ENGINE_DIR is opened, passed to the
     command as ``access`` (a ``fora_runtime.trust.FolderAccess``)."""
@@ -435,7 +439,7 @@ def build(
     " [default: manifest]",
 )
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sizes. [default: min,opt,max]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option(
     "--pipeline",
     default=None,
@@ -850,7 +854,7 @@ def triton(
 @click.option(
     "--batch", "batch_size", type=int, default=None, help="Samples per generation. [default: the build's max]"
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise and the classifier.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the noise and the classifier.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per schedule (median).")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (see README).")
@@ -939,7 +943,7 @@ def quality(
     show_default=True,
     help="Cache change measure whose accumulated drift the choice minimises (relative L1 or L2).",
 )
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the calibration noise.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the calibration noise.")
 @click.option("--batch", "batch_size", type=int, default=None, help="Samples per generation.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Runtime backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the schedule file's contents as JSON.")
@@ -1004,19 +1008,20 @@ def calibrate(
     is_flag=True,
     help="Also describe each TensorRT plan with polygraphy (needs the TensorRT and GPU that built it).",
 )
-@_folder_options(trust=False)
+@_folder_options()
 @_user_errors
 def info(engine_dir: Path, as_json: bool, inspect: bool, access: Any) -> None:
     """Describe ENGINE_DIR: model, batch range, precision, graphs, caches, backends (no torch needed)."""
     from fora_export.reports import print_manifest
-    from fora_runtime.manifest import load_manifest
+    from fora_runtime.manifest import open_engine_folder
 
-    manifest = load_manifest(engine_dir, **access.manifest_options())  # checks every file (--verify)
+    folder = open_engine_folder(engine_dir, **access.manifest_options())  # checks every file (--verify)
+    manifest = folder.manifest
     plans: dict[str, str] = {}
     if inspect:
         from fora_export.plans import inspect_plans
 
-        plans = inspect_plans(engine_dir, manifest)
+        plans = inspect_plans(engine_dir, manifest, trusted=access.trust_programs or folder.signed)
     if as_json:
         click.echo(json.dumps({**manifest.to_dict(), **({"plans": plans} if inspect else {})}, indent=2))
     else:
@@ -1042,7 +1047,7 @@ def info(engine_dir: Path, as_json: bool, inspect: bool, access: Any) -> None:
 )
 @click.option("--steps", type=int, default=20, show_default=True, help="num_inference_steps.")
 @click.option("--guidance", type=float, default=None, help="guidance_scale. [default: the pipeline's]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--interval", type=int, default=None, help="Cache interval. [default: the manifest's]")
 @click.option(
     "--schedule",

@@ -19,8 +19,19 @@ from fora_runtime.errors import BackendError
 from fora_runtime.manifest import MANIFEST_NAME, Manifest
 
 
-def inspect_plans(folder: Path, manifest: Manifest, *, layers: bool = False) -> dict[str, str]:
-    """role -> polygraphy's description of that role's plan (see the module docstring)."""
+def inspect_plans(
+    folder: Path, manifest: Manifest, *, trusted: bool = False, layers: bool = False
+) -> dict[str, str]:
+    """role -> polygraphy's description of that role's plan (see the module docstring).
+
+    polygraphy deserialises plans with the plugin libraries registered and embedded host
+    code allowed: only for a folder the caller trusts (``--trust``, or a signed manifest)."""
+    if not trusted:
+        raise ConfigError(
+            f"--inspect | polygraphy loads {folder}'s plans with TensorRT plugins and embedded host code "
+            "allowed, and the folder is not trusted | pass --trust for a folder you trust, or sign it "
+            "(build --sign-key) and pass its key"
+        )
     record = manifest.backends.get("tensorrt")
     where = str(Path(folder) / MANIFEST_NAME)
     if not isinstance(record, dict) or not isinstance(record.get("engines"), dict):

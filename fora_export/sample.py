@@ -189,6 +189,12 @@ def run_three_ways(
             f"--pipeline '{pipeline}' | its transformer is a {type(original).__name__}, the engines were "
             f"built from a {manifest.model_class} | pass the pipeline of the engines' model"
         )
+    trained = getattr(getattr(pipe.scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(trained, int) and steps > trained:
+        raise ConfigError(
+            f"--steps | got {steps}, the pipeline's {type(pipe.scheduler).__name__} has {trained} training "
+            f"timesteps | sample with 1 to {trained} steps"
+        )
     kwargs = pipeline_arguments(pipe, manifest, prompts=prompts, class_labels=class_labels, guidance=guidance)
     dtype = getattr(getattr(pipe, "vae", None), "dtype", None)
     engine = ForaTransformer.from_engine(

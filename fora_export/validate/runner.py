@@ -349,6 +349,15 @@ def make_scheduler(name: str, steps: int, denoising: DenoisingSpec) -> Any:
             f"--scheduler | got {name!r} | a {denoising.scheduler} model samples with "
             f"{', '.join(allowed) or 'no scheduler validate knows'}"
         )
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, int)
+        or not 1 <= steps <= denoising.num_train_timesteps
+    ):
+        raise ConfigError(
+            f"--steps | got {steps!r}, the model was trained with {denoising.num_train_timesteps} timesteps "
+            f"| sample with 1 to {denoising.num_train_timesteps} steps"
+        )
     config = denoising.scheduler_config
     scheduler: Any
     if name == "ddim":
@@ -490,7 +499,7 @@ def validate_trajectory(
 
 
 def _engines_vs_onnxruntime(
-    folder: Path, manifest: Manifest, batch_sizes: list[int], seed: int
+    folder: Path, manifest: Manifest, batch_sizes: list[int], seed: int, *, trusted: bool
 ) -> list[GraphCase]:
     """Each TensorRT engine against its ONNX graph (polygraphy's runners; datacenter TensorRT:
     polygraphy's TensorRT runner imports ``tensorrt``, which TensorRT-RTX plans do not load in)."""
@@ -498,6 +507,14 @@ def _engines_vs_onnxruntime(
     from fora_runtime.backends.trt_flavor import DATACENTER, flavor_of
 
     record = manifest.backends.get("tensorrt")
+    if not trusted:
+        # polygraphy deserialises plans with plugins registered and host code allowed.
+        log.warning(
+            "%s is not trusted: its engines are checked through the runtime's restricted TensorRT "
+            "only, not compared with ONNX Runtime through polygraphy (pass --trust for that)",
+            folder,
+        )
+        return []
     if flavor_of(record, where=str(folder)) is not DATACENTER:
         log.info("TensorRT-RTX plans: compared with PyTorch through the runtime only (not with polygraphy)")
         return []
@@ -549,7 +566,7 @@ def validate(
                 report.graph_cases = validate_graphs(session, split, batch_sizes, seed)
                 if backend == "tensorrt":
                     report.graph_cases += _engines_vs_onnxruntime(
-                        Path(engine_dir), manifest, batch_sizes, seed
+                        Path(engine_dir), manifest, batch_sizes, seed, trusted=session.trusted
                     )
             if trajectory:
                 report.trajectory = validate_trajectory(

@@ -181,7 +181,6 @@ class Generation:
             prediction = self._step(runner, latents, timestep, conditioning)
         finally:
             runner.release()
-        self.step_index += 1
         return prediction
 
     def _step(self, runner: StepRunner, latents: Any, timestep: Any, conditioning: dict[str, Any]) -> Any:
@@ -213,6 +212,8 @@ class Generation:
         else:
             prediction = runner.run(full, latents, timestep, conditioning)
             self.history.append("full" if full else "reuse")
+        # The step ran (caches written): it counts even when its prediction is refused below.
+        self.step_index += 1
         if self.detect_nonfinite:
             self._check_finite(prediction, latents, index, "full" if full else "reuse")
         return prediction

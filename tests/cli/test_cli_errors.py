@@ -57,6 +57,32 @@ def test_usage_errors_are_one_line(tiny_engine: Path, args: list[str], pattern: 
 
 
 @pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (
+            ["validate", "ENGINE", "--steps", "1001"],
+            r"^error: --steps \| got 1001, the model was trained",
+        ),
+        (["calibrate", "ENGINE", "--steps", "1001", "--full-steps", "3"], r"^error: --steps \| got 1001"),
+        (
+            ["bench", "ENGINE", "--steps", "99999999999999999999", "--no-eager"],
+            r"^error: --steps \| got 9+ \|",
+        ),
+        (
+            ["validate", "ENGINE", "--seed", "99999999999999999999"],
+            r"^error: --seed \| 9+ is not in the range",
+        ),
+        (["calibrate", "ENGINE", "--steps", "4", "--full-steps", "2", "--seed", "-1"], r"^error: --seed \|"),
+    ],
+)
+def test_out_of_range_counts_and_seeds_are_one_line(tiny_engine: Path, args: list[str], pattern: str) -> None:
+    # Once diffusers' scheduler or numpy raised them as tracebacks with exit 1.
+    args = [str(tiny_engine) if a == "ENGINE" else a for a in args]
+    code, _, err = invoke(*args)
+    assert_one_line(code, err, pattern)
+
+
+@pytest.mark.parametrize(
     ("content", "pattern"),
     [
         (b"[1, 2]", r"config\.json \| is a JSON list, expected an object"),

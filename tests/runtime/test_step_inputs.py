@@ -136,6 +136,7 @@ def test_detect_nonfinite_names_the_step(tiny_torch_engine: Path) -> None:
             )
             with pytest.raises(NonFiniteError, match=pattern):
                 gen.step(bad, 900, class_labels=LABELS)
+            assert gen.step_index == 2 and gen.history == ["full", "reuse"]  # the refused step ran
             # Per generation: switched off for this one, on again for the next.
             quiet_generation = session.start(1, 2)
             quiet_generation.detect_nonfinite = False

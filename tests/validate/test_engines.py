@@ -74,10 +74,12 @@ def test_validate_compares_tensorrt_engines_with_onnxruntime(
     if not tensorrt_gpu_available():
         pytest.skip("needs datacenter TensorRT and a CUDA GPU (polygraphy's TensorRT runner)")
     from fora_export.validate.runner import validate
+    from tests.conftest import TRUSTED
     from tests.export.test_trt_build import tensorrt_engine_folder
 
     folder = tensorrt_engine_folder(tmp_path_factory, tiny_dit_dir, "fp32")
-    report = validate(folder, backend="tensorrt", steps=4, batch_sizes=[2], trajectory=False)
+    # Trusted: polygraphy loads plans with plugins and host code allowed (untrusted: skipped).
+    report = validate(folder, backend="tensorrt", steps=4, batch_sizes=[2], trajectory=False, access=TRUSTED)
     compared = {case.role for case in report.graph_cases if case.role.endswith(" vs onnxruntime")}
     assert {"full vs onnxruntime", "reuse vs onnxruntime"} <= compared
     assert report.passed, report.to_dict()
