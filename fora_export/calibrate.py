@@ -44,6 +44,7 @@ import numpy as np
 import fora_export
 from fora_export.errors import ConfigError
 from fora_export.progress import StageProgress
+from fora_export.quality.runner import sample_batch_size
 from fora_runtime.calibration import METRICS, CalibrationRecord, schedule_file_name
 from fora_runtime.dtypes import numpy_dtype
 from fora_runtime.manifest import Manifest, file_record, load_manifest, verify_listed_file
@@ -231,17 +232,7 @@ def plan_calibration(
             f"[{timesteps.min():g}, {timesteps.max():g}] | calibrate engines that serve a whole schedule "
             "(not one expert of a two-expert model)"
         )
-    batch = min(samples, manifest.batch.max) if batch_size is None else batch_size
-    if not manifest.batch.contains(batch):
-        raise ConfigError(
-            f"--batch | got {batch}, the engines were built for {manifest.batch} | pick a batch size in "
-            "the built range"
-        )
-    if samples % batch and not manifest.batch.contains(samples % batch):
-        raise ConfigError(
-            f"--samples | {samples} samples in batches of {batch} leave {samples % batch}, below the built "
-            f"minimum {manifest.batch.min} | choose --samples or --batch so batches fit"
-        )
+    batch = sample_batch_size(manifest, samples, batch_size, remainder_option="--samples")
     return CalibrationPlan(
         steps=steps,
         budget=budget,

@@ -127,6 +127,25 @@ def check_digit_model(manifest: Manifest, where: str) -> None:
     DigitSampler.for_manifest(manifest, 1, NUM_CLASSES, where)  # refuses conditioning no class maps to
 
 
+def sample_batch_size(
+    manifest: Manifest, total: int, batch_size: int | None, *, remainder_option: str
+) -> int:
+    """The batch size that generates ``total`` samples (default: as many as the engines take at
+    once), checked so every batch, the last and smaller one too, lies in the built range."""
+    batch = min(total, manifest.batch.max) if batch_size is None else batch_size
+    if not manifest.batch.contains(batch):
+        raise ConfigError(
+            f"--batch | got {batch}, the engines were built for {manifest.batch} "
+            "| pick a batch size in the built range, or rebuild with --batch"
+        )
+    if total % batch and not manifest.batch.contains(total % batch):
+        raise ConfigError(
+            f"{remainder_option} | {total} samples in batches of {batch} leave {total % batch}, below the "
+            f"built minimum {manifest.batch.min} | choose --samples or --batch so batches fit"
+        )
+    return batch
+
+
 def plan_quality(
     manifest: Manifest,
     *,
@@ -154,17 +173,7 @@ def plan_quality(
     if bad:
         raise ConfigError(f"--intervals | got {bad[0]} | intervals are integers >= 1 (1 = no caching)")
     total = NUM_CLASSES * samples_per_class
-    batch = min(total, manifest.batch.max) if batch_size is None else batch_size
-    if not manifest.batch.contains(batch):
-        raise ConfigError(
-            f"--batch | got {batch}, the engines were built for {manifest.batch} "
-            "| pick a batch size in the built range, or rebuild with --batch"
-        )
-    if total % batch and not manifest.batch.contains(total % batch):
-        raise ConfigError(
-            f"--batch | {total} samples in batches of {batch} leave {total % batch}, below the built "
-            f"minimum {manifest.batch.min} | choose --samples or --batch so batches fit"
-        )
+    batch = sample_batch_size(manifest, total, batch_size, remainder_option="--batch")
     cases = [ScheduleCase("no caching (N=1)", CacheSchedule.interval_of(1), "none", 1)]
     chosen_modes = INTERVAL_MODES if modes == "both" else (modes,)
     for n in dict.fromkeys(intervals):  # in the order given, each once
