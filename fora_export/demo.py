@@ -228,8 +228,8 @@ DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
 #: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
 #: text tokens): latent resolution and text length, used where the build gives none.
 DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "demo-flux": {"resolution": (32, 32), "caption_length": 64},
-    "demo-sd3": {"caption_length": 64},
-    "demo-digits-flow": {"caption_length": DIGITS_FLOW_TEXT_LENGTH},
-    "demo-wan": {"resolution": (16, 16), "caption_length": 64, "frames": 5},
+    "demo-flux": {"resolution": (32, 32), "text_length": 64},
+    "demo-sd3": {"text_length": 64},
+    "demo-digits-flow": {"text_length": DIGITS_FLOW_TEXT_LENGTH},
+    "demo-wan": {"resolution": (16, 16), "text_length": 64, "frames": 5},
 }

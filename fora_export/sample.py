@@ -91,8 +91,6 @@ def pipeline_arguments(
 ) -> dict[str, Any]:
     """The pipeline call for these engines: its conditioning, the built image size and
     prompt length, read off the pipeline's own signature."""
-    from fora_runtime.diffusers import SIGNATURES
-
     parameters = inspect.signature(pipe.__call__).parameters
     kwargs: dict[str, Any] = {}
     if "class_labels" in parameters:
@@ -116,9 +114,9 @@ def pipeline_arguments(
         kwargs["use_resolution_binning"] = False  # the built size exactly
     if "clean_caption" in parameters:
         kwargs["clean_caption"] = False  # needs bs4 and ftfy; the prompt as typed
-    text_length = manifest.conditioning.get("caption_length", manifest.conditioning.get("text_length"))
+    text_length = manifest.conditioning.get("text_length")
     if "max_sequence_length" in parameters and text_length is not None:
-        extra = SIGNATURES[manifest.model_class].extra_text_tokens
+        extra = manifest.forward.extra_text_tokens if manifest.forward is not None else 0
         if int(text_length) <= extra:
             raise ConfigError(
                 f"ENGINE_DIR | built for {text_length} text tokens, but {type(pipe).__name__} prompts are "

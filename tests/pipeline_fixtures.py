@@ -124,7 +124,7 @@ def pixart_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, pixart_pipe
     return _build(
         pixart_pipeline_dir,
         tmp_path_factory.mktemp("engines") / "pixart-pipeline",
-        caption_length=PIXART_TEXT_LENGTH,
+        text_length=PIXART_TEXT_LENGTH,
     )
 
 
@@ -133,7 +133,7 @@ def sd3_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, sd3_pipeline_d
     return _build(
         sd3_pipeline_dir,
         tmp_path_factory.mktemp("engines") / "sd3-pipeline",
-        caption_length=CLIP_LENGTH + MMDIT_SEQUENCE_LENGTH,
+        text_length=CLIP_LENGTH + MMDIT_SEQUENCE_LENGTH,
     )
 
 
@@ -143,12 +143,12 @@ def flux_pipeline_engine(tmp_path_factory: pytest.TempPathFactory, flux_pipeline
     return _build(
         flux_pipeline_dir,
         tmp_path_factory.mktemp("engines") / "flux-pipeline",
-        caption_length=MMDIT_SEQUENCE_LENGTH,
+        text_length=MMDIT_SEQUENCE_LENGTH,
         resolution="8x8",
     )
 
 
-WAN_BUILD = {"caption_length": MMDIT_SEQUENCE_LENGTH, "resolution": "8x8", "frames": WAN_FRAMES}
+WAN_BUILD = {"text_length": MMDIT_SEQUENCE_LENGTH, "resolution": "8x8", "frames": WAN_FRAMES}
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from torch import nn
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
 from fora_runtime.dtypes import MANIFEST_DTYPES, PRECISION_DTYPES, torch_dtype
-from fora_runtime.manifest import DenoisingSpec, InputSpec
+from fora_runtime.manifest import DenoisingSpec, ForwardSignature, InputSpec
 
 #: ``--precision`` -> torch dtype, and torch dtype -> manifest name (from the one table).
 TORCH_DTYPES = {precision: torch_dtype(name) for precision, name in PRECISION_DTYPES.items()}
@@ -32,8 +32,8 @@ class AdapterOptions:
 
     #: Sublayer kinds to cache (None: every kind the family caches).
     cache: tuple[str, ...] | None = None
-    #: Caption (text) tokens per prompt, for text-conditioned families (None: family default).
-    caption_length: int | None = None
+    #: Text tokens per prompt, for text-conditioned families (None: family default).
+    text_length: int | None = None
     #: Latent frames, for video families (None: family default).
     frames: int | None = None
     #: The graph timesteps this model serves when it is one expert of several (Wan 2.2
@@ -52,7 +52,7 @@ class AdapterOptions:
         cache = data.get("cache")
         return cls(
             cache=tuple(cache) if cache is not None else None,
-            caption_length=data.get("caption_length"),
+            text_length=data.get("text_length"),
             frames=data.get("frames"),
             expert_range=tuple(data["expert_range"]) if data.get("expert_range") else None,
         )
@@ -109,6 +109,9 @@ class ModelAdapter(ABC):
     timestep_scale: ClassVar[float] = 1.0
     #: The torch.onnx exporter this family's graphs need (``--exporter`` overrides).
     onnx_exporter: ClassVar[str] = "torchscript"
+    #: How pipelines call the family's diffusers ``forward`` (recorded in the manifest for
+    #: the diffusers drop-in).
+    forward_signature: ClassVar[ForwardSignature]
 
     def __init__(self, model: nn.Module, options: AdapterOptions | None = None) -> None:
         # diffusers models expose config values and submodules as dynamic attributes.

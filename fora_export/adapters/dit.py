@@ -30,18 +30,22 @@ from fora_export.adapters.base import (
 from fora_export.adapters.gated import WeightedCacheSum
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 
 class DiTAdapter(ModelAdapter):
     family = "dit"
     model_class = "DiTTransformer2DModel"
+    forward_signature = ForwardSignature(
+        ("hidden_states", "encoder_hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
+        unsupported=("encoder_hidden_states", "cross_attention_kwargs"),
+    )
     cache_kinds = ("attn1", "ff")
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
-        if self.options.caption_length is not None:
-            raise ConfigError("--caption-length | DiT is class-conditional and takes no captions")
+        if self.options.text_length is not None:
+            raise ConfigError("--text-length | DiT is class-conditional and takes no captions")
 
     def cache_points(self) -> list[CachePoint]:
         points = []

@@ -52,7 +52,7 @@ from fora_export.adapters.export_patches import decompose_rms_norms, precompute_
 from fora_export.adapters.gated import WeightedCacheSum, stacked_gate_projection
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: FluxPipeline's default ``max_sequence_length`` (T5 tokens).
 DEFAULT_TEXT_LENGTH = 512
@@ -63,6 +63,26 @@ DEFAULT_RESOLUTION = (128, 128)
 class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class = "FluxTransformer2DModel"
+    forward_signature = ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "img_ids",
+            "txt_ids",
+            "guidance",
+            "joint_attention_kwargs",
+            "controlnet_block_samples",
+            "controlnet_single_block_samples",
+        ),
+        unsupported=(
+            "joint_attention_kwargs",
+            "controlnet_block_samples",
+            "controlnet_single_block_samples",
+            "controlnet_blocks_repeat",
+        ),
+    )
     cache_kinds = ("attn", "ff", "ff_context", "proj_out")
     latent_layout = "BSC"
     scheduler = "flow_match"
@@ -73,7 +93,7 @@ class FluxAdapter(ModelAdapter):
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
-        length = self.options.caption_length
+        length = self.options.text_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
         self.text_length = length or DEFAULT_TEXT_LENGTH

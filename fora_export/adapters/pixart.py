@@ -34,7 +34,7 @@ import torch
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: PixArt-alpha uses 120 T5 tokens; PixArt-Sigma 300.
 DEFAULT_CAPTION_LENGTH = 120
@@ -43,6 +43,19 @@ DEFAULT_CAPTION_LENGTH = 120
 class PixArtAdapter(ModelAdapter):
     family = "pixart"
     model_class = "PixArtTransformer2DModel"
+    forward_signature = ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "added_cond_kwargs",
+            "cross_attention_kwargs",
+            "attention_mask",
+            "encoder_attention_mask",
+        ),
+        nested=("added_cond_kwargs",),
+        unsupported=("cross_attention_kwargs", "attention_mask"),
+    )
     cache_kinds = ("attn1", "attn2", "ff")
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
@@ -52,10 +65,10 @@ class PixArtAdapter(ModelAdapter):
                 f"{self.model_class} | has no caption_channels (no caption projection) | "
                 "only text-conditioned PixArt models are supported"
             )
-        length = self.options.caption_length
+        length = self.options.text_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-            raise ConfigError(f"--caption-length | got {length!r} | expected an integer >= 1")
-        self.caption_length = length or DEFAULT_CAPTION_LENGTH
+            raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
+        self.text_length = length or DEFAULT_CAPTION_LENGTH
         model.set_default_attn_processor()
 
     def use_eager_attention(self) -> None:
@@ -96,10 +109,8 @@ class PixArtAdapter(ModelAdapter):
         specs = [
             InputSpec("latents", dtype, (BATCH_AXIS, self.latent_channels, height, width), role="latents"),
             InputSpec("timestep", "float32", (BATCH_AXIS,), role="timestep"),
-            InputSpec(
-                "encoder_hidden_states", dtype, (BATCH_AXIS, self.caption_length, self.caption_channels)
-            ),
-            InputSpec("encoder_attention_mask", "int64", (BATCH_AXIS, self.caption_length)),
+            InputSpec("encoder_hidden_states", dtype, (BATCH_AXIS, self.text_length, self.caption_channels)),
+            InputSpec("encoder_attention_mask", "int64", (BATCH_AXIS, self.text_length)),
         ]
         if self.uses_size_conditions:
             specs += [
@@ -111,7 +122,7 @@ class PixArtAdapter(ModelAdapter):
     def family_conditioning(self) -> dict[str, Any]:
         return {
             "kind": "captions",
-            "caption_length": self.caption_length,
+            "text_length": self.text_length,
             "caption_channels": self.caption_channels,
             "size_conditions": self.uses_size_conditions,
             "input_ranges": {"encoder_attention_mask": [0, 1]},
@@ -123,7 +134,7 @@ class PixArtAdapter(ModelAdapter):
         """Random inputs; caption masks pad a random tail of every other row."""
         height, width = resolution
         dtype = TORCH_DTYPES[precision]
-        length = self.caption_length
+        length = self.text_length
         mask = torch.ones(batch_size, length, dtype=torch.int64)
         for row in range(1, batch_size, 2):
             keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))

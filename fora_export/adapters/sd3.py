@@ -40,7 +40,7 @@ from fora_export.adapters.base import (
 from fora_export.adapters.gated import WeightedCacheSum, stacked_gate_projection
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: StableDiffusion3Pipeline's prompt length: 77 CLIP tokens + 256 T5 tokens (max_sequence_length).
 DEFAULT_TEXT_LENGTH = 333
@@ -51,12 +51,24 @@ SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 class SD3Adapter(ModelAdapter):
     family = "sd3"
     model_class = "SD3Transformer2DModel"
+    forward_signature = ForwardSignature(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "block_controlnet_hidden_states",
+            "joint_attention_kwargs",
+        ),
+        unsupported=("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers"),
+        extra_text_tokens=77,
+    )
     cache_kinds = ("attn", "attn2", "ff", "ff_context")
     scheduler = "flow_match"
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
-        length = self.options.caption_length
+        length = self.options.text_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
         self.text_length = length or DEFAULT_TEXT_LENGTH

@@ -49,7 +49,7 @@ from fora_export.adapters.export_patches import decompose_rms_norms, precompute_
 from fora_export.adapters.gated import WeightedCacheSum
 from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
-from fora_runtime.manifest import BATCH_AXIS, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: WanPipeline's ``max_sequence_length`` (UMT5 tokens); the I2V attention assumes it.
 DEFAULT_TEXT_LENGTH = 512
@@ -63,6 +63,10 @@ IMAGE_TOKENS = 257
 class WanAdapter(ModelAdapter):
     family = "wan"
     model_class = "WanTransformer3DModel"
+    forward_signature = ForwardSignature(
+        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+        unsupported=("attention_kwargs",),
+    )
     cache_kinds = ("attn1", "attn2", "ffn")
     latent_layout = "BCFHW"
     scheduler = "flow_match"
@@ -73,12 +77,12 @@ class WanAdapter(ModelAdapter):
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
         for name, value in (
-            ("--text-length", self.options.caption_length),
+            ("--text-length", self.options.text_length),
             ("--frames", self.options.frames),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
-        self.text_length = self.options.caption_length or DEFAULT_TEXT_LENGTH
+        self.text_length = self.options.text_length or DEFAULT_TEXT_LENGTH
         if self.image_conditioned and self.text_length != DEFAULT_TEXT_LENGTH:
             # WanAttnProcessor splits image from text tokens as "all but the last 512".
             raise ConfigError(

@@ -128,7 +128,7 @@ class BuildConfig:
         exporter: str | None = None,
         fp32_islands: bool = True,
         cache: str | None = None,
-        caption_length: int | None = None,
+        text_length: int | None = None,
         backend: str = "auto",
         trt_opt_level: int = 3,
         trt_workspace_mib: int | None = None,
@@ -159,7 +159,7 @@ class BuildConfig:
         if trt_compute_capabilities is not None:
             targets = tuple(cc.strip() for cc in trt_compute_capabilities.split(",") if cc.strip())
         return cls(
-            adapter=AdapterOptions(cache=kinds, caption_length=caption_length, frames=frames),
+            adapter=AdapterOptions(cache=kinds, text_length=text_length, frames=frames),
             subfolder=subfolder,
             max_cache_gib=max_cache_gib,
             forecast=forecast,

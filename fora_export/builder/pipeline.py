@@ -408,6 +408,7 @@ def export_folder(
             denoising=adapter.denoising(),
             backends=backends,
             gate_rows=GATE_ROWS if has_gate_table else None,
+            forward=adapter.forward_signature,
         )
         manifest.write(folder)
         return manifest
@@ -427,8 +428,8 @@ def _with_model_defaults(config: BuildConfig, loaded: LoadedModel) -> BuildConfi
         config = dataclasses.replace(config, export=export)
     if config.resolution is None and "resolution" in defaults:
         config = dataclasses.replace(config, resolution=tuple(defaults["resolution"]))
-    if config.adapter.caption_length is None and "caption_length" in defaults:
-        adapter = dataclasses.replace(config.adapter, caption_length=int(defaults["caption_length"]))
+    if config.adapter.text_length is None and "text_length" in defaults:
+        adapter = dataclasses.replace(config.adapter, text_length=int(defaults["text_length"]))
         config = dataclasses.replace(config, adapter=adapter)
     if config.adapter.frames is None and "frames" in defaults:
         adapter = dataclasses.replace(config.adapter, frames=int(defaults["frames"]))

@@ -68,82 +68,6 @@ class PipelineError(InputError):
     """A pipeline called the engines in a way the build cannot serve (size, batch, steps)."""
 
 
-@dataclass(frozen=True)
-class ForwardSignature:
-    """How a family's diffusers ``forward`` is called, as data.
-
-    ``parameters`` are the forward's parameters in diffusers' order (positional calls
-    are mapped by it); ``hidden_states`` and ``timestep`` are the latents and timestep,
-    every other parameter named like a manifest input feeds that input. ``nested``
-    parameters are dicts whose keys are manifest inputs (PixArt's ``added_cond_kwargs``);
-    ``unsupported`` ones must be None, empty or False (what the engines cannot honour:
-    ControlNet residuals, skipped layers, LoRA scales).
-    """
-
-    parameters: tuple[str, ...]
-    nested: tuple[str, ...] = ()
-    unsupported: tuple[str, ...] = ()
-    #: Prompt tokens the pipeline adds to ``max_sequence_length`` (SD3: 77 CLIP tokens).
-    extra_text_tokens: int = 0
-
-
-SIGNATURES: dict[str, ForwardSignature] = {
-    "DiTTransformer2DModel": ForwardSignature(
-        ("hidden_states", "encoder_hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
-        unsupported=("encoder_hidden_states", "cross_attention_kwargs"),
-    ),
-    "PixArtTransformer2DModel": ForwardSignature(
-        (
-            "hidden_states",
-            "encoder_hidden_states",
-            "timestep",
-            "added_cond_kwargs",
-            "cross_attention_kwargs",
-            "attention_mask",
-            "encoder_attention_mask",
-        ),
-        nested=("added_cond_kwargs",),
-        unsupported=("cross_attention_kwargs", "attention_mask"),
-    ),
-    "SD3Transformer2DModel": ForwardSignature(
-        (
-            "hidden_states",
-            "encoder_hidden_states",
-            "pooled_projections",
-            "timestep",
-            "block_controlnet_hidden_states",
-            "joint_attention_kwargs",
-        ),
-        unsupported=("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers"),
-        extra_text_tokens=77,
-    ),
-    "FluxTransformer2DModel": ForwardSignature(
-        (
-            "hidden_states",
-            "encoder_hidden_states",
-            "pooled_projections",
-            "timestep",
-            "img_ids",
-            "txt_ids",
-            "guidance",
-            "joint_attention_kwargs",
-            "controlnet_block_samples",
-            "controlnet_single_block_samples",
-        ),
-        unsupported=(
-            "joint_attention_kwargs",
-            "controlnet_block_samples",
-            "controlnet_single_block_samples",
-            "controlnet_blocks_repeat",
-        ),
-    ),
-    "WanTransformer3DModel": ForwardSignature(
-        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
-        unsupported=("attention_kwargs",),
-    ),
-}
-
-
 def _is_unset(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, dict | list | tuple) and not value)
 
@@ -196,11 +120,11 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         # The folder options of the sessions (verify, manifest key) apply to this first read too.
         folder_options = {k: backend_options[k] for k in FOLDER_OPTIONS if k in backend_options}
         manifest = load_manifest(self.engine_dir, **folder_options)
-        signature = SIGNATURES.get(manifest.model_class)
+        signature = manifest.forward
         if signature is None:
             raise ForaError(
-                f"{self.engine_dir / MANIFEST_NAME} | model class {manifest.model_class} has no "
-                f"diffusers drop-in | supported: {', '.join(SIGNATURES)}"
+                f"{self.engine_dir / MANIFEST_NAME} | model class {manifest.model_class} records no "
+                "diffusers forward signature | rebuild the engines with this fora-export"
             )
         self.manifest: Manifest = manifest
         self.signature = signature
@@ -431,7 +355,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 f"generate fewer images per call, or rebuild with --batch {manifest.batch.min}:"
                 f"{manifest.batch.opt}:{batch} or more"
             )
-        text_length = manifest.conditioning.get("caption_length", manifest.conditioning.get("text_length"))
+        text_length = manifest.conditioning.get("text_length")
         for spec in manifest.inputs_of("conditioning"):
             value = inputs[spec.name]
             shape = tuple(getattr(value, "shape", ()))

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,18 +27,43 @@ from fora_runtime.errors import ForaError, InputError, ManifestError
 from fora_runtime.schedule import CacheSchedule
 
 #: 2: step inputs with roles (``inputs``) and the family's denoising contract (``denoising``).
-SCHEMA_VERSION = 2
+#: 3: the family's diffusers forward signature (``forward``), one ``conditioning.text_length``.
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 BATCH_AXIS = "batch"
-GRAPH_ROLES = ("full", "reuse")
-#: Optional, always together: ``gates`` computes the gate table of many (step, sample)
-#: rows at once, ``reuse_gated`` is the reuse step reading its row instead of computing it.
-GATE_TABLE_ROLES = ("gates", "reuse_gated")
+
+
+class GraphRole(str, Enum):
+    """The graphs an engine folder may hold; a graph's file is ``<role><suffix>`` and its
+    name in the manifest's ``graphs`` is the role's value. One name per graph everywhere
+    (modules, manifest keys, backends)."""
+
+    #: The whole model; outputs the prediction and every cache tensor.
+    FULL = "full"
+    #: Takes the step inputs and the caches; skips attention and feed-forward.
+    REUSE = "reuse"
+    #: Optional, with REUSE_GATED: the gate table of many (step, sample) rows at once.
+    GATES = "gates"
+    #: The reuse step reading its row of the gate table instead of computing it.
+    REUSE_GATED = "reuse_gated"
+    #: Optional (``build --forecast``, with the gate-table graphs): the reuse step that
+    #: forecasts each cache from the last two full steps, ``A + w (A - A_previous)``. It reads
+    #: the gate table's row, the step's weight ``w`` per sample, the caches and the previous caches.
+    REUSE_FORECAST = "reuse_forecast"
+
+    # The value, not ``GraphRole.FULL``, wherever a role is printed or formatted into a name.
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+GRAPH_ROLES = (GraphRole.FULL, GraphRole.REUSE)
+#: Optional, always together.
+GATE_TABLE_ROLES = (GraphRole.GATES, GraphRole.REUSE_GATED)
 GATES_NAME = "gates"
-#: Optional (``build --forecast``, with the gate-table graphs): the reuse step that forecasts
-#: each cache from the last two full steps, ``A + w (A - A_previous)``. It reads the gate
-#: table's row, the step's weight ``w`` per sample, the caches and the previous caches.
-FORECAST_ROLE = "reuse_forecast"
+FORECAST_ROLE = GraphRole.REUSE_FORECAST
 FORECAST_WEIGHT_NAME = "forecast_weight"
 #: The previous full step's cache ``name`` is the forecast graph's input ``previous.<name>``.
 PREVIOUS_PREFIX = "previous."
@@ -303,6 +329,46 @@ class GraphSpec:
 
 
 @dataclass(frozen=True)
+class ForwardSignature:
+    """How a family's diffusers ``forward`` is called, as data (the adapter declares it,
+    the build records it, the diffusers drop-in maps calls by it).
+
+    ``parameters`` are the forward's parameters in diffusers' order (positional calls
+    are mapped by it); ``hidden_states`` and ``timestep`` are the latents and timestep,
+    every other parameter named like a manifest input feeds that input. ``nested``
+    parameters are dicts whose keys are manifest inputs (PixArt's ``added_cond_kwargs``);
+    ``unsupported`` ones must be None, empty or False (what the engines cannot honour:
+    ControlNet residuals, skipped layers, LoRA scales).
+    """
+
+    parameters: tuple[str, ...]
+    nested: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()
+    #: Prompt tokens the pipeline adds to ``max_sequence_length`` (SD3: 77 CLIP tokens).
+    extra_text_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parameters": list(self.parameters),
+            "nested": list(self.nested),
+            "unsupported": list(self.unsupported),
+            "extra_text_tokens": self.extra_text_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "forward") -> ForwardSignature:
+        def names(key: str) -> tuple[str, ...]:
+            return list_of(data, key, path, lambda value, where: expect(value, str, where))
+
+        return cls(
+            parameters=names("parameters"),
+            nested=names("nested"),
+            unsupported=names("unsupported"),
+            extra_text_tokens=field_of(data, "extra_text_tokens", int, path, low=0, high=MAX_DIM),
+        )
+
+
+@dataclass(frozen=True)
 class BatchRange:
     min: int
     opt: int
@@ -353,6 +419,8 @@ class Manifest:
     #: Calibrated schedules written by ``fora-export calibrate``: step count -> file (listed in
     #: ``files`` with its sha256; the file itself is read by ``fora_runtime.calibration``).
     calibrated_schedules: dict[int, str] = field(default_factory=dict)
+    #: The family's diffusers forward signature (None: the family has no diffusers drop-in).
+    forward: ForwardSignature | None = None
     schema_version: int = SCHEMA_VERSION
 
     # -- IO helpers used by the runtime -------------------------------------------------
@@ -453,6 +521,7 @@ class Manifest:
         data["inputs"] = [i.to_dict() for i in self.inputs]
         data["denoising"] = self.denoising.to_dict() if self.denoising is not None else None
         data["calibrated_schedules"] = {str(steps): file for steps, file in self.calibrated_schedules.items()}
+        data["forward"] = self.forward.to_dict() if self.forward is not None else None
         # Put the version first so a human reading the file sees it.
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -504,7 +573,7 @@ class Manifest:
         optional = (*GATE_TABLE_ROLES, FORECAST_ROLE)
         roles = GRAPH_ROLES + tuple(r for r in optional if r in graphs_data)
         graphs = {
-            role: GraphSpec.from_dict(field_of(graphs_data, role, dict, "graphs"), f"graphs.{role}")
+            str(role): GraphSpec.from_dict(field_of(graphs_data, role, dict, "graphs"), f"graphs.{role}")
             for role in roles
         }
         unknown = sorted(set(graphs_data) - set(roles))
@@ -521,6 +590,7 @@ class Manifest:
         if precision not in PRECISION_DTYPES:
             raise FieldError(f"field 'precision' is {precision!r}, expected one of {list(PRECISION_DTYPES)}")
         gate_rows = data.get("gate_rows")
+        forward = data.get("forward")
         return cls(
             model_class=field_of(data, "model_class", str, ""),
             family=field_of(data, "family", str, ""),
@@ -544,6 +614,7 @@ class Manifest:
             calibrated_schedules=_calibrated_schedules(
                 expect(data.get("calibrated_schedules", {}), dict, "")
             ),
+            forward=ForwardSignature.from_dict(forward) if forward is not None else None,
         )
 
     def _check_consistency(self, where: str) -> None:

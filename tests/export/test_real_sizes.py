@@ -64,7 +64,7 @@ def meta_model(class_name: str, config: dict):
 
 def lean_reuse_report(class_name: str, config: dict, text_length: int) -> tuple[float, int, int]:
     """(lean reuse weights / model weights, image-stream cache tensors, bytes per sample in bf16)."""
-    adapter = adapter_for(meta_model(class_name, config), AdapterOptions(caption_length=text_length))
+    adapter = adapter_for(meta_model(class_name, config), AdapterOptions(text_length=text_length))
     names = tuple(s.name for s in adapter.step_input_specs(LATENT_1024PX, "bf16"))
     all_caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
     caches = adapter.lean_cache_names(all_caches)

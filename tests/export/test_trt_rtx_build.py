@@ -68,19 +68,19 @@ FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] 
     "pixart-alpha-fp16": (
         save_pixart,
         OTHER_PIXART,
-        {"precision": "fp16", "cache": "attn1,ff", "caption_length": 6},
+        {"precision": "fp16", "cache": "attn1,ff", "text_length": 6},
     ),
     # MMDiT: image-stream caches and gate tables; SD3.5's dual attention and qk RMSNorm
     # (TorchScript, opset 17), Flux's rotary attention and decomposed RMSNorm (dynamo, opset 18).
     "sd3.5-bf16": (
         partial(_save_model, make_demo_sd3),
         TINY_SD35,
-        {"precision": "bf16", "caption_length": 6},
+        {"precision": "bf16", "text_length": 6},
     ),
     "flux-dev": (
         partial(_save_model, make_demo_flux),
         TINY_FLUX_DEV,
-        {"resolution": "8x8", "caption_length": 6},
+        {"resolution": "8x8", "text_length": 6},
     ),
 }
 

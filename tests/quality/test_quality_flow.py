@@ -41,7 +41,7 @@ def test_builds_as_sd3_flow_matching_with_the_class_table_inputs(digits_flow_eng
     assert "gates" in manifest.graphs  # the lean reuse graph and gate table of the family
     tables, null_class = load_class_conditioning(DEMO_DIGITS_FLOW_DIR / CLASS_CONDITIONING_FILE, "test")
     # The build's text length is the table's token count (the demo's build default).
-    assert DEMO_BUILD_DEFAULTS["demo-digits-flow"]["caption_length"] == DIGITS_FLOW_TEXT_LENGTH
+    assert DEMO_BUILD_DEFAULTS["demo-digits-flow"]["text_length"] == DIGITS_FLOW_TEXT_LENGTH
     assert null_class == NUM_CLASSES
     for spec in manifest.inputs_of("conditioning"):
         assert tables[spec.name].shape == (NUM_CLASSES + 1, *spec.shape[1:])

@@ -237,7 +237,7 @@ def fp16_pixart_engine(tmp_path_factory: pytest.TempPathFactory, pixart_pipeline
 
     out = tmp_path_factory.mktemp("engines") / "pixart-fp16"
     config = BuildConfig.from_options(
-        batch="1:2:4", precision="fp16", caption_length=PIXART_TEXT_LENGTH, backend="torch", device="cpu"
+        batch="1:2:4", precision="fp16", text_length=PIXART_TEXT_LENGTH, backend="torch", device="cpu"
     )
     build(str(pixart_pipeline_dir), out, config, progress=False)
     return out

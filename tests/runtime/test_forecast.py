@@ -37,11 +37,9 @@ FP32_ATOL = 1e-4
 
 FAMILIES = [
     pytest.param(make_demo_dit, TINY_DIT, AdapterOptions(), (8, 8), id="dit"),
-    pytest.param(make_demo_sd3, TINY_SD3, AdapterOptions(caption_length=TEXT), (8, 8), id="sd3"),
-    pytest.param(make_demo_flux, TINY_FLUX_DEV, AdapterOptions(caption_length=TEXT), (8, 8), id="flux"),
-    pytest.param(
-        make_demo_wan, TINY_WAN, AdapterOptions(caption_length=TEXT, frames=FRAMES), (4, 4), id="wan"
-    ),
+    pytest.param(make_demo_sd3, TINY_SD3, AdapterOptions(text_length=TEXT), (8, 8), id="sd3"),
+    pytest.param(make_demo_flux, TINY_FLUX_DEV, AdapterOptions(text_length=TEXT), (8, 8), id="flux"),
+    pytest.param(make_demo_wan, TINY_WAN, AdapterOptions(text_length=TEXT, frames=FRAMES), (4, 4), id="wan"),
 ]
 
 

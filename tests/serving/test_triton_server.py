@@ -55,7 +55,7 @@ def dpm_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pixart_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = save_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart", TINY_PIXART)
     out = tmp_path_factory.mktemp("engines") / "tiny-pixart"
-    build(str(model), out, BuildConfig.from_options(batch="1:2:4", caption_length=6), progress=False)
+    build(str(model), out, BuildConfig.from_options(batch="1:2:4", text_length=6), progress=False)
     return out
 
 

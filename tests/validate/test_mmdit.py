@@ -39,7 +39,7 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = _save(tmp_path_factory.mktemp("flux-dev-model"), make_demo_flux, TINY_FLUX_DEV)
     out = tmp_path_factory.mktemp("engines") / "flux-dev"
     config = BuildConfig.from_options(
-        batch="1:2:3", resolution="8x8", caption_length=TEXT, backend="torch", device="cpu"
+        batch="1:2:3", resolution="8x8", text_length=TEXT, backend="torch", device="cpu"
     )
     build(str(model), out, config, progress=False)
     return out
@@ -49,7 +49,7 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = _save(tmp_path_factory.mktemp("sd35-model"), make_demo_sd3, TINY_SD35)
     out = tmp_path_factory.mktemp("engines") / "sd35"
-    config = BuildConfig.from_options(batch="1:2:3", caption_length=TEXT, backend="torch", device="cpu")
+    config = BuildConfig.from_options(batch="1:2:3", text_length=TEXT, backend="torch", device="cpu")
     build(str(model), out, config, progress=False)
     return out
 
@@ -80,7 +80,7 @@ def test_other_configurations_build_and_validate(make, config, tmp_path: Path) -
     build(
         str(model),
         out,
-        BuildConfig.from_options(batch="1:2", resolution="8x8", caption_length=TEXT),
+        BuildConfig.from_options(batch="1:2", resolution="8x8", text_length=TEXT),
         progress=False,
     )
     _assert_fp32_parity(validate(out, steps=6, batch_sizes=[1, 2]))
@@ -91,7 +91,7 @@ def test_lean_reuse_fed_its_own_caches_reproduces_the_full_step(make, config) ->
     """The lean reuse graph reads only the image-stream caches and, fed the caches of the
     same inputs, equals the full step exactly (fp32): nothing the text stream computes
     reaches the prediction except through the cached attentions."""
-    adapter = adapter_for(make(config, seed=3), AdapterOptions(caption_length=TEXT))
+    adapter = adapter_for(make(config, seed=3), AdapterOptions(text_length=TEXT))
     adapter.fix_resolution((8, 8))
     names = tuple(s.name for s in adapter.step_input_specs((8, 8), "fp32"))
     split = split_model(adapter, names)
@@ -159,7 +159,7 @@ def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
     build(
         str(model),
         out,
-        BuildConfig.from_options(batch="1", resolution="4x4", caption_length=4),
+        BuildConfig.from_options(batch="1", resolution="4x4", text_length=4),
         progress=False,
     )
     manifest = load_manifest(out)
@@ -175,7 +175,7 @@ def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
 def test_sd3_fp16_engine_validates(tmp_path: Path) -> None:
     model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
     out = tmp_path / "engine"
-    config = BuildConfig.from_options(batch="1:2", caption_length=TEXT, precision="fp16")
+    config = BuildConfig.from_options(batch="1:2", text_length=TEXT, precision="fp16")
     build(str(model), out, config, progress=False)
     report = validate(out, steps=6, batch_sizes=[2])
     assert report.passed, report.to_dict()
@@ -190,7 +190,7 @@ def test_fp16_overflow_fails_validate_loudly(tmp_path: Path) -> None:
         model.transformer_blocks[0].ff.net[2].weight.mul_(1e5)
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "engine"
-    config = BuildConfig.from_options(batch="1", resolution="4x4", caption_length=4, precision="fp16")
+    config = BuildConfig.from_options(batch="1", resolution="4x4", text_length=4, precision="fp16")
     build(str(tmp_path / "model"), out, config, progress=False)
     report = validate(out, steps=3, batch_sizes=[1])
     assert not report.passed

@@ -30,7 +30,7 @@ def pixart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pixart_engine(tmp_path_factory: pytest.TempPathFactory, pixart_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("engines") / "pixart"
-    build(str(pixart_dir), out, BuildConfig.from_options(batch="1:2:4", caption_length=6), progress=False)
+    build(str(pixart_dir), out, BuildConfig.from_options(batch="1:2:4", text_length=6), progress=False)
     return out
 
 
@@ -43,7 +43,7 @@ def assert_fp32_parity(report) -> None:
 
 @pytest.mark.parametrize("config", [TINY_PIXART, OTHER_PIXART], ids=["sigma-like", "alpha-1024-like"])
 def test_reuse_fed_own_caches_equals_full_exactly(config: dict) -> None:
-    adapter = adapter_for(make_demo_pixart(config), AdapterOptions(caption_length=7))
+    adapter = adapter_for(make_demo_pixart(config), AdapterOptions(text_length=7))
     names = tuple(s.name for s in adapter.step_input_specs(adapter.default_resolution(), "fp32"))
     split = split_model(adapter, names)
     inputs = adapter.random_inputs(3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_manifest_records_caption_inputs(pixart_engine: Path) -> None:
     assert inputs["encoder_hidden_states"] == ("float32", ("batch", 6, 12))
     assert inputs["encoder_attention_mask"] == ("int64", ("batch", 6))
     assert "resolution" not in inputs
-    assert manifest.conditioning["caption_length"] == 6
+    assert manifest.conditioning["text_length"] == 6
     assert [c.kind for c in manifest.caches[:3]] == ["attn1", "attn2", "ff"]
     # With attn2 cached the reuse graph never reads the captions: the exporter drops those
     # inputs, and the runtime binds each graph's own inputs (the trajectories below run it).
@@ -78,7 +78,7 @@ def test_other_pixart_with_size_conditions_fp32(tmp_path: Path) -> None:
     # Other depth, heads, caption dim and length, learn_sigma off, 1024px-alpha size conditions.
     folder = save_pixart(tmp_path / "other", OTHER_PIXART, seed=3)
     out = tmp_path / "engine"
-    build(str(folder), out, BuildConfig.from_options(batch="1:3:4", caption_length=9), progress=False)
+    build(str(folder), out, BuildConfig.from_options(batch="1:3:4", text_length=9), progress=False)
     manifest = load_manifest(out)
     names = [t.name for t in manifest.graphs["full"].inputs]
     assert names[:6] == [
@@ -95,7 +95,7 @@ def test_other_pixart_with_size_conditions_fp32(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cache", ["attn1,ff", "attn2"])
 def test_cache_subset_reuse_graph_computes_the_rest(pixart_dir: Path, tmp_path: Path, cache: str) -> None:
     out = tmp_path / "subset"
-    build(str(pixart_dir), out, BuildConfig.from_options(caption_length=6, cache=cache), progress=False)
+    build(str(pixart_dir), out, BuildConfig.from_options(text_length=6, cache=cache), progress=False)
     manifest = load_manifest(out)
     assert {c.kind for c in manifest.caches} == set(cache.split(","))
     assert_fp32_parity(validate(out, steps=12))
@@ -114,14 +114,14 @@ def test_reuse_graph_does_not_carry_cached_sublayer_weights(pixart_engine: Path)
 
 def test_dynamo_exporter_handles_the_squeeze_trap(pixart_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dynamo"
-    build(str(pixart_dir), out, BuildConfig.from_options(caption_length=6, exporter="dynamo"), progress=False)
+    build(str(pixart_dir), out, BuildConfig.from_options(text_length=6, exporter="dynamo"), progress=False)
     report = validate(out, steps=8, batch_sizes=[1, 3])
     assert report.passed, report.to_dict()
 
 
 def test_fp16_pixart_validates(pixart_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp16"
-    build(str(pixart_dir), out, BuildConfig.from_options(caption_length=6, precision="fp16"), progress=False)
+    build(str(pixart_dir), out, BuildConfig.from_options(text_length=6, precision="fp16"), progress=False)
     report = validate(out, steps=20)
     assert report.passed, report.to_dict()
 
@@ -143,13 +143,13 @@ def test_bad_cache_kinds_and_caption_options(pixart_dir: Path, tiny_dit_dir: Pat
     with pytest.raises(ConfigError, match="caches some of: attn1,ff"):
         build(str(tiny_dit_dir), tmp_path / "b", BuildConfig.from_options(cache="attn2"), progress=False)
     with pytest.raises(ConfigError, match="takes no captions"):
-        build(str(tiny_dit_dir), tmp_path / "c", BuildConfig.from_options(caption_length=5), progress=False)
+        build(str(tiny_dit_dir), tmp_path / "c", BuildConfig.from_options(text_length=5), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_pixart_on_the_torch_backend(pixart_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "torch"
-    config = BuildConfig.from_options(caption_length=6, backend="torch", device="cpu")
+    config = BuildConfig.from_options(text_length=6, backend="torch", device="cpu")
     build(str(pixart_dir), out, config, progress=False)
     report = validate(out, backend="torch", steps=8, batch_sizes=[1, 3], access=TRUSTED)
     assert_fp32_parity(report)
@@ -158,6 +158,6 @@ def test_pixart_on_the_torch_backend(pixart_dir: Path, tmp_path: Path) -> None:
 def test_pixart_at_another_resolution_with_the_default_exporter(pixart_dir: Path, tmp_path: Path) -> None:
     # Non-square and not the config's sample_size: the patch embedding is made static.
     out = tmp_path / "res"
-    build(str(pixart_dir), out, BuildConfig.from_options(caption_length=6, resolution="8x12"), progress=False)
+    build(str(pixart_dir), out, BuildConfig.from_options(text_length=6, resolution="8x12"), progress=False)
     assert load_manifest(out).graphs["full"].inputs[0].shape == ("batch", 4, 8, 12)
     assert_fp32_parity(validate(out, steps=8, batch_sizes=[2]))

@@ -37,7 +37,7 @@ def wan_t2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wan-t2v")
     make_demo_wan(TINY_WAN, seed=1).save_pretrained(root / "model")
     config = BuildConfig.from_options(
-        batch="1:2:3", resolution="4x4", frames=FRAMES, caption_length=TEXT, backend="torch", device="cpu"
+        batch="1:2:3", resolution="4x4", frames=FRAMES, text_length=TEXT, backend="torch", device="cpu"
     )
     return build(str(root / "model"), root / "engine", config, progress=False).folder
 
@@ -188,7 +188,7 @@ def test_max_cache_gib_refuses_and_lists_the_subsets_that_fit(tmp_path: Path) ->
     # 2 blocks x 3 caches x (3 x 2 x 2 = 12 tokens) x 16 floats: 4.5 KiB per sample; batch 4: 18 KiB.
     limit = 14 / 2**20  # GiB: room for two of the three kinds at batch 4
     config = BuildConfig.from_options(
-        batch="1:2:4", resolution="4x4", frames=FRAMES, caption_length=TEXT, max_cache_gib=limit
+        batch="1:2:4", resolution="4x4", frames=FRAMES, text_length=TEXT, max_cache_gib=limit
     )
     message = r"caches need 18.00 KiB at batch 4 \(4.50 KiB per sample\) \| pass --cache with one of: "
     with pytest.raises(BuildError, match=message + "attn1,attn2; attn1,ffn; attn2,ffn "):
