@@ -26,7 +26,7 @@ from fora_export.errors import ConfigError, ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
 from fora_export.export.islands import apply_fp32_islands, island_ops
 from fora_runtime.dtypes import ONNX_ELEM_TYPES
-from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
+from fora_runtime.manifest import BATCH_AXIS, BatchRange, GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,9 @@ def export_onnx(
     config: ExportConfig,
     *,
     batch_range: BatchRange,
-) -> None:
-    """Export ``module`` to ``path`` and check it with the ONNX checker.
+) -> GraphSpec:
+    """Export ``module`` to ``path``, check it with the ONNX checker and return the
+    graph's IO as written (the manifest's entry for it: exporters drop unused inputs).
 
     The batch axis (axis 0 of every input and output) is dynamic; every other
     axis is fixed per build and written into the graph's IO types as traced
@@ -107,7 +108,7 @@ def export_onnx(
             raise
         except Exception as err:  # exporters raise many unrelated exception types
             raise ExportError(f"{path.name} | torch.onnx.export failed: {type(err).__name__}: {err}") from err
-        _finalize(raw, path, config, static_shapes)
+        return _finalize(raw, path, config, static_shapes)
 
 
 def _run_exporter(
@@ -149,8 +150,10 @@ def _run_exporter(
     program.save(str(path))
 
 
-def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[str, tuple[int, ...]]) -> None:
-    """Load the raw export, fix IO shapes, save (maybe external data), check."""
+def _finalize(
+    raw: Path, path: Path, config: ExportConfig, static_shapes: dict[str, tuple[int, ...]]
+) -> GraphSpec:
+    """Load the raw export, fix IO shapes, save (maybe external data), check; the saved IO."""
     import onnx
 
     model = onnx.load(str(raw), load_external_data=True)
@@ -184,6 +187,7 @@ def _finalize(raw: Path, path: Path, config: ExportConfig, static_shapes: dict[s
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise ExportError(f"{path.name} | ONNX checker rejected the exported graph: {err}") from err
+    return _graph_spec(model, path.name)
 
 
 def _fold_shape_branches(model: Any) -> Any:
@@ -257,21 +261,23 @@ def _fix_io_shapes(model: Any, static_shapes: dict[str, tuple[int, ...]]) -> Non
             dim.dim_value = int(size)
 
 
-def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The inputs and outputs an ONNX file really has (graphs may drop unused inputs)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def _graph_spec(model: Any, file: str) -> GraphSpec:
+    """The inputs and outputs of the ONNX ``model`` saved as ``file``."""
 
     def spec(value: Any) -> TensorSpec:
         tensor_type = value.type.tensor_type
         if tensor_type.elem_type not in ONNX_ELEM_TYPES:
             raise ExportError(
-                f"{path.name} | tensor '{value.name}' has unsupported ONNX type {tensor_type.elem_type}"
+                f"{file} | tensor '{value.name}' has unsupported ONNX type {tensor_type.elem_type}"
             )
         shape: list[int | str] = []
         for dim in tensor_type.shape.dim:
             shape.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or BATCH_AXIS))
         return TensorSpec(value.name, ONNX_ELEM_TYPES[tensor_type.elem_type], tuple(shape))
 
-    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
+    graph = model.graph
+    return GraphSpec(
+        file=file,
+        inputs=tuple(spec(v) for v in graph.input),
+        outputs=tuple(spec(v) for v in graph.output),
+    )

@@ -35,7 +35,7 @@ Device and dtype
 
 ``fora_export.builder.pipeline`` calls :func:`export_program` once per graph job (the
 files are named by ``fora_runtime.manifest.graph_file``) and records
-:func:`torch_manifest_record` in the manifest; the files are listed in
+:func:`torch_record` of what they returned in the manifest; the files are listed in
 ``Manifest.files`` like the ONNX graphs, so their sha256 is verified on load.
 """
 
@@ -45,7 +45,8 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from torch import nn
 from fora_export.adapters.base import DTYPE_NAMES
 from fora_export.errors import ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
-from fora_runtime.manifest import BatchRange, graph_file
+from fora_runtime.manifest import BATCH_AXIS, BatchRange, GraphRole, GraphSpec, TensorSpec, graph_file
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ def device_label(device: torch.device) -> str:
     return device.type
 
 
+@dataclass(frozen=True)
+class ExportedProgram:
+    """A program written by :func:`export_program`: its IO and the metadata in its archive."""
+
+    graph: GraphSpec
+    meta: dict[str, Any]
+
+
 def export_program(
     module: nn.Module,
     example_args: tuple[torch.Tensor, ...],
@@ -81,13 +90,13 @@ def export_program(
     *,
     input_names: Sequence[str],
     output_names: Sequence[str],
-) -> dict[str, Any]:
+) -> ExportedProgram:
     """Export ``module`` with ``torch.export``, save it to ``path`` and check the round trip.
 
     ``input_names``/``output_names`` name the program's positional inputs and its
-    outputs, in order (as for ``export_onnx``). Returns the metadata stored in the
-    archive. Raises :class:`ExportError` when the export, the save or the
-    round-trip check fails.
+    outputs, in order (as for ``export_onnx``). Returns the program's IO (axis 0 the
+    batch axis) and the metadata stored in the archive. Raises :class:`ExportError`
+    when the export, the save or the round-trip check fails.
     """
     path = Path(path)
     if not example_args:
@@ -143,7 +152,17 @@ def export_program(
     _check_round_trip(module, path, args, reference, batch_range)
     seconds = time.perf_counter() - started
     log.info("exported %s (batch %s, traced at %d) in %.1f s", path.name, batch_range, trace_batch, seconds)
-    return meta
+    graph = GraphSpec(
+        file=path.name,
+        inputs=tuple(_tensor_spec(n, t) for n, t in zip(input_names, args, strict=True)),
+        outputs=tuple(_tensor_spec(n, t) for n, t in zip(output_names, reference, strict=True)),
+    )
+    return ExportedProgram(graph, meta)
+
+
+def _tensor_spec(name: str, tensor: torch.Tensor) -> TensorSpec:
+    dtype = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
+    return TensorSpec(name, dtype, (BATCH_AXIS, *tensor.shape[1:]))
 
 
 def _trace_batch(example_batch: int, batch_range: BatchRange) -> int:
@@ -228,26 +247,37 @@ def read_program_meta(path: str | Path) -> dict[str, Any]:
 
 
 def torch_manifest_record(folder: str | Path, roles: Sequence[str]) -> dict[str, Any]:
-    """The manifest's ``backends["torch"]`` entry for the programs in ``folder``.
+    """The manifest's ``backends["torch"]`` entry for the programs of ``roles`` in ``folder``,
+    read from their archives (see :func:`torch_record`)."""
+    folder = Path(folder)
+    files = {role: graph_file(role, "torch") for role in roles}
+    return _record(folder, files, {role: read_program_meta(folder / file) for role, file in files.items()})
+
+
+def torch_record(folder: str | Path, programs: Mapping[str, ExportedProgram]) -> dict[str, Any]:
+    """The manifest's ``backends["torch"]`` entry for the programs just exported into
+    ``folder`` (role -> what :func:`export_program` returned).
 
     ``{"programs": {"full": "full.pt2", "reuse": "reuse.pt2"[, "gates": ..., "reuse_gated":
     ...]}, "torch": version,
     "device": "cpu" | "cuda:<name>", "dtype": prediction dtype, "inputs": {role:
     names}, "outputs": {role: names}, "batch": {"min", "max", "dynamic"}}``.
     """
-    folder = Path(folder)
-    files = {role: graph_file(role, "torch") for role in roles}
-    metas = {role: read_program_meta(folder / file) for role, file in files.items()}
+    files = {role: program.graph.file for role, program in programs.items()}
+    return _record(Path(folder), files, {role: program.meta for role, program in programs.items()})
+
+
+def _record(folder: Path, files: dict[str, str], metas: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for role, meta in metas.items():
         # The gates program's batch axis counts rows and its output is the table, not a prediction.
-        keys = ("torch", "device") if role == "gates" else ("torch", "device", "dtype", "batch")
+        keys = ("torch", "device") if role == GraphRole.GATES else ("torch", "device", "dtype", "batch")
         for key in keys:
-            if meta.get(key) != metas["full"].get(key):
+            if meta.get(key) != metas[GraphRole.FULL].get(key):
                 raise ExportError(
                     f"{folder} | {files[role]} and full.pt2 differ in {key} ({meta.get(key)!r} vs "
                     f"{metas['full'].get(key)!r}) | export all programs in one build"
                 )
-    full = metas["full"]
+    full = metas[GraphRole.FULL]
     return {
         "programs": files,
         "torch": full["torch"],

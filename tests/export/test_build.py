@@ -9,7 +9,9 @@ import pytest
 
 from fora_export.builder import pipeline
 from fora_export.builder.config import BuildConfig, parse_batch, parse_resolution
+from fora_export.builder.graphs import check_planned_graphs, plan_build
 from fora_export.errors import BuildError, ConfigError, ExportError
+from fora_export.loading import load_model
 from fora_runtime import ForaSession, load_manifest
 
 
@@ -141,3 +143,15 @@ def test_bad_precision_and_opset() -> None:
         BuildConfig.from_options(precision="int8")
     with pytest.raises(ConfigError, match="needs opset >= 17"):
         BuildConfig.from_options(opset=13)
+
+
+def test_the_planned_graph_set_is_what_the_build_exports(tiny_dit_dir: Path, tiny_engine: Path) -> None:
+    # Planning exports nothing; its IO specs (batch axis symbolic) are the graphs' real IO.
+    manifest = load_manifest(tiny_engine)
+    loaded = load_model(str(tiny_dit_dir), None)
+    with plan_build(loaded, BuildConfig.from_options(batch="1:2:4")) as plan:
+        assert [job.role for job in plan.jobs] == list(manifest.graphs)
+        assert plan.graphs == manifest.graphs
+        assert plan.caches == manifest.caches
+        assert plan.gate_rows == manifest.gate_rows
+        check_planned_graphs(pipeline._manifest(plan, loaded, plan.graphs))

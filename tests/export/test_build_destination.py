@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fora_export.builder import pipeline
+from fora_export.builder import destination, pipeline
 from fora_export.builder.config import BuildConfig
 from fora_export.errors import BuildError, ExportError
 from fora_runtime import load_manifest
@@ -178,7 +178,7 @@ def test_a_disk_too_small_is_refused_before_exporting(
     tiny_dit_dir: Path, tmp_path: Path, fake_export: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    monkeypatch.setattr(destination.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
     with pytest.raises(BuildError, match=r"needs at least .* \(the model's weights .*\), 100 B free there"):
         build(tiny_dit_dir, tmp_path / "engine")
     assert not fake_export and list(tmp_path.iterdir()) == []
