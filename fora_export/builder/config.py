@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fora_export.adapters.base import AdapterOptions
-from fora_export.builder.tensorrt import TrtBuildConfig
+from fora_export.builder.trt_config import TrtBuildConfig
 from fora_export.errors import ConfigError
 from fora_export.export.onnx_export import ExportConfig
 from fora_runtime.errors import ScheduleError

@@ -103,7 +103,7 @@ class GraphPlan:
     reuse_graph: str
 
     @property
-    def graphs(self) -> dict[GraphRole, GraphSpec]:
+    def graphs(self) -> dict[str, GraphSpec]:
         """The planned graph set, role -> manifest entry."""
         return {job.role: job.planned for job in self.jobs}
 

@@ -47,7 +47,7 @@ from fora_export.errors import BuildError
 from fora_export.export.onnx_export import export_onnx
 from fora_export.loading import LoadedModel, load_model
 from fora_export.progress import StageProgress
-from fora_runtime.manifest import GraphRole, GraphSpec, Manifest, file_record, graph_file
+from fora_runtime.manifest import BatchRange, GraphSpec, Manifest, file_record, graph_file
 from fora_runtime.trust import sign_folder
 
 __all__ = [
@@ -152,7 +152,7 @@ def export_folder(
     with plan_build(loaded, config) as plan:
         # The planned graph set must keep the graph contract before anything is exported.
         check_planned_graphs(_manifest(plan, loaded, plan.graphs))
-        graphs: dict[GraphRole, GraphSpec] = {}
+        graphs: dict[str, GraphSpec] = {}
         for job in plan.jobs:
             stages.stage(f"exporting {job.role} graph")
             graphs[job.role] = export_onnx(
@@ -171,7 +171,9 @@ def export_folder(
         if tensorrt_flavor:
             stages.stage(f"building {tensorrt_flavor.title} engines")
             batch = plan.config.batch
-            profiles = {job.role: job.batch_range for job in plan.jobs if job.batch_range != batch}
+            profiles: dict[str, BatchRange] = {
+                job.role: job.batch_range for job in plan.jobs if job.batch_range != batch
+            }
             backends["tensorrt"] = trt_build.build_folder_engines(
                 folder, graphs, batch, plan.config.tensorrt, profiles=profiles, flavor=tensorrt_flavor
             )
@@ -185,7 +187,7 @@ def export_folder(
 def _manifest(
     plan: GraphPlan,
     loaded: LoadedModel,
-    graphs: dict[GraphRole, GraphSpec],
+    graphs: dict[str, GraphSpec],
     *,
     files: dict[str, dict[str, Any]] | None = None,
     backends: dict[str, Any] | None = None,
@@ -225,11 +227,11 @@ def _manifest(
 
 def _export_torch_programs(jobs: list[GraphJob], folder: Path) -> dict[str, object]:
     """Trace every graph as a torch.export program (on the example's device)."""
-    from fora_export.export.torch_program import export_program, torch_record
+    from fora_export.export.torch_program import ExportedProgram, export_program, torch_record
 
     # Reuse programs call fora's fused ops where the ONNX graphs spell the arithmetic out.
     with torch_program_ops(*(job.module for job in jobs if job.fused_ops)):
-        programs = {
+        programs: dict[str, ExportedProgram] = {
             job.role: export_program(
                 job.module,
                 job.example_args,

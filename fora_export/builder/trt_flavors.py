@@ -31,7 +31,7 @@ from fora_runtime.errors import BackendError
 if TYPE_CHECKING:
     import tensorrt
 
-    from fora_export.builder.tensorrt import TrtBuildConfig
+    from fora_export.builder.trt_config import TrtBuildConfig
 
 #: TensorRT-RTX targets when none are given: the RTX generations it builds fp32, fp16 and
 #: bf16 plans for (Ampere 8.6, Ada 8.9, Blackwell 12.0). Turing (7.5) is opt-in, as

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fora_export.builder import tensorrt as trt_build
+from fora_export.builder import trt_parser
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
 from fora_export.builder.tensorrt import (
@@ -212,19 +213,19 @@ def test_one_logger_whose_error_list_is_swapped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_trt = types.SimpleNamespace(ILogger=_FakeILogger)
-    monkeypatch.setattr(trt_build, "_LOGGERS", {})
-    logger = trt_build._logger(fake_trt)
-    assert trt_build._logger(fake_trt) is logger  # the same object for every build
+    monkeypatch.setattr(trt_parser, "_LOGGERS", {})
+    logger = trt_parser.tensorrt_logger(fake_trt)
+    assert trt_parser.tensorrt_logger(fake_trt) is logger  # the same object for every build
     error = _FakeILogger.Severity.ERROR
     logger.log(error, "outside any build")  # logged, collected nowhere
-    with caplog.at_level(logging.INFO, logger="fora_export.builder.tensorrt"):
-        with trt_build._capture(logger) as first:
+    with caplog.at_level(logging.INFO, logger="fora_export.builder.trt_parser"):
+        with trt_parser.capture_errors(logger) as first:
             logger.log(error, "first build")
             # Timing-cache complaints go to their own list, at INFO.
-            with trt_build._capture(logger, level=logging.INFO) as cache:
+            with trt_parser.capture_errors(logger, level=logging.INFO) as cache:
                 logger.log(error, "stale timing cache")
             logger.log(error, "first build again")
-        with trt_build._capture(logger) as second:
+        with trt_parser.capture_errors(logger) as second:
             logger.log(error, "second build")
     assert first == ["first build", "first build again"]
     assert cache == ["stale timing cache"]
@@ -312,7 +313,7 @@ def test_rebuild_reuses_the_timing_cache(
     for role in ("full", "reuse"):
         shutil.copy(folder / manifest.graphs[role].file, work / manifest.graphs[role].file)
     assert seed_timing_cache(folder, work)
-    with caplog.at_level("INFO", logger="fora_export.builder.tensorrt"):
+    with caplog.at_level("INFO", logger="fora_export.builder"):
         build_engines(work, manifest.graphs, manifest.batch, TEST_BUILD)
     assert "reusing TensorRT timing cache" in caplog.text
     assert all((work / file).stat().st_size > 0 for file in ENGINE_FILES.values())

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fora_export.builder import tensorrt as trt_build
+from fora_export.builder import trt_parser
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import GATE_ROWS, build
 from fora_export.builder.tensorrt import TrtBuildConfig, build_engine, parse_network_io
@@ -263,7 +264,7 @@ def _attention_graph(tmp_path: Path) -> Path:
 
 def test_onnx_attention_nodes_are_built_decomposed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     onnx = _attention_graph(tmp_path)
-    with caplog.at_level(logging.INFO, logger="fora_export.builder.tensorrt"):
+    with caplog.at_level(logging.INFO, logger="fora_export.builder"):
         build_engine(
             onnx, SPECS, BatchRange(1, 2, 4), None, tmp_path / "a.plan", outputs=OUT_SPECS, flavor=RTX_BUILD
         )
@@ -273,7 +274,7 @@ def test_onnx_attention_nodes_are_built_decomposed(tmp_path: Path, caplog: pytes
 
 def test_onnx_attention_needs_decomposition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Why the builder marks Attention decomposable: without it this graph does not build.
-    monkeypatch.setattr(trt_build, "_allow_attention_decomposition", lambda trt, network: 0)
+    monkeypatch.setattr(trt_parser, "_allow_attention_decomposition", lambda trt, network: 0)
     with pytest.raises(BuildError, match="Attention operation was not supported by a dedicated kernel"):
         build_engine(
             _attention_graph(tmp_path),
