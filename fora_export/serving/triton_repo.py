@@ -8,7 +8,7 @@ model folder written here is self-contained::
     REPOSITORY/NAME/
       config.pbtxt              inputs, outputs, dynamic batching, instance groups, fora_* parameters
       fora_model.json           what wrote it (lets --force replace it, and only it)
-      1/model.py                the Python-backend model (fora_export/serving/triton_model.py)
+      1/model.py                the Python-backend model (fora_runtime/serving/triton_model.py)
       1/engine/                 a copy of the engine folder (verified against its manifest)
       1/scheduler_config.json   diffusers-format scheduler config driving the loop
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fora_export.errors import BuildError, ConfigError
+from fora_runtime import serving as runtime_serving
 from fora_runtime.manifest import MANIFEST_NAME, Manifest, contained_file, load_manifest
 from fora_runtime.serving.ddim import DDIM_CLASS_NAME, DDIM_DEFAULTS, DDIMSampler
 from fora_runtime.serving.instances import INSTANCE_KINDS
@@ -43,9 +44,10 @@ SCHEDULER_NAME = "scheduler_config.json"
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 #: The files each runtime backend needs in the engine folder.
 _BACKEND_FILE = {"onnxruntime": "full.onnx", "torch": "full.pt2", "tensorrt": "full.plan"}
-#: The Python-backend model copied as model.py (a module of this package, linted and type-checked,
-#: never imported here: it imports triton_python_backend_utils, which only Triton's stub has).
-MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
+#: The Python-backend model copied as model.py: a module of the runtime's serving package (it
+#: runs on fora_runtime alone), linted and type-checked, never imported here (it imports
+#: triton_python_backend_utils, which only Triton's stub has).
+MODEL_TEMPLATE = Path(runtime_serving.__file__).with_name("triton_model.py")
 _TRITON_DTYPES = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",

@@ -39,7 +39,7 @@ def test_writes_a_self_contained_model(tiny_engine: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in (model / "1").iterdir()) == ["engine", "model.py", "scheduler_config.json"]
     load_manifest(model / "1" / "engine")  # the copy verifies against its manifest
     assert (model / "1" / "model.py").read_text() == (
-        Path(__file__).parents[2] / "fora_export" / "serving" / "triton_model.py"
+        Path(__file__).parents[2] / "runtime" / "fora_runtime" / "serving" / "triton_model.py"
     ).read_text()
     scheduler = json.loads((model / "1" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["clip_sample"] is False

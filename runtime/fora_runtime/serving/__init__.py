@@ -4,7 +4,10 @@ Transport-independent pieces a server embeds (the Triton model that
 ``fora-export triton`` writes is one such server): :mod:`.requests` (the served
 interface and its checks), :mod:`.batched` (grouping and batched generations)
 and :mod:`.ddim` (a numpy DDIM sampler reading diffusers' scheduler config).
-numpy only, like the rest of the runtime.
+numpy only, like the rest of the runtime. :mod:`.triton_model` is the Triton
+Python-backend model built on them; ``fora-export triton`` copies it into a model
+repository as ``model.py``, and this package never imports it (it needs Triton's
+``triton_python_backend_utils``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Triton Python-backend model: one FORA generation per request, batched across requests.
 
-``fora-export triton`` copies this file as ``REPOSITORY/NAME/1/model.py``. It runs
+``fora-export triton`` copies this file as ``REPOSITORY/NAME/1/model.py``; it lives in
+the runtime's serving package because it runs on ``fora_runtime`` alone. It runs
 inside Triton's Python stub and imports only the standard library, numpy,
 ``triton_python_backend_utils`` and ``fora_runtime`` (plus diffusers, only when
 the repository's scheduler config is not DDIM). Each model instance loads the
