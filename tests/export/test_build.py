@@ -6,13 +6,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from fora_export.builder import pipeline
 from fora_export.builder.config import BuildConfig, parse_batch, parse_resolution
 from fora_export.builder.graphs import check_planned_graphs, plan_build
 from fora_export.errors import BuildError, ConfigError, ExportError
+from fora_export.export.onnx_export import ExportConfig, export_onnx
 from fora_export.loading import load_model
 from fora_runtime import ForaSession, load_manifest
+from fora_runtime.manifest import BatchRange, GraphSpec, TensorSpec
 
 
 def test_refuses_to_overwrite_without_force(tiny_dit_dir: Path, tiny_engine: Path) -> None:
@@ -155,3 +158,25 @@ def test_the_planned_graph_set_is_what_the_build_exports(tiny_dit_dir: Path, tin
         assert plan.caches == manifest.caches
         assert plan.gate_rows == manifest.gate_rows
         check_planned_graphs(pipeline._manifest(plan, loaded, plan.graphs))
+
+
+class _IgnoresItsSecondInput(torch.nn.Module):
+    def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_export_returns_the_graph_io_as_written(tmp_path: Path) -> None:
+    # The exporter drops inputs the graph does not use: the spec it returns is the file's IO.
+    path = tmp_path / "g.onnx"
+    args = (torch.randn(2, 3), torch.randn(2, 5))
+    config = ExportConfig(exporter="torchscript", opset=17)
+    spec = export_onnx(
+        _IgnoresItsSecondInput(), args, ["x", "unused"], ["y"], path, config, batch_range=BatchRange(1, 2, 4)
+    )
+    assert spec == GraphSpec(
+        file="g.onnx",
+        inputs=(TensorSpec("x", "float32", ("batch", 3)),),
+        outputs=(TensorSpec("y", "float32", ("batch", 3)),),
+    )
+    graph = onnx.load(str(path)).graph
+    assert [v.name for v in graph.input] == ["x"] and [v.name for v in graph.output] == ["y"]

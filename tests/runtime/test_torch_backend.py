@@ -200,7 +200,7 @@ def test_batch_one_example_is_traced_at_two_and_still_runs_batch_one(tmp_path: P
     # torch.export specialises a batch traced at 1 to the constant 1; the exporter
     # traces at 2 and checks the loaded program at batch 1 against eager.
     module = nn.Sequential(nn.Linear(4, 3), nn.GELU()).eval()
-    meta = export_program(
+    exported = export_program(
         module,
         (torch.randn(1, 4),),
         tmp_path / "p.pt2",
@@ -208,7 +208,10 @@ def test_batch_one_example_is_traced_at_two_and_still_runs_batch_one(tmp_path: P
         input_names=["x"],
         output_names=["y"],
     )
+    meta = exported.meta
     assert meta["trace_batch"] == 2 and meta["batch"]["dynamic"]
+    assert [(t.name, t.shape) for t in exported.graph.inputs] == [("x", ("batch", 4))]
+    assert [(t.name, t.dtype, t.shape) for t in exported.graph.outputs] == [("y", "float32", ("batch", 3))]
     program = torch.export.load(str(tmp_path / "p.pt2")).module()
     for batch in (1, 3, 4):
         x = torch.randn(batch, 4)
@@ -217,7 +220,7 @@ def test_batch_one_example_is_traced_at_two_and_still_runs_batch_one(tmp_path: P
 
 def test_single_size_range_exports_static(tmp_path: Path) -> None:
     module = nn.Linear(4, 3).eval()
-    meta = export_program(
+    exported = export_program(
         module,
         (torch.randn(1, 4),),
         tmp_path / "p.pt2",
@@ -225,7 +228,7 @@ def test_single_size_range_exports_static(tmp_path: Path) -> None:
         input_names=["x"],
         output_names=["y"],
     )
-    assert meta["trace_batch"] == 3 and not meta["batch"]["dynamic"]
+    assert exported.meta["trace_batch"] == 3 and not exported.meta["batch"]["dynamic"]
 
 
 class DataDependent(nn.Module):
