@@ -11,13 +11,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fora_export.builder.trt_flavors import DATACENTER_BUILD, BuildFlavor
 from fora_export.errors import BuildError
 from fora_runtime.backends.trt_flavor import TrtModule
 from fora_runtime.dtypes import TENSORRT_NAMES
 from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+
+if TYPE_CHECKING:
+    import tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +163,9 @@ class ParsedNetwork:
     """A parsed ONNX graph. The parser owns the weights the network points to: keep it
     (and so this object) alive until the build is done."""
 
-    builder: Any
-    network: Any
-    parser: Any
+    builder: tensorrt.Builder
+    network: tensorrt.INetworkDefinition
+    parser: tensorrt.OnnxParser
     onnx_path: Path
 
 
@@ -189,7 +192,7 @@ def parse_onnx(
     return ParsedNetwork(builder, network, parser, onnx_path)
 
 
-def _parser_error(error: Any) -> str:
+def _parser_error(error: tensorrt.ParserError) -> str:
     """One parser error, naming the ONNX node and operator it is about."""
     node, op = str(error.node_name()), str(error.node_operator())
     if not node and not op:
@@ -197,7 +200,7 @@ def _parser_error(error: Any) -> str:
     return f"node '{node}' (op {op}): {error.desc()}"
 
 
-def _allow_attention_decomposition(trt: TrtModule, network: Any) -> int:
+def _allow_attention_decomposition(trt: TrtModule, network: tensorrt.INetworkDefinition) -> int:
     """Let TensorRT decompose every ONNX ``Attention`` node the parser made an IAttention of;
     returns how many.
 
@@ -223,11 +226,11 @@ def _allow_attention_decomposition(trt: TrtModule, network: Any) -> int:
     return count
 
 
-def network_io(network: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def network_io(network: tensorrt.INetworkDefinition) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """A parsed network's inputs and outputs as manifest tensor specs (a dynamic axis 0 is
     the batch axis; other dynamic axes stay -1, which no manifest shape has)."""
 
-    def spec(tensor: Any) -> TensorSpec:
+    def spec(tensor: tensorrt.ITensor) -> TensorSpec:
         shape = tuple(int(d) for d in tensor.shape)
         dims = tuple(BATCH_AXIS if axis == 0 and d == -1 else d for axis, d in enumerate(shape))
         return TensorSpec(tensor.name, TENSORRT_NAMES.get(tensor.dtype.name, tensor.dtype.name), dims)
@@ -249,7 +252,7 @@ def parse_network_io(
 
 
 def check_network_io(
-    network: Any,
+    network: tensorrt.INetworkDefinition,
     onnx_path: Path,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec] | None = None,
