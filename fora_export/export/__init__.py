@@ -1,1 +1,2 @@
-"""Exporting the step graphs to ONNX."""
+"""Exporting the step graphs (ONNX, torch.export programs); each exporter returns the IO
+spec of the graph it wrote."""

@@ -275,7 +275,7 @@ def _record(folder: Path, files: dict[str, str], metas: dict[str, dict[str, Any]
             if meta.get(key) != metas[GraphRole.FULL].get(key):
                 raise ExportError(
                     f"{folder} | {files[role]} and full.pt2 differ in {key} ({meta.get(key)!r} vs "
-                    f"{metas['full'].get(key)!r}) | export all programs in one build"
+                    f"{metas[GraphRole.FULL].get(key)!r}) | export all programs in one build"
                 )
     full = metas[GraphRole.FULL]
     return {

@@ -28,7 +28,14 @@ from pathlib import Path
 
 from fora_export.errors import BuildError, ConfigError
 from fora_runtime import serving as runtime_serving
-from fora_runtime.manifest import MANIFEST_NAME, Manifest, contained_file, load_manifest
+from fora_runtime.manifest import (
+    MANIFEST_NAME,
+    GraphRole,
+    Manifest,
+    contained_file,
+    graph_file,
+    load_manifest,
+)
 from fora_runtime.serving.ddim import DDIM_CLASS_NAME, DDIM_DEFAULTS, DDIMSampler
 from fora_runtime.serving.instances import INSTANCE_KINDS
 from fora_runtime.serving.requests import ServedTensor, ServingSpec
@@ -43,7 +50,10 @@ ENGINE_SUBDIR = "engine"
 SCHEDULER_NAME = "scheduler_config.json"
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 #: The files each runtime backend needs in the engine folder.
-_BACKEND_FILE = {"onnxruntime": "full.onnx", "torch": "full.pt2", "tensorrt": "full.plan"}
+_BACKEND_FILE = {
+    backend: graph_file(GraphRole.FULL, kind)
+    for backend, kind in (("onnxruntime", "onnx"), ("torch", "torch"), ("tensorrt", "tensorrt"))
+}
 #: The Python-backend model copied as model.py: a module of the runtime's serving package (it
 #: runs on fora_runtime alone), linted and type-checked, never imported here (it imports
 #: triton_python_backend_utils, which only Triton's stub has).
