@@ -180,3 +180,22 @@ def test_export_returns_the_graph_io_as_written(tmp_path: Path) -> None:
     )
     graph = onnx.load(str(path)).graph
     assert [v.name for v in graph.input] == ["x"] and [v.name for v in graph.output] == ["y"]
+
+
+@pytest.mark.parametrize(
+    ("options", "roles"),
+    [
+        ({}, ["full", "reuse", "gates", "reuse_gated"]),
+        ({"reuse_graph": "plain"}, ["full", "reuse"]),
+        ({"forecast": True}, ["full", "reuse", "gates", "reuse_gated", "reuse_forecast"]),
+        ({"cache": "attn1", "reuse_graph": "plain"}, ["full", "reuse"]),
+    ],
+)
+def test_builds_are_planned_without_exporting(tiny_dit_dir: Path, options: dict, roles: list[str]) -> None:
+    loaded = load_model(str(tiny_dit_dir), None)
+    with plan_build(loaded, BuildConfig.from_options(batch="1:2:4", **options)) as plan:
+        assert [job.role for job in plan.jobs] == roles
+        caches = [c.name for c in plan.caches]
+        assert plan.jobs[0].output_names == ["prediction", *caches]
+        assert all(set(caches) <= set(job.input_names) for job in plan.jobs if job.role.startswith("reuse"))
+        check_planned_graphs(pipeline._manifest(plan, loaded, plan.graphs))
