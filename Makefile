@@ -1,7 +1,7 @@
 # Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
 #   make test   lint, type-check and run the test suite
-#   make quality  the README's quality table, plot and grid (tools/assets/) from demo-digits' trained weights
+#   make quality  the README's quality table, plot and grid (docs/assets/) from demo-digits' trained weights
 #   make quality-flow  the same for demo-digits-flow (the flow-matching SD3 digit model)
 # CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -35,7 +35,7 @@ demo: $(STAMP)
 # at step 0 only (broken on purpose), then 13 full steps (as N=4) front- and back-loaded.
 QUALITY_SAMPLES ?= 50
 QUALITY_REPEATS ?= 5
-QUALITY_OUT ?= tools/assets
+QUALITY_OUT ?= docs/assets
 quality: $(STAMP)
 	$(BIN)/fora-export build demo-digits --out engines/demo-digits --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --force
 	$(BIN)/fora-export quality engines/demo-digits --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
