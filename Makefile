@@ -1,6 +1,7 @@
 # Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
-#   make test   lint, type-check and run the test suite
+#   make test   lint, type-check and run the test suite (which builds the docs site strictly)
+#   make docs   the documentation site (mkdocs.yml, docs/) into site/
 #   make quality  the README's quality table, plot and grid (docs/assets/) from demo-digits' trained weights
 #   make quality-flow  the same for demo-digits-flow (the flow-matching SD3 digit model)
 # CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
@@ -68,6 +69,12 @@ quality-policies: $(STAMP)
 		--intervals 1,2,3,4,5,7,10 --schedule-mode paper --policies static,calibrated,forecast,calibrated+forecast \
 		--save-json $(QUALITY_OUT)/quality-flow-policies.json --plot $(QUALITY_OUT)/quality-flow-policies.png \
 		--grid $(QUALITY_OUT)/quality-flow-policies-grid.png
+
+# The documentation site, from mkdocs.yml and docs/, into site/ (ignored). `make test` builds
+# it too, with --strict, in tests/docs/test_site.py.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
