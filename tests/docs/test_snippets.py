@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -85,8 +86,8 @@ def run_shell_command(command: ShellCommand, block: CodeBlock, workdir: Path) ->
 
 
 def parse_cli(args: list[str]) -> tuple[str | None, dict[str, object]]:
-    """The subcommand and its parsed parameters, as click parses the line (``None`` for a
-    group-level ``--help``/``--version``, which exit while parsing)."""
+    """The subcommand and its parsed parameters, as click parses the line (``None`` for
+    ``--help``/``--version``, which exit while parsing)."""
     try:
         ctx = main.make_context("fora-export", list(args), resilient_parsing=False)
         name, command, rest = main.resolve_command(ctx, ctx.protected_args + ctx.args)
@@ -172,3 +173,31 @@ def run_tool(args: list[str], where: str, workdir: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, f"{where} | exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("check", "args", "message"),
+    [
+        (check_make, ["demoo"], "no target 'demoo'"),
+        (check_make, ["test", "TORCH=x"], "no variable TORCH=x"),
+        (check_pip, ["install", "-e", ".[nope]"], "declares no extra 'nope'"),
+        (check_pip, ["install", "-e", "./nowhere"], "no package folder"),
+    ],
+)
+def test_checks_refuse_what_the_repository_lacks(
+    check: Callable[[list[str], str], None], args: list[str], message: str
+) -> None:
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check(args, "page.md:1")
+
+
+def test_cli_parsing_refuses_unknown_commands_options_and_choices() -> None:
+    assert parse_cli(["bench", "engines/x", "--steps", "4"])[0] == "bench"
+    assert parse_cli(["build", "--help"]) == (None, {})
+    for args in (
+        ["biuld", "demo-dit"],
+        ["build", "demo-dit", "--bogus"],
+        ["build", "m", "--precision", "fp8"],
+    ):
+        with pytest.raises(click.UsageError):
+            parse_cli(args)
