@@ -108,7 +108,7 @@ def run_cli(args: list[str], env: dict[str, str], where: str, workdir: Path) -> 
     asks_help = any(flag in args for flag in ("--help", "-h", "--version"))
     if not asks_help and not (name in EXECUTED and isinstance(engine, Path) and (workdir / engine).is_dir()):
         return
-    key = (*args, *sorted(env.items()))
+    key = (*args, *(f"{var}={value}" for var, value in sorted(env.items())))
     if name in READ_ONLY and key in _RAN:  # the pages repeat the make demo lines: run each once
         return
     _RAN.add(key)
