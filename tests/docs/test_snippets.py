@@ -201,3 +201,13 @@ def test_cli_parsing_refuses_unknown_commands_options_and_choices() -> None:
     ):
         with pytest.raises(click.UsageError):
             parse_cli(args)
+
+
+def test_every_option_the_cli_reference_names_exists() -> None:
+    """docs/cli.md names options in its prose and tables too, not only in code blocks."""
+    options = {"--help", "-h"} | {opt for param in main.params for opt in param.opts}
+    for command in main.commands.values():
+        for param in command.params:
+            options.update([*param.opts, *param.secondary_opts])
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", (REPO / "docs" / "cli.md").read_text()))
+    assert len(named) > 40 and not named - options, sorted(named - options)
