@@ -1,7 +1,8 @@
 # Two entry points, both doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   build, validate and bench the built-in demo DiT on ONNX Runtime (CPU)
-#   make test   lint, type-check and run the test suite
-#   make quality  the README's quality table, plot and grid (tools/assets/) from demo-digits' trained weights
+#   make test   lint, type-check and run the test suite (which builds the docs site strictly)
+#   make docs   the documentation site (mkdocs.yml, docs/) into site/
+#   make quality  the README's quality table, plot and grid (docs/assets/) from demo-digits' trained weights
 #   make quality-flow  the same for demo-digits-flow (the flow-matching SD3 digit model)
 # CPU PyTorch is installed explicitly. Where no local wheel provides torch==2.13.0+cpu:
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -35,7 +36,7 @@ demo: $(STAMP)
 # at step 0 only (broken on purpose), then 13 full steps (as N=4) front- and back-loaded.
 QUALITY_SAMPLES ?= 50
 QUALITY_REPEATS ?= 5
-QUALITY_OUT ?= tools/assets
+QUALITY_OUT ?= docs/assets
 quality: $(STAMP)
 	$(BIN)/fora-export build demo-digits --out engines/demo-digits --batch 1:$(QUALITY_SAMPLES)0:$(QUALITY_SAMPLES)0 --force
 	$(BIN)/fora-export quality engines/demo-digits --samples $(QUALITY_SAMPLES) --steps 50 --repeats $(QUALITY_REPEATS) \
@@ -68,6 +69,12 @@ quality-policies: $(STAMP)
 		--intervals 1,2,3,4,5,7,10 --schedule-mode paper --policies static,calibrated,forecast,calibrated+forecast \
 		--save-json $(QUALITY_OUT)/quality-flow-policies.json --plot $(QUALITY_OUT)/quality-flow-policies.png \
 		--grid $(QUALITY_OUT)/quality-flow-policies-grid.png
+
+# The documentation site, from mkdocs.yml and docs/, into site/ (ignored). `make test` builds
+# it too, with --strict, in tests/docs/test_site.py.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
