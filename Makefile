@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml runtime/pyproject.toml
 	$(BIN)/pip install -q -e ./runtime -e ".[dev]"
 	# The stubs declare a dependency on tensorrt itself, which has no wheel here.
 	$(BIN)/pip install -q --no-deps "$(TENSORRT_STUBS)"
+	# mypy ignores the stubs where pip puts them (no py.typed): a repaired copy in .typings/.
+	$(BIN)/python tools/trt_typings.py
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -219,7 +219,8 @@ def _allow_attention_decomposition(trt: TrtModule, network: tensorrt.INetworkDef
         layer = network.get_layer(index)
         if layer.type == attention_input:
             layer.__class__ = layer_class  # get_layer returns the ILayer base: downcast to reach .attention
-            layer.attention.decomposable = True
+            # IAttentionLayer.attention is newer than the 10.13 stubs mypy checks against.
+            layer.attention.decomposable = True  # type: ignore[attr-defined]
             count += 1
     if count:
         log.info("%d Attention node(s) may be decomposed where no fused kernel fits", count)
@@ -231,7 +232,8 @@ def network_io(network: tensorrt.INetworkDefinition) -> tuple[list[TensorSpec], 
     the batch axis; other dynamic axes stay -1, which no manifest shape has)."""
 
     def spec(tensor: tensorrt.ITensor) -> TensorSpec:
-        shape = tuple(int(d) for d in tensor.shape)
+        network_dims = tensor.shape
+        shape = tuple(int(network_dims[axis]) for axis in range(len(network_dims)))
         dims = tuple(BATCH_AXIS if axis == 0 and d == -1 else d for axis, d in enumerate(shape))
         return TensorSpec(tensor.name, TENSORRT_NAMES.get(tensor.dtype.name, tensor.dtype.name), dims)
 
