@@ -36,7 +36,7 @@ import numpy as np
 from fora_export.errors import ConfigError
 from fora_export.machine import describe_machine
 from fora_export.step_inputs import random_step_inputs
-from fora_runtime.manifest import GraphRole, Manifest
+from fora_runtime.manifest import GraphRole, Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
@@ -496,3 +496,62 @@ def bench(
             )
         )
     return report
+
+
+def bench_backends(
+    engine_dir: str | Path,
+    *,
+    backends: tuple[str, ...] = ("onnxruntime",),
+    steps: int = 20,
+    intervals: tuple[int, ...] = (1, 2, 3, 5),
+    batch_size: int | None = None,
+    repeats: int = DEFAULT_REPEATS,
+    schedule_mode: str | None = None,
+    eager: bool = True,
+    model: str | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
+) -> list[BenchReport]:
+    """``fora-export bench``: every option and backend checked before anything is timed, then
+    (with ``eager``) the eager diffusers baseline once, then :func:`bench` per backend, as
+    progress stages; one report per backend."""
+    from fora_export.progress import StageProgress
+    from fora_runtime.backends.base import create_backend
+
+    manifest = load_manifest(engine_dir, **access.manifest_options())
+    plan = plan_bench(
+        manifest,
+        steps=steps,
+        intervals=intervals,
+        batch_size=batch_size,
+        repeats=repeats,
+        schedule_mode=schedule_mode,
+    )
+    for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
+        create_backend(name, manifest, engine_dir, trust_programs=access.trust_programs).preflight()
+    baseline = None
+    with StageProgress(len(backends) + eager, title="bench") as progress:
+        if eager:
+            progress.stage(f"eager diffusers baseline ({repeats} generations)")
+            try:
+                baseline = eager_baseline(
+                    manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+                )
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
+        reports = []
+        for name in backends:
+            progress.stage(f"{name}: step latency and {len(intervals)} intervals x {repeats} generations")
+            reports.append(
+                bench(
+                    engine_dir,
+                    steps=steps,
+                    intervals=intervals,
+                    batch_size=batch_size,
+                    repeats=repeats,
+                    schedule_mode=schedule_mode,
+                    backend=name,
+                    eager=baseline,
+                    access=access,
+                )
+            )
+    return reports
