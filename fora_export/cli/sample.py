@@ -19,6 +19,9 @@ from fora_export.cli.options import (
     seed_option,
 )
 
+#: The class-conditional families (``--class-label``); to come from the family registry.
+CLASS_LABEL_FAMILIES_HELP = "DiT"
+
 
 def _class_labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[int, ...]:
     """Every ``--class-label`` (repeated, or comma-separated) as one tuple of integers."""
@@ -41,7 +44,8 @@ def _class_labels(ctx: click.Context, param: click.Parameter, value: tuple[str, 
     "class_labels",
     multiple=True,
     callback=_class_labels,
-    help="Class label of class-conditional pipelines (DiT); repeat or comma-separate.",
+    help=f"Class label of class-conditional pipelines ({CLASS_LABEL_FAMILIES_HELP}); repeat or "
+    "comma-separate.",
 )
 @click.option("--steps", type=int, default=20, show_default=True, help="num_inference_steps.")
 @click.option("--guidance", type=float, default=None, help="guidance_scale. [default: the pipeline's]")
