@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
+from fora_export.cli.exits import user_errors
 from fora_export.errors import ConfigError
 from fora_export.schedulers import SCHEDULER_NAMES
 from fora_export.schedules import SCHEDULE_CHOICES
@@ -79,16 +80,17 @@ def _names(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 # -- groups -------------------------------------------------------------------------------
 def option_group(target: str, make: Callable[..., Any], *options: Callable[[Any], Any]) -> Callable[[F], F]:
     """A decorator adding ``options`` (top to bottom as ``--help`` lists them) to a command and
-    handing it, instead of their values, ``target=make(**values)``."""
+    handing it, instead of their values, ``target=make(**values)`` (a ForaError from ``make``
+    is the command's one-line error)."""
 
     def decorate(func: F) -> F:
         names: list[str] = []
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             values = {name: kwargs.pop(name) for name in names}
             return func(*args, **{target: make(**values)}, **kwargs)
 
+        wrapper = functools.update_wrapper(user_errors(call), func)
         before = len(getattr(wrapper, "__click_params__", ()))
         decorated: Any = wrapper
         for option in reversed(options):  # click lists the last one applied first
