@@ -46,18 +46,6 @@ from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
-#: Names other modules import from here (validate's public surface).
-__all__ = [
-    "CalibratedCheck",
-    "GraphCase",
-    "TrajectoryResult",
-    "ValidationReport",
-    "default_scheduler",
-    "load_reference",
-    "make_scheduler",
-    "validate",
-]
-
 log = logging.getLogger(__name__)
 
 GRAPH_TIMESTEPS = (999, 500, 0)
