@@ -101,16 +101,25 @@ def option_group(target: str, make: Callable[..., Any], *options: Callable[[Any]
     return decorate
 
 
-def _folder_access(verify: str, key_file: Path | None, trust_programs: bool = False) -> Any:
+def _folder_access(trust_programs: bool, verify: str, key_file: Path | None) -> Any:
     from fora_runtime.trust import FolderAccess
 
     return FolderAccess(verify=verify, trust_programs=trust_programs, manifest_key_file=key_file)
 
 
-def folder_options(*, trust: bool = True) -> Callable[[F], F]:
+def folder_options() -> Callable[[F], F]:
     """``--trust``, ``--verify``, ``--key-file``: how ENGINE_DIR is opened, passed to the
     command as ``access`` (a ``fora_runtime.trust.FolderAccess``)."""
-    options = [
+    return option_group(
+        "access",
+        _folder_access,
+        click.option(
+            "--trust",
+            "trust_programs",
+            is_flag=True,
+            help="Vouch for ENGINE_DIR: load its torch programs (they run code when loaded) and "
+            "TensorRT plugin layers. Only for folders you built or trust (see README, Trust and safety).",
+        ),
         click.option(
             "--verify",
             type=click.Choice(USER_VERIFY_MODES),
@@ -126,19 +135,7 @@ def folder_options(*, trust: bool = True) -> Callable[[F], F]:
             help="The deployer's manifest key: refuse ENGINE_DIR unless signed with it. "
             "[default: $FORA_MANIFEST_KEY if set]",
         ),
-    ]
-    if trust:
-        options.insert(
-            0,
-            click.option(
-                "--trust",
-                "trust_programs",
-                is_flag=True,
-                help="Vouch for ENGINE_DIR: load its torch programs (they run code when loaded) and "
-                "TensorRT plugin layers. Only for folders you built or trust (see README, Trust and safety).",
-            ),
-        )
-    return option_group("access", _folder_access, *options)
+    )
 
 
 @dataclass(frozen=True)
