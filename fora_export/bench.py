@@ -24,8 +24,6 @@ same update, on ``cuda`` when visible (else CPU), at the engines' precision.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from fora_export.errors import ConfigError
-from fora_runtime.dtypes import numpy_dtype
-from fora_runtime.manifest import InputSpec, Manifest
+from fora_export.machine import describe_machine
+from fora_export.step_inputs import random_step_inputs
+from fora_runtime.manifest import GraphRole, Manifest, load_manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
@@ -270,42 +269,6 @@ class BenchReport:
         }
 
 
-def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
-
-def random_step_inputs(
-    manifest: Manifest, specs: tuple[InputSpec, ...], batch: int, seed: int
-) -> dict[str, Any]:
-    """Valid random inputs for every step input, from the manifest alone."""
-    rng = np.random.default_rng(seed)
-    ranges = manifest.conditioning.get("input_ranges", {})
-    inputs: dict[str, Any] = {}
-    for spec in specs:
-        shape = spec.concrete_shape(batch)
-        dtype = numpy_dtype(spec.dtype)
-        if spec.role == "timestep":
-            high = manifest.denoising.timestep_range[1] if manifest.denoising else 999.0
-            inputs[spec.name] = np.full(shape, high, dtype=dtype)
-        elif spec.name in ranges and ranges[spec.name] == [0, 1]:
-            inputs[spec.name] = np.ones(shape, dtype=dtype)  # masks and flags: every token kept
-        elif spec.dtype == "int64":
-            low, high = ranges.get(spec.name, (1, 1))
-            inputs[spec.name] = rng.integers(low, high + 1, size=shape, dtype=np.int64)
-        else:
-            inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
-    return inputs
-
-
 def _split_inputs(session: ForaSession, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(latents, the conditioning inputs) of a step's inputs."""
     conditioning = {k: v for k, v in inputs.items() if k not in (session.latents_name, session.timestep_name)}
@@ -391,7 +354,7 @@ def eager_baseline(
     """Time ``steps`` eager steps of the diffusers model the engines came from."""
     import torch
 
-    from fora_export.validate.runner import load_reference
+    from fora_export.reference import load_reference
 
     adapter = load_reference(manifest, model)
     adapter.use_eager_attention()
@@ -484,8 +447,8 @@ def bench(
         inputs = {name: session.backend.upload(value) for name, value in host_inputs.items()}
         # Each warmed up until steady (first runs allocate and pick kernels); full first, so
         # reuse has caches to read.
-        full = timed(lambda: _step_ms(session, "full", batch, inputs), step_runs)
-        reuse = timed(lambda: _step_ms(session, "reuse", batch, inputs), step_runs)
+        full = timed(lambda: _step_ms(session, GraphRole.FULL, batch, inputs), step_runs)
+        reuse = timed(lambda: _step_ms(session, GraphRole.REUSE, batch, inputs), step_runs)
         gated_reuse = None
         if session.backend.gate_table_enabled:
             gated_reuse = _gated_reuse_timing(session, batch, inputs, step_runs)
@@ -533,3 +496,62 @@ def bench(
             )
         )
     return report
+
+
+def bench_backends(
+    engine_dir: str | Path,
+    *,
+    backends: tuple[str, ...] = ("onnxruntime",),
+    steps: int = 20,
+    intervals: tuple[int, ...] = (1, 2, 3, 5),
+    batch_size: int | None = None,
+    repeats: int = DEFAULT_REPEATS,
+    schedule_mode: str | None = None,
+    eager: bool = True,
+    model: str | None = None,
+    access: FolderAccess = DEFAULT_ACCESS,
+) -> list[BenchReport]:
+    """``fora-export bench``: every option and backend checked before anything is timed, then
+    (with ``eager``) the eager diffusers baseline once, then :func:`bench` per backend, as
+    progress stages; one report per backend."""
+    from fora_export.progress import StageProgress
+    from fora_runtime.backends.base import create_backend
+
+    manifest = load_manifest(engine_dir, **access.manifest_options())
+    plan = plan_bench(
+        manifest,
+        steps=steps,
+        intervals=intervals,
+        batch_size=batch_size,
+        repeats=repeats,
+        schedule_mode=schedule_mode,
+    )
+    for name in backends:  # a backend that cannot run here fails now, not after the eager baseline
+        create_backend(name, manifest, engine_dir, trust_programs=access.trust_programs).preflight()
+    baseline = None
+    with StageProgress(len(backends) + eager, title="bench") as progress:
+        if eager:
+            progress.stage(f"eager diffusers baseline ({repeats} generations)")
+            try:
+                baseline = eager_baseline(
+                    manifest, steps=steps, batch_size=plan.batch_size, repeats=repeats, model=model
+                )
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or skip the eager baseline with --no-eager)") from err
+        reports = []
+        for name in backends:
+            progress.stage(f"{name}: step latency and {len(intervals)} intervals x {repeats} generations")
+            reports.append(
+                bench(
+                    engine_dir,
+                    steps=steps,
+                    intervals=intervals,
+                    batch_size=batch_size,
+                    repeats=repeats,
+                    schedule_mode=schedule_mode,
+                    backend=name,
+                    eager=baseline,
+                    access=access,
+                )
+            )
+    return reports

@@ -1,5 +1,5 @@
 """Exporter-side user errors. All derive from ``fora_runtime.errors.ForaError``;
-only ``cli.py`` turns them into a message and an exit code."""
+only the CLI (``fora_export.cli.exits``) turns them into a message and an exit code."""
 
 from __future__ import annotations
 

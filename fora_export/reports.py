@@ -14,11 +14,11 @@ from fora_export.outputs import save_figure
 from fora_export.terminal import console as new_console
 from fora_export.terminal import plain
 from fora_runtime.dtypes import itemsize
-from fora_runtime.manifest import Manifest
+from fora_runtime.manifest import GraphRole, Manifest
 
 if TYPE_CHECKING:  # torch-free at import: `info` prints manifests without loading torch
     from fora_export.bench import BenchReport, Timing
-    from fora_export.validate.runner import ValidationReport
+    from fora_export.validate.report import ValidationReport
 
 
 def _verdict(passed: bool) -> str:
@@ -119,7 +119,7 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
         )
     roles = ", ".join(f"{spec.name} ({spec.role.replace('_', ' ')})" for spec in manifest.inputs)
     console.print(f"inputs: {plain(roles)}")
-    full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in ("full", "reuse"))
+    full_bytes, reuse_bytes = (_graph_bytes(manifest, role) for role in (GraphRole.FULL, GraphRole.REUSE))
     if full_bytes:
         console.print(
             f"reuse graph weights: {reuse_bytes / 2**20:.1f} MiB, {reuse_bytes / full_bytes:.1%} of the full "

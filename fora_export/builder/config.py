@@ -8,18 +8,12 @@ from typing import Any
 
 from fora_export.adapters.base import AdapterOptions
 from fora_export.builder.trt_config import TrtBuildConfig
+from fora_export.choices import BUILD_BACKENDS, PRECISIONS
 from fora_export.errors import ConfigError
 from fora_export.export.onnx_export import ExportConfig
 from fora_runtime.errors import ScheduleError
 from fora_runtime.manifest import MAX_DIM, BatchRange
 from fora_runtime.schedule import CacheSchedule
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-#: What a build produces beyond the ONNX graphs (always written): ``auto`` adds
-#: TensorRT engines when TensorRT imports and a GPU is visible; ``tensorrt-rtx`` adds
-#: TensorRT-RTX plans for RTX GPUs (built without a GPU); ``torch`` adds
-#: ``torch.export`` programs for the runtime's torch backend.
-BUILD_BACKENDS = ("auto", "onnx", "tensorrt", "tensorrt-rtx", "torch")
 
 
 def default_opset(exporter: str) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fora_export.choices import EXPORTERS
 from fora_export.errors import ConfigError, ExportError
 from fora_export.export.dynamic_batch import batch_dynamic_shapes
 from fora_export.export.islands import apply_fp32_islands, island_ops
@@ -30,7 +31,6 @@ from fora_runtime.manifest import BATCH_AXIS, BatchRange, GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights
 
 

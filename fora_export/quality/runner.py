@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from fora_export.bench import describe_machine
+from fora_export.choices import QUALITY_SCHEDULE_MODES
+from fora_export.drift import select_full_steps
 from fora_export.errors import ConfigError
+from fora_export.machine import describe_machine
 from fora_export.progress import StageProgress
 from fora_export.quality.classifier import IMAGE_SHAPE, NUM_CLASSES, DigitClassifier, require_sklearn
 from fora_export.quality.metrics import frechet_distance, psnr, relative_l2
@@ -42,20 +44,8 @@ from fora_runtime.schedule import INTERVAL_MODES, CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
 
-SCHEDULE_MODES = (*INTERVAL_MODES, "both")
 #: What ``--policies`` compares at equal full steps (static FORA is every interval's own row).
 POLICIES = ("static", "calibrated", "forecast", "calibrated+forecast")
-
-
-def parse_int_list(text: str, option: str, example: str) -> tuple[int, ...]:
-    """``"1,2,3"`` as integers, or the one-line error naming the option."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as err:
-        raise ConfigError(f"{option} | got {text!r} | expected integers like {example}") from err
-    if not values:
-        raise ConfigError(f"{option} | got {text!r} | expected integers like {example}")
-    return values
 
 
 @dataclass(frozen=True)
@@ -167,8 +157,10 @@ def plan_quality(
     for name, value in (("--samples", samples_per_class), ("--steps", steps), ("--repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
-    if modes not in SCHEDULE_MODES:
-        raise ConfigError(f"--schedule-mode | got {modes!r} | expected one of {', '.join(SCHEDULE_MODES)}")
+    if modes not in QUALITY_SCHEDULE_MODES:
+        raise ConfigError(
+            f"--schedule-mode | got {modes!r} | expected one of {', '.join(QUALITY_SCHEDULE_MODES)}"
+        )
     bad = [n for n in intervals if n < 1]
     if bad:
         raise ConfigError(f"--intervals | got {bad[0]} | intervals are integers >= 1 (1 = no caching)")
@@ -241,8 +233,6 @@ def _policy_cases(
         budget = static.num_full(steps)
         calibrated = None
         if calibration is not None:
-            from fora_export.calibrate import select_full_steps
-
             if budget == len(calibration.full_steps):
                 calibrated = calibration.schedule  # the file's own: what schedule="calibrated" runs
             else:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fora_export.demo import TRAINED_DEMOS
 from fora_export.quality.conditioning import ClassConditioning, class_conditioning
+from fora_export.schedulers import default_scheduler, make_scheduler
 from fora_runtime.manifest import DenoisingSpec, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
@@ -58,8 +59,6 @@ class DigitSampler:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, steps: int, num_classes: int, where: str) -> DigitSampler:
-        from fora_export.validate.runner import default_scheduler
-
         denoising = denoising_of(manifest)
         return cls(
             denoising=denoising,
@@ -71,8 +70,6 @@ class DigitSampler:
     def new_scheduler(self) -> Any:
         """A scheduler set to ``steps`` steps; one per generation (the flow-matching scheduler
         counts the steps it has taken)."""
-        from fora_export.validate.runner import make_scheduler
-
         return make_scheduler(self.scheduler_name, self.steps, self.denoising)
 
     @property

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from fora_export.bench import random_step_inputs
 from fora_export.errors import ConfigError
+from fora_export.step_inputs import random_step_inputs
 from fora_export.validate.compare import GRAPH_TOLERANCES, compare
-from fora_export.validate.runner import GraphCase
-from fora_runtime.manifest import GATES_NAME, Manifest
+from fora_export.validate.report import GraphCase
+from fora_runtime.manifest import GATES_NAME, GraphRole, Manifest
 
 #: Makes the runner of one engine: (role, plan path) -> a polygraphy runner.
 EngineRunner = Callable[[str, Path], Any]
@@ -85,10 +85,10 @@ def compare_engines_with_onnxruntime(
 
     for batch in batch_sizes:
         step = random_step_inputs(manifest, manifest.step_inputs, batch, seed)
-        caches = run("full", step, batch)
-        run("reuse", {**step, **caches}, batch)
-        if "gates" in engines and "reuse_gated" in engines:
+        caches = run(GraphRole.FULL, step, batch)
+        run(GraphRole.REUSE, {**step, **caches}, batch)
+        if GraphRole.GATES in engines and GraphRole.REUSE_GATED in engines:
             # One gate row per sample: the gates graph's batch is its rows.
-            gates = run("gates", step, batch)
-            run("reuse_gated", {**step, **caches, GATES_NAME: gates[GATES_NAME]}, batch)
+            gates = run(GraphRole.GATES, step, batch)
+            run(GraphRole.REUSE_GATED, {**step, **caches, GATES_NAME: gates[GATES_NAME]}, batch)
     return cases

@@ -26,11 +26,12 @@ import torch
 
 from fora_export.errors import ConfigError
 from fora_export.outputs import save_figure, write_text_atomic
+from fora_export.reference import load_reference
 from fora_export.sample import ThreeWays, run_three_ways, save_grid
+from fora_export.schedulers import default_scheduler, make_scheduler
 from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import split_model
 from fora_export.validate.compare import TRAJECTORY_TOLERANCES, relative_l2, to_numpy
-from fora_export.validate.runner import default_scheduler, load_reference, make_scheduler
 from fora_runtime.manifest import load_manifest
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess

@@ -18,33 +18,30 @@ against its ONNX graph on ONNX Runtime (``fora_export/validate/engines.py``, pol
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fora_export.adapters.base import TORCH_DTYPES, AdapterOptions, ModelAdapter
-from fora_export.adapters.casting import cast_model
-from fora_export.adapters.registry import adapter_for
+from fora_export.adapters.base import TORCH_DTYPES, ModelAdapter
 from fora_export.errors import ConfigError
-from fora_export.loading import load_model
+from fora_export.reference import load_reference
+from fora_export.schedulers import default_scheduler, make_scheduler, served_steps
 from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import SplitModel, split_model
 from fora_export.validate.compare import (
     GRAPH_TOLERANCES,
     TRAJECTORY_TOLERANCES,
-    Comparison,
     compare,
     relative_l2,
     to_numpy,
 )
 from fora_export.validate.forecast_ref import ForecastHistory
+from fora_export.validate.report import CalibratedCheck, GraphCase, TrajectoryResult, ValidationReport
 from fora_runtime.calibration import CalibratedSchedules
-from fora_runtime.manifest import FORECAST_ROLE, DenoisingSpec, Manifest
+from fora_runtime.manifest import FORECAST_ROLE, DenoisingSpec, GraphRole, Manifest
 from fora_runtime.schedule import CacheSchedule
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
@@ -54,141 +51,6 @@ log = logging.getLogger(__name__)
 GRAPH_TIMESTEPS = (999, 500, 0)
 #: The reuse case reuses caches written this many timesteps earlier.
 REUSE_GAP = 40
-
-
-@dataclass
-class GraphCase:
-    role: str
-    batch_size: int
-    timestep: float
-    comparisons: list[Comparison]
-
-    @property
-    def passed(self) -> bool:
-        return all(self.comparisons)
-
-    @property
-    def worst(self) -> Comparison:
-        return max(self.comparisons, key=lambda c: c.max_abs - c.allowed)
-
-    def to_dict(self) -> dict[str, Any]:
-        worst = self.worst
-        return {
-            "role": self.role,
-            "batch_size": self.batch_size,
-            "timestep": self.timestep,
-            "passed": self.passed,
-            "max_abs": max(c.max_abs for c in self.comparisons),
-            "max_rel": max(c.max_rel for c in self.comparisons),
-            "worst_output": worst.name,
-            "outputs": [c.to_dict() for c in self.comparisons],
-        }
-
-
-@dataclass
-class TrajectoryResult:
-    scheduler: str
-    steps: int
-    batch_size: int
-    schedule: str
-    num_full: int
-    runtime_vs_fora_rel_l2: float
-    tolerance: float
-    fora_vs_nocache_rel_l2: float
-    final_nonfinite: bool
-    #: Whether the runtime's reuse steps read gates precomputed at start().
-    gate_table: bool = False
-    #: Whether the runtime's reuse steps forecast the caches (and so the reference does).
-    forecast: bool = False
-    #: The steps at which the runtime ran the full graph.
-    ran_full_steps: list[int] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.final_nonfinite and self.runtime_vs_fora_rel_l2 <= self.tolerance
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-@dataclass
-class CalibratedCheck:
-    """A calibrated schedule against what the runtime does with it."""
-
-    steps: int
-    file: str
-    file_full_steps: list[int]
-    #: The full steps of a ``schedule="calibrated"`` generation's plan.
-    planned_full_steps: list[int]
-    #: The steps that ran the full graph when the trajectory ran this schedule (else None).
-    ran_full_steps: list[int] | None = None
-
-    @property
-    def passed(self) -> bool:
-        ran = self.ran_full_steps
-        return self.planned_full_steps == self.file_full_steps and (
-            ran is None or ran == self.file_full_steps
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-@dataclass
-class ValidationReport:
-    engine_dir: str
-    backend: str
-    model: str
-    precision: str
-    graph_cases: list[GraphCase] = field(default_factory=list)
-    trajectory: TrajectoryResult | None = None
-    calibrated: list[CalibratedCheck] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        graphs_ok = all(c.passed for c in self.graph_cases)
-        calibrated_ok = all(c.passed for c in self.calibrated)
-        return graphs_ok and calibrated_ok and (self.trajectory is None or self.trajectory.passed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "engine_dir": self.engine_dir,
-            "backend": self.backend,
-            "model": self.model,
-            "precision": self.precision,
-            "passed": self.passed,
-            "graph_tolerance": asdict(GRAPH_TOLERANCES[self.precision]),
-            "graphs": [c.to_dict() for c in self.graph_cases],
-            "trajectory": self.trajectory.to_dict() if self.trajectory else None,
-            "calibrated": [c.to_dict() for c in self.calibrated],
-        }
-
-
-def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
-    """The PyTorch model the engines were built from, in the engines' precision."""
-    ref = model_ref or manifest.source
-    subfolder = manifest.export.get("subfolder") if model_ref is None else None
-    loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
-    options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
-    adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
-    if type(adapter.model).__name__ != manifest.model_class:
-        raise ConfigError(
-            f"MODEL '{ref}' | is a {type(adapter.model).__name__}, the engines were built from a "
-            f"{manifest.model_class} | pass the model they were built from with --model"
-        )
-    config = {k: v for k, v in adapter.config.items() if not k.startswith("_")}
-    built = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
-    # Compared as the manifest stores them (JSON: tuples become lists).
-    as_json = json.loads(json.dumps(config, default=str))
-    differing = sorted(k for k in built if built[k] != as_json.get(k))
-    if differing:
-        raise ConfigError(
-            f"MODEL '{ref}' | config differs from the one the engines were built from in {differing} "
-            "| pass the right model with --model"
-        )
-    cast_model(adapter.model, TORCH_DTYPES[manifest.precision])
-    adapter.fix_resolution(manifest.resolution)  # the build's static sizes (and Flux's position ids)
-    return adapter
 
 
 class _Feeder:
@@ -226,14 +88,14 @@ def validate_graphs(
             inputs[timestep_name] = torch.full((batch,), float(timestep) * scale)
             with torch.no_grad():
                 ref_pred, ref_caches = split.run_full(inputs)
-            pred = session.run_step("full", batch, feed(inputs))
+            pred = session.run_step(GraphRole.FULL, batch, feed(inputs))
             caches = session.read_caches(batch)
             comparisons = [compare("prediction", pred, ref_pred, tolerance)]
             comparisons += [
                 compare(spec.name, caches[spec.name], ref_caches[spec.name], tolerance)
                 for spec in manifest.caches
             ]
-            cases.append(GraphCase("full", batch, timestep, comparisons))
+            cases.append(GraphCase(GraphRole.FULL, batch, timestep, comparisons))
 
             # Reuse: caches from a full step at an earlier (larger) timestep, as in sampling;
             # at the top there is none, so the reuse step moves to t-REUSE_GAP instead.
@@ -244,18 +106,17 @@ def validate_graphs(
             with torch.no_grad():
                 _, earlier_caches = split.run_full(earlier)
                 ref_reuse = split.run_reuse(inputs, earlier_caches)
-            session.run_step("full", batch, feed(earlier))
-            reuse_pred = session.run_step("reuse", batch, feed(inputs))
-            cases.append(
-                GraphCase("reuse", batch, reuse_t, [compare("prediction", reuse_pred, ref_reuse, tolerance)])
-            )
+            session.run_step(GraphRole.FULL, batch, feed(earlier))
+            reuse_pred = session.run_step(GraphRole.REUSE, batch, feed(inputs))
+            reuse_case = [compare("prediction", reuse_pred, ref_reuse, tolerance)]
+            cases.append(GraphCase(GraphRole.REUSE, batch, reuse_t, reuse_case))
             if session.backend.gate_table_enabled:
                 gated_pred = _gated_reuse_step(
                     session, feed(inputs), batch, (cache_t * scale, reuse_t * scale)
                 )
                 cases.append(
                     GraphCase(
-                        "reuse_gated",
+                        GraphRole.REUSE_GATED,
                         batch,
                         reuse_t,
                         [compare("prediction", gated_pred, ref_reuse, tolerance)],
@@ -330,52 +191,6 @@ def _gated_reuse_step(
     return generation.step(latents)
 
 
-#: Schedulers validate can sample with, per scheduler family (the first is the default).
-SCHEDULERS_BY_FAMILY = {"ddpm": ("ddim", "dpm"), "flow_match": ("flow-euler",)}
-
-
-def default_scheduler(denoising: DenoisingSpec) -> str:
-    return SCHEDULERS_BY_FAMILY[denoising.scheduler][0]
-
-
-def make_scheduler(name: str, steps: int, denoising: DenoisingSpec) -> Any:
-    """The sampling scheduler ``name`` of the family's scheduler family, configured as the
-    manifest records (``num_train_timesteps``, flow-matching ``shift``)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
-    allowed = SCHEDULERS_BY_FAMILY.get(denoising.scheduler, ())
-    if name not in allowed:
-        raise ConfigError(
-            f"--scheduler | got {name!r} | a {denoising.scheduler} model samples with "
-            f"{', '.join(allowed) or 'no scheduler validate knows'}"
-        )
-    if (
-        isinstance(steps, bool)
-        or not isinstance(steps, int)
-        or not 1 <= steps <= denoising.num_train_timesteps
-    ):
-        raise ConfigError(
-            f"--steps | got {steps!r}, the model was trained with {denoising.num_train_timesteps} timesteps "
-            f"| sample with 1 to {denoising.num_train_timesteps} steps"
-        )
-    config = denoising.scheduler_config
-    scheduler: Any
-    if name == "ddim":
-        scheduler = DDIMScheduler(
-            num_train_timesteps=denoising.num_train_timesteps, beta_schedule="linear", clip_sample=False
-        )
-    elif name == "dpm":
-        scheduler = DPMSolverMultistepScheduler(
-            num_train_timesteps=denoising.num_train_timesteps, beta_schedule="linear"
-        )
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=denoising.num_train_timesteps, shift=float(config.get("shift", 1.0))
-        )
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
 StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -402,19 +217,6 @@ def sample(
         eps = adapter.noise_prediction(torch.from_numpy(to_numpy(output)))
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
-
-
-def _served_steps(timesteps: Any, denoising: DenoisingSpec) -> list[int]:
-    """Indices of the schedule's (graph) timesteps inside the engines' range."""
-    low, high = denoising.timestep_range
-    slack = 1e-6 * max(abs(high), 1.0)
-    served = [i for i, t in enumerate(timesteps) if low - slack <= float(t) <= high + slack]
-    if not served:
-        raise ConfigError(
-            f"validate | no step of the schedule falls in the engines' timestep range [{low:g}, {high:g}] "
-            "| use more --steps"
-        )
-    return served
 
 
 def validate_trajectory(
@@ -449,7 +251,7 @@ def validate_trajectory(
     # graphs then precompute every step's gates, the path users get.
     timesteps = make_scheduler(scheduler, steps, denoising).timesteps.numpy() * denoising.timestep_scale
     total = steps
-    served = _served_steps(timesteps, denoising)
+    served = served_steps(timesteps, denoising)
     timesteps = timesteps[served]
     steps = len(served)  # an expert runs its part of the schedule only
     plan = schedule.plan(steps)
@@ -494,7 +296,7 @@ def validate_trajectory(
         final_nonfinite=not bool(torch.isfinite(final_runtime).all()),
         gate_table=generation.uses_gate_table,
         forecast=forecast,
-        ran_full_steps=[k for k, role in enumerate(generation.history) if role == "full"],
+        ran_full_steps=[k for k, role in enumerate(generation.history) if role == GraphRole.FULL],
     )
 
 

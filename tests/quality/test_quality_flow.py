@@ -18,7 +18,7 @@ from fora_export.quality.conditioning import (
     load_class_conditioning,
 )
 from fora_export.quality.sampling import DigitSampler, model_folder
-from fora_runtime.manifest import Manifest, load_manifest
+from fora_runtime.manifest import GraphRole, Manifest, load_manifest
 from tests.quality.quality_cli import STEPS, rows, small_quality_report
 
 #: Uncached samples score the classifier's accuracy on held-out real digits (96.7%) within
@@ -38,7 +38,7 @@ def test_builds_as_sd3_flow_matching_with_the_class_table_inputs(digits_flow_eng
     assert manifest.model_class == "SD3Transformer2DModel" and manifest.source == "demo-digits-flow"
     assert manifest.denoising is not None and manifest.denoising.scheduler == "flow_match"
     assert manifest.denoising.scheduler_config["shift"] == 3.0  # SD3's, as the training used
-    assert "gates" in manifest.graphs  # the lean reuse graph and gate table of the family
+    assert GraphRole.GATES in manifest.graphs  # the lean reuse graph and gate table of the family
     tables, null_class = load_class_conditioning(DEMO_DIGITS_FLOW_DIR / CLASS_CONDITIONING_FILE, "test")
     # The build's text length is the table's token count (the demo's build default).
     assert DEMO_BUILD_DEFAULTS["demo-digits-flow"]["text_length"] == DIGITS_FLOW_TEXT_LENGTH

@@ -15,6 +15,7 @@ import pytest
 
 from fora_export.validate.engines import compare_engines_with_onnxruntime
 from fora_runtime import load_manifest
+from fora_runtime.manifest import GraphRole
 from tests.runtime.test_trt_backend import tensorrt_gpu_available
 
 
@@ -50,7 +51,7 @@ def test_every_graph_is_compared_output_by_output(tiny_torch_engine: Path) -> No
     assert roles == [
         (f"{role} vs onnxruntime", batch)
         for batch in (1, 3)
-        for role in ("full", "reuse", "gates", "reuse_gated")
+        for role in (GraphRole.FULL, GraphRole.REUSE, GraphRole.GATES, GraphRole.REUSE_GATED)
     ]
     full = cases[0]
     assert [c.name for c in full.comparisons] == ["prediction", *(c.name for c in manifest.caches)]

@@ -11,6 +11,7 @@ from fora_export.builder.pipeline import build
 from fora_export.errors import ConfigError
 from fora_export.validate.runner import validate
 from fora_runtime import CacheSchedule
+from fora_runtime.manifest import GraphRole
 
 
 def assert_fp32_parity(report) -> None:
@@ -26,7 +27,7 @@ def test_tiny_dit_fp32(tiny_engine: Path) -> None:
     report = validate(tiny_engine, steps=20)
     assert_fp32_parity(report)
     # Full graph: prediction + 4 caches compared; reuse: prediction.
-    assert {len(c.comparisons) for c in report.graph_cases if c.role == "full"} == {5}
+    assert {len(c.comparisons) for c in report.graph_cases if c.role == GraphRole.FULL} == {5}
     assert sorted({c.batch_size for c in report.graph_cases}) == [1, 2, 4]
     # FORA approximates: with random weights it must drift from no-cache, measurably.
     assert report.trajectory.fora_vs_nocache_rel_l2 > 1e-4
