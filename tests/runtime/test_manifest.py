@@ -43,7 +43,7 @@ def test_manifest_records_what_the_runtime_needs(tiny_engine: Path) -> None:
         *(c.name for c in manifest.caches),
     ]
     assert {"torch", "diffusers", "onnx"} <= set(manifest.tools)
-    assert manifest.export["opset"] == 17
+    assert manifest.export.opset == 17
 
 
 def test_missing_folder(tmp_path: Path) -> None:

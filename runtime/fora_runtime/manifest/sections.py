@@ -30,17 +30,14 @@ REUSE_GRAPHS = ("plain", "lean")
 
 
 def _value_range(value: Any, where: str) -> tuple[float, float]:
-    bounds = [
-        expect(bound, float, f"{where}[{index}]") for index, bound in enumerate(expect(value, list, where))
-    ]
+    """``[low, high]`` with low <= high; integral bounds (class indices, mask flags) stay
+    integers, as JSON wrote them."""
+    bounds = expect(value, list, where)
+    for index, bound in enumerate(bounds):
+        expect(bound, float, f"{where}[{index}]")
     if len(bounds) != 2 or bounds[0] > bounds[1]:
         raise FieldError(f"field '{where}' is {bounds}, expected [low, high] with low <= high")
     return bounds[0], bounds[1]
-
-
-def _plain_number(value: float) -> int | float:
-    """``value`` as JSON wrote it: integral bounds (class indices, mask flags) stay integers."""
-    return int(value) if float(value).is_integer() else value
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,7 @@ class Conditioning:
         for key in (*self._OPTIONAL_INTS, *self._OPTIONAL_BOOLS):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
-        data["input_ranges"] = {
-            name: [_plain_number(low), _plain_number(high)] for name, (low, high) in self.input_ranges.items()
-        }
+        data["input_ranges"] = {name: [low, high] for name, (low, high) in self.input_ranges.items()}
         return data
 
     @classmethod
