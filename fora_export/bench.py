@@ -300,7 +300,7 @@ def random_step_inputs(
             inputs[spec.name] = np.ones(shape, dtype=dtype)  # masks and flags: every token kept
         elif spec.dtype == "int64":
             low, high = ranges.get(spec.name, (1, 1))
-            inputs[spec.name] = rng.integers(low, high + 1, size=shape, dtype=np.int64)
+            inputs[spec.name] = rng.integers(int(low), int(high) + 1, size=shape, dtype=np.int64)
         else:
             inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
     return inputs

@@ -122,6 +122,26 @@ def _compare(
     return None
 
 
+def _gates_inputs_problem(inputs: Sequence[TensorSpec], step_inputs: Sequence[TensorSpec]) -> str | None:
+    """The gates graph takes some step inputs other than the latents (the family's choice),
+    each once, with the step input's dtype (its batch axis counts table rows)."""
+    by_name = {spec.name: spec for spec in step_inputs}
+    names = [spec.name for spec in inputs]
+    for spec in inputs:
+        want = by_name.get(spec.name)
+        if (
+            spec.name == step_inputs[0].name
+            or want is None
+            or want.dtype != spec.dtype
+            or names.count(spec.name) > 1
+        ):
+            return (
+                f"gates input '{spec.name}' ({spec.dtype}) is not a conditioning input of the full "
+                "graph (timestep, labels, ...) of the same dtype, or is named twice"
+            )
+    return None
+
+
 def graph_set_problem(
     graphs: Mapping[str, GraphSpec],
     step_inputs: Sequence[TensorSpec],
@@ -164,24 +184,15 @@ def graph_set_problem(
         if [t.name for t in outputs] != [GATES_NAME] or outputs[0].shape[:1] != (BATCH_AXIS,):
             return f"the gates graph must output only '{GATES_NAME}' [batch, ...]"
         gates = outputs[0]
-        by_name = {spec.name: spec for spec in step_inputs}
-        latents = step_inputs[0].name
-        names = [t.name for t in graphs[GraphRole.GATES].inputs]
-        for spec in graphs[GraphRole.GATES].inputs:
-            want = by_name.get(spec.name)
-            if spec.name == latents or want is None or want.dtype != spec.dtype or names.count(spec.name) > 1:
-                return (
-                    f"gates input '{spec.name}' ({spec.dtype}) is not a conditioning input of the full "
-                    "graph (timestep, labels, ...) of the same dtype, or is named twice"
-                )
     cache_names = {c.name for c in caches}
-    for role, graph in graphs.items():
-        inputs, outputs = expected_io(role, step_inputs, caches, prediction, gates)
-        if role != GraphRole.GATES:
-            problem = _compare(role, "inputs", graph.inputs, inputs, cache_names)
-            if problem:
-                return problem
-        problem = _compare(role, "outputs", graph.outputs, outputs, cache_names)
+    for role in sorted(graphs, key=ALL_ROLES.index):
+        graph = graphs[role]
+        want_inputs, want_outputs = expected_io(role, step_inputs, caches, prediction, gates)
+        if role == GraphRole.GATES:
+            problem = _gates_inputs_problem(graph.inputs, step_inputs)
+        else:
+            problem = _compare(role, "inputs", graph.inputs, want_inputs, cache_names)
+        problem = problem or _compare(role, "outputs", graph.outputs, want_outputs, cache_names)
         if problem:
             return problem
     return None
