@@ -195,7 +195,7 @@ def cpu_backend(manifest: Manifest, folder: Path) -> tuple[TensorRTBackend, Step
 def test_host_tensors_are_range_checked_only_when_ranged(tiny_engine: Path) -> None:
     torch = pytest.importorskip("torch")
     manifest = load_manifest(tiny_engine)
-    assert manifest.conditioning["input_ranges"]["class_labels"] == [0, 10]
+    assert manifest.conditioning.input_ranges["class_labels"] == (0, 10)
     backend, buffers = cpu_backend(manifest, tiny_engine)
     # No range for latents: bf16 and requires_grad must not reach .numpy().
     latents = torch.full((2, 4, 8, 8), 0.5, dtype=torch.bfloat16, requires_grad=True)

@@ -293,13 +293,13 @@ class TorchBackend(TorchTensorIO):
         for role in roles + ((FORECAST_ROLE,) if self._has_forecast_program else ()):
             check_graph_io(
                 role,
-                manifest.graphs[role],
+                manifest.module_io(role),
                 [LoadedTensor(str(name)) for name in record["inputs"][role]],
                 [LoadedTensor(str(name)) for name in record["outputs"][role]],
                 where=f"{where} ({role} program)",
             )
         cache_names = tuple(c.name for c in manifest.caches)
-        self._step_names = tuple(t.name for t in manifest.graphs[GraphRole.FULL].inputs)
+        self._step_names = tuple(t.name for t in manifest.module_io(GraphRole.FULL).inputs)
         self._cache_names = cache_names
 
     def _load(self, torch: Any, record: dict[str, Any], role: str) -> Any:

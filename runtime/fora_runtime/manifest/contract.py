@@ -20,6 +20,10 @@ role                      inputs                                                
 ``reuse_forecast``        latents, ``gates``, ``forecast_weight`` [batch] float32,    prediction
                           the caches, ``previous.<cache>`` for each cache
 ========================  ==========================================================  =================
+
+A graph file may leave out the step inputs other than the latents that its ``full`` or
+``reuse`` graph does not read (ONNX exporters drop them); a torch program keeps them all
+(``Manifest.module_io``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ def _same(a: TensorSpec, b: TensorSpec) -> bool:
     return (a.name, a.dtype, tuple(a.shape)) == (b.name, b.dtype, tuple(b.shape))
 
 
+def prunable_inputs(role: str, step_inputs: Sequence[TensorSpec]) -> frozenset[str]:
+    """The inputs ``role``'s graph file may leave out: ONNX exporters drop the inputs a graph
+    does not read (PixArt's lean reuse graph reads no text: its cross-attention is cached).
+    The latents, the gate table, the caches and the forecast inputs are always read."""
+    if role in (GraphRole.FULL, GraphRole.REUSE):
+        return frozenset(spec.name for spec in step_inputs[1:])
+    return frozenset()
+
+
 def expected_io(
     role: str,
     step_inputs: Sequence[TensorSpec],
@@ -63,8 +76,9 @@ def expected_io(
     prediction: TensorSpec,
     gates: TensorSpec | None = None,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The inputs and outputs ``role``'s graph must have, in order (the ``gates`` graph's
-    inputs are the family's choice: see :func:`check_graph_set`)."""
+    """The inputs and outputs ``role``'s graph module takes and returns, in order (its file
+    may leave out :func:`prunable_inputs`; the ``gates`` graph's inputs are the family's
+    choice, see :func:`check_graph_set`)."""
     step_inputs, caches = list(step_inputs), list(caches)
     if role == GraphRole.FULL:
         return step_inputs, [prediction, *caches]
@@ -85,9 +99,15 @@ def expected_io(
 
 
 def _compare(
-    role: str, kind: str, got: Sequence[TensorSpec], want: Sequence[TensorSpec], cache_names: set[str]
+    role: str,
+    kind: str,
+    got: Sequence[TensorSpec],
+    want: Sequence[TensorSpec],
+    cache_names: set[str],
+    optional: frozenset[str] = frozenset(),
 ) -> str | None:
-    """What is wrong with ``got`` as ``role``'s ``kind`` (inputs/outputs), or None."""
+    """What is wrong with ``got`` as ``role``'s ``kind`` (inputs/outputs), or None. Names in
+    ``optional`` may be left out (in order otherwise)."""
     wanted = {spec.name: spec for spec in want}
     names = [spec.name for spec in got]
     if kind == "outputs" and names[:1] != [PREDICTION_NAME] and role != GraphRole.GATES:
@@ -109,7 +129,7 @@ def _compare(
                 return f"{role} graph must output only the full graph's prediction ({_text(target)})"
             what = "cache tensor" if spec.name in cache_names else "step input"
             return f"{role} graph {kind[:-1]} '{spec.name}' is {_text(spec)}, the {what} is {_text(target)}"
-    missing = [name for name in wanted if name not in names]
+    missing = [name for name in wanted if name not in names and name not in optional]
     if any(name in cache_names for name in missing):
         verb = "output" if kind == "outputs" else "take"
         return f"{role} graph does not {verb} every cache tensor (missing {missing})"
@@ -117,7 +137,7 @@ def _compare(
         return f"{role} graph lacks the {kind} {missing}"
     if len(names) != len(set(names)):
         return f"{role} graph names one of its {kind} twice: {names}"
-    if names != list(wanted):
+    if names != [name for name in wanted if name in names]:
         return f"{role} graph's {kind} are {names}, expected in the order {list(wanted)}"
     return None
 
@@ -191,7 +211,8 @@ def graph_set_problem(
         if role == GraphRole.GATES:
             problem = _gates_inputs_problem(graph.inputs, step_inputs)
         else:
-            problem = _compare(role, "inputs", graph.inputs, want_inputs, cache_names)
+            optional = prunable_inputs(role, step_inputs)
+            problem = _compare(role, "inputs", graph.inputs, want_inputs, cache_names, optional)
         problem = problem or _compare(role, "outputs", graph.outputs, want_outputs, cache_names)
         if problem:
             return problem

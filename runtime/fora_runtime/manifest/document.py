@@ -14,7 +14,7 @@ from typing import Any
 
 from fora_runtime.dtypes import PRECISION_DTYPES
 from fora_runtime.errors import ForaError, InputError, ManifestError
-from fora_runtime.manifest.contract import REBUILD, graph_set_problem
+from fora_runtime.manifest.contract import REBUILD, expected_io, graph_set_problem
 from fora_runtime.manifest.fields import (
     MAX_DIM,
     SHA256_PATTERN,
@@ -133,6 +133,16 @@ class Manifest:
                 f"graph's convention: scheduler timestep x {self.denoising.timestep_scale:g}); for one "
                 f"expert of a two-expert model run the other steps with the other expert's engines ({where})"
             )
+
+    def module_io(self, role: str) -> GraphSpec:
+        """``role``'s graph as its module takes it: every input in order, none left out
+        (torch programs keep every argument; an ONNX file may drop the ones it does not read)."""
+        graph = self.graphs[role]
+        if role == GraphRole.GATES:
+            return graph
+        gates = self.graphs[GraphRole.GATES].outputs[0] if self.has_gate_table else None
+        inputs, outputs = expected_io(role, self.step_inputs, self.caches, self.prediction, gates)
+        return GraphSpec(file=graph.file, inputs=tuple(inputs), outputs=tuple(outputs))
 
     @property
     def has_gate_table(self) -> bool:

@@ -46,6 +46,10 @@ class GraphRole(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+    # In lists of roles formatted into messages too: ``['full', 'reuse']``.
+    def __repr__(self) -> str:
+        return repr(self.value)
+
 
 GRAPH_ROLES = (GraphRole.FULL, GraphRole.REUSE)
 #: Optional, always together.
