@@ -80,8 +80,9 @@ def calibration_conditioning(
         shape = spec.concrete_shape(samples)
         dtype = numpy_dtype(spec.dtype)
         bounds = manifest.value_range(spec.name)
-        if conditioning.get("kind") == "class_labels" and np.issubdtype(dtype, np.integer):
-            classes = int(conditioning["num_classes"])
+        if conditioning.kind == "class_labels" and np.issubdtype(dtype, np.integer):
+            classes = conditioning.num_classes
+            assert classes is not None  # a class-label manifest records them (Conditioning.from_dict)
             values[spec.name] = (np.arange(samples) % classes).astype(dtype).reshape(shape)
             notes.append(f"{spec.name}: classes 0..{classes - 1} in turn")
         elif np.issubdtype(dtype, np.integer):
@@ -105,7 +106,7 @@ def _class_tables(manifest: Manifest, samples: int) -> tuple[dict[str, np.ndarra
     from fora_export.quality.sampling import model_folder
 
     folder = model_folder(manifest)
-    if manifest.conditioning.get("kind") == "class_labels" or folder is None:
+    if manifest.conditioning.kind == "class_labels" or folder is None:
         return None
     path = folder / CLASS_CONDITIONING_FILE
     if not path.is_file():

@@ -16,9 +16,9 @@ from fora_runtime.manifest import Manifest
 def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     """The PyTorch model the engines were built from, in the engines' precision."""
     ref = model_ref or manifest.source
-    subfolder = manifest.export.get("subfolder") if model_ref is None else None
+    subfolder = manifest.export.subfolder if model_ref is None else None
     loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
-    options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
+    options = AdapterOptions.from_dict(manifest.export.adapter_options.to_dict())
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
         raise ConfigError(

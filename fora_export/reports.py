@@ -102,7 +102,7 @@ def print_manifest(manifest: Manifest, folder: Path, console: Console | None = N
     cache_bytes = sum(
         itemsize(c.dtype) * prod(int(d) for d in c.shape if d != "batch") for c in manifest.caches
     )
-    reuse_graph = manifest.export.get("reuse_graph", "plain")
+    reuse_graph = manifest.export.reuse_graph
     # Forecast builds keep two generations of every cache (the last two full steps').
     generations = 2 if manifest.has_forecast else 1
     held = cache_bytes * generations

@@ -114,7 +114,7 @@ def pipeline_arguments(
         kwargs["use_resolution_binning"] = False  # the built size exactly
     if "clean_caption" in parameters:
         kwargs["clean_caption"] = False  # needs bs4 and ftfy; the prompt as typed
-    text_length = manifest.conditioning.get("text_length")
+    text_length = manifest.conditioning.text_length
     if "max_sequence_length" in parameters and text_length is not None:
         extra = manifest.forward.extra_text_tokens if manifest.forward is not None else 0
         if int(text_length) <= extra:

@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     manifest = load_manifest(args.engine_dir)
-    num_classes = int(manifest.conditioning.get("num_classes", 1))
+    num_classes = int(manifest.conditioning.num_classes or 1)
     with tempfile.TemporaryDirectory(prefix="fora-load-test-") as tmp:
         repository = Path(tmp) / "models"
         for name, batching in (("batched", "--dynamic-batching"), ("unbatched", "--no-dynamic-batching")):

@@ -39,6 +39,7 @@ from fora_runtime.manifest import (
     InputSpec,
     Manifest,
     TensorSpec,
+    check_graph_set,
     graph_file,
     previous_cache_name,
 )
@@ -392,13 +393,11 @@ def check_cache_memory(
 
 def check_planned_graphs(manifest: Manifest) -> None:
     """The graph contract on the planned graph set, before minutes of exporting: the one IO
-    check of ``fora_runtime.manifest`` (the same runs on every manifest written and read),
-    applied to ``manifest`` holding the planned graphs (no files are written yet, so the
-    graph files count as listed)."""
-    listed: dict[str, dict[str, object]] = {graph.file: {} for graph in manifest.graphs.values()}
-    planned = dataclasses.replace(manifest, files={**manifest.files, **listed})
+    check of ``fora_runtime.manifest`` (the same runs on every manifest written and read)."""
     try:
-        planned._check_consistency("planned graphs")
+        check_graph_set(
+            manifest.graphs, manifest.step_inputs, manifest.caches, where="planned graphs", fix="-"
+        )
     except ManifestError as err:
         parts = str(err).split(" | ")
         raise ExportError(

@@ -47,7 +47,15 @@ from fora_export.errors import BuildError
 from fora_export.export.onnx_export import export_onnx
 from fora_export.loading import LoadedModel, load_model
 from fora_export.progress import StageProgress
-from fora_runtime.manifest import BatchRange, GraphSpec, Manifest, file_record, graph_file
+from fora_runtime.manifest import (
+    BatchRange,
+    Conditioning,
+    ExportRecord,
+    GraphSpec,
+    Manifest,
+    file_record,
+    graph_file,
+)
 from fora_runtime.trust import sign_folder
 
 __all__ = [
@@ -203,19 +211,21 @@ def _manifest(
         batch=config.batch,
         precision=config.precision,
         schedule=config.schedule,
-        conditioning=adapter.conditioning(),
+        conditioning=Conditioning.from_dict(adapter.conditioning()),
         graphs=dict(graphs),
         caches=plan.caches,
         files=files or {},
         tools=_tool_versions(),
-        export={
-            **config.to_dict()["export"],
-            "adapter_options": config.adapter.to_dict(),
-            "cached_kinds": list(adapter.cached_kinds),
-            "reuse_graph": plan.reuse_graph,
-            "subfolder": loaded.subfolder,
-            "trace_batch": plan.trace_batch,
-        },
+        export=ExportRecord.from_dict(
+            {
+                **config.to_dict()["export"],
+                "adapter_options": config.adapter.to_dict(),
+                "cached_kinds": list(adapter.cached_kinds),
+                "reuse_graph": plan.reuse_graph,
+                "subfolder": loaded.subfolder,
+                "trace_batch": plan.trace_batch,
+            }
+        ),
         config_hash=_config_hash(adapter.config, loaded.source, config),
         inputs=plan.input_specs,
         denoising=adapter.denoising(),

@@ -90,10 +90,10 @@ def class_conditioning(
     ``model_folder`` is the folder the engines were built from (None: a built-in model
     with no folder), where a text-conditioned digit model keeps its table."""
     inputs = manifest.inputs_of("conditioning")
-    if manifest.conditioning.get("kind") == "class_labels":
-        if manifest.conditioning.get("num_classes") != num_classes or len(inputs) != 1:
+    if manifest.conditioning.kind == "class_labels":
+        if manifest.conditioning.num_classes != num_classes or len(inputs) != 1:
             raise ConfigError(
-                f"{where} | a class-label model of {manifest.conditioning.get('num_classes')} classes "
+                f"{where} | a class-label model of {manifest.conditioning.num_classes} classes "
                 f"with inputs {[spec.name for spec in inputs]} | quality scores digit models "
                 f"of {num_classes} classes: fora-export build demo-digits"
             )

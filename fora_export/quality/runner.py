@@ -100,7 +100,7 @@ def check_digit_model(manifest: Manifest, where: str) -> None:
     layout = denoising.latent_layout if denoising is not None else None
     height, width = manifest.resolution
     found = (
-        f"{conditioning.get('kind')} conditioning, {channels}x{height}x{width} {layout} latents, "
+        f"{conditioning.kind} conditioning, {channels}x{height}x{width} {layout} latents, "
         f"{scheduler} sampling"
     )
     if (

@@ -37,7 +37,7 @@ def model_folder(manifest: Manifest) -> Path | None:
     if manifest.source in TRAINED_DEMOS:
         return TRAINED_DEMOS[manifest.source][0]
     path = Path(manifest.source)
-    subfolder = manifest.export.get("subfolder")
+    subfolder = manifest.export.subfolder
     folder = path / subfolder if subfolder else path
     return folder if folder.is_dir() else None
 

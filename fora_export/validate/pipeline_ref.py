@@ -83,7 +83,7 @@ class ForaReference(nn.Module):
         reference = cls(
             model,
             schedule or manifest.schedule,
-            AdapterOptions.from_dict(manifest.export.get("adapter_options")),
+            AdapterOptions.from_dict(manifest.export.adapter_options.to_dict()),
             forecast=manifest.has_forecast,
         )
         reference._split.adapter.fix_resolution(manifest.resolution)

@@ -8,13 +8,13 @@ with, on forecast builds, each reuse step's forecast weights (:func:`forecast_we
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import Any
 
-from fora_runtime.backends.base import host_array, host_copy
-from fora_runtime.errors import GenerationError, InputError, NonFiniteError
-
-if TYPE_CHECKING:
-    from fora_runtime.session import StepRunner
+from fora_runtime.backends.base import StepBackend, StepBuffers, host_array, in_family_of
+from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError, NonFiniteError
+from fora_runtime.inputs import PlannedInputs, StepInputs
+from fora_runtime.manifest import GraphRole
 
 
 class GateTable:
@@ -61,67 +61,9 @@ def forecast_weights(plan: tuple[bool, ...], timesteps: Any, batch_size: int) ->
     return weights, frozenset(steps)
 
 
-class PlannedInputs:
-    """A generation's timesteps and conditioning, given to ``start``."""
-
-    def __init__(
-        self, timesteps: Any, host: dict[str, Any], given: dict[str, Any], *, timestep_name: str
-    ) -> None:
-        self.timesteps = timesteps  # float32 [steps] or [steps, batch]
-        self.timestep_name = timestep_name
-        self.host = host  # host copies, for the gate table and for checks
-        self.given = given  # as the caller passed them, staged on full steps
-
-    def rows(self, batch_size: int, steps: list[int], names: tuple[str, ...]) -> dict[str, Any]:
-        """Gate-table rows of ``steps`` for the inputs ``names`` (the gates graph's): step-major,
-        ``batch_size`` rows per step. Other conditioning (text embeddings) is not tiled."""
-        import numpy as np
-
-        count = len(steps)
-        planned = self.timesteps[steps].reshape(count, -1)
-        timestep = np.broadcast_to(planned, (count, batch_size)).reshape(-1)
-        # Copies: broadcast views are read-only, and backends may wrap rows without copying.
-        rows = {self.timestep_name: np.array(timestep, copy=True)}
-        for name, value in self.host.items():
-            if name not in names:
-                continue
-            rows[name] = np.array(
-                np.broadcast_to(value[None], (count, *value.shape)).reshape(-1, *value.shape[1:]),
-                copy=True,
-            )
-        return rows
-
-    def matches(self, step: int, timestep: Any, conditioning: dict[str, Any]) -> str | None:
-        """None when host values given to a step equal the planned ones, else what differs.
-        Device tensors are not compared (that would sync every step)."""
-        import numpy as np
-
-        def host_like(value: Any) -> bool:
-            device = getattr(value, "device", None)
-            return device is None or getattr(device, "type", "cpu") == "cpu"
-
-        if timestep is not None and host_like(timestep):
-            got = np.asarray(host_copy(timestep), dtype="float32")
-            planned = self.timesteps[step]
-            try:  # a number and one per sample both match when the values agree
-                same = bool(np.all(np.equal(*np.broadcast_arrays(got, planned))))
-            except ValueError:
-                same = False
-            if not same:
-                return f"timestep {got.tolist()} at step {step}, start() planned {planned.tolist()}"
-        for name, value in conditioning.items():
-            if (
-                name in self.host
-                and host_like(value)
-                and not np.array_equal(host_copy(value), self.host[name])
-            ):
-                return f"'{name}' differs from the one given to start()"
-        return None
-
-
 class Generation:
     """One sampling run: owns its step index against the schedule's plan, and runs each
-    step through the :class:`~fora_runtime.session.StepRunner` its session gave it."""
+    step through the :class:`StepRunner` its session gave it."""
 
     def __init__(
         self,
@@ -142,7 +84,7 @@ class Generation:
         self._where = where
         self.step_index = 0
         #: The graph each step ran so far ("full", "reuse", "reuse_gated", "reuse_forecast").
-        self.history: list[str] = []
+        self.history: list[GraphRole] = []
 
     @property
     def uses_gate_table(self) -> bool:
@@ -207,15 +149,17 @@ class Generation:
         if not full and self._gate_table is not None:
             prediction = runner.run_gated(latents, self._gate_table, index)
             self.history.append(
-                "reuse_forecast" if index in self._gate_table.forecast_steps else "reuse_gated"
+                GraphRole.REUSE_FORECAST
+                if index in self._gate_table.forecast_steps
+                else GraphRole.REUSE_GATED
             )
         else:
             prediction = runner.run(full, latents, timestep, conditioning)
-            self.history.append("full" if full else "reuse")
+            self.history.append(GraphRole.FULL if full else GraphRole.REUSE)
         # The step ran (caches written): it counts even when its prediction is refused below.
         self.step_index += 1
         if self.detect_nonfinite:
-            self._check_finite(prediction, latents, index, "full" if full else "reuse")
+            self._check_finite(prediction, latents, index, GraphRole.FULL if full else GraphRole.REUSE)
         return prediction
 
     def _check_finite(self, prediction: Any, latents: Any, index: int, kind: str) -> None:
@@ -235,3 +179,95 @@ class Generation:
             "latents propagate); engines of a model whose fp16 activations overflow (Flux) need "
             f"--precision bf16 ({self._where})"
         )
+
+
+class OneCallAtATime:
+    """Lets one thread at a time into a session: a call from a second thread while one runs
+    raises :class:`ConcurrentUseError` instead of staging its inputs into the same buffers
+    (which gave wrong results, silently). Not a queue, and not bound to a thread: a session
+    may move between threads, one call at a time."""
+
+    def __init__(self, where: str) -> None:
+        self._lock = threading.Lock()
+        self._holder = ""
+        self._where = where
+
+    def acquire(self, what: str) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"ForaSession {self._where} | {what} called in thread '{threading.current_thread().name}' "
+                f"while thread '{self._holder}' runs a call of the same session | a session serves "
+                "one thread at a time: use one ForaSession per thread (each has its own caches), "
+                "or serialise the calls with a lock"
+            )
+        self._holder = threading.current_thread().name
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class StepRunner:
+    """Runs the steps of one generation on its buffers: a :class:`Generation`'s only handle
+    on its session.
+
+    The session makes one per generation and retires it when another generation starts,
+    a single step runs, or the session resets or deactivates: the buffers then hold
+    another run's caches, so a retired runner refuses to run.
+    """
+
+    def __init__(
+        self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers, calls: OneCallAtATime
+    ) -> None:
+        self._backend = backend
+        self._inputs = inputs
+        self._buffers = buffers
+        self._calls = calls
+        self._live = True
+
+    @property
+    def batch_size(self) -> int:
+        return self._buffers.batch_size
+
+    @property
+    def check_inputs(self) -> bool:
+        return self._inputs.check
+
+    def retire(self) -> None:
+        self._live = False
+
+    def acquire(self, what: str) -> None:
+        """Enter the session for one step (:class:`ConcurrentUseError` while another thread
+        is in it); the generation calls :meth:`release` when the step is done."""
+        self._calls.acquire(what)
+
+    def release(self) -> None:
+        self._calls.release()
+
+    def require_live(self) -> None:
+        if not self._live:
+            raise GenerationError(
+                "Generation | stale: the session started another generation or ran a single step "
+                "since | call session.start() again"
+            )
+
+    def run(self, full: bool, latents: Any, timestep: Any, conditioning: dict[str, Any]) -> Any:
+        """One full or reuse step with per-step gates; returns the prediction (a copy)."""
+        self.require_live()
+        inputs = self._inputs
+        step_inputs = {inputs.latents_name: latents, inputs.timestep_name: timestep, **conditioning}
+        inputs.stage(self._buffers, step_inputs)
+        (self._backend.run_full if full else self._backend.run_reuse)(self._buffers)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)
+
+    def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
+        """The reuse step ``step`` reading its gates from ``table`` (and its forecast weights,
+        when ``table`` forecasts that step); returns the prediction."""
+        self.require_live()
+        name = self._inputs.latents_name
+        self._inputs.stage(self._buffers, {name: latents}, only=(name,))
+        first_row = table.block_of[step] * self.batch_size
+        if step in table.forecast_steps:
+            self._backend.run_reuse_forecast(self._buffers, table.table, first_row, table.forecast_weights)
+        else:
+            self._backend.run_reuse_gated(self._buffers, table.table, first_row)
+        return in_family_of(self._backend.read_prediction(self._buffers), latents)

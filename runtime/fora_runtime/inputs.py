@@ -13,8 +13,65 @@ from typing import Any
 
 from fora_runtime.backends.base import StepBackend, StepBuffers, host_array, host_copy, is_torch_tensor
 from fora_runtime.errors import InputError
-from fora_runtime.generation import PlannedInputs
 from fora_runtime.manifest import InputSpec, Manifest
+
+
+class PlannedInputs:
+    """A generation's timesteps and conditioning, given to ``start``."""
+
+    def __init__(
+        self, timesteps: Any, host: dict[str, Any], given: dict[str, Any], *, timestep_name: str
+    ) -> None:
+        self.timesteps = timesteps  # float32 [steps] or [steps, batch]
+        self.timestep_name = timestep_name
+        self.host = host  # host copies, for the gate table and for checks
+        self.given = given  # as the caller passed them, staged on full steps
+
+    def rows(self, batch_size: int, steps: list[int], names: tuple[str, ...]) -> dict[str, Any]:
+        """Gate-table rows of ``steps`` for the inputs ``names`` (the gates graph's): step-major,
+        ``batch_size`` rows per step. Other conditioning (text embeddings) is not tiled."""
+        import numpy as np
+
+        count = len(steps)
+        planned = self.timesteps[steps].reshape(count, -1)
+        timestep = np.broadcast_to(planned, (count, batch_size)).reshape(-1)
+        # Copies: broadcast views are read-only, and backends may wrap rows without copying.
+        rows = {self.timestep_name: np.array(timestep, copy=True)}
+        for name, value in self.host.items():
+            if name not in names:
+                continue
+            rows[name] = np.array(
+                np.broadcast_to(value[None], (count, *value.shape)).reshape(-1, *value.shape[1:]),
+                copy=True,
+            )
+        return rows
+
+    def matches(self, step: int, timestep: Any, conditioning: dict[str, Any]) -> str | None:
+        """None when host values given to a step equal the planned ones, else what differs.
+        Device tensors are not compared (that would sync every step)."""
+        import numpy as np
+
+        def host_like(value: Any) -> bool:
+            device = getattr(value, "device", None)
+            return device is None or getattr(device, "type", "cpu") == "cpu"
+
+        if timestep is not None and host_like(timestep):
+            got = np.asarray(host_copy(timestep), dtype="float32")
+            planned = self.timesteps[step]
+            try:  # a number and one per sample both match when the values agree
+                same = bool(np.all(np.equal(*np.broadcast_arrays(got, planned))))
+            except ValueError:
+                same = False
+            if not same:
+                return f"timestep {got.tolist()} at step {step}, start() planned {planned.tolist()}"
+        for name, value in conditioning.items():
+            if (
+                name in self.host
+                and host_like(value)
+                and not np.array_equal(host_copy(value), self.host[name])
+            ):
+                return f"'{name}' differs from the one given to start()"
+        return None
 
 
 class StepInputs:

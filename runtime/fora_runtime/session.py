@@ -26,18 +26,25 @@ needs only the latents:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fora_runtime.backends.base import StepBackend, StepBuffers, create_backend, in_family_of
+from fora_runtime.backends.base import StepBackend, create_backend, in_family_of
 from fora_runtime.calibration import CalibratedSchedules, resolve_schedule
-from fora_runtime.errors import ConcurrentUseError, GenerationError, InputError
-from fora_runtime.generation import GateTable, Generation, forecast_weights
+from fora_runtime.errors import InputError
+from fora_runtime.generation import GateTable, Generation, OneCallAtATime, StepRunner, forecast_weights
 from fora_runtime.inputs import StepInputs
-from fora_runtime.manifest import MANIFEST_NAME, InputSpec, Manifest, VerifyMode, open_engine_folder
+from fora_runtime.manifest import (
+    GRAPH_ROLES,
+    MANIFEST_NAME,
+    GraphRole,
+    InputSpec,
+    Manifest,
+    VerifyMode,
+    open_engine_folder,
+)
 from fora_runtime.schedule import CacheSchedule
 
 
@@ -210,7 +217,7 @@ class ForaSession:
             # Rows for the reuse steps only: full steps compute their own gates.
             reuse_steps = [index for index, full in enumerate(plan) if not full]
             if reuse_steps:
-                names = tuple(spec.name for spec in self.manifest.graphs["gates"].inputs)
+                names = tuple(spec.name for spec in self.manifest.graphs[GraphRole.GATES].inputs)
                 rows = planned.rows(batch_size, reuse_steps, names)
                 weights, forecast_steps = None, frozenset[int]()
                 if wanted is not False and self.backend.forecast_enabled:
@@ -247,14 +254,14 @@ class ForaSession:
     def run_step(self, role: str, batch_size: int, inputs: dict[str, Any]) -> Any:
         """Run one graph outside any generation. ``reuse`` reads whatever the last
         ``full`` of this batch size wrote. Invalidates the current generation."""
-        if role not in ("full", "reuse"):
+        if role not in GRAPH_ROLES:
             raise InputError(f"Graph role | got {role!r} | expected 'full' or 'reuse'")
         with self._exclusive("run_step()"):
             batch_size = self._inputs.check_batch(batch_size)
             buffers = self.backend.buffers(batch_size)
             self._retire()
             self._inputs.stage(buffers, inputs)
-            (self.backend.run_full if role == "full" else self.backend.run_reuse)(buffers)
+            (self.backend.run_full if role == GraphRole.FULL else self.backend.run_reuse)(buffers)
             prediction = self.backend.read_prediction(buffers)
         return in_family_of(prediction, inputs.get(self.latents_name))
 
@@ -267,95 +274,3 @@ class ForaSession:
         """Host (numpy) copies of the caches of ``batch_size`` (for validation)."""
         with self._exclusive("read_caches()"):
             return self.backend.read_caches(self.backend.buffers(batch_size))
-
-
-class OneCallAtATime:
-    """Lets one thread at a time into a session: a call from a second thread while one runs
-    raises :class:`ConcurrentUseError` instead of staging its inputs into the same buffers
-    (which gave wrong results, silently). Not a queue, and not bound to a thread: a session
-    may move between threads, one call at a time."""
-
-    def __init__(self, where: str) -> None:
-        self._lock = threading.Lock()
-        self._holder = ""
-        self._where = where
-
-    def acquire(self, what: str) -> None:
-        if not self._lock.acquire(blocking=False):
-            raise ConcurrentUseError(
-                f"ForaSession {self._where} | {what} called in thread '{threading.current_thread().name}' "
-                f"while thread '{self._holder}' runs a call of the same session | a session serves "
-                "one thread at a time: use one ForaSession per thread (each has its own caches), "
-                "or serialise the calls with a lock"
-            )
-        self._holder = threading.current_thread().name
-
-    def release(self) -> None:
-        self._lock.release()
-
-
-class StepRunner:
-    """Runs the steps of one generation on its buffers: a :class:`Generation`'s only handle
-    on its session.
-
-    The session makes one per generation and retires it when another generation starts,
-    a single step runs, or the session resets or deactivates: the buffers then hold
-    another run's caches, so a retired runner refuses to run.
-    """
-
-    def __init__(
-        self, backend: StepBackend, inputs: StepInputs, buffers: StepBuffers, calls: OneCallAtATime
-    ) -> None:
-        self._backend = backend
-        self._inputs = inputs
-        self._buffers = buffers
-        self._calls = calls
-        self._live = True
-
-    @property
-    def batch_size(self) -> int:
-        return self._buffers.batch_size
-
-    @property
-    def check_inputs(self) -> bool:
-        return self._inputs.check
-
-    def retire(self) -> None:
-        self._live = False
-
-    def acquire(self, what: str) -> None:
-        """Enter the session for one step (:class:`ConcurrentUseError` while another thread
-        is in it); the generation calls :meth:`release` when the step is done."""
-        self._calls.acquire(what)
-
-    def release(self) -> None:
-        self._calls.release()
-
-    def require_live(self) -> None:
-        if not self._live:
-            raise GenerationError(
-                "Generation | stale: the session started another generation or ran a single step "
-                "since | call session.start() again"
-            )
-
-    def run(self, full: bool, latents: Any, timestep: Any, conditioning: dict[str, Any]) -> Any:
-        """One full or reuse step with per-step gates; returns the prediction (a copy)."""
-        self.require_live()
-        inputs = self._inputs
-        step_inputs = {inputs.latents_name: latents, inputs.timestep_name: timestep, **conditioning}
-        inputs.stage(self._buffers, step_inputs)
-        (self._backend.run_full if full else self._backend.run_reuse)(self._buffers)
-        return in_family_of(self._backend.read_prediction(self._buffers), latents)
-
-    def run_gated(self, latents: Any, table: GateTable, step: int) -> Any:
-        """The reuse step ``step`` reading its gates from ``table`` (and its forecast weights,
-        when ``table`` forecasts that step); returns the prediction."""
-        self.require_live()
-        name = self._inputs.latents_name
-        self._inputs.stage(self._buffers, {name: latents}, only=(name,))
-        first_row = table.block_of[step] * self.batch_size
-        if step in table.forecast_steps:
-            self._backend.run_reuse_forecast(self._buffers, table.table, first_row, table.forecast_weights)
-        else:
-            self._backend.run_reuse_gated(self._buffers, table.table, first_row)
-        return in_family_of(self._backend.read_prediction(self._buffers), latents)

@@ -97,7 +97,7 @@ def test_dynamo_exporter_builds_valid_graphs(tiny_dit_dir: Path, tmp_path: Path)
     out = tmp_path / "dynamo"
     pipeline.build(str(tiny_dit_dir), out, BuildConfig.from_options(exporter="dynamo"), progress=False)
     manifest = load_manifest(out)
-    assert manifest.export["exporter"] == "dynamo" and manifest.export["opset"] == 18
+    assert manifest.export.exporter == "dynamo" and manifest.export.opset == 18
     assert manifest.graphs["full"].outputs[1].shape == ("batch", 16, 16)
 
 

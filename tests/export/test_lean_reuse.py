@@ -79,8 +79,8 @@ def test_build_records_the_reuse_graph_and_plain_still_works(tiny_dit_dir: Path,
     lean_dir, plain_dir = tmp_path / "lean", tmp_path / "plain"
     build(str(tiny_dit_dir), lean_dir, BuildConfig.from_options(), progress=False)
     build(str(tiny_dit_dir), plain_dir, BuildConfig.from_options(reuse_graph="plain"), progress=False)
-    assert load_manifest(lean_dir).export["reuse_graph"] == "lean"
-    assert load_manifest(plain_dir).export["reuse_graph"] == "plain"
+    assert load_manifest(lean_dir).export.reuse_graph == "lean"
+    assert load_manifest(plain_dir).export.reuse_graph == "plain"
     lean_bytes = load_manifest(lean_dir).files["reuse.onnx"]["bytes"]
     plain_bytes = load_manifest(plain_dir).files["reuse.onnx"]["bytes"]
     assert lean_bytes < plain_bytes

@@ -120,7 +120,7 @@ def test_every_graph_has_a_tensorrt_rtx_plan(rtx_folder: Path) -> None:
     has_gates = "gates" in manifest.graphs
     assert record["gate_profile"] == ({"min": 1, "opt": 256, "max": 1024} if has_gates else None)
     # Gate tables come with the lean reuse graphs of the adaLN-Zero families (DiT, SD3, Flux).
-    assert has_gates == (manifest.family != "pixart" and manifest.export["reuse_graph"] == "lean")
+    assert has_gates == (manifest.family != "pixart" and manifest.export.reuse_graph == "lean")
     for file in record["engines"].values():
         assert (rtx_folder / file).stat().st_size > 0
         assert record["sha256"][file] == manifest.files[file]["sha256"]

@@ -1,8 +1,9 @@
 """fora_runtime is embedded in services: it must import without the exporter,
 diffusers or onnx (each runtime module is imported in a fresh interpreter with
-those packages blocked). The one exception is ``fora_runtime.diffusers`` (the
-``fora-runtime[diffusers]`` extra): it may import diffusers (and what diffusers
-imports), never the exporter or onnx."""
+those packages blocked). The one exception is ``fora_runtime.diffusers.facade`` (the
+``fora-runtime[diffusers]`` extra, imported by ``fora_runtime.diffusers`` on first use of
+its names): it may import diffusers (and what diffusers imports), never the exporter or
+onnx."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import fora_runtime
 
 BLOCKED = ("fora_export", "diffusers", "onnx", "onnxscript", "transformers")
 #: The drop-in for diffusers pipelines, the one module allowed diffusers and torch.
-DIFFUSERS_MODULE = "fora_runtime.diffusers"
+DIFFUSERS_MODULE = "fora_runtime.diffusers.facade"
 
 #: Runtime modules that run inside a host process providing a module of its own: the Triton
 #: model imports Triton's stub's ``triton_python_backend_utils`` (an empty stand-in here).
@@ -59,7 +60,10 @@ def test_runtime_module_imports_without_exporter_diffusers_or_onnx(module: str) 
 
 def test_diffusers_module_imports_without_exporter_or_onnx() -> None:
     blocked = ("fora_export", "onnx", "onnxscript")
-    code = blocker(blocked) + f"import {DIFFUSERS_MODULE}\nprint('ok', 'diffusers' in sys.modules)"
+    code = (
+        blocker(blocked)
+        + "from fora_runtime.diffusers import ForaTransformer\nprint('ok', 'diffusers' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ok True" in result.stdout

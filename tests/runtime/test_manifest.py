@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fora_runtime import ForaSession, ManifestError, load_manifest
-from fora_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from fora_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Conditioning, ExportRecord, check_graph_set
 
 
 def rewrite(folder: Path, edit) -> None:
@@ -43,7 +44,7 @@ def test_manifest_records_what_the_runtime_needs(tiny_engine: Path) -> None:
         *(c.name for c in manifest.caches),
     ]
     assert {"torch", "diffusers", "onnx"} <= set(manifest.tools)
-    assert manifest.export["opset"] == 17
+    assert manifest.export.opset == 17
 
 
 def test_missing_folder(tmp_path: Path) -> None:
@@ -136,3 +137,63 @@ def test_malformed_nested_fields(engine_copy: Path, edit, message: str) -> None:
     rewrite(engine_copy, edit)
     with pytest.raises(ManifestError, match=re.escape(message)):
         load_manifest(engine_copy)
+
+
+def test_typed_sections_round_trip_and_refuse_unknown_keys(engine_copy: Path) -> None:
+    manifest = load_manifest(engine_copy)
+    raw = json.loads((engine_copy / MANIFEST_NAME).read_text())
+    assert manifest.to_dict() == raw  # the sections write back exactly what they read
+    assert manifest.conditioning.kind == "class_labels" and manifest.conditioning.num_classes == 10
+    assert manifest.conditioning.input_ranges == {"class_labels": (0, 10)}
+    assert manifest.export.reuse_graph == "lean" and manifest.export.cached_kinds == ("attn1", "ff")
+    assert Conditioning.from_dict(raw["conditioning"]).to_dict() == raw["conditioning"]
+    assert ExportRecord.from_dict(raw["export"]).to_dict() == raw["export"]
+    for edit, message in [
+        (lambda d: d["conditioning"].update(caption_length=8), "field 'conditioning' has unknown keys"),
+        (lambda d: d["conditioning"].update(text_length=0), "'conditioning.text_length' is 0"),
+        (lambda d: d["conditioning"].update(kind="sound"), "'conditioning.kind' is 'sound'"),
+        (lambda d: d["export"].update(reuse_graph="fast"), "'export.reuse_graph' is 'fast'"),
+        (lambda d: d["export"]["adapter_options"].update(cache="attn1"), "adapter_options.cache' is"),
+        (lambda d: d["conditioning"]["input_ranges"].update(labels=[0, 1]), "names 'labels', which is not"),
+    ]:
+        rewrite(engine_copy, edit)
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            load_manifest(engine_copy, verify="none")
+        (engine_copy / MANIFEST_NAME).write_text(json.dumps(raw))
+
+
+def test_the_graph_contract_is_checked_on_write_too(engine_copy: Path) -> None:
+    """A build can never write a folder the runtime refuses: ``write`` checks as ``load`` does
+    (the SD3 bug of issue 20: a reuse graph that does not take every cache tensor)."""
+    manifest = load_manifest(engine_copy)
+    reuse = manifest.graphs["reuse"]
+    short = dataclasses.replace(reuse, inputs=reuse.inputs[:-1])
+    broken = dataclasses.replace(manifest, graphs={**manifest.graphs, "reuse": short})
+    before = (engine_copy / MANIFEST_NAME).read_bytes()
+    with pytest.raises(
+        ManifestError, match=r"reuse graph does not take every cache tensor \(missing \['cache.1.ff'\]\)"
+    ):
+        broken.write(engine_copy)
+    assert (engine_copy / MANIFEST_NAME).read_bytes() == before
+    with pytest.raises(ManifestError, match="reuse graph does not take every cache tensor"):
+        check_graph_set(broken.graphs, broken.step_inputs, broken.caches, where="build")
+    check_graph_set(manifest.graphs, manifest.step_inputs, manifest.caches, where="build")
+    # Out of order, or a cache of another shape.
+    swapped = dataclasses.replace(reuse, inputs=(*reuse.inputs[:-2], reuse.inputs[-1], reuse.inputs[-2]))
+    with pytest.raises(ManifestError, match=r"reuse graph's inputs are .* expected in the order"):
+        check_graph_set(
+            {**manifest.graphs, "reuse": swapped}, manifest.step_inputs, manifest.caches, where="b"
+        )
+    cache = dataclasses.replace(manifest.caches[0], shape=("batch", 16, 8))
+    with pytest.raises(
+        ManifestError, match=r"'cache.0.attn1' is float32\['batch', 16, 16\], the cache tensor is"
+    ):
+        check_graph_set(manifest.graphs, manifest.step_inputs, (cache, *manifest.caches[1:]), where="b")
+    # A graph file may leave out a conditioning input it does not read, never the latents.
+    pruned = dataclasses.replace(reuse, inputs=tuple(t for t in reuse.inputs if t.name != "class_labels"))
+    check_graph_set({**manifest.graphs, "reuse": pruned}, manifest.step_inputs, manifest.caches, where="b")
+    no_latents = dataclasses.replace(reuse, inputs=reuse.inputs[1:])
+    with pytest.raises(ManifestError, match=r"reuse graph lacks the inputs \['latents'\]"):
+        check_graph_set(
+            {**manifest.graphs, "reuse": no_latents}, manifest.step_inputs, manifest.caches, where="b"
+        )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fora_runtime import BackendError, ForaSession, InputError, load_manifest
+from fora_runtime import BackendError, ForaSession, InputError, ManifestError, load_manifest
 from fora_runtime.backends import StepBuffers, backend_names, create_backend
 from fora_runtime.backends.trt import TensorRTBackend, _tensorrt_version
 from fora_runtime.backends.trt_engine import engine_io
@@ -195,7 +195,7 @@ def cpu_backend(manifest: Manifest, folder: Path) -> tuple[TensorRTBackend, Step
 def test_host_tensors_are_range_checked_only_when_ranged(tiny_engine: Path) -> None:
     torch = pytest.importorskip("torch")
     manifest = load_manifest(tiny_engine)
-    assert manifest.conditioning["input_ranges"]["class_labels"] == [0, 10]
+    assert manifest.conditioning.input_ranges["class_labels"] == (0, 10)
     backend, buffers = cpu_backend(manifest, tiny_engine)
     # No range for latents: bf16 and requires_grad must not reach .numpy().
     latents = torch.full((2, 4, 8, 8), 0.5, dtype=torch.bfloat16, requires_grad=True)
@@ -278,29 +278,34 @@ def test_engine_io_must_fit_the_buffers_it_is_bound_to(tiny_engine: Path) -> Non
     kinds = {b.name: b.buffer for b in gated}
     assert kinds["gates"] == "inputs" and kinds["latents"] == "inputs" and kinds["cache.1.attn1"] == "caches"
 
-    # The reuse graph declares an fp16 prediction, but both engines write the one prediction
-    # buffer, allocated from the full graph's fp32 spec.
-    (prediction,) = manifest.graphs["reuse"].outputs
-    fp16 = with_reuse_outputs(manifest, (dataclasses.replace(prediction, dtype="float16"),))
-    with pytest.raises(
-        BackendError, match=r"output 'prediction' is float16, but the prediction buffer .* is float32 \| "
-    ):
-        engine_io(FAKE_TRT, fp16, "reuse", engine_like(fp16, "reuse"), path)
+    # An engine writing an fp16 prediction where the manifest (and so the one prediction
+    # buffer every engine writes) says fp32.
+    engine = engine_like(manifest, "reuse")
+    engine.by_name["prediction"] = (False, "float16", engine.by_name["prediction"][2])
+    with pytest.raises(BackendError, match=r"output 'prediction' is float16, the manifest says float32 \| "):
+        engine_io(FAKE_TRT, manifest, "reuse", engine, path)
 
-    # An output that is neither the prediction nor a cache has no buffer.
-    renamed = with_reuse_outputs(manifest, (dataclasses.replace(prediction, name="noise"),))
-    with pytest.raises(
-        BackendError, match=r"output 'noise' is neither the prediction 'prediction' nor a cache"
-    ):
-        engine_io(FAKE_TRT, renamed, "reuse", engine_like(renamed, "reuse"), path)
+    # An output the manifest's graph does not have has no buffer.
+    tensors = engine_like(manifest, "reuse").tensors
+    engine = FakeEngine([("noise" if t[0] == "prediction" else t[0], *t[1:]) for t in tensors])
+    with pytest.raises(BackendError, match=r"output 'noise' is not a reuse output in the manifest"):
+        engine_io(FAKE_TRT, manifest, "reuse", engine, path)
 
     # A cache slot of another shape.
     engine = engine_like(manifest, "reuse")
     engine.by_name["cache.0.ff"] = (True, "float32", (-1, 16, 15))
     with pytest.raises(
-        BackendError, match=r"input 'cache.0.ff' has shape \[-1, 16, 15\], but its cache slot"
+        BackendError,
+        match=r"input 'cache.0.ff' has shape \['\?', 16, 15\], the manifest says \['batch', 16, 16\]",
     ):
         engine_io(FAKE_TRT, manifest, "reuse", engine, path)
+
+    # A manifest whose reuse graph declares a prediction the full graph's buffer cannot hold
+    # never reaches a backend: the graph contract refuses it.
+    (prediction,) = manifest.graphs["reuse"].outputs
+    fp16 = with_reuse_outputs(manifest, (dataclasses.replace(prediction, dtype="float16"),))
+    with pytest.raises(ManifestError, match="reuse graph must output only the full graph's prediction"):
+        fp16.check()
 
 
 class FakeContext:

@@ -117,7 +117,7 @@ def reference(
     guided = guidance != 1.0
     with ForaSession(engine) as session:
         if guided:
-            null = session.manifest.conditioning["null_class"]
+            null = session.manifest.conditioning.null_class
             conditioning = {
                 "class_labels": np.concatenate([conditioning["class_labels"], np.full(count, null)])
             }

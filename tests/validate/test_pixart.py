@@ -61,7 +61,7 @@ def test_manifest_records_caption_inputs(pixart_engine: Path) -> None:
     assert inputs["encoder_hidden_states"] == ("float32", ("batch", 6, 12))
     assert inputs["encoder_attention_mask"] == ("int64", ("batch", 6))
     assert "resolution" not in inputs
-    assert manifest.conditioning["text_length"] == 6
+    assert manifest.conditioning.text_length == 6
     assert [c.kind for c in manifest.caches[:3]] == ["attn1", "attn2", "ff"]
     # With attn2 cached the reuse graph never reads the captions: the exporter drops those
     # inputs, and the runtime binds each graph's own inputs (the trajectories below run it).

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from fora_runtime.caches import ArenaLayout
 from fora_runtime.errors import BackendError, GenerationError
-from fora_runtime.manifest import FORECAST_ROLE, MANIFEST_NAME, Manifest
+from fora_runtime.manifest import FORECAST_ROLE, MANIFEST_NAME, GraphRole, Manifest
 
 # name -> "module:Class"; modules are imported only when the backend is asked for,
 # so the runtime imports without onnxruntime / tensorrt / torch installed.
@@ -219,7 +219,7 @@ class StepBackend(ABC):
         cache generations it writes the older one, which becomes ``caches``."""
         self._require_active()
         buffers.swap_cache_generations()
-        self._run_impl("full", buffers)
+        self._run_impl(GraphRole.FULL, buffers)
         buffers.caches_written = True
         buffers.full_steps_run += 1
 
@@ -230,7 +230,7 @@ class StepBackend(ABC):
             raise GenerationError(
                 f"Reuse step | batch {buffers.batch_size} has no caches yet | run a full step first"
             )
-        self._run_impl("reuse", buffers)
+        self._run_impl(GraphRole.REUSE, buffers)
 
     @property
     def gate_table_enabled(self) -> bool:
@@ -252,7 +252,7 @@ class StepBackend(ABC):
     def gate_row_chunks(self, rows: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(first row, {input name: its rows})`` for each call of the gates graph: the
         graph's inputs only, at most ``manifest.gate_rows.max`` rows per call."""
-        inputs = self.manifest.graphs["gates"].inputs
+        inputs = self.manifest.graphs[GraphRole.GATES].inputs
         count = len(rows[inputs[0].name])
         step = self.manifest.gate_rows.max if self.manifest.gate_rows is not None else count
         for start in range(0, count, step):
@@ -267,7 +267,7 @@ class StepBackend(ABC):
                 f"Reuse step | batch {buffers.batch_size} has no caches yet | run a full step first"
             )
         self._stage_gates(buffers, table, first_row)
-        self._run_impl("reuse_gated", buffers)
+        self._run_impl(GraphRole.REUSE_GATED, buffers)
 
     @property
     def forecast_enabled(self) -> bool:

@@ -31,9 +31,21 @@ from fora_runtime.manifest import (
     FORECAST_WEIGHT_NAME,
     GATE_TABLE_ROLES,
     GATES_NAME,
+    GraphRole,
+    LoadedTensor,
     Manifest,
+    check_graph_io,
     previous_cache_name,
 )
+
+#: ONNX Runtime's tensor type names -> manifest dtypes.
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 def _numpy_dtype(dtype: str) -> Any:
@@ -107,25 +119,30 @@ class OnnxRuntimeBackend(StepBackend):
             self._sessions[role] = session
         # A failed run (a kernel refusing its shapes) surfaces as a bare RuntimeError.
         self._run_errors = (*_ort_errors(ort), RuntimeError)
-        self.providers = self._sessions["full"].get_providers()
+        self.providers = self._sessions[GraphRole.FULL].get_providers()
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     def _check_io(self, role: str, session: Any) -> None:
+        """The session's IO must be ``role``'s graph in the manifest (the graph contract)."""
         graph = self.manifest.graphs[role]
-        declared_in = {t.name for t in graph.inputs}
-        declared_out = {t.name for t in graph.outputs}
-        for arg in session.get_inputs():
-            if arg.name not in declared_in:
-                raise BackendError(
-                    f"{self.folder / graph.file} | input '{arg.name}' is not in the manifest | "
-                    "graph and manifest come from different builds; rebuild"
+
+        def loaded(args: Any) -> list[LoadedTensor]:
+            return [
+                LoadedTensor(
+                    arg.name,
+                    ORT_TYPES.get(arg.type, arg.type),
+                    tuple(d if isinstance(d, int) else None for d in arg.shape),
                 )
-        names_out = {arg.name for arg in session.get_outputs()}
-        if names_out != declared_out:
-            raise BackendError(
-                f"{self.folder / graph.file} | outputs {sorted(names_out)} differ from the "
-                f"manifest's {sorted(declared_out)} | rebuild"
-            )
+                for arg in args
+            ]
+
+        check_graph_io(
+            role,
+            graph,
+            loaded(session.get_inputs()),
+            loaded(session.get_outputs()),
+            where=str(self.folder / graph.file),
+        )
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
@@ -135,7 +152,7 @@ class OnnxRuntimeBackend(StepBackend):
         ort = import_optional("onnxruntime", backend=self.name, install="pip install onnxruntime")
         manifest = self.manifest
         cache_names = {c.name for c in manifest.caches}
-        step_inputs = [t for t in manifest.graphs["full"].inputs if t.name not in cache_names]
+        step_inputs = [t for t in manifest.graphs[GraphRole.FULL].inputs if t.name not in cache_names]
 
         inputs: dict[str, Any] = {}
         for spec in step_inputs:
@@ -178,7 +195,7 @@ class OnnxRuntimeBackend(StepBackend):
             previous_caches=caches[1] if generations == 2 else None,
         )
         for role, session in self._sessions.items():
-            if role == "gates":  # run once per generation on its own rows, not per batch
+            if role == GraphRole.GATES:  # run once per generation on its own rows, not per batch
                 continue
             # One binding per generation g: caches at generation g, previous ones at the other.
             buffers.bound[role] = tuple(
@@ -248,15 +265,17 @@ class OnnxRuntimeBackend(StepBackend):
         )
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
-        session = self._sessions["gates"]
-        dtypes = {spec.name: _numpy_dtype(spec.dtype) for spec in self.manifest.graphs["gates"].inputs}
+        session = self._sessions[GraphRole.GATES]
+        dtypes = {
+            spec.name: _numpy_dtype(spec.dtype) for spec in self.manifest.graphs[GraphRole.GATES].inputs
+        }
         parts = []
         for _, chunk in self.gate_row_chunks(rows):
             feed = {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in chunk.items()}
             try:
                 parts.append(session.run([GATES_NAME], feed)[0])
             except self._run_errors as err:
-                raise self._run_error("gates", err) from err
+                raise self._run_error(GraphRole.GATES, err) from err
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _stage_gates(self, buffers: StepBuffers, table: Any, first_row: int) -> None:

@@ -74,7 +74,10 @@ from fora_runtime.manifest import (
     GATES_NAME,
     GRAPH_ROLES,
     MANIFEST_NAME,
+    GraphRole,
+    LoadedTensor,
     Manifest,
+    check_graph_io,
     graph_file,
 )
 from fora_runtime.trust import untrusted_program_error
@@ -183,8 +186,8 @@ class TorchBackend(TorchTensorIO):
         if not self.trust_programs:
             record = self.manifest.backends.get("torch")
             programs = record.get("programs") if isinstance(record, dict) else None
-            first = programs.get("full") if isinstance(programs, dict) else None
-            raise untrusted_program_error(self.folder / str(first or graph_file("full", "torch")))
+            first = programs.get(GraphRole.FULL) if isinstance(programs, dict) else None
+            raise untrusted_program_error(self.folder / str(first or graph_file(GraphRole.FULL, "torch")))
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -259,70 +262,44 @@ class TorchBackend(TorchTensorIO):
         return device
 
     def _check_io(self, record: dict[str, Any]) -> None:
-        """The programs' IO (from the record) must match the manifest the session stages."""
+        """The programs' IO (from the record) must be their graphs' in the manifest (the graph
+        contract), in order: the programs are called positionally."""
         manifest = self.manifest
         where = self._where()
-        cache_names = tuple(c.name for c in manifest.caches)
-        step_names = tuple(record["inputs"]["full"])
-        full_outputs = tuple(record["outputs"]["full"])
-        problems = []
-        if full_outputs != (manifest.prediction.name, *cache_names):
-            problems.append(f"full outputs {list(full_outputs)} differ from prediction + manifest caches")
-        if tuple(record["inputs"]["reuse"]) != (*step_names, *cache_names):
-            problems.append("reuse inputs are not the full inputs followed by the caches")
-        if tuple(record["outputs"]["reuse"]) != (manifest.prediction.name,):
-            problems.append(f"reuse outputs are {record['outputs']['reuse']}, expected the prediction")
-        staged = {t.name for t in manifest.graphs["full"].inputs} - set(cache_names)
-        if set(step_names) != staged:
-            problems.append(
-                f"program inputs {sorted(step_names)} differ from the manifest's {sorted(staged)}"
-            )
         if record["dtype"] != manifest.prediction.dtype:
-            problems.append(
-                f"programs are {record['dtype']}, the manifest's prediction {manifest.prediction.dtype}"
+            raise BackendError(
+                f"{where} | torch programs are {record['dtype']}, the manifest's prediction "
+                f"{manifest.prediction.dtype} | programs and manifest come from different builds; rebuild"
             )
         batch = record.get("batch")
         if isinstance(batch, dict):
             low, high = batch.get("min", 1), batch.get("max", 0)
             if not low <= manifest.batch.min <= manifest.batch.max <= high:
-                problems.append(f"programs accept batch {low}..{high}, not {manifest.batch}")
-        self._has_gate_programs = (
-            self.use_gate_table and manifest.has_gate_table and "gates" in record["programs"]
-        )
-        if self._has_gate_programs:
-            table_inputs = [t.name for t in manifest.graphs["gates"].inputs]
-            if record["inputs"]["gates"] != table_inputs:
-                problems.append(f"gates inputs {record['inputs']['gates']} differ from the manifest's")
-            if record["outputs"]["gates"] != [GATES_NAME]:
-                problems.append(f"gates outputs are {record['outputs']['gates']}, expected ['{GATES_NAME}']")
-            if tuple(record["inputs"]["reuse_gated"]) != (
-                manifest.latents_input.name,
-                GATES_NAME,
-                *cache_names,
-            ):
-                problems.append("reuse_gated inputs are not latents, gates and the caches")
-            if tuple(record["outputs"]["reuse_gated"]) != (manifest.prediction.name,):
-                problems.append(
-                    f"reuse_gated outputs are {record['outputs']['reuse_gated']}, expected the prediction"
+                raise BackendError(
+                    f"{where} | torch programs accept batch {low}..{high}, not {manifest.batch} | "
+                    "programs and manifest come from different builds; rebuild"
                 )
+        programs = record["programs"]
+        self._has_gate_programs = (
+            self.use_gate_table and manifest.has_gate_table and GraphRole.GATES in programs
+        )
         self._has_forecast_program = (
             self._has_gate_programs
             and self.use_forecast
             and manifest.has_forecast
-            and FORECAST_ROLE in record["programs"]
+            and FORECAST_ROLE in programs
         )
-        if self._has_forecast_program:
-            want = [t.name for t in manifest.graphs[FORECAST_ROLE].inputs]
-            if list(record["inputs"][FORECAST_ROLE]) != want:
-                problems.append(f"{FORECAST_ROLE} inputs {record['inputs'][FORECAST_ROLE]} are not {want}")
-            if tuple(record["outputs"][FORECAST_ROLE]) != (manifest.prediction.name,):
-                problems.append(f"{FORECAST_ROLE} outputs are not the prediction")
-        if problems:
-            raise BackendError(
-                f"{where} | torch programs do not match the manifest: {'; '.join(problems)} | "
-                "programs and manifest come from different builds; rebuild"
+        roles = GRAPH_ROLES + (GATE_TABLE_ROLES if self._has_gate_programs else ())
+        for role in roles + ((FORECAST_ROLE,) if self._has_forecast_program else ()):
+            check_graph_io(
+                role,
+                manifest.module_io(role),
+                [LoadedTensor(str(name)) for name in record["inputs"][role]],
+                [LoadedTensor(str(name)) for name in record["outputs"][role]],
+                where=f"{where} ({role} program)",
             )
-        self._step_names = step_names
+        cache_names = tuple(c.name for c in manifest.caches)
+        self._step_names = tuple(t.name for t in manifest.module_io(GraphRole.FULL).inputs)
         self._cache_names = cache_names
 
     def _load(self, torch: Any, record: dict[str, Any], role: str) -> Any:
@@ -413,8 +390,8 @@ class TorchBackend(TorchTensorIO):
         """Capture one CUDA graph per program, generation and this batch size (see module
         docstring)."""
         torch = self._torch
-        full, reuse = self._programs["full"], self._programs["reuse"]
-        gated = self._programs.get("reuse_gated")
+        full, reuse = self._programs[GraphRole.FULL], self._programs[GraphRole.REUSE]
+        gated = self._programs.get(GraphRole.REUSE_GATED)
         forecast = self._programs.get(FORECAST_ROLE)
         generations = 2 if forecast is not None else 1
         args = self._step_args(buffers)
@@ -445,13 +422,13 @@ class TorchBackend(TorchTensorIO):
                 cache_sets.append(tuple(outputs[1:]))
                 full_predictions.append(outputs[0])
             pool = full_graphs[0].pool()
-            graphs: dict[str, list[Any]] = {"full": full_graphs}
-            predictions: dict[str, list[Any]] = {"full": full_predictions}
+            graphs: dict[str, list[Any]] = {GraphRole.FULL: full_graphs}
+            predictions: dict[str, list[Any]] = {GraphRole.FULL: full_predictions}
             for generation in range(generations):
                 caches = cache_sets[generation]
-                captures = [("reuse", reuse, (*args, *caches))]
+                captures = [(GraphRole.REUSE, reuse, (*args, *caches))]
                 if gated is not None:
-                    captures.append(("reuse_gated", gated, self._gated_args(buffers, caches)))
+                    captures.append((GraphRole.REUSE_GATED, gated, self._gated_args(buffers, caches)))
                 if forecast is not None:
                     previous = cache_sets[1 - generation]
                     captures.append((FORECAST_ROLE, forecast, self._forecast_args(buffers, caches, previous)))
@@ -492,13 +469,13 @@ class TorchBackend(TorchTensorIO):
             return
         program = self._programs[role]
         args = self._step_args(buffers)
-        if role != "full":  # run_reuse / run_reuse_gated have checked that a full step ran
+        if role != GraphRole.FULL:  # run_reuse / run_reuse_gated have checked that a full step ran
             caches = tuple(buffers.caches[n] for n in self._cache_names)
             if role == FORECAST_ROLE:
                 assert buffers.previous_caches is not None  # run_reuse_forecast checked two full steps
                 previous = tuple(buffers.previous_caches[n] for n in self._cache_names)
                 args = self._forecast_args(buffers, caches, previous)
-            elif role == "reuse_gated":
+            elif role == GraphRole.REUSE_GATED:
                 args = self._gated_args(buffers, caches)
             else:
                 args = (*args, *caches)
@@ -509,7 +486,7 @@ class TorchBackend(TorchTensorIO):
             raise BackendError(
                 f"Backend 'torch' | {role} program failed: {type(err).__name__}: {err}"
             ) from err
-        if role == "full":
+        if role == GraphRole.FULL:
             buffers.prediction = outputs[0]
             # Same dict, new tensors: the reuse program gets these very objects.
             buffers.caches.update(zip(self._cache_names, outputs[1:], strict=True))
@@ -518,8 +495,8 @@ class TorchBackend(TorchTensorIO):
 
     def _gate_table_impl(self, rows: dict[str, Any]) -> Any:
         torch = self._torch
-        specs = self.manifest.graphs["gates"].inputs
-        program = self._programs["gates"]
+        specs = self.manifest.graphs[GraphRole.GATES].inputs
+        program = self._programs[GraphRole.GATES]
         parts = []
         with torch.no_grad():
             for _, chunk in self.gate_row_chunks(rows):

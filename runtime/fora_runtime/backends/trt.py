@@ -58,6 +58,7 @@ from fora_runtime.manifest import (
     GATES_NAME,
     GRAPH_ROLES,
     MANIFEST_NAME,
+    GraphRole,
     Manifest,
     TensorSpec,
 )
@@ -134,12 +135,12 @@ class TensorRTBackend(TorchTensorIO):
 
     @property
     def gate_table_enabled(self) -> bool:
-        return self.manifest.has_gate_table and "gates" in self._engines
+        return self.manifest.has_gate_table and GraphRole.GATES in self._engines
 
     @property
     def _step_roles(self) -> tuple[str, ...]:
         """The engines bound and captured per batch size."""
-        return GRAPH_ROLES + (("reuse_gated",) if self.gate_table_enabled else ())
+        return GRAPH_ROLES + ((GraphRole.REUSE_GATED,) if self.gate_table_enabled else ())
 
     def preflight(self) -> None:
         """Refuse, before anything slow, a folder whose engines cannot run here: no CUDA GPU,
@@ -176,7 +177,7 @@ class TensorRTBackend(TorchTensorIO):
         runtime = trt.Runtime(logger)
         restrict_tensorrt_runtime(runtime, trusted=self.trust_programs)  # no plugins from untrusted folders
         roles: tuple[str, ...] = GRAPH_ROLES
-        if self.use_gate_table and self.manifest.has_gate_table and "gates" in record["engines"]:
+        if self.use_gate_table and self.manifest.has_gate_table and GraphRole.GATES in record["engines"]:
             roles += GATE_TABLE_ROLES
         with torch.cuda.device(device):
             engines = {
@@ -197,7 +198,9 @@ class TensorRTBackend(TorchTensorIO):
             activation = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=device)
             require_aligned(activation, "shared activation buffer")
             stream = torch.cuda.Stream(device=device)
-            gates_context = engines["gates"].create_context(activation) if "gates" in engines else None
+            gates_context = (
+                engines[GraphRole.GATES].create_context(activation) if GraphRole.GATES in engines else None
+            )
         self._logger, self._runtime = logger, runtime
         self._torch, self._device, self._engines = torch, device, engines
         self._activation, self._stream, self._gates_context = activation, stream, gates_context
@@ -276,11 +279,11 @@ class TensorRTBackend(TorchTensorIO):
         cache_names = {c.name for c in manifest.caches}
         inputs = {
             spec.name: self._zeros(spec, batch_size)
-            for spec in manifest.graphs["full"].inputs
+            for spec in manifest.graphs[GraphRole.FULL].inputs
             if spec.name not in cache_names
         }
         if self.gate_table_enabled:  # the reuse_gated step reads its table row from here
-            inputs[GATES_NAME] = self._zeros(manifest.graphs["gates"].outputs[0], batch_size)
+            inputs[GATES_NAME] = self._zeros(manifest.graphs[GraphRole.GATES].outputs[0], batch_size)
         prediction = self._zeros(manifest.prediction, batch_size)
 
         # One allocation for all caches; each cache is a 256-byte aligned view of it.
@@ -360,8 +363,8 @@ class TensorRTBackend(TorchTensorIO):
         bound = self._gates_context
         if bound is None:  # gate_table() checked gate_table_enabled: the engine is loaded
             raise BackendError("Backend 'tensorrt' | the gates engine is not loaded")
-        engine = self._engines["gates"]
-        graph = self.manifest.graphs["gates"]
+        engine = self._engines[GraphRole.GATES]
+        graph = self.manifest.graphs[GraphRole.GATES]
         count = len(rows[graph.inputs[0].name])
         dtype = self._torch_dtype(graph.outputs[0].dtype)
         table = torch.empty((count, *self.manifest.gate_table_shape), dtype=dtype, device=self._device)

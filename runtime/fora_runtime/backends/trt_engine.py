@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fora_runtime.caches import ALIGNMENT
 from fora_runtime.dtypes import TENSORRT_NAMES
 from fora_runtime.errors import BackendError
-from fora_runtime.manifest import BATCH_AXIS, GATES_NAME, MANIFEST_NAME, Manifest, TensorSpec
+from fora_runtime.manifest import GraphRole, LoadedTensor, Manifest, check_graph_io
 from fora_runtime.trust import untrusted_plan_error
 
 if TYPE_CHECKING:
@@ -52,18 +52,6 @@ class BoundContext:
     graph: Any = None
 
 
-def shape_fits(engine_shape: tuple[int, ...], spec_shape: tuple[int | str, ...]) -> bool:
-    """Whether an engine tensor's shape (-1: dynamic) can hold a buffer of ``spec_shape``.
-
-    Dynamic axes and the batch axis are settled when a context is bound, where input
-    shapes are set from the buffers and output shapes are checked against them.
-    """
-    return len(engine_shape) == len(spec_shape) and all(
-        got == -1 or want == BATCH_AXIS or got == want
-        for got, want in zip(engine_shape, spec_shape, strict=True)
-    )
-
-
 def require_aligned(tensor: Any, what: str) -> None:
     address = int(tensor.data_ptr())
     if address % ALIGNMENT:
@@ -77,72 +65,42 @@ def require_aligned(tensor: Any, what: str) -> None:
 def engine_io(
     trt: Any, manifest: Manifest, role: str, engine: tensorrt.ICudaEngine, path: Path
 ) -> list[Binding]:
-    """The engine's IO, which must be ``role``'s graph in the manifest and fit the buffers
-    it will be bound to, in binding order.
+    """The engine's IO, in binding order, with the buffer each tensor is bound to.
 
-    Names and dtypes are checked against ``role``'s graph in the manifest. Dtypes and
-    shapes are also checked against the buffer each tensor is bound to: staging
-    buffers are allocated from the full graph's input specs, cache slots from the
-    manifest's caches, and the one prediction buffer both engines write from the full
-    graph's prediction spec (so a reuse prediction of another dtype is refused here).
+    The IO is checked against ``role``'s graph in the manifest (names, dtypes, shapes with
+    dynamic axes; :func:`~fora_runtime.manifest.check_graph_io`). The graph contract the
+    manifest was checked against then guarantees each tensor fits its buffer: staging
+    buffers are allocated from the step inputs (and the gate table), cache slots from the
+    manifest's caches, and the one prediction buffer every engine writes from the full
+    graph's prediction.
     """
-    graph = manifest.graphs[role]
-    declared_in = {t.name: t for t in graph.inputs}
-    declared_out = {t.name: t for t in graph.outputs}
-    caches = {c.name: c for c in manifest.caches}
-    staged = {t.name: t for t in manifest.graphs["full"].inputs if t.name not in caches}
-    gates = manifest.graphs["gates"].outputs[0] if manifest.has_gate_table else None
-    if gates is not None:  # reuse_gated reads its table row from a staging buffer
-        staged[GATES_NAME] = gates
-    prediction = manifest.prediction
-    rebuild = "engines and manifest come from different builds; rebuild"
+    caches = {c.name for c in manifest.caches}
+    inputs: list[LoadedTensor] = []
+    outputs: list[LoadedTensor] = []
     io: list[Binding] = []
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        kind = "input" if is_input else "output"
-        spec = (declared_in if is_input else declared_out).get(name)
-        if spec is None:
-            raise BackendError(f"{path} | {kind} '{name}' is not a {role} {kind} in the manifest | {rebuild}")
-        target: TensorSpec
-        if name in caches:
-            buffer, target, what = "caches", caches[name], f"its cache slot ({MANIFEST_NAME} 'caches')"
-        elif is_input and name in staged:
-            buffer, target, what = "inputs", staged[name], "its staging buffer (the full graph's input)"
-        elif not is_input and name == prediction.name:
-            buffer, target, what = "prediction", prediction, "the prediction buffer (the full graph's)"
-        elif not is_input and role == "gates" and gates is not None and name == GATES_NAME:
-            buffer, target, what = "table", gates, "the gate table (the gates graph's output)"
-        elif is_input:
-            raise BackendError(
-                f"{path} | input '{name}' is neither a step input of the full graph nor a cache | {rebuild}"
-            )
-        else:
-            raise BackendError(
-                f"{path} | output '{name}' is neither the prediction '{prediction.name}' nor a cache, "
-                f"so there is no buffer to bind it to | {rebuild}"
-            )
         dtype = engine.get_tensor_dtype(name)
-        got = TENSORRT_NAMES.get(dtype.name, dtype.name)
-        if got != spec.dtype:
-            raise BackendError(f"{path} | {kind} '{name}' is {got}, the manifest says {spec.dtype} | rebuild")
-        if got != target.dtype:
-            raise BackendError(f"{path} | {kind} '{name}' is {got}, but {what} is {target.dtype} | {rebuild}")
         dims = engine.get_tensor_shape(name)
-        shape = tuple(int(dims[i]) for i in range(len(dims)))
-        if not shape_fits(shape, target.shape):
-            raise BackendError(
-                f"{path} | {kind} '{name}' has shape {list(shape)}, but {what} has shape "
-                f"{list(target.shape)} | {rebuild}"
-            )
-        if engine.get_tensor_location(name) != trt.TensorLocation.DEVICE:
-            raise BackendError(f"{path} | {kind} '{name}' lives in host memory | not supported; rebuild")
-        io.append(Binding(name, is_input, buffer))
-    outputs = {binding.name for binding in io if not binding.is_input}
-    if outputs != set(declared_out):
-        raise BackendError(
-            f"{path} | outputs {sorted(outputs)} differ from the manifest's {sorted(declared_out)} | rebuild"
+        shape = tuple(None if int(dims[i]) < 0 else int(dims[i]) for i in range(len(dims)))
+        (inputs if is_input else outputs).append(
+            LoadedTensor(name, TENSORRT_NAMES.get(dtype.name, dtype.name), shape)
         )
+        if name in caches:
+            buffer = "caches"
+        elif is_input:
+            buffer = "inputs"
+        else:
+            buffer = "table" if role == GraphRole.GATES else "prediction"
+        io.append(Binding(name, is_input, buffer))
+    check_graph_io(role, manifest.graphs[role], inputs, outputs, where=str(path), ordered=False)
+    for binding in io:
+        if engine.get_tensor_location(binding.name) != trt.TensorLocation.DEVICE:
+            kind = "input" if binding.is_input else "output"
+            raise BackendError(
+                f"{path} | {kind} '{binding.name}' lives in host memory | not supported; rebuild"
+            )
     return io
 
 

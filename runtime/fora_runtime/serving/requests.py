@@ -84,7 +84,7 @@ class ServingSpec:
                 f"Max batch | got {max_batch} | expected 1..{limit}, the engines' batch range "
                 f"{manifest.batch} (rebuild with a larger --batch for more)"
             )
-        null_class = manifest.conditioning.get("null_class")
+        null_class = manifest.conditioning.null_class
         return cls(
             manifest=manifest,
             latent_shape=latent_shape,

@@ -16,14 +16,17 @@ extra ``fora-runtime[diffusers]``); the rest of the runtime never does.
 returns its output class. Torch tensors go in and come out on every backend.
 
 **Generations.** Pipelines never say when a run begins, so the transformer decides
-at every call. A call starts a new generation when there is none, the last one ran
-all its steps, the pipeline's scheduler has new timesteps (``set_timesteps`` ran,
-as every pipeline call does), the batch size changed, or the timestep is the
-scheduler's first while the running generation expected another. The generation is
-planned over the scheduler's timesteps from the one this call passes (one call per
-timestep; order-2 schedulers list theirs twice), with the conditioning of that first
-call, so builds with a gate table compute every reuse step's gates once. Caches are
-never carried into another run, batch size or step count, also after an aborted run.
+at every call (:mod:`fora_runtime.diffusers.tracker`: a new generation when there is
+none, the last one ran all its steps, the scheduler has new timesteps, the batch size
+changed, or the timestep is the scheduler's first again). A generation is planned over
+the scheduler's timesteps with the conditioning of its first call, so builds with a
+gate table compute every reuse step's gates once. Caches are never carried into another
+run, batch size or step count, also after an aborted run.
+
+**The pipeline.** :func:`enable_fora` (or ``attach``) records the pipeline whose
+scheduler plans the generations. A transformer passed to ``from_pretrained`` is never
+told its pipeline (diffusers registers modules without telling them), so on its first
+call it looks for the caller whose ``transformer`` it is, once, and records it.
 
 **Contexts.** ``cache_context(name)`` works as diffusers' ``CacheMixin``: each name
 gets its own session (graphs loaded once per name used), hence its own caches, so
@@ -54,6 +57,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from fora_runtime.diffusers.tracker import PipelineError, RunTracker, plan_window
 from fora_runtime.dtypes import torch_dtype
 from fora_runtime.errors import ForaError, InputError, ScheduleError
 from fora_runtime.generation import Generation
@@ -64,21 +68,8 @@ from fora_runtime.session import ForaSession
 __all__ = ["ForaTransformer", "PipelineError", "enable_fora"]
 
 
-class PipelineError(InputError):
-    """A pipeline called the engines in a way the build cannot serve (size, batch, steps)."""
-
-
 def _is_unset(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, dict | list | tuple) and not value)
-
-
-def _timestep_tolerance(given: torch.Tensor, planned: np.ndarray) -> float:
-    """How far a timestep the pipeline passes may be from the planned float32 one: the
-    rounding of the dtype it arrives in (Flux rounds ``t`` to the latents' dtype before
-    dividing by 1000), twice, since both sides were rounded."""
-    dtype = given.dtype if given.is_floating_point() else torch.float32
-    eps = max(float(torch.finfo(dtype).eps), float(torch.finfo(torch.float32).eps))
-    return 2.0 * eps * max(float(np.abs(planned).max(initial=0.0)), 1.0)
 
 
 @dataclass
@@ -87,10 +78,7 @@ class _ContextRun:
 
     session: ForaSession
     generation: Generation | None = None
-    #: The scheduler's timesteps object the generation was planned from (identity marks a run).
-    source: Any = None
-    #: Planned graph timesteps of the generation, float32 [steps].
-    planned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tracker: RunTracker = field(default_factory=RunTracker)
     #: The conditioning tensors given at start, by input name (identity: unchanged).
     conditioning: dict[str, Any] = field(default_factory=dict)
 
@@ -355,7 +343,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 f"generate fewer images per call, or rebuild with --batch {manifest.batch.min}:"
                 f"{manifest.batch.opt}:{batch} or more"
             )
-        text_length = manifest.conditioning.get("text_length")
+        text_length = manifest.conditioning.text_length
         for spec in manifest.inputs_of("conditioning"):
             value = inputs[spec.name]
             shape = tuple(getattr(value, "shape", ()))
@@ -387,22 +375,17 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             )
         generation = run.generation
         given = timestep.detach().cpu()
-        if (
-            generation is not None
-            and not generation.done
-            and run.source is scheduler_timesteps
-            and generation.batch_size == latents.shape[0]
+        step = generation.step_index if generation is not None and not generation.done else None
+        if run.tracker.continues(
+            scheduler_timesteps,
+            given.double().numpy(),
+            _eps(given),
+            step=step,
+            batch_size=int(latents.shape[0]),
         ):
-            expected = run.planned[generation.step_index]
-            if _timestep_close(given, expected):
-                self._check_conditioning(run, inputs, generation)
-                return generation
-            if not _timestep_close(given, run.planned[0]):
-                raise PipelineError(
-                    f"Timestep | the pipeline passed {given[0].item():g} at step {generation.step_index} "
-                    f"of {generation.num_steps}, its scheduler planned {float(expected):g} | call the "
-                    "transformer once per scheduler timestep, in order"
-                )
+            assert generation is not None  # continues() is False without one
+            self._check_conditioning(run, inputs, generation)
+            return generation
         return self._start(run, latents, given, inputs, scheduler_timesteps)
 
     def _start(
@@ -413,30 +396,16 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         inputs: dict[str, Any],
         scheduler_timesteps: Any,
     ) -> Generation:
-        assert self.manifest.denoising is not None  # checked when the manifest was read
-        scale = self.manifest.denoising.timestep_scale
-        planned_all = (torch.as_tensor(scheduler_timesteps).detach().cpu().double() * scale).float().numpy()
-        first = next((k for k, t in enumerate(planned_all) if _timestep_close(given, t)), None)
-        if first is None:
-            raise PipelineError(
-                f"Timestep | the pipeline passed {given[0].item():g}, which is not among its scheduler's "
-                f"{len(planned_all)} timesteps (x {scale:g}, the engines' convention) | call the "
-                "transformer with the scheduler's timesteps"
-            )
-        # As far as the engines serve: an expert (Wan 2.2's two) covers part of the range.
-        low, high = self.manifest.denoising.timestep_range
-        slack = 1e-6 * max(abs(high), 1.0)
-        served = (planned_all >= low - slack) & (planned_all <= high + slack)
-        if not served[first]:
-            raise PipelineError(
-                f"Timestep | the pipeline passed {given[0].item():g}, the engines serve [{low:g}, {high:g}] "
-                "| call the engines of the expert that serves it (Wan 2.2: transformer for high noise, "
-                "transformer_2 for low)"
-            )
-        last = first + int(np.argmin(served[first:])) if not served[first:].all() else len(planned_all)
-        planned = np.ascontiguousarray(planned_all[first:last])
+        denoising = self.manifest.denoising
+        assert denoising is not None  # checked when the manifest was read
+        scale = denoising.timestep_scale
+        scheduled = (torch.as_tensor(scheduler_timesteps).detach().cpu().double() * scale).float().numpy()
+        planned = plan_window(
+            scheduled, given.double().numpy(), _eps(given), denoising.timestep_range, scale=scale
+        )
         session = run.session
         run.generation = None  # a failed start leaves no generation to continue
+        run.tracker.forget()
         constants = {spec.name for spec in self.manifest.inputs_of("build_constant")}
         session.drop_build_constants({k: inputs[k].detach().cpu() for k in constants if k in inputs})
         conditioning = {k: v for k, v in inputs.items() if k not in constants}
@@ -453,8 +422,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 "schedule allows, or load the engines with another schedule"
             ) from err
         run.generation = generation
-        run.source = scheduler_timesteps
-        run.planned = planned
+        run.tracker.started(scheduler_timesteps, planned, int(latents.shape[0]))
         run.conditioning = dict(conditioning)
         return generation
 
@@ -487,10 +455,10 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return output.to(device=latents.device, dtype=latents.dtype)
 
 
-def _timestep_close(given: torch.Tensor, planned: Any) -> bool:
-    planned_array = np.asarray(planned, dtype=np.float64)
-    tolerance = _timestep_tolerance(given, planned_array)
-    return bool(np.all(np.abs(given.double().numpy() - planned_array) <= tolerance))
+def _eps(given: torch.Tensor) -> float:
+    """The machine epsilon of the dtype timesteps arrived in (float32 at least)."""
+    dtype = given.dtype if given.is_floating_point() else torch.float32
+    return max(float(torch.finfo(dtype).eps), float(torch.finfo(torch.float32).eps))
 
 
 def _calling_pipeline(transformer: ForaTransformer, depth: int = 12) -> Any:
