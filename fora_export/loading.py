@@ -20,8 +20,13 @@ from typing import Any
 from torch import nn
 
 from fora_export.adapters.casting import cast_model
-from fora_export.adapters.registry import adapter_class_for, supported_classes
-from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
+from fora_export.adapters.registry import (
+    DemoSpec,
+    adapter_class_for,
+    demo_names,
+    find_demo,
+    supported_classes,
+)
 from fora_export.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,18 +76,11 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
     would need ~48 GB on the way. ``subfolder`` picks a pipeline folder's transformer
     (``transformer_2``: Wan 2.2 A14B's low-noise expert).
     """
-    if ref in DEMO_MODELS:
+    demo = find_demo(ref)
+    if demo is not None:
         if subfolder is not None:
             raise ConfigError(f"--subfolder | {ref} is a built-in model | pass a pipeline folder with it")
-        model = DEMO_MODELS[ref]()
-        if dtype is not None:
-            model = cast_model(model, dtype)
-        return LoadedModel(
-            model=model,
-            class_name=type(model).__name__,
-            source=ref,
-            build_defaults=dict(DEMO_BUILD_DEFAULTS.get(ref, {})),
-        )
+        return _load_demo(demo, dtype)
     path = Path(ref).expanduser()
     if path.exists():
         return _load_local(path, dtype, subfolder)
@@ -94,10 +92,33 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
     if looks_like_path or in_local_folder or not _HUB_ID.match(ref):
         where = f" (the folder '{parent}' exists, '{path.name}' is not in it)" if in_local_folder else ""
         raise ConfigError(
-            f"MODEL '{ref}' | no such folder{where}, and not a built-in model ({', '.join(DEMO_MODELS)}) "
+            f"MODEL '{ref}' | no such folder{where}, and not a built-in model ({', '.join(demo_names())}) "
             "or a Hub id (org/name) | check the path"
         )
     return _load_hub(ref, dtype)
+
+
+def _load_demo(demo: DemoSpec, dtype: Any) -> LoadedModel:
+    """A built-in demo: made with random weights, or its trained weights read from the
+    package like any local MODEL folder (offline)."""
+    folder = demo.weights_folder
+    if folder is None:
+        model = demo.make_model()
+        if dtype is not None:
+            model = cast_model(model, dtype)
+    elif not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{demo.name} | no trained weights in {folder} | reinstall fora-export, or train them: "
+            f"{demo.trained_by}"
+        )
+    else:
+        model = _load_local(folder, dtype).model
+    return LoadedModel(
+        model=model,
+        class_name=type(model).__name__,
+        source=demo.name,
+        build_defaults=dict(demo.build_defaults),
+    )
 
 
 def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:

@@ -52,15 +52,15 @@ class SampleResult:
 
 def load_pipeline(ref: str) -> Any:
     """A built-in demo pipeline by name, or a local folder written by ``pipe.save_pretrained``."""
-    from fora_export.demo_pipelines import DEMO_PIPELINES
+    from fora_export.adapters.registry import demo_pipeline_names, make_demo_pipeline
 
-    if ref in DEMO_PIPELINES:
-        return DEMO_PIPELINES[ref]()
+    if ref in demo_pipeline_names():
+        return make_demo_pipeline(ref)
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise ConfigError(
             f"--pipeline '{ref}' | {'is a file' if path.exists() else 'no such folder'}, and not a "
-            f"built-in pipeline ({', '.join(DEMO_PIPELINES)}) | pass a folder written by "
+            f"built-in pipeline ({', '.join(demo_pipeline_names())}) | pass a folder written by "
             "pipe.save_pretrained()"
         )
     if not (path / "model_index.json").is_file():

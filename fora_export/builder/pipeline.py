@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import fora_export
-from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, torch_program_ops
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, ModelAdapter, torch_program_ops
 from fora_export.adapters.casting import cast_model
-from fora_export.adapters.gated import ForecastGatedReuse
+from fora_export.adapters.gated import ForecastGatedReuse, LeanReuseStep
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder import tensorrt as trt_build
 from fora_export.builder.config import BuildConfig, default_opset
@@ -325,17 +325,16 @@ def export_folder(
     """Split ``loaded`` and write graphs + manifest into ``folder``."""
     stages.stage("splitting")
     config = _with_model_defaults(config, loaded)
-    adapter = adapter_for(loaded.model, config.adapter, where=f"MODEL '{loaded.source}'")
-    dtype = adapter.check_precision(config.precision)
-    cast_model(adapter.model, dtype)
+    dtype = ModelAdapter.check_precision(config.precision)
+    cast_model(loaded.model, dtype)
     # torch programs are traced where they will run; the ONNX export runs there too
     # (the graphs do not depend on it, and tracing big fp16 models is slow on CPU).
     device = torch.device(_torch_device(config.device) if config.backend == "torch" else "cpu")
-    adapter.model.to(device)
-    resolution = config.resolution or adapter.default_resolution()
-    adapter.check_resolution(resolution)
-    adapter.fix_resolution(resolution)
-    input_specs = adapter.input_specs(resolution, config.precision)
+    loaded.model.to(device)
+    options = dataclasses.replace(config.adapter, resolution=config.resolution)
+    adapter = adapter_for(loaded.model, options, where=f"MODEL '{loaded.source}'")
+    resolution = adapter.resolution
+    input_specs = adapter.input_specs(config.precision)
     step_specs = [s for s in input_specs if s.role != "build_constant"]
     input_names = tuple(s.name for s in step_specs)
     split = split_model(adapter, input_names)
@@ -343,7 +342,7 @@ def export_folder(
         batch = config.batch
         trace_batch = batch.opt if batch.opt > 1 else min(2, batch.max)
         generator = torch.Generator().manual_seed(0)
-        example = adapter.random_inputs(trace_batch, resolution, config.precision, generator)
+        example = adapter.random_inputs(trace_batch, config.precision, generator)
         example = {name: tensor.to(device) for name, tensor in example.items()}
         with torch.no_grad():
             _, caches = split.run_full(example)
@@ -496,18 +495,14 @@ def _size(nbytes: int | None) -> str:
 def _reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
     """The family's lean reuse step when asked for and available, else the plain one;
     with the caches it reads (which the full graph then outputs)."""
-    if config.reuse_graph == "plain":
-        return split.reuse, split.cache_names
-    lean_caches = split.adapter.lean_cache_names(split.cache_names)
-    lean = split.adapter.lean_reuse_graph(split.input_names, lean_caches)
-    if lean is None:
+    module, caches = split.reuse_step(lean=config.reuse_graph != "plain")
+    if config.reuse_graph != "plain" and not isinstance(module, LeanReuseStep):
         log.info(
             "reuse graph: plain (%s has no lean variant for caches %s)",
             split.adapter.family,
             ",".join(split.adapter.cached_kinds),
         )
-        return split.reuse, split.cache_names
-    return lean.eval(), lean_caches
+    return module, caches
 
 
 def _graph_jobs(
@@ -545,7 +540,8 @@ def _graph_jobs(
             fused_ops=True,
         ),
     ]
-    gate_table = None if reuse_module is split.reuse else split.adapter.gate_table_graphs(reuse_caches)
+    lean = isinstance(reuse_module, LeanReuseStep)
+    gate_table = split.adapter.gate_table_graphs(reuse_caches) if lean else None
     if gate_table is None:
         if forecast:
             raise BuildError(

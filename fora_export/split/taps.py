@@ -84,6 +84,8 @@ class SublayerTaps:
         self.cache_names = tuple(name for point in self.points for name in point.cache_names)
         self.mode: TapMode = "passthrough"
         self.recorded: dict[str, torch.Tensor] = {}
+        #: Per cache tensor, its shape past the batch axis and its dtype, as last recorded.
+        self.recorded_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._replay: dict[str, torch.Tensor] = {}
         self._originals: dict[str, Callable[..., Any]] = {}
         for point in self.points:
@@ -99,7 +101,10 @@ class SublayerTaps:
                 return point.rebuild(self._replay)
             output = original(*args, **kwargs)
             if self.mode == "record":
-                self.recorded.update(point.record(output))
+                tensors = point.record(output)
+                self.recorded.update(tensors)
+                for name, tensor in tensors.items():
+                    self.recorded_specs[name] = (tuple(tensor.shape[1:]), tensor.dtype)
             return output
 
         return tapped_forward

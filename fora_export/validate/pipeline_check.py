@@ -148,7 +148,7 @@ def trajectory_step_errors(
         split = split_model(adapter, tuple(spec.name for spec in session.step_inputs))
         try:
             generator = torch.Generator().manual_seed(seed + 1)
-            base = adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
+            base = adapter.random_inputs(batch, manifest.precision, generator)
             latents_name, timestep_name = session.latents_name, session.timestep_name
             conditioning = {k: v for k, v in base.items() if k not in (latents_name, timestep_name)}
             dtype = base[latents_name].dtype

@@ -169,7 +169,7 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     ref = model_ref or manifest.source
     subfolder = manifest.export.get("subfolder") if model_ref is None else None
     loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
-    options = AdapterOptions.from_dict(manifest.export.get("adapter_options"))
+    options = AdapterOptions.for_manifest(manifest)  # the build's sizes too
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
         raise ConfigError(
@@ -187,7 +187,6 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
             "| pass the right model with --model"
         )
     cast_model(adapter.model, TORCH_DTYPES[manifest.precision])
-    adapter.fix_resolution(manifest.resolution)  # the build's static sizes (and Flux's position ids)
     return adapter
 
 
@@ -222,7 +221,7 @@ def validate_graphs(
         timesteps = (top, (low + top) / 2, low)
     for batch in batch_sizes:
         for timestep in timesteps:
-            inputs = split.adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
+            inputs = split.adapter.random_inputs(batch, manifest.precision, generator)
             inputs[timestep_name] = torch.full((batch,), float(timestep) * scale)
             with torch.no_grad():
                 ref_pred, ref_caches = split.run_full(inputs)
@@ -430,7 +429,7 @@ def validate_trajectory(
     manifest = session.manifest
     dtype = TORCH_DTYPES[manifest.precision]
     generator = torch.Generator().manual_seed(seed + 1)
-    base = split.adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
+    base = split.adapter.random_inputs(batch_size, manifest.precision, generator)
     latents_name, timestep_name = session.latents_name, session.timestep_name
     denoising = manifest.denoising
     assert denoising is not None  # checked when the manifest was read

@@ -64,8 +64,9 @@ def meta_model(class_name: str, config: dict):
 
 def lean_reuse_report(class_name: str, config: dict, text_length: int) -> tuple[float, int, int]:
     """(lean reuse weights / model weights, image-stream cache tensors, bytes per sample in bf16)."""
-    adapter = adapter_for(meta_model(class_name, config), AdapterOptions(text_length=text_length))
-    names = tuple(s.name for s in adapter.step_input_specs(LATENT_1024PX, "bf16"))
+    options = AdapterOptions(text_length=text_length, resolution=LATENT_1024PX)
+    adapter = adapter_for(meta_model(class_name, config), options)
+    names = tuple(s.name for s in adapter.step_input_specs("bf16"))
     all_caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
     caches = adapter.lean_cache_names(all_caches)
     lean = adapter.lean_reuse_graph(names, caches)
@@ -101,12 +102,12 @@ def test_wan_14b_reuse_weights_and_video_cache_memory() -> None:
     two passes), which is why --max-cache-gib exists. The lean reuse graph carries no
     attention, text or image weights."""
     model = meta_model("WanTransformer3DModel", WAN_21_14B)
-    adapter = adapter_for(model, AdapterOptions(frames=21))
-    names = tuple(s.name for s in adapter.step_input_specs((60, 104), "bf16"))
+    adapter = adapter_for(model, AdapterOptions(frames=21, resolution=(60, 104)))
+    names = tuple(s.name for s in adapter.step_input_specs("bf16"))
     caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
     lean = adapter.lean_reuse_graph(names, caches)
     fraction = sum(p.numel() for p in lean.parameters()) / sum(p.numel() for p in model.parameters())
-    tokens = adapter.tokens((60, 104))
+    tokens = adapter.tokens
     nbytes = len(caches) * tokens * 5120 * 2
     print(f"Wan 2.1 14B: lean reuse {fraction:.2%} of the weights, {tokens} tokens, {nbytes / 2**30:.1f} GiB")
     assert tokens == 32760 and len(caches) == 120

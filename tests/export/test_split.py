@@ -19,9 +19,7 @@ NAMES = ("latents", "timestep", "class_labels")
 def test_reuse_fed_own_caches_equals_full_exactly(config: dict, batch: int) -> None:
     adapter = adapter_for(make_demo_dit(config))
     split = split_model(adapter, NAMES)
-    inputs = adapter.random_inputs(
-        batch, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(0)
-    )
+    inputs = adapter.random_inputs(batch, "fp32", torch.Generator().manual_seed(0))
     with torch.no_grad():
         full, caches = split.run_full(inputs)
         reuse = split.run_reuse(inputs, caches)
@@ -34,7 +32,7 @@ def test_reuse_fed_own_caches_equals_full_exactly(config: dict, batch: int) -> N
 def test_reuse_really_uses_the_caches() -> None:
     adapter = adapter_for(make_demo_dit(TINY_DIT))
     split = split_model(adapter, NAMES)
-    inputs = adapter.random_inputs(2, (8, 8), "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(2, "fp32", torch.Generator().manual_seed(0))
     with torch.no_grad():
         full, caches = split.run_full(inputs)
         zeroed = {n: torch.zeros_like(c) for n, c in caches.items()}

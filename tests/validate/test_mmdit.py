@@ -91,11 +91,10 @@ def test_lean_reuse_fed_its_own_caches_reproduces_the_full_step(make, config) ->
     """The lean reuse graph reads only the image-stream caches and, fed the caches of the
     same inputs, equals the full step exactly (fp32): nothing the text stream computes
     reaches the prediction except through the cached attentions."""
-    adapter = adapter_for(make(config, seed=3), AdapterOptions(text_length=TEXT))
-    adapter.fix_resolution((8, 8))
-    names = tuple(s.name for s in adapter.step_input_specs((8, 8), "fp32"))
+    adapter = adapter_for(make(config, seed=3), AdapterOptions(text_length=TEXT, resolution=(8, 8)))
+    names = tuple(s.name for s in adapter.step_input_specs("fp32"))
     split = split_model(adapter, names)
-    inputs = adapter.random_inputs(2, (8, 8), "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(2, "fp32", torch.Generator().manual_seed(0))
     with torch.no_grad():
         prediction, caches = split.run_full(inputs)
         lean_names = adapter.lean_cache_names(split.cache_names)

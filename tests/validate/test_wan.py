@@ -100,8 +100,9 @@ def test_two_expert_generation_restarts_fora_at_the_switch(two_experts: tuple[Pa
     # PyTorch reference: FORA restarted per expert (first step of each full, own step count).
     experts = []
     for name in ("transformer", "transformer_2"):
-        adapter = adapter_for(load_model(str(pipe), subfolder=name).model, AdapterOptions(frames=FRAMES))
-        names = tuple(s.name for s in adapter.step_input_specs((4, 4), "fp32"))
+        options = AdapterOptions(frames=FRAMES, resolution=(4, 4))
+        adapter = adapter_for(load_model(str(pipe), subfolder=name).model, options)
+        names = tuple(s.name for s in adapter.step_input_specs("fp32"))
         experts.append(split_model(adapter, names))
     owner = [0 if t >= BOUNDARY * 1000 else 1 for t in timesteps]
     counts = [owner.count(0), owner.count(1)]
