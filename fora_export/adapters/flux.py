@@ -46,6 +46,7 @@ from torch import nn
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.adapters.export_patches import decompose_rms_norms, precompute_timestep_frequencies
 from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
+from fora_export.errors import ConfigError
 from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
@@ -140,6 +141,14 @@ class FluxAdapter(ModelAdapter):
             raise self.resolution_error(
                 "Flux packs 2x2 latent patches: each side must be a positive even number (the VAE "
                 "latent, image size / 8)"
+            )
+        # The rotary embedding of the (text, row, column) ids covers each head's channels.
+        axes = tuple(int(d) for d in self.model.config.axes_dims_rope)
+        head = int(self.model.config.attention_head_dim)
+        if sum(axes) != head:
+            raise ConfigError(
+                f"{self.model_class} | axes_dims_rope {axes} sum to {sum(axes)}, attention_head_dim "
+                f"is {head} | the model cannot run: fix its config.json (the axes must sum to {head})"
             )
 
     def fix_sizes(self) -> None:

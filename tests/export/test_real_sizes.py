@@ -9,6 +9,7 @@ import torch
 
 from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.registry import adapter_for
+from fora_export.errors import ConfigError
 
 # The released configs (transformer/config.json of the two checkpoints).
 FLUX_1_DEV = {
@@ -113,3 +114,39 @@ def test_wan_14b_reuse_weights_and_video_cache_memory() -> None:
     assert tokens == 32760 and len(caches) == 120
     assert nbytes / 2**30 == pytest.approx(37.5, abs=0.1)
     assert fraction <= 0.015  # patch embedding, time embedding and its 6D projection (1.1%), head
+
+
+def test_wan_rotary_tables_too_short_for_the_build_are_one_line_errors() -> None:
+    """Wan's rotary tables hold rope_max_seq_len positions per axis: a build whose token grid
+    exceeds them is refused when the adapter is made, with the sizes that fit."""
+    model = meta_model("WanTransformer3DModel", {**WAN_21_14B, "rope_max_seq_len": 32})
+    message = (
+        r"Resolution \| latent 21 frames of 60x104 \| the model's rotary tables \(rope_max_seq_len 32\) "
+        r"cover at most 32 patches per axis: at most 32 frames and 64x64 latents \| pass --frames and "
+        r"--resolution within those"
+    )
+    with pytest.raises(ConfigError, match=message):
+        adapter_for(model, AdapterOptions(frames=21, resolution=(60, 104)))
+    adapter_for(model, AdapterOptions(frames=21, resolution=(64, 64)))  # within the tables
+
+
+def test_flux_rotary_axes_that_miss_the_head_width_are_one_line_errors() -> None:
+    config = {**FLUX_1_DEV, "axes_dims_rope": (16, 56, 48)}
+    with pytest.raises(
+        ConfigError, match=r"axes_dims_rope \(16, 56, 48\) sum to 120, attention_head_dim is 128"
+    ):
+        adapter_for(meta_model("FluxTransformer2DModel", config), AdapterOptions(resolution=LATENT_1024PX))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (AdapterOptions(text_length=0), r"--text-length \| got 0 \| expected an integer >= 1"),
+        (AdapterOptions(frames=True), r"--frames \| got True \| expected an integer >= 1"),
+        (AdapterOptions(frames=3), r"--frames \| FluxTransformer2DModel takes no video frames"),
+        (AdapterOptions(resolution=(127, 128)), r"Resolution \| latent size 127x128 \| Flux packs 2x2"),
+    ],
+)
+def test_size_options_are_checked_once_when_the_adapter_is_made(options, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        adapter_for(meta_model("FluxTransformer2DModel", FLUX_1_DEV), options)

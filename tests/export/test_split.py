@@ -74,9 +74,7 @@ def test_demo_model_has_no_zero_parameters_and_shared_embedders() -> None:
 
 
 def _subsets(kinds: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return [
-        tuple(k for i, k in enumerate(kinds) if mask >> i & 1) for mask in range(1, 2 ** len(kinds))
-    ]
+    return [tuple(k for i, k in enumerate(kinds) if mask >> i & 1) for mask in range(1, 2 ** len(kinds))]
 
 
 MMDIT = [

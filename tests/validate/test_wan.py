@@ -195,3 +195,15 @@ def test_max_cache_gib_refuses_and_lists_the_subsets_that_fit(tmp_path: Path) ->
     with pytest.raises(BuildError, match=message + "attn1,attn2; attn1,ffn; attn2,ffn "):
         build(str(tmp_path / "model"), tmp_path / "engine", config, progress=False)
     assert not (tmp_path / "engine").exists()
+
+
+def test_build_past_the_models_rotary_tables_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Wan config whose rope_max_seq_len is shorter than the build's token grid: refused
+    before anything is exported (was a RuntimeError from the rotary table in the export)."""
+    make_demo_wan({**TINY_WAN, "rope_max_seq_len": 2}, seed=1).save_pretrained(tmp_path / "model")
+    config = BuildConfig.from_options(resolution="8x8", frames=FRAMES, text_length=TEXT)
+    with pytest.raises(
+        ConfigError, match=r"rope_max_seq_len 2\) cover at most 2 patches per axis: at most 2 frames"
+    ):
+        build(str(tmp_path / "model"), tmp_path / "engine", config, progress=False)
+    assert not (tmp_path / "engine").exists()
