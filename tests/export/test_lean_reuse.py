@@ -64,7 +64,6 @@ def test_dit_xl_reuse_weights_are_under_15_percent_of_full() -> None:
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights on the CI machine
         model = DiTTransformer2DModel(**DIT_XL_2)
     full = sum(p.numel() for p in model.parameters())
-    split = split_model(adapter_for(model), NAMES)
     # Converted DiT checkpoints repeat one embedder per block (the lean graph checks
     # the weights; meta tensors have none, so say so).
     table = DiTGateTable(model, shared_embedder=True)
