@@ -132,34 +132,6 @@ def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
     return cls.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=meta_init, **kwargs)
 
 
-def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
-    """Build defaults a pipeline's ``model_index.json`` implies for one of its transformers,
-    and refusals of what the exported graphs cannot represent."""
-    index = _read_config(path / "model_index.json")
-    if index.get("expand_timesteps"):
-        raise ConfigError(
-            f"MODEL '{path}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a timestep "
-            "per token) is not supported: its gates differ per token, and the gate table and lean reuse "
-            "graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
-        )
-    ratio = index.get("boundary_ratio")
-    experts = [
-        name
-        for name in ("transformer", "transformer_2")
-        if isinstance(index.get(name), list) and index[name] and index[name][0]
-    ]
-    if ratio is None or len(experts) < 2:
-        return {}
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-        raise ConfigError(
-            f"{path / 'model_index.json'} | boundary_ratio is {ratio!r}, expected a number in [0, 1] "
-            "| re-save the pipeline"
-        )
-    # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
-    boundary = float(ratio) * 1000.0
-    return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
-
-
 def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> LoadedModel:
     if not path.is_dir():
         raise ConfigError(f"MODEL '{path}' | is a file | pass the folder written by save_pretrained")
@@ -173,13 +145,10 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
                 "a subfolder of the pipeline holding a transformer (e.g. transformer_2)"
             )
         subfolder, folder = requested, path / requested
-        if (path / "model_index.json").is_file():
-            defaults = _pipeline_facts(path, requested)
     elif not (path / "config.json").is_file():
         if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
             subfolder = "transformer"
             folder = path / "transformer"
-            defaults = _pipeline_facts(path, subfolder)
         else:
             raise ConfigError(
                 f"MODEL '{path}' | no config.json, and not a pipeline folder with transformer/ "
@@ -193,6 +162,11 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
             f"supported: {', '.join(supported_classes())}"
         )
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
+    if subfolder is not None and (path / "model_index.json").is_file():
+        # What the pipeline implies for this transformer (its family knows: Wan's experts).
+        index = _read_config(path / "model_index.json")
+        adapter = adapter_class_for(class_name)
+        defaults = adapter.pipeline_build_defaults(index, subfolder, where=str(path))
     try:
         model = _from_pretrained(cls, str(folder), dtype)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # a malformed config too

@@ -141,6 +141,13 @@ class ModelAdapter(ABC):
         self.check_sizes()
         self.fix_sizes()
 
+    @classmethod
+    def pipeline_build_defaults(cls, index: dict[str, Any], subfolder: str, *, where: str) -> dict[str, Any]:
+        """Build options a pipeline folder's ``model_index.json`` (``index``) implies for its
+        transformer in ``subfolder`` (none for most families); raise ConfigError for a
+        pipeline the exported graphs cannot represent. ``where``: the pipeline folder."""
+        return {}
+
     def _default_size(self, flag: str, given: int | None, default: int | None) -> int:
         if default is None:
             if given is not None:
@@ -378,7 +385,9 @@ class ModelAdapter(ABC):
         """The family's reuse math: its gate table (what a reuse step computes from the
         timestep and conditioning alone), the table's inputs, and its gated residual (see
         :class:`GatedReuseParts`); None when the family has none (its reuse step is then
-        the plain reuse graph). Called only with every sublayer kind cached."""
+        the plain reuse graph). Called only with every sublayer kind cached. A family
+        whose lean reuse step cannot compute its gates apart from the latents overrides
+        :meth:`lean_reuse_graph` instead and has no gate table."""
         return None
 
     def lean_reuse_graph(

@@ -32,6 +32,7 @@ rely on.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,33 @@ class WanAdapter(ModelAdapter):
         super().__init__(model, options)
         decompose_rms_norms(model)
         precompute_timestep_frequencies(model)
+
+    @classmethod
+    def pipeline_build_defaults(cls, index: dict[str, Any], subfolder: str, *, where: str) -> dict[str, Any]:
+        """Wan 2.2 A14B's two experts: the timesteps ``subfolder``'s expert serves; Wan 2.2
+        TI2V (a timestep per token) refused."""
+        if index.get("expand_timesteps"):
+            raise ConfigError(
+                f"MODEL '{where}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a "
+                "timestep per token) is not supported: its gates differ per token, and the gate table and "
+                "lean reuse graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
+            )
+        ratio = index.get("boundary_ratio")
+        experts = [
+            name
+            for name in ("transformer", "transformer_2")
+            if isinstance(index.get(name), list) and index[name] and index[name][0]
+        ]
+        if ratio is None or len(experts) < 2:
+            return {}
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise ConfigError(
+                f"{Path(where) / 'model_index.json'} | boundary_ratio is {ratio!r}, expected a number in "
+                "[0, 1] | re-save the pipeline"
+            )
+        # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
+        boundary = float(ratio) * 1000.0
+        return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
 
     @property
     def image_conditioned(self) -> bool:
