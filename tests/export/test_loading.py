@@ -165,3 +165,14 @@ def test_missing_trained_demo_weights_name_the_command_that_trains_them(monkeypa
         ConfigError, match=r"demo-digits \| no trained weights in .* tools/train_digits.py --family dit"
     ):
         load_model("demo-digits")
+
+
+def test_a_demo_pipeline_is_made_from_the_registry() -> None:
+    from fora_export.adapters.registry import family_for_pipeline
+    from fora_export.sample import load_pipeline
+
+    pipe = load_pipeline("demo-dit")
+    assert family_for_pipeline(type(pipe).__name__).name == "dit"
+    assert type(pipe.transformer).__name__ == "DiTTransformer2DModel"
+    with pytest.raises(ConfigError, match=r"not a built-in pipeline \(demo-dit, demo-pixart, demo-flux"):
+        load_pipeline("demo-dit-xl")  # a demo model without a demo pipeline
