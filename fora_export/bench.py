@@ -361,7 +361,7 @@ def eager_baseline(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapter.model.to(device)
     generator = torch.Generator().manual_seed(0)
-    inputs = adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
+    inputs = adapter.random_inputs(batch_size, manifest.precision, generator)
     inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
     timesteps = _timesteps(manifest, steps)
     latents_name, timestep_name = manifest.latents_input.name, manifest.timestep_input.name

@@ -1,6 +1,7 @@
 """Built-in demo models: small diffusers transformers with seeded random weights, and
-``demo-digits`` / ``demo-digits-flow``, the ones with trained weights (shipped in the
-package, see below).
+the folders of ``demo-digits`` / ``demo-digits-flow``, the ones with trained weights
+(shipped in the package, see below). The demos are declared (named, described, given
+their build defaults) in :mod:`fora_export.adapters.registry`.
 
 The random ones are created from a config, nothing downloaded. Every parameter is drawn from a
 seeded generator, including the layers DiT initialises to zero for training
@@ -10,12 +11,14 @@ multiplied by zero and caching errors would be invisible.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+# Re-exported for tools/train_digits.py, which trains demo-digits-flow at that length.
+from fora_export.adapters.registry import DIGITS_FLOW_TEXT_LENGTH as DIGITS_FLOW_TEXT_LENGTH
 
 DEMO_SEED = 0
 
@@ -105,35 +108,6 @@ def make_demo_dit_xl() -> nn.Module:
 #: whose folder also holds its class-conditioning tables (fora_export/quality/conditioning.py).
 DEMO_DIGITS_DIR = Path(__file__).parent / "demo_weights" / "digits"
 DEMO_DIGITS_FLOW_DIR = Path(__file__).parent / "demo_weights" / "digits-flow"
-#: Demo name -> (its folder, the ``tools/train_digits.py --family`` that trains it).
-TRAINED_DEMOS: dict[str, tuple[Path, str]] = {
-    "demo-digits": (DEMO_DIGITS_DIR, "dit"),
-    "demo-digits-flow": (DEMO_DIGITS_FLOW_DIR, "sd3"),
-}
-#: "Text" tokens of demo-digits-flow's class table (its encoder_hidden_states), so its build length.
-DIGITS_FLOW_TEXT_LENGTH = 4
-
-
-def load_trained_demo(name: str) -> nn.Module:
-    """A trained digit demo, read from the package like any local MODEL folder (offline)."""
-    from fora_export.errors import ConfigError
-    from fora_export.loading import load_model  # here: loading imports this module
-
-    folder, family = TRAINED_DEMOS[name]
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"{name} | no trained weights in {folder} | reinstall fora-export, "
-            f"or train them: python tools/train_digits.py --family {family}"
-        )
-    return load_model(str(folder)).model
-
-
-def load_demo_digits() -> nn.Module:
-    return load_trained_demo("demo-digits")
-
-
-def load_demo_digits_flow() -> nn.Module:
-    return load_trained_demo("demo-digits-flow")
 
 
 #: A small Flux.1-dev (about demo-dit's size and cost): 4 dual-stream and 8 single-stream
@@ -213,23 +187,3 @@ def make_demo_wan(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -
     model: Any = WanTransformer3DModel(**(config or DEMO_WAN_CONFIG))
     randomize_weights(model, seed)
     return model.eval()
-
-
-DEMO_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "demo-dit": make_demo_dit,
-    "demo-dit-xl": make_demo_dit_xl,
-    "demo-pixart": make_demo_pixart,
-    "demo-digits": load_demo_digits,
-    "demo-digits-flow": load_demo_digits_flow,
-    "demo-flux": make_demo_flux,
-    "demo-sd3": make_demo_sd3,
-    "demo-wan": make_demo_wan,
-}
-#: Build options of demos whose family defaults are real-model sizes (Flux: 1024px, 512
-#: text tokens): latent resolution and text length, used where the build gives none.
-DEMO_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "demo-flux": {"resolution": (32, 32), "text_length": 64},
-    "demo-sd3": {"text_length": 64},
-    "demo-digits-flow": {"text_length": DIGITS_FLOW_TEXT_LENGTH},
-    "demo-wan": {"resolution": (16, 16), "text_length": 64, "frames": 5},
-}

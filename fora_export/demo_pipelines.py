@@ -7,18 +7,16 @@ the ``tokenizers`` library, wrapped as a transformers fast tokenizer. The images
 random weights are noise; they show that a pipeline runs end to end and how far the
 engines are from PyTorch, not what a trained model draws.
 
-``fora-export sample ENGINE --pipeline demo-dit`` uses these; the pipeline tests save
-tiny ones with ``save_pretrained`` and load them back as users would.
+``fora-export sample ENGINE --pipeline demo-dit`` uses these (each demo's pipeline maker
+is named by its ``DemoSpec`` in :mod:`fora_export.adapters.registry`); the pipeline tests
+save tiny ones with ``save_pretrained`` and load them back as users would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3, make_demo_wan
 
 #: Words of the offline tokenizer's vocabulary (after its special tokens); others are <unk>.
 VOCABULARY = tuple(
@@ -290,14 +288,3 @@ def make_pixart_pipeline(
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
     )
-
-
-#: Built-in pipelines of ``fora-export sample --pipeline``: the demo transformer of the same
-#: name (the weights ``build demo-...`` exported) in a pipeline of small random components.
-DEMO_PIPELINES: dict[str, Callable[[], Any]] = {
-    "demo-dit": lambda: make_dit_pipeline(make_demo_dit()),
-    "demo-pixart": lambda: make_pixart_pipeline(make_demo_pixart()),
-    "demo-sd3": lambda: make_sd3_pipeline(make_demo_sd3()),
-    "demo-flux": lambda: make_flux_pipeline(make_demo_flux()),
-    "demo-wan": lambda: make_wan_pipeline(make_demo_wan()),
-}

@@ -20,8 +20,13 @@ from typing import Any
 from torch import nn
 
 from fora_export.adapters.casting import cast_model
-from fora_export.adapters.registry import adapter_class_for, supported_classes
-from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_MODELS
+from fora_export.adapters.registry import (
+    DemoSpec,
+    adapter_class_for,
+    demo_names,
+    find_demo,
+    supported_classes,
+)
 from fora_export.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,18 +76,11 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
     would need ~48 GB on the way. ``subfolder`` picks a pipeline folder's transformer
     (``transformer_2``: Wan 2.2 A14B's low-noise expert).
     """
-    if ref in DEMO_MODELS:
+    demo = find_demo(ref)
+    if demo is not None:
         if subfolder is not None:
             raise ConfigError(f"--subfolder | {ref} is a built-in model | pass a pipeline folder with it")
-        model = DEMO_MODELS[ref]()
-        if dtype is not None:
-            model = cast_model(model, dtype)
-        return LoadedModel(
-            model=model,
-            class_name=type(model).__name__,
-            source=ref,
-            build_defaults=dict(DEMO_BUILD_DEFAULTS.get(ref, {})),
-        )
+        return _load_demo(demo, dtype)
     path = Path(ref).expanduser()
     if path.exists():
         return _load_local(path, dtype, subfolder)
@@ -94,10 +92,33 @@ def load_model(ref: str, dtype: Any = None, subfolder: str | None = None) -> Loa
     if looks_like_path or in_local_folder or not _HUB_ID.match(ref):
         where = f" (the folder '{parent}' exists, '{path.name}' is not in it)" if in_local_folder else ""
         raise ConfigError(
-            f"MODEL '{ref}' | no such folder{where}, and not a built-in model ({', '.join(DEMO_MODELS)}) "
+            f"MODEL '{ref}' | no such folder{where}, and not a built-in model ({', '.join(demo_names())}) "
             "or a Hub id (org/name) | check the path"
         )
     return _load_hub(ref, dtype)
+
+
+def _load_demo(demo: DemoSpec, dtype: Any) -> LoadedModel:
+    """A built-in demo: made with random weights, or its trained weights read from the
+    package like any local MODEL folder (offline)."""
+    folder = demo.weights_folder
+    if folder is None:
+        model = demo.make_model()
+        if dtype is not None:
+            model = cast_model(model, dtype)
+    elif not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{demo.name} | no trained weights in {folder} | reinstall fora-export, or train them: "
+            f"{demo.trained_by}"
+        )
+    else:
+        model = _load_local(folder, dtype).model
+    return LoadedModel(
+        model=model,
+        class_name=type(model).__name__,
+        source=demo.name,
+        build_defaults=dict(demo.build_defaults),
+    )
 
 
 def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
@@ -109,34 +130,6 @@ def _from_pretrained(cls: Any, ref: str, dtype: Any, **kwargs: Any) -> Any:
     if not meta_init:
         log.info("accelerate is not installed: %s loads through a random fp32 initialisation", ref)
     return cls.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=meta_init, **kwargs)
-
-
-def _pipeline_facts(path: Path, subfolder: str) -> dict[str, Any]:
-    """Build defaults a pipeline's ``model_index.json`` implies for one of its transformers,
-    and refusals of what the exported graphs cannot represent."""
-    index = _read_config(path / "model_index.json")
-    if index.get("expand_timesteps"):
-        raise ConfigError(
-            f"MODEL '{path}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a timestep "
-            "per token) is not supported: its gates differ per token, and the gate table and lean reuse "
-            "graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
-        )
-    ratio = index.get("boundary_ratio")
-    experts = [
-        name
-        for name in ("transformer", "transformer_2")
-        if isinstance(index.get(name), list) and index[name] and index[name][0]
-    ]
-    if ratio is None or len(experts) < 2:
-        return {}
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-        raise ConfigError(
-            f"{path / 'model_index.json'} | boundary_ratio is {ratio!r}, expected a number in [0, 1] "
-            "| re-save the pipeline"
-        )
-    # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
-    boundary = float(ratio) * 1000.0
-    return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
 
 
 def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> LoadedModel:
@@ -152,13 +145,10 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
                 "a subfolder of the pipeline holding a transformer (e.g. transformer_2)"
             )
         subfolder, folder = requested, path / requested
-        if (path / "model_index.json").is_file():
-            defaults = _pipeline_facts(path, requested)
     elif not (path / "config.json").is_file():
         if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
             subfolder = "transformer"
             folder = path / "transformer"
-            defaults = _pipeline_facts(path, subfolder)
         else:
             raise ConfigError(
                 f"MODEL '{path}' | no config.json, and not a pipeline folder with transformer/ "
@@ -172,6 +162,11 @@ def _load_local(path: Path, dtype: Any = None, requested: str | None = None) -> 
             f"supported: {', '.join(supported_classes())}"
         )
     cls = _diffusers_class(class_name, where=f"MODEL '{path}'")
+    if subfolder is not None and (path / "model_index.json").is_file():
+        # What the pipeline implies for this transformer (its family knows: Wan's experts).
+        index = _read_config(path / "model_index.json")
+        adapter = adapter_class_for(class_name)
+        defaults = adapter.pipeline_build_defaults(index, subfolder, where=str(path))
     try:
         model = _from_pretrained(cls, str(folder), dtype)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # a malformed config too

@@ -18,7 +18,7 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
     ref = model_ref or manifest.source
     subfolder = manifest.export.subfolder if model_ref is None else None
     loaded = load_model(ref, TORCH_DTYPES[manifest.precision], subfolder)
-    options = AdapterOptions.from_dict(manifest.export.adapter_options.to_dict())
+    options = AdapterOptions.for_manifest(manifest)  # the build's sizes too
     adapter = adapter_for(loaded.model, options, where=f"MODEL '{ref}'")
     if type(adapter.model).__name__ != manifest.model_class:
         raise ConfigError(
@@ -36,5 +36,4 @@ def load_reference(manifest: Manifest, model_ref: str | None) -> ModelAdapter:
             "| pass the right model with --model"
         )
     cast_model(adapter.model, TORCH_DTYPES[manifest.precision])
-    adapter.fix_resolution(manifest.resolution)  # the build's static sizes (and Flux's position ids)
     return adapter

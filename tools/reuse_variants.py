@@ -4,8 +4,8 @@ Builds a random-weight DiT (default: DiT-XL/2, fp16) straight from the adapters'
 modules, captures each variant in a CUDA graph and times its replays in one run:
 
 - ``full``: the diffusers model's forward (what a full step costs);
-- ``lean reuse``: :class:`DiTLeanReuseStep` (gate table + residual sum + final layer);
-- ``gated reuse``: :class:`DiTGatedReuseStep` (the table row given: only reads caches);
+- ``lean reuse``: DiT's :class:`LeanReuseStep` (gate table + residual sum + final layer);
+- ``gated reuse``: DiT's :class:`GatedReuseStep` (the table row given: only reads caches);
 - ``gate table``: one step's table, and every step's of a generation at once;
 - the weighted residual sum alone and the gated reuse step with other sums: the
   chain of multiply-adds the graphs use, ``addcmul``, one product-and-sum over the
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from fora_export.adapters.dit import DiTGatedResidual, DiTGatedReuseStep, DiTGateTable, DiTLeanReuseStep
+from fora_export.adapters.dit import DiTGatedResidual, DiTGateTable
+from fora_export.adapters.gated import GatedReuseStep
 from fora_export.adapters.registry import adapter_for
 from fora_export.demo import make_demo_dit, make_demo_dit_xl
 from fora_export.split.graphs import split_model
@@ -163,8 +164,8 @@ def main() -> None:
     latents = torch.randn(batch, model.config.in_channels, size, size, generator=gen, device=device).to(dtype)
     timestep = torch.full((batch,), 500.0, device=device)
     labels = torch.arange(batch, device=device) % int(model.config.num_embeds_ada_norm)
-    lean = DiTLeanReuseStep(model, NAMES, split.cache_names).eval()
-    gated = DiTGatedReuseStep(model).eval()
+    lean = adapter.lean_reuse_graph(NAMES, split.cache_names).eval()
+    gated = GatedReuseStep(DiTGatedResidual(model)).eval()
     table = DiTGateTable(model).eval()
     results: list[tuple[str, float, str]] = []
     with torch.no_grad():

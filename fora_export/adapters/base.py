@@ -10,16 +10,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from fora_export.adapters.cache_point import CachePoint
+from fora_export.adapters.gated import GatedReuseParts, GatedReuseStep, GateTableGraphs, LeanReuseStep
 from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
 from fora_runtime.dtypes import MANIFEST_DTYPES, PRECISION_DTYPES, torch_dtype
-from fora_runtime.manifest import DenoisingSpec, ForwardSignature, InputSpec
+from fora_runtime.manifest import BATCH_AXIS, DenoisingSpec, ForwardSignature, InputSpec, Manifest
 
 #: ``--precision`` -> torch dtype, and torch dtype -> manifest name (from the one table).
 TORCH_DTYPES = {precision: torch_dtype(name) for precision, name in PRECISION_DTYPES.items()}
@@ -39,9 +40,13 @@ class AdapterOptions:
     #: The graph timesteps this model serves when it is one expert of several (Wan 2.2
     #: A14B: the high-noise ``transformer`` or the low-noise ``transformer_2``).
     expert_range: tuple[float, float] | None = None
+    #: Latent (height, width) of the build (None: the family default). Not in
+    #: :meth:`to_dict`: the manifest records it as its own ``resolution``.
+    resolution: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["resolution"]
         data["cache"] = list(self.cache) if self.cache is not None else None
         data["expert_range"] = list(self.expert_range) if self.expert_range is not None else None
         return data
@@ -56,6 +61,13 @@ class AdapterOptions:
             frames=data.get("frames"),
             expert_range=tuple(data["expert_range"]) if data.get("expert_range") else None,
         )
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> AdapterOptions:
+        """The options an engine folder was built with, its latent resolution included."""
+        options = cls.from_dict(manifest.export.adapter_options.to_dict())
+        height, width = manifest.resolution
+        return replace(options, resolution=(height, width))
 
 
 @contextmanager
@@ -73,19 +85,11 @@ def torch_program_ops(*modules: nn.Module) -> Iterator[None]:
             setattr(sub, "torch_program", False)  # noqa: B010
 
 
-@dataclass
-class GateTableGraphs:
-    """A family's split of its lean reuse step into what depends only on the timestep
-    and conditioning (``table``, run once per generation over every step's rows) and
-    what reads the latents and caches (``gated_reuse``).
-
-    - ``table(*inputs named by table_inputs) -> gates [rows, ...]``
-    - ``gated_reuse(latents, gates, *caches) -> prediction``
-    """
-
-    table: nn.Module
-    table_inputs: tuple[str, ...]
-    gated_reuse: nn.Module
+def _size_option(flag: str, value: int | None) -> int | None:
+    """A size option as given (None: not given), refused unless a positive integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{flag} | got {value!r} | expected an integer >= 1")
+    return value
 
 
 class ModelAdapter(ABC):
@@ -94,7 +98,12 @@ class ModelAdapter(ABC):
     What a family *is* is declared as data (class attributes and
     :meth:`step_input_specs`): its inputs and their roles, latent layout, timestep
     convention, scheduler family and cache points. Its code is the family's real
-    math: gates, lean reuse graphs, gate tables.
+    math: the gate table and gated residual of its lean reuse step
+    (:meth:`gated_reuse_parts`), from which this class builds the lean reuse graph and
+    the gate-table graphs.
+
+    The build's sizes (latent resolution, text length, frames) are options: the adapter
+    checks them and makes its size-dependent tables once, when it is made.
     """
 
     family: ClassVar[str]
@@ -112,12 +121,41 @@ class ModelAdapter(ABC):
     #: How pipelines call the family's diffusers ``forward`` (recorded in the manifest for
     #: the diffusers drop-in).
     forward_signature: ClassVar[ForwardSignature]
+    #: Text tokens per prompt when the build gives none (None: the family takes no text).
+    default_text_length: ClassVar[int | None] = None
+    #: Latent frames when the build gives none (None: the family is not a video family).
+    default_frames: ClassVar[int | None] = None
 
     def __init__(self, model: nn.Module, options: AdapterOptions | None = None) -> None:
         # diffusers models expose config values and submodules as dynamic attributes.
         self.model: Any = model
         self.options = options or AdapterOptions()
         self.cached_kinds = self._check_cache_kinds(self.options.cache)
+        self.text_length: int = self._default_size(
+            "--text-length", _size_option("--text-length", self.options.text_length), self.default_text_length
+        )
+        self.frames: int = self._default_size(
+            "--frames", _size_option("--frames", self.options.frames), self.default_frames
+        )
+        resolution = self.options.resolution or self.default_resolution()
+        self.resolution: tuple[int, int] = (int(resolution[0]), int(resolution[1]))
+        self.check_sizes()
+        self.fix_sizes()
+
+    @classmethod
+    def pipeline_build_defaults(cls, index: dict[str, Any], subfolder: str, *, where: str) -> dict[str, Any]:
+        """Build options a pipeline folder's ``model_index.json`` (``index``) implies for its
+        transformer in ``subfolder`` (none for most families); raise ConfigError for a
+        pipeline the exported graphs cannot represent. ``where``: the pipeline folder."""
+        return {}
+
+    def _default_size(self, flag: str, given: int | None, default: int | None) -> int:
+        if default is None:
+            if given is not None:
+                what = "captions (it is not text-conditioned)" if flag == "--text-length" else "video frames"
+                raise ConfigError(f"{flag} | {self.model_class} takes no {what} | drop {flag}")
+            return 0
+        return given or default
 
     def _check_cache_kinds(self, requested: tuple[str, ...] | None) -> tuple[str, ...]:
         if requested is None:
@@ -130,6 +168,12 @@ class ModelAdapter(ABC):
             )
         # Keep the family's order so cache names and graph IO are deterministic.
         return tuple(k for k in self.cache_kinds if k in requested)
+
+    @property
+    def caches_every_kind(self) -> bool:
+        """Every cacheable sublayer kind is cached: a reuse step then runs no sublayer, which
+        the lean reuse graph and the gate table need."""
+        return self.cached_kinds == self.cache_kinds
 
     def cached_points(self) -> list[CachePoint]:
         """The cache points selected by the build options."""
@@ -144,7 +188,17 @@ class ModelAdapter(ABC):
     def cache_points(self) -> list[CachePoint]:
         """Every cacheable sublayer, block by block, in a fixed order."""
 
-    # -- inputs ---------------------------------------------------------------------
+    def plain_reuse_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
+        """The caches the plain reuse graph reads (the full graph then writes only these):
+        all of them, unless some feed only computations a reuse step leaves dead (MMDiT's
+        text stream once the joint attention is replayed)."""
+        return cache_names
+
+    def lean_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
+        """The caches the family's lean reuse graph reads (default: all of them)."""
+        return cache_names
+
+    # -- sizes ----------------------------------------------------------------------
     # diffusers' 2D transformers share these config fields (sample_size, in_channels)
     # and the out_channels attribute; a family with other names overrides them.
     def default_resolution(self) -> tuple[int, int]:
@@ -153,11 +207,13 @@ class ModelAdapter(ABC):
         return (size, size)
 
     @abstractmethod
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        """Raise ConfigError when the model cannot run at this latent size."""
+    def check_sizes(self) -> None:
+        """Raise ConfigError when the model cannot run at the build's sizes
+        (``self.resolution``, ``self.text_length``, ``self.frames``)."""
 
-    def fix_resolution(self, resolution: tuple[int, int]) -> None:
-        """Make the model's patch embedding static for the build's latent size.
+    def fix_sizes(self) -> None:
+        """Make the model's size-dependent tables static for the build's sizes (called
+        once, when the adapter is made).
 
         At a latent size other than ``sample_size`` diffusers' ``PatchEmbed``
         recomputes its sinusoidal position table in every forward; traced, that
@@ -172,7 +228,7 @@ class ModelAdapter(ABC):
         if not isinstance(embed, PatchEmbed) or embed.pos_embed is None or embed.pos_embed_max_size:
             return
         patch = embed.patch_size
-        grid = (resolution[0] // patch, resolution[1] // patch)
+        grid = (self.resolution[0] // patch, self.resolution[1] // patch)
         if grid == (embed.height, embed.width):
             return
         table = get_2d_sincos_pos_embed(
@@ -186,6 +242,21 @@ class ModelAdapter(ABC):
         embed.pos_embed = table.float().unsqueeze(0)
         embed.height, embed.width = grid
 
+    def resolution_error(self, problem: str) -> ConfigError:
+        """The one-line refusal of the build's latent size."""
+        height, width = self.resolution
+        return ConfigError(f"Resolution | latent size {height}x{width} | {problem}")
+
+    def check_patch_multiple(self, patch: int, limit: int | None = None, limit_name: str = "") -> None:
+        """Refuse a latent side that is not a positive multiple of ``patch`` (or, with a
+        ``limit``, more than ``limit`` patches: the model's ``limit_name``)."""
+        for side in self.resolution:
+            if side < patch or side % patch or (limit is not None and side // patch > limit):
+                bound = f" and at most {limit * patch} ({limit_name} {limit})" if limit is not None else ""
+                raise self.resolution_error(
+                    f"each side must be a positive multiple of patch_size {patch}{bound}"
+                )
+
     @property
     def latent_channels(self) -> int:
         return int(self.model.config.in_channels)
@@ -195,19 +266,20 @@ class ModelAdapter(ABC):
         """Channels of the model output (twice the latent's with learned sigma)."""
         return int(self.model.out_channels)
 
+    # -- inputs ---------------------------------------------------------------------
     @abstractmethod
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
         """Step graph inputs other than caches, each with its role: one ``latents``, one
         ``timestep``, then ``conditioning`` inputs (build constants: :meth:`build_constants`)."""
 
-    def build_constants(self, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def build_constants(self) -> dict[str, torch.Tensor]:
         """Values fixed per build and baked into the graphs (none for most families)."""
         return {}
 
-    def input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
+    def input_specs(self, precision: str) -> list[InputSpec]:
         """Every step input with its role: the graph inputs, then the build constants."""
-        specs = self.step_input_specs(resolution, precision)
-        for name, value in self.build_constants(resolution).items():
+        specs = self.step_input_specs(precision)
+        for name, value in self.build_constants().items():
             specs.append(
                 InputSpec(
                     name,
@@ -260,11 +332,41 @@ class ModelAdapter(ABC):
         """The family's own conditioning facts: ``kind``, and ``input_ranges`` of
         inputs whose values index tables (class labels) or are flags (masks)."""
 
-    @abstractmethod
     def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
+        self, batch_size: int, precision: str, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """Random but valid step inputs (timestep included), on CPU."""
+        """Random but valid step inputs (timestep included), on CPU, drawn in the order of
+        :meth:`step_input_specs` (one :meth:`random_input` each)."""
+        ranges = self.family_conditioning().get("input_ranges", {})
+        return {
+            spec.name: self.random_input(spec, batch_size, ranges.get(spec.name), generator)
+            for spec in self.step_input_specs(precision)
+        }
+
+    def random_input(
+        self,
+        spec: InputSpec,
+        batch_size: int,
+        value_range: list[float] | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """One random step input of ``spec``'s dtype and shape (the batch axis
+        ``batch_size``): the timestep from :meth:`random_timesteps`, integers uniform over
+        ``value_range`` (both ends included), floats standard normal (uniform over
+        ``value_range`` when it is given). Families override it for inputs with structure."""
+        if spec.role == "timestep":
+            return self.random_timesteps(batch_size, generator)
+        shape = tuple(batch_size if axis == BATCH_AXIS else int(axis) for axis in spec.shape)
+        dtype = torch_dtype(spec.dtype)
+        if not dtype.is_floating_point:
+            if value_range is None:
+                raise ValueError(f"{self.family}: integer input {spec.name!r} needs an input range")
+            low, high = (int(v) for v in value_range)
+            return torch.randint(low, high + 1, shape, generator=generator, dtype=dtype)
+        if value_range is not None:
+            low_f, high_f = (float(v) for v in value_range)
+            return (low_f + (high_f - low_f) * torch.rand(shape, generator=generator)).to(dtype)
+        return torch.randn(shape, generator=generator).to(dtype)
 
     # -- calling the model ----------------------------------------------------------
     @abstractmethod
@@ -274,29 +376,52 @@ class ModelAdapter(ABC):
     def use_eager_attention(self) -> None:  # noqa: B027 - optional hook, a no-op for most families
         """Undo export-only changes to the attention processors (for eager baselines)."""
 
-    def lean_reuse_graph(
-        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
-    ) -> nn.Module | None:
-        """A reuse step module that skips everything reuse does not need, taking
-        the plain reuse graph's inputs (step inputs, then caches); None when the
-        family has none (the plain reuse graph is then exported)."""
-        return None
-
-    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
-        """The ``gates`` and ``reuse_gated`` modules (see :class:`GateTableGraphs`), or None
-        when the family cannot compute its reuse gates apart from the latents."""
-        return None
-
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The part of a model output the scheduler takes (drops learned-variance channels)."""
         axis = self.latent_layout.index("C")
         return output.narrow(axis, 0, self.latent_channels)
 
-    def lean_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
-        """The caches the family's lean reuse graph reads (default: all of them)."""
-        return cache_names
+    # -- lean reuse graph and gate table --------------------------------------------
+    def gated_reuse_parts(self) -> GatedReuseParts | None:
+        """The family's reuse math: its gate table (what a reuse step computes from the
+        timestep and conditioning alone), the table's inputs, and its gated residual (see
+        :class:`GatedReuseParts`); None when the family has none (its reuse step is then
+        the plain reuse graph). Called only with every sublayer kind cached. A family
+        whose lean reuse step cannot compute its gates apart from the latents overrides
+        :meth:`lean_reuse_graph` instead and has no gate table."""
+        return None
 
-    def check_precision(self, precision: str) -> torch.dtype:
+    def lean_reuse_graph(
+        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
+    ) -> nn.Module | None:
+        """A reuse step module that skips everything reuse does not need, taking the plain
+        reuse graph's step inputs then ``cache_names`` (:meth:`lean_cache_names`): the gate
+        table of the step and the gated residual. None when a sublayer kind is not cached
+        (it must then run for real, which the plain reuse graph does) or the family has no
+        gated reuse parts."""
+        if not self.caches_every_kind:
+            return None
+        parts = self.gated_reuse_parts()
+        if parts is None:
+            return None
+        return LeanReuseStep(parts.table, parts.table_inputs, parts.residual, input_names)
+
+    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
+        """The ``gates`` and ``reuse_gated`` modules (see :class:`GateTableGraphs`), or None
+        where there is no lean reuse graph."""
+        if not self.caches_every_kind:
+            return None
+        parts = self.gated_reuse_parts()
+        if parts is None:
+            return None
+        return GateTableGraphs(
+            table=parts.table.eval(),
+            table_inputs=parts.table_inputs,
+            gated_reuse=GatedReuseStep(parts.residual).eval(),
+        )
+
+    @staticmethod
+    def check_precision(precision: str) -> torch.dtype:
         if precision not in TORCH_DTYPES:
             raise ConfigError(f"Precision | got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
         return TORCH_DTYPES[precision]

@@ -9,7 +9,8 @@ Per block ``BasicTransformerBlock(norm_type="ada_norm_zero")``:
     x = x + gate2 * M
 
 Both cached outputs are taken before their gate, as FORA requires. The lean
-reuse graph (:class:`DiTLeanReuseStep`) computes only the two gates per block.
+reuse graph computes only the two gates per block (:class:`DiTGateTable`) and the
+residual sum and final layer (:class:`DiTGatedResidual`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import (
-    DTYPE_NAMES,
-    TORCH_DTYPES,
-    AdapterOptions,
-    GateTableGraphs,
-    ModelAdapter,
-)
-from fora_export.adapters.gated import WeightedCacheSum
-from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, ModelAdapter
+from fora_export.adapters.cache_point import CachePoint
+from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 
@@ -42,11 +36,6 @@ class DiTAdapter(ModelAdapter):
     )
     cache_kinds = ("attn1", "ff")
 
-    def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
-        super().__init__(model, options)
-        if self.options.text_length is not None:
-            raise ConfigError("--text-length | DiT is class-conditional and takes no captions")
-
     def cache_points(self) -> list[CachePoint]:
         points = []
         for index, block in enumerate(self.model.transformer_blocks):
@@ -55,23 +44,19 @@ class DiTAdapter(ModelAdapter):
         return points
 
     # -- inputs ---------------------------------------------------------------------
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        height, width = resolution
-        patch = int(self.model.config.patch_size)
+    def check_sizes(self) -> None:
+        height, width = self.resolution
         if height != width:
             # diffusers' DiT reshapes its output assuming a square token grid.
-            raise ConfigError(f"Resolution | got {height}x{width} | DiT needs a square latent")
-        if height < patch or height % patch:
-            raise ConfigError(
-                f"Resolution | latent size {height} | must be a positive multiple of patch_size {patch}"
-            )
+            raise self.resolution_error("DiT needs a square latent")
+        self.check_patch_multiple(int(self.model.config.patch_size))
 
     @property
     def num_classes(self) -> int:
         return int(self.model.config.num_embeds_ada_norm)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
-        height, width = resolution
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
+        height, width = self.resolution
         return [
             InputSpec(
                 "latents",
@@ -95,16 +80,6 @@ class DiTAdapter(ModelAdapter):
             "input_ranges": {"class_labels": [0, high]},
         }
 
-    def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        height, width = resolution
-        dtype = TORCH_DTYPES[precision]
-        latents = torch.randn(batch_size, self.latent_channels, height, width, generator=generator)
-        timestep = self.random_timesteps(batch_size, generator)
-        labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return {"latents": latents.to(dtype), "timestep": timestep, "class_labels": labels}
-
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
             inputs["latents"],
@@ -113,28 +88,10 @@ class DiTAdapter(ModelAdapter):
             return_dict=False,
         )[0]
 
-    # -- lean reuse graph -----------------------------------------------------------
-    def lean_reuse_graph(
-        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
-    ) -> nn.Module | None:
-        """The reuse step computing only what reuse needs (see :class:`DiTLeanReuseStep`).
-
-        None when a sublayer kind is not cached: that sublayer must then run for
-        real, which the plain reuse graph does.
-        """
-        if self.cached_kinds != ("attn1", "ff"):
-            return None
-        return DiTLeanReuseStep(self.model, input_names, cache_names)
-
-    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
-        """:class:`DiTGateTable` and :class:`DiTGatedReuseStep` (needs both sublayers cached,
-        as the lean reuse graph does)."""
-        if self.cached_kinds != ("attn1", "ff"):
-            return None
-        return GateTableGraphs(
-            table=DiTGateTable(self.model).eval(),
-            table_inputs=("timestep", "class_labels"),
-            gated_reuse=DiTGatedReuseStep(self.model).eval(),
+    # -- reuse math -----------------------------------------------------------------
+    def gated_reuse_parts(self) -> GatedReuseParts:
+        return GatedReuseParts(
+            DiTGateTable(self.model), ("timestep", "class_labels"), DiTGatedResidual(self.model)
         )
 
 
@@ -247,57 +204,3 @@ class DiTGatedResidual(nn.Module):
         hidden = hidden.reshape(-1, height, width, patch, patch, self.out_channels)
         hidden = hidden.permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq, as diffusers' einsum
         return hidden.reshape(-1, self.out_channels, height * patch, width * patch)
-
-
-class DiTLeanReuseStep(nn.Module):
-    """DiT's reuse step without anything a reuse step does not need.
-
-    The plain reuse graph runs each block's forward with its sublayers replayed,
-    so it still carries every block's timestep/label embedder and the full
-    adaLN projection (6 chunks, a third of DiT-XL's weights). Reuse needs only
-    the gate table of the step (:class:`DiTGateTable`: one embedder, the two gate
-    chunks of every block as one product) and the residual sum and final layer
-    (:class:`DiTGatedResidual`).
-
-    Inputs and outputs are those of the plain reuse graph, so the two are
-    interchangeable; validate checks this one against the plain PyTorch reuse.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        input_names: tuple[str, ...],
-        cache_names: tuple[str, ...],
-        *,
-        shared_embedder: bool | None = None,
-    ) -> None:
-        """``shared_embedder``: None checks the weights; True/False asserts it (e.g. for
-        shape-only models on the meta device, whose weights cannot be compared)."""
-        super().__init__()
-        self.input_names = input_names
-        self.cache_names = cache_names
-        self.table = DiTGateTable(model, shared_embedder=shared_embedder)
-        self.residual = DiTGatedResidual(model)
-
-    @property
-    def shared_embedder(self) -> bool:
-        return self.table.shared_embedder
-
-    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
-        count = len(self.input_names)
-        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
-        gates = self.table(inputs["timestep"], inputs["class_labels"])
-        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
-
-
-class DiTGatedReuseStep(nn.Module):
-    """The reuse step of a generation whose gate tables were computed up front:
-    ``(latents, gates, *caches) -> prediction``, where ``gates`` is this step's row
-    of :class:`DiTGateTable` (``[batch, 2L + 2, D]``). It only reads caches."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.residual = DiTGatedResidual(model)
-
-    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        return self.residual(latents, gates, caches)

@@ -24,9 +24,11 @@ output is the one tensor per block that a reuse step needs (caching attention an
 MLP separately would store 5x the width and still need the projection's weights).
 
 Reuse needs only the image stream: the text stream reaches the prediction only
-through the joint attentions, which a reuse step does not run. So the lean reuse
-graph reads the image parts of the caches only, and the full graph outputs only
-those. ``img_ids`` / ``txt_ids`` depend only on the latent size and text length,
+through the attentions (the dual blocks' joint attention, and the single blocks'
+attention inside their cached ``proj_out``), which a reuse step caching ``attn`` and
+``proj_out`` does not run. So the reuse graphs then read the image parts of the caches
+only (the lean one always, the plain one whenever both are cached), and the full graph
+outputs only those. ``img_ids`` / ``txt_ids`` depend only on the latent size and text length,
 which are fixed per build: they are build constants, baked into the graphs.
 
 Timesteps follow the pipeline: ``FluxPipeline`` passes the flow-matching time
@@ -41,17 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import (
-    DTYPE_NAMES,
-    TORCH_DTYPES,
-    AdapterOptions,
-    GateTableGraphs,
-    ModelAdapter,
-)
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.export_patches import decompose_rms_norms, precompute_timestep_frequencies
-from fora_export.adapters.gated import WeightedCacheSum, stacked_gate_projection
+from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
 from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: FluxPipeline's default ``max_sequence_length`` (T5 tokens).
@@ -90,16 +86,12 @@ class FluxAdapter(ModelAdapter):
     # The TorchScript exporter mis-traces the rotary embedding's reshapes for a dynamic
     # batch (graphs run only at the traced batch size); torch.export traces them right.
     onnx_exporter = "dynamo"
+    default_text_length = DEFAULT_TEXT_LENGTH
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
-        length = self.options.text_length
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-            raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
-        self.text_length = length or DEFAULT_TEXT_LENGTH
         decompose_rms_norms(model)
         precompute_timestep_frequencies(model)
-        self._ids: dict[str, torch.Tensor] | None = None
 
     @property
     def guidance(self) -> bool:
@@ -134,34 +126,48 @@ class FluxAdapter(ModelAdapter):
         """Image-stream caches only (see the module docstring)."""
         return tuple(n for n in cache_names if n.endswith((".image", ".ff")))
 
+    def plain_reuse_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
+        """With ``attn`` and ``proj_out`` replayed the text stream is dead: image-stream
+        caches only."""
+        dead_text = {"attn", "proj_out"} <= set(self.cached_kinds)
+        return self.lean_cache_names(cache_names) if dead_text else cache_names
+
     # -- inputs ---------------------------------------------------------------------
     def default_resolution(self) -> tuple[int, int]:
         return DEFAULT_RESOLUTION
 
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        if any(side < 2 or side % 2 for side in resolution):
+    def check_sizes(self) -> None:
+        if any(side < 2 or side % 2 for side in self.resolution):
+            raise self.resolution_error(
+                "Flux packs 2x2 latent patches: each side must be a positive even number (the VAE "
+                "latent, image size / 8)"
+            )
+        # The rotary embedding of the (text, row, column) ids covers each head's channels.
+        axes = tuple(int(d) for d in self.model.config.axes_dims_rope)
+        head = int(self.model.config.attention_head_dim)
+        if sum(axes) != head:
             raise ConfigError(
-                f"Resolution | latent size {resolution[0]}x{resolution[1]} | Flux packs 2x2 latent "
-                "patches: each side must be a positive even number (the VAE latent, image size / 8)"
+                f"{self.model_class} | axes_dims_rope {axes} sum to {sum(axes)}, attention_head_dim "
+                f"is {head} | the model cannot run: fix its config.json (the axes must sum to {head})"
             )
 
-    def fix_resolution(self, resolution: tuple[int, int]) -> None:
-        self._ids = self.build_constants(resolution)
+    def fix_sizes(self) -> None:
+        """The position ids of the build's sizes (what ``predict`` passes the model)."""
+        self._ids = self.build_constants()
 
-    def tokens(self, resolution: tuple[int, int]) -> int:
-        return (resolution[0] // 2) * (resolution[1] // 2)
+    @property
+    def tokens(self) -> int:
+        return (self.resolution[0] // 2) * (self.resolution[1] // 2)
 
     @property
     def output_channels(self) -> int:
         return int(self.model.out_channels)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
         dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
         config = self.model.config
         specs = [
-            InputSpec(
-                "latents", dtype, (BATCH_AXIS, self.tokens(resolution), self.latent_channels), role="latents"
-            ),
+            InputSpec("latents", dtype, (BATCH_AXIS, self.tokens, self.latent_channels), role="latents"),
             InputSpec("timestep", "float32", (BATCH_AXIS,), role="timestep"),
         ]
         if self.guidance:
@@ -176,10 +182,10 @@ class FluxAdapter(ModelAdapter):
         ]
         return specs
 
-    def build_constants(self, resolution: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def build_constants(self) -> dict[str, torch.Tensor]:
         """Position ids as ``FluxPipeline`` makes them: (0, row, column) per image token of
         the 2x2-packed latent, zeros per text token."""
-        height, width = resolution[0] // 2, resolution[1] // 2
+        height, width = self.resolution[0] // 2, self.resolution[1] // 2
         img_ids = torch.zeros(height, width, 3)
         img_ids[..., 1] = torch.arange(height)[:, None]
         img_ids[..., 2] = torch.arange(width)[None, :]
@@ -196,29 +202,19 @@ class FluxAdapter(ModelAdapter):
             "input_ranges": {},
         }
 
-    def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        dtype = TORCH_DTYPES[precision]
-        config = self.model.config
-        tokens = self.tokens(resolution)
-        inputs = {
-            "latents": torch.randn(batch_size, tokens, self.latent_channels, generator=generator).to(dtype),
-            "timestep": self.random_timesteps(batch_size, generator),
-        }
-        if self.guidance:
-            inputs["guidance"] = 1.0 + 4.0 * torch.rand(batch_size, generator=generator)
-        inputs["pooled_projections"] = torch.randn(
-            batch_size, int(config.pooled_projection_dim), generator=generator
-        ).to(dtype)
-        inputs["encoder_hidden_states"] = torch.randn(
-            batch_size, self.text_length, int(config.joint_attention_dim), generator=generator
-        ).to(dtype)
-        return inputs
+    def random_input(
+        self,
+        spec: InputSpec,
+        batch_size: int,
+        value_range: list[float] | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Guidance scales as pipelines pass them (1 to 5)."""
+        if spec.name == "guidance":
+            return 1.0 + 4.0 * torch.rand(batch_size, generator=generator)
+        return super().random_input(spec, batch_size, value_range, generator)
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._ids is None:
-            raise ConfigError("Flux | position ids not set | call fix_resolution(resolution) first")
         device = inputs["latents"].device
         return self.model(
             hidden_states=inputs["latents"],
@@ -231,28 +227,11 @@ class FluxAdapter(ModelAdapter):
             return_dict=False,
         )[0]
 
-    # -- lean reuse graph and gate table --------------------------------------------
-    def _table_inputs(self) -> tuple[str, ...]:
-        return (
-            ("timestep", "guidance", "pooled_projections")
-            if self.guidance
-            else ("timestep", "pooled_projections")
-        )
-
-    def lean_reuse_graph(
-        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
-    ) -> nn.Module | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None  # an uncached sublayer must run for real: the plain reuse graph does
-        return FluxLeanReuseStep(self.model, input_names, self._table_inputs(), len(cache_names))
-
-    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None
-        return GateTableGraphs(
-            table=FluxGateTable(self.model).eval(),
-            table_inputs=self._table_inputs(),
-            gated_reuse=FluxGatedReuseStep(self.model).eval(),
+    # -- reuse math -----------------------------------------------------------------
+    def gated_reuse_parts(self) -> GatedReuseParts:
+        conditioning = ("guidance", "pooled_projections") if self.guidance else ("pooled_projections",)
+        return GatedReuseParts(
+            FluxGateTable(self.model), ("timestep", *conditioning), FluxGatedResidual(self.model)
         )
 
 
@@ -302,35 +281,3 @@ class FluxGatedResidual(nn.Module):
         scale, shift = gates[:, len(caches)], gates[:, len(caches) + 1]
         hidden = self.norm(hidden) * (1 + scale)[:, None, :] + shift[:, None, :]
         return self.proj_out(hidden)
-
-
-class FluxLeanReuseStep(nn.Module):
-    """Flux's reuse step: the gate table of the step and the gated residual. Takes the
-    plain reuse graph's step inputs (the text embeddings unused), then the image caches."""
-
-    def __init__(
-        self, model: Any, input_names: tuple[str, ...], table_inputs: tuple[str, ...], num_caches: int
-    ) -> None:
-        super().__init__()
-        self.input_names = input_names
-        self.table_inputs = table_inputs
-        self.num_caches = num_caches
-        self.table = FluxGateTable(model)
-        self.residual = FluxGatedResidual(model)
-
-    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
-        count = len(self.input_names)
-        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
-        gates = self.table(*(inputs[name] for name in self.table_inputs))
-        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
-
-
-class FluxGatedReuseStep(nn.Module):
-    """``(latents, gates, *image caches) -> prediction`` for generations with a gate table."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.residual = FluxGatedResidual(model)
-
-    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        return self.residual(latents, gates, caches)

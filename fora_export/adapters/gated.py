@@ -1,4 +1,5 @@
-"""Pieces every family's lean reuse step is made of (the family files compose them).
+"""The lean reuse step, one implementation for every family, and the pieces families
+compose their reuse math of.
 
 A reuse step of an adaLN family is ``x = embed(latents) + sum_i g_i(c) * cache_i``
 followed by the final modulated norm and head, where ``c`` depends only on the
@@ -11,11 +12,16 @@ timestep and conditioning. Two facts are common to all families and live here:
   torch programs it is one ``fora::gated_residual_sum`` op (a fused kernel on CUDA);
 - a first-order forecast of the caches is the same sum over twice the caches
   (:class:`ForecastGatedReuse`), so every family's gated reuse step forecasts unchanged.
+
+A family declares its reuse math as :class:`GatedReuseParts` (its gate table, the
+table's inputs, its gated residual); :class:`LeanReuseStep` (the ``reuse`` graph) and
+:class:`GatedReuseStep` (``reuse_gated``) are built from them by ``ModelAdapter``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,3 +101,78 @@ class ForecastGatedReuse(nn.Module):
         cache_gates = gates[:, :count]
         forecast = torch.cat((cache_gates * (1 + w), cache_gates * -w, gates[:, count:]), dim=1)
         return self.gated_reuse(latents, forecast, *caches)
+
+
+@dataclass
+class GatedReuseParts:
+    """A family's reuse math, split where the gate table ends.
+
+    - ``table(*inputs named by table_inputs) -> gates [rows, G, D]``: every gate a reuse
+      step applies to a cache (in the caches' order, the blocks' order of addition), then
+      the family's other rows (final-layer modulation), from the timestep and
+      conditioning alone;
+    - ``residual(latents, gates, caches) -> prediction``: the latents' embedding plus the
+      gated caches, and the output head.
+    """
+
+    table: nn.Module
+    table_inputs: tuple[str, ...]
+    residual: nn.Module
+
+
+@dataclass
+class GateTableGraphs:
+    """A family's lean reuse step split into what depends only on the timestep and
+    conditioning (``table``, run once per generation over every step's rows) and what
+    reads the latents and caches (``gated_reuse``).
+
+    - ``table(*inputs named by table_inputs) -> gates [rows, ...]``
+    - ``gated_reuse(latents, gates, *caches) -> prediction``
+    """
+
+    table: nn.Module
+    table_inputs: tuple[str, ...]
+    gated_reuse: nn.Module
+
+
+class LeanReuseStep(nn.Module):
+    """A reuse step without anything reuse does not need: the step's gate table row and
+    the gated residual, instead of every block with its sublayers replayed (which still
+    carries every block's embedders and full adaLN projections).
+
+    Takes the plain reuse graph's step inputs (``input_names``; those the table does not
+    read, e.g. text embeddings, unused), then the caches, so the two are interchangeable;
+    validate checks it against the plain PyTorch reuse.
+    """
+
+    def __init__(
+        self,
+        table: nn.Module,
+        table_inputs: tuple[str, ...],
+        residual: nn.Module,
+        input_names: tuple[str, ...],
+    ) -> None:
+        super().__init__()
+        self.input_names = input_names
+        self.table_inputs = table_inputs
+        self.table = table
+        self.residual = residual
+
+    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
+        count = len(self.input_names)
+        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
+        gates = self.table(*(inputs[name] for name in self.table_inputs))
+        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
+
+
+class GatedReuseStep(nn.Module):
+    """The reuse step of a generation whose gate tables were computed up front:
+    ``(latents, gates, *caches) -> prediction``, where ``gates`` is this step's row of the
+    family's gate table. It only reads caches."""
+
+    def __init__(self, residual: nn.Module) -> None:
+        super().__init__()
+        self.residual = residual
+
+    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
+        return self.residual(latents, gates, caches)

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.cache_point import CachePoint
 from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: PixArt-alpha uses 120 T5 tokens; PixArt-Sigma 300.
-DEFAULT_CAPTION_LENGTH = 120
+DEFAULT_TEXT_LENGTH = 120
 
 
 class PixArtAdapter(ModelAdapter):
@@ -57,18 +57,15 @@ class PixArtAdapter(ModelAdapter):
         unsupported=("cross_attention_kwargs", "attention_mask"),
     )
     cache_kinds = ("attn1", "attn2", "ff")
+    default_text_length = DEFAULT_TEXT_LENGTH
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
-        super().__init__(model, options)
         if model.config.caption_channels is None:
             raise ConfigError(
                 f"{self.model_class} | has no caption_channels (no caption projection) | "
                 "only text-conditioned PixArt models are supported"
             )
-        length = self.options.text_length
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-            raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
-        self.text_length = length or DEFAULT_CAPTION_LENGTH
+        super().__init__(model, options)
         model.set_default_attn_processor()
 
     def use_eager_attention(self) -> None:
@@ -90,21 +87,15 @@ class PixArtAdapter(ModelAdapter):
     def uses_size_conditions(self) -> bool:
         return bool(self.model.use_additional_conditions)
 
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        patch = int(self.model.config.patch_size)
-        for side in resolution:
-            if side < patch or side % patch:
-                raise ConfigError(
-                    f"Resolution | latent size {resolution[0]}x{resolution[1]} | each side must be a "
-                    f"positive multiple of patch_size {patch}"
-                )
+    def check_sizes(self) -> None:
+        self.check_patch_multiple(int(self.model.config.patch_size))
 
     @property
     def caption_channels(self) -> int:
         return int(self.model.config.caption_channels)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
-        height, width = resolution
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
+        height, width = self.resolution
         dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
         specs = [
             InputSpec("latents", dtype, (BATCH_AXIS, self.latent_channels, height, width), role="latents"),
@@ -128,32 +119,28 @@ class PixArtAdapter(ModelAdapter):
             "input_ranges": {"encoder_attention_mask": [0, 1]},
         }
 
-    def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        """Random inputs; caption masks pad a random tail of every other row."""
-        height, width = resolution
-        dtype = TORCH_DTYPES[precision]
-        length = self.text_length
-        mask = torch.ones(batch_size, length, dtype=torch.int64)
-        for row in range(1, batch_size, 2):
-            keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))
-            mask[row, keep:] = 0
-        inputs = {
-            "latents": torch.randn(batch_size, self.latent_channels, height, width, generator=generator).to(
-                dtype
-            ),
-            "timestep": self.random_timesteps(batch_size, generator),
-            "encoder_hidden_states": torch.randn(
-                batch_size, length, self.caption_channels, generator=generator
-            ).to(dtype),
-            "encoder_attention_mask": mask,
-        }
-        if self.uses_size_conditions:
-            pixels = 8.0 * height, 8.0 * width  # latent -> image size of the SD VAE
-            inputs["resolution"] = torch.tensor([pixels] * batch_size, dtype=torch.float32)
-            inputs["aspect_ratio"] = torch.full((batch_size, 1), pixels[0] / pixels[1], dtype=torch.float32)
-        return inputs
+    def random_input(
+        self,
+        spec: InputSpec,
+        batch_size: int,
+        value_range: list[float] | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Caption masks pad a random tail of every other row; the size conditions are the
+        build's image size."""
+        if spec.name == "encoder_attention_mask":
+            length = self.text_length
+            mask = torch.ones(batch_size, length, dtype=torch.int64)
+            for row in range(1, batch_size, 2):
+                keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))
+                mask[row, keep:] = 0
+            return mask
+        pixels = 8.0 * self.resolution[0], 8.0 * self.resolution[1]  # latent -> image size of the SD VAE
+        if spec.name == "resolution":
+            return torch.tensor([pixels] * batch_size, dtype=torch.float32)
+        if spec.name == "aspect_ratio":
+            return torch.full((batch_size, 1), pixels[0] / pixels[1], dtype=torch.float32)
+        return super().random_input(spec, batch_size, value_range, generator)
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         added = None

@@ -16,9 +16,11 @@
 The last block is ``context_pre_only`` (no text-stream update, no ``ff_context``).
 SD3.5's qk RMSNorm is diffusers' own ``RMSNorm`` (basic ops, exports at opset 17).
 
-As for Flux, reuse needs only the image stream: the lean reuse graph reads the
-image parts of the caches (``attn`` image part, ``attn2``, ``ff``), and the full
-graph outputs only those. Timesteps are what ``StableDiffusion3Pipeline`` passes:
+As for Flux, reuse needs only the image stream: the text stream reaches the image
+only through the joint attentions, so once ``attn`` is cached a reuse step leaves it
+dead. Both reuse graphs (lean, and plain whenever ``attn`` is cached) then read the
+image parts of the caches (``attn`` image part, ``attn2``, ``ff``), and the full graph
+outputs only those. Timesteps are what ``StableDiffusion3Pipeline`` passes:
 the flow-matching scheduler's timesteps (``sigma * 1000``).
 """
 
@@ -30,16 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import (
-    DTYPE_NAMES,
-    TORCH_DTYPES,
-    AdapterOptions,
-    GateTableGraphs,
-    ModelAdapter,
-)
-from fora_export.adapters.gated import WeightedCacheSum, stacked_gate_projection
-from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, ModelAdapter
+from fora_export.adapters.cache_point import CachePoint
+from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: StableDiffusion3Pipeline's prompt length: 77 CLIP tokens + 256 T5 tokens (max_sequence_length).
@@ -65,13 +60,7 @@ class SD3Adapter(ModelAdapter):
     )
     cache_kinds = ("attn", "attn2", "ff", "ff_context")
     scheduler = "flow_match"
-
-    def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
-        super().__init__(model, options)
-        length = self.options.text_length
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-            raise ConfigError(f"--text-length | got {length!r} | expected an integer >= 1")
-        self.text_length = length or DEFAULT_TEXT_LENGTH
+    default_text_length = DEFAULT_TEXT_LENGTH
 
     def cache_points(self) -> list[CachePoint]:
         points = []
@@ -88,20 +77,19 @@ class SD3Adapter(ModelAdapter):
         """Image-stream caches only, in the blocks' order of addition."""
         return tuple(n for n in cache_names if n.endswith((".image", ".attn2", ".ff")))
 
-    # -- inputs ---------------------------------------------------------------------
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        patch = int(self.model.config.patch_size)
-        limit = self.model.config.pos_embed_max_size
-        for side in resolution:
-            if side < patch or side % patch or (limit is not None and side // patch > limit):
-                raise ConfigError(
-                    f"Resolution | latent size {resolution[0]}x{resolution[1]} | each side must be a "
-                    f"multiple of patch_size {patch}"
-                    + (f" and at most {limit * patch} (pos_embed_max_size {limit})" if limit else "")
-                )
+    def plain_reuse_cache_names(self, cache_names: tuple[str, ...]) -> tuple[str, ...]:
+        """With ``attn`` replayed the text stream is dead: image-stream caches only."""
+        return self.lean_cache_names(cache_names) if "attn" in self.cached_kinds else cache_names
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
-        height, width = resolution
+    # -- inputs ---------------------------------------------------------------------
+    def check_sizes(self) -> None:
+        limit = self.model.config.pos_embed_max_size  # the position table's patches per side
+        self.check_patch_multiple(
+            int(self.model.config.patch_size), int(limit) if limit else None, "pos_embed_max_size"
+        )
+
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
+        height, width = self.resolution
         dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
         config = self.model.config
         return [
@@ -121,25 +109,6 @@ class SD3Adapter(ModelAdapter):
     def family_conditioning(self) -> dict[str, Any]:
         return {"kind": "text", "text_length": self.text_length, "input_ranges": {}}
 
-    def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        height, width = resolution
-        dtype = TORCH_DTYPES[precision]
-        config = self.model.config
-        return {
-            "latents": torch.randn(batch_size, self.latent_channels, height, width, generator=generator).to(
-                dtype
-            ),
-            "timestep": self.random_timesteps(batch_size, generator),
-            "encoder_hidden_states": torch.randn(
-                batch_size, self.text_length, int(config.joint_attention_dim), generator=generator
-            ).to(dtype),
-            "pooled_projections": torch.randn(
-                batch_size, int(config.pooled_projection_dim), generator=generator
-            ).to(dtype),
-        }
-
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
             hidden_states=inputs["latents"],
@@ -149,21 +118,10 @@ class SD3Adapter(ModelAdapter):
             return_dict=False,
         )[0]
 
-    # -- lean reuse graph and gate table --------------------------------------------
-    def lean_reuse_graph(
-        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
-    ) -> nn.Module | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None  # an uncached sublayer must run for real: the plain reuse graph does
-        return SD3LeanReuseStep(self.model, input_names)
-
-    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None
-        return GateTableGraphs(
-            table=SD3GateTable(self.model).eval(),
-            table_inputs=("timestep", "pooled_projections"),
-            gated_reuse=SD3GatedReuseStep(self.model).eval(),
+    # -- reuse math -----------------------------------------------------------------
+    def gated_reuse_parts(self) -> GatedReuseParts:
+        return GatedReuseParts(
+            SD3GateTable(self.model), ("timestep", "pooled_projections"), SD3GatedResidual(self.model)
         )
 
 
@@ -215,31 +173,3 @@ class SD3GatedResidual(nn.Module):
         hidden = hidden.reshape(-1, height, width, patch, patch, self.out_channels)
         hidden = hidden.permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq, as diffusers' einsum
         return hidden.reshape(-1, self.out_channels, height * patch, width * patch)
-
-
-class SD3LeanReuseStep(nn.Module):
-    """SD3's reuse step: the step's gates and the gated residual. Takes the plain reuse
-    graph's step inputs (the text embeddings unused), then the image caches."""
-
-    def __init__(self, model: Any, input_names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.input_names = input_names
-        self.table = SD3GateTable(model)
-        self.residual = SD3GatedResidual(model)
-
-    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
-        count = len(self.input_names)
-        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
-        gates = self.table(inputs["timestep"], inputs["pooled_projections"])
-        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
-
-
-class SD3GatedReuseStep(nn.Module):
-    """``(latents, gates, *image caches) -> prediction`` for generations with a gate table."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.residual = SD3GatedResidual(model)
-
-    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        return self.residual(latents, gates, caches)

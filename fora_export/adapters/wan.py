@@ -32,23 +32,18 @@ rely on.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import (
-    DTYPE_NAMES,
-    TORCH_DTYPES,
-    AdapterOptions,
-    GateTableGraphs,
-    ModelAdapter,
-)
+from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.export_patches import decompose_rms_norms, precompute_timestep_frequencies
-from fora_export.adapters.gated import WeightedCacheSum
+from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum
 from fora_export.errors import ConfigError
-from fora_export.split.taps import CachePoint
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
 #: WanPipeline's ``max_sequence_length`` (UMT5 tokens); the I2V attention assumes it.
@@ -73,25 +68,40 @@ class WanAdapter(ModelAdapter):
     # The rotary embedding's unflatten/unbind pair traces to a batch-specialised graph with
     # the TorchScript exporter; torch.export keeps the batch dynamic.
     onnx_exporter = "dynamo"
+    default_text_length = DEFAULT_TEXT_LENGTH
+    default_frames = DEFAULT_FRAMES
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
-        for name, value in (
-            ("--text-length", self.options.text_length),
-            ("--frames", self.options.frames),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} | got {value!r} | expected an integer >= 1")
-        self.text_length = self.options.text_length or DEFAULT_TEXT_LENGTH
-        if self.image_conditioned and self.text_length != DEFAULT_TEXT_LENGTH:
-            # WanAttnProcessor splits image from text tokens as "all but the last 512".
-            raise ConfigError(
-                f"--text-length | got {self.text_length} | Wan I2V models take exactly "
-                f"{DEFAULT_TEXT_LENGTH} text tokens (the image tokens are the rest)"
-            )
-        self.frames = self.options.frames or DEFAULT_FRAMES
         decompose_rms_norms(model)
         precompute_timestep_frequencies(model)
+
+    @classmethod
+    def pipeline_build_defaults(cls, index: dict[str, Any], subfolder: str, *, where: str) -> dict[str, Any]:
+        """Wan 2.2 A14B's two experts: the timesteps ``subfolder``'s expert serves; Wan 2.2
+        TI2V (a timestep per token) refused."""
+        if index.get("expand_timesteps"):
+            raise ConfigError(
+                f"MODEL '{where}' | {index.get('_class_name')} with expand_timesteps (Wan 2.2 TI2V: a "
+                "timestep per token) is not supported: its gates differ per token, and the gate table and "
+                "lean reuse graph take one row per sample | use a Wan 2.1 / 2.2 T2V or I2V model"
+            )
+        ratio = index.get("boundary_ratio")
+        experts = [
+            name
+            for name in ("transformer", "transformer_2")
+            if isinstance(index.get(name), list) and index[name] and index[name][0]
+        ]
+        if ratio is None or len(experts) < 2:
+            return {}
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise ConfigError(
+                f"{Path(where) / 'model_index.json'} | boundary_ratio is {ratio!r}, expected a number in "
+                "[0, 1] | re-save the pipeline"
+            )
+        # WanPipeline: steps with t >= boundary_ratio * 1000 run `transformer`, the others `transformer_2`.
+        boundary = float(ratio) * 1000.0
+        return {"expert_range": (boundary, 1000.0) if subfolder == "transformer" else (0.0, boundary)}
 
     @property
     def image_conditioned(self) -> bool:
@@ -120,24 +130,39 @@ class WanAdapter(ModelAdapter):
         p_t, p_h, p_w = (int(p) for p in self.model.config.patch_size)
         return p_t, p_h, p_w
 
-    def check_resolution(self, resolution: tuple[int, int]) -> None:
-        p_t, p_h, p_w = self.patch
-        height, width = resolution
-        if height < p_h or width < p_w or height % p_h or width % p_w or self.frames % p_t:
+    def check_sizes(self) -> None:
+        if self.image_conditioned and self.text_length != DEFAULT_TEXT_LENGTH:
+            # WanAttnProcessor splits image from text tokens as "all but the last 512".
+            raise ConfigError(
+                f"--text-length | got {self.text_length} | Wan I2V models take exactly "
+                f"{DEFAULT_TEXT_LENGTH} text tokens (the image tokens are the rest)"
+            )
+        patch = self.patch
+        height, width = self.resolution
+        sizes = (self.frames, height, width)
+        if any(size < p or size % p for size, p in zip(sizes, patch, strict=True)):
             raise ConfigError(
                 f"Resolution | latent {self.frames} frames of {height}x{width} | Wan's patch is "
-                f"{p_t}x{p_h}x{p_w} (frames x height x width): each must be a positive multiple of it"
+                f"{patch[0]}x{patch[1]}x{patch[2]} (frames x height x width): each must be a positive "
+                "multiple of it"
+            )
+        # The rotary tables hold rope_max_seq_len positions per axis (frames, rows, columns).
+        limit = int(self.model.rope.max_seq_len)
+        if any(size // p > limit for size, p in zip(sizes, patch, strict=True)):
+            raise ConfigError(
+                f"Resolution | latent {self.frames} frames of {height}x{width} | the model's rotary "
+                f"tables (rope_max_seq_len {limit}) cover at most {limit} patches per axis: at most "
+                f"{limit * patch[0]} frames and {limit * patch[1]}x{limit * patch[2]} latents | pass "
+                "--frames and --resolution within those"
             )
 
-    def fix_resolution(self, resolution: tuple[int, int]) -> None:
-        """Nothing to patch: Wan's rotary tables follow the latents' static shape."""
-
-    def tokens(self, resolution: tuple[int, int]) -> int:
+    @property
+    def tokens(self) -> int:
         p_t, p_h, p_w = self.patch
-        return (self.frames // p_t) * (resolution[0] // p_h) * (resolution[1] // p_w)
+        return (self.frames // p_t) * (self.resolution[0] // p_h) * (self.resolution[1] // p_w)
 
-    def step_input_specs(self, resolution: tuple[int, int], precision: str) -> list[InputSpec]:
-        height, width = resolution
+    def step_input_specs(self, precision: str) -> list[InputSpec]:
+        height, width = self.resolution
         dtype = DTYPE_NAMES[TORCH_DTYPES[precision]]
         config = self.model.config
         specs = [
@@ -174,26 +199,6 @@ class WanAdapter(ModelAdapter):
             "input_ranges": {},
         }
 
-    def random_inputs(
-        self, batch_size: int, resolution: tuple[int, int], precision: str, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        height, width = resolution
-        dtype = TORCH_DTYPES[precision]
-        config = self.model.config
-        shape = (batch_size, self.latent_channels, self.frames, height, width)
-        inputs = {
-            "latents": torch.randn(*shape, generator=generator).to(dtype),
-            "timestep": self.random_timesteps(batch_size, generator),
-            "encoder_hidden_states": torch.randn(
-                batch_size, self.text_length, int(config.text_dim), generator=generator
-            ).to(dtype),
-        }
-        if self.image_conditioned:
-            inputs["encoder_hidden_states_image"] = torch.randn(
-                batch_size, IMAGE_TOKENS, int(config.image_dim), generator=generator
-            ).to(dtype)
-        return inputs
-
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
             hidden_states=inputs["latents"],
@@ -203,22 +208,9 @@ class WanAdapter(ModelAdapter):
             return_dict=False,
         )[0]
 
-    # -- lean reuse graph and gate table --------------------------------------------
-    def lean_reuse_graph(
-        self, input_names: tuple[str, ...], cache_names: tuple[str, ...]
-    ) -> nn.Module | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None  # an uncached sublayer must run for real: the plain reuse graph does
-        return WanLeanReuseStep(self.model, input_names)
-
-    def gate_table_graphs(self, cache_names: tuple[str, ...]) -> GateTableGraphs | None:
-        if self.cached_kinds != self.cache_kinds:
-            return None
-        return GateTableGraphs(
-            table=WanGateTable(self.model).eval(),
-            table_inputs=("timestep",),
-            gated_reuse=WanGatedReuseStep(self.model).eval(),
-        )
+    # -- reuse math -----------------------------------------------------------------
+    def gated_reuse_parts(self) -> GatedReuseParts:
+        return GatedReuseParts(WanGateTable(self.model), ("timestep",), WanGatedResidual(self.model))
 
 
 class WanGateTable(nn.Module):
@@ -283,31 +275,3 @@ class WanGatedResidual(nn.Module):
         hidden = hidden.reshape(latents.shape[0], frames, height, width, p_t, p_h, p_w, -1)
         hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-class WanLeanReuseStep(nn.Module):
-    """Wan's reuse step: the step's gates and the gated residual. Takes the plain reuse
-    graph's step inputs (text and image embeddings unused), then the caches."""
-
-    def __init__(self, model: Any, input_names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.input_names = input_names
-        self.table = WanGateTable(model)
-        self.residual = WanGatedResidual(model)
-
-    def forward(self, *inputs_and_caches: torch.Tensor) -> torch.Tensor:
-        count = len(self.input_names)
-        inputs = dict(zip(self.input_names, inputs_and_caches[:count], strict=True))
-        gates = self.table(inputs["timestep"])
-        return self.residual(inputs["latents"], gates, inputs_and_caches[count:])
-
-
-class WanGatedReuseStep(nn.Module):
-    """``(latents, gates, *caches) -> prediction`` for generations with a gate table."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.residual = WanGatedResidual(model)
-
-    def forward(self, latents: torch.Tensor, gates: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        return self.residual(latents, gates, caches)

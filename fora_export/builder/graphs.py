@@ -20,7 +20,7 @@ import torch
 
 from fora_export.adapters.base import DTYPE_NAMES, ModelAdapter
 from fora_export.adapters.casting import cast_model
-from fora_export.adapters.gated import ForecastGatedReuse
+from fora_export.adapters.gated import ForecastGatedReuse, LeanReuseStep
 from fora_export.adapters.registry import adapter_class_for, adapter_for
 from fora_export.builder.config import BuildConfig, default_opset
 from fora_export.builder.destination import size_text
@@ -142,24 +142,24 @@ def plan_build(loaded: LoadedModel, config: BuildConfig) -> Iterator[GraphPlan]:
     full step on example inputs, choose the reuse graph and plan the graph jobs. The model's
     taps are removed again on exit."""
     config = resolve_model_defaults(config, loaded)
-    adapter = adapter_for(loaded.model, config.adapter, where=f"MODEL '{loaded.source}'")
-    dtype = adapter.check_precision(config.precision)
-    cast_model(adapter.model, dtype)
+    dtype = ModelAdapter.check_precision(config.precision)
+    cast_model(loaded.model, dtype)
     # torch programs are traced where they will run; the ONNX export runs there too
     # (the graphs do not depend on it, and tracing big fp16 models is slow on CPU).
     device = torch.device(torch_device(config.device) if config.backend == "torch" else "cpu")
-    adapter.model.to(device)
-    resolution = config.resolution or adapter.default_resolution()
-    adapter.check_resolution(resolution)
-    adapter.fix_resolution(resolution)
-    input_specs = adapter.input_specs(resolution, config.precision)
+    loaded.model.to(device)
+    # The adapter checks the build's sizes and fixes its size-dependent tables when made.
+    options = dataclasses.replace(config.adapter, resolution=config.resolution)
+    adapter = adapter_for(loaded.model, options, where=f"MODEL '{loaded.source}'")
+    resolution = adapter.resolution
+    input_specs = adapter.input_specs(config.precision)
     input_names = tuple(s.name for s in input_specs if s.role != "build_constant")
     split = split_model(adapter, input_names)
     try:
         batch = config.batch
         trace_batch = batch.opt if batch.opt > 1 else min(2, batch.max)
         generator = torch.Generator().manual_seed(0)
-        example = adapter.random_inputs(trace_batch, resolution, config.precision, generator)
+        example = adapter.random_inputs(trace_batch, config.precision, generator)
         example = {name: tensor.to(device) for name, tensor in example.items()}
         with torch.no_grad():
             prediction, caches = split.run_full(example)
@@ -184,7 +184,7 @@ def plan_build(loaded: LoadedModel, config: BuildConfig) -> Iterator[GraphPlan]:
             trace_batch=trace_batch,
             jobs=jobs,
             caches=tuple(cache_specs(split, caches, reuse_caches)),
-            reuse_graph="plain" if reuse is split.reuse else "lean",
+            reuse_graph="lean" if isinstance(reuse, LeanReuseStep) else "plain",
         )
     finally:
         split.remove()
@@ -202,18 +202,14 @@ def torch_device(requested: str) -> str:
 def reuse_module(split: SplitModel, config: BuildConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
     """The family's lean reuse step when asked for and available, else the plain one;
     with the caches it reads (which the full graph then outputs)."""
-    if config.reuse_graph == "plain":
-        return split.reuse, split.cache_names
-    lean_caches = split.adapter.lean_cache_names(split.cache_names)
-    lean = split.adapter.lean_reuse_graph(split.input_names, lean_caches)
-    if lean is None:
+    module, caches = split.reuse_step(lean=config.reuse_graph != "plain")
+    if config.reuse_graph != "plain" and not isinstance(module, LeanReuseStep):
         log.info(
             "reuse graph: plain (%s has no lean variant for caches %s)",
             split.adapter.family,
             ",".join(split.adapter.cached_kinds),
         )
-        return split.reuse, split.cache_names
-    return lean.eval(), lean_caches
+    return module, caches
 
 
 def tensor_spec(name: str, example: torch.Tensor) -> TensorSpec:
@@ -265,7 +261,7 @@ def plan_graph_jobs(
             fused_ops=True,
         ),
     ]
-    gate_table = None if reuse is split.reuse else split.adapter.gate_table_graphs(reuse_caches)
+    gate_table = split.adapter.gate_table_graphs(reuse_caches) if isinstance(reuse, LeanReuseStep) else None
     if gate_table is None:
         if forecast:
             raise BuildError(

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fora_export.demo import TRAINED_DEMOS
+from fora_export.adapters.registry import find_demo
 from fora_export.quality.conditioning import ClassConditioning, class_conditioning
 from fora_export.schedulers import default_scheduler, make_scheduler
 from fora_runtime.manifest import DenoisingSpec, Manifest
@@ -34,8 +34,9 @@ def model_folder(manifest: Manifest) -> Path | None:
     """The folder the engines were built from: a trained demo's package folder, or the
     recorded local folder (its ``subfolder`` for pipeline folders); None for a built-in
     random-weight demo or a Hub id."""
-    if manifest.source in TRAINED_DEMOS:
-        return TRAINED_DEMOS[manifest.source][0]
+    demo = find_demo(manifest.source)
+    if demo is not None:
+        return demo.weights_folder
     path = Path(manifest.source)
     subfolder = manifest.export.subfolder
     folder = path / subfolder if subfolder else path

@@ -21,55 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
+
+from fora_export.adapters.cache_point import CachePoint
 
 TapMode = Literal["passthrough", "record", "replay"]
-
-
-def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(output)
-
-
-@dataclass(frozen=True)
-class CachePoint:
-    """One cacheable sublayer: block index, sublayer kind and the module itself.
-
-    ``parts`` names the tensors its output is cached as: one unnamed part for a
-    sublayer returning one tensor; otherwise ``split(output)`` gives one tensor per
-    part and ``join(parts)`` rebuilds the output (default: the output is the tuple
-    of parts, in order).
-    """
-
-    block: int
-    kind: str
-    module: nn.Module
-    parts: tuple[str, ...] = ("",)
-    split: Callable[[Any], tuple[torch.Tensor, ...]] = _as_tuple
-    join: Callable[[tuple[torch.Tensor, ...]], Any] = tuple
-
-    @property
-    def name(self) -> str:
-        return f"cache.{self.block}.{self.kind}"
-
-    @property
-    def cache_names(self) -> tuple[str, ...]:
-        """One cache tensor name per part: ``cache.<block>.<kind>[.<part>]``."""
-        return tuple(f"{self.name}.{part}" if part else self.name for part in self.parts)
-
-    def record(self, output: Any) -> dict[str, torch.Tensor]:
-        if self.parts == ("",):
-            return {self.name: output}
-        tensors = self.split(output)
-        return dict(zip(self.cache_names, tensors, strict=True))
-
-    def rebuild(self, caches: dict[str, torch.Tensor]) -> Any:
-        if self.parts == ("",):
-            return caches[self.name]
-        return self.join(tuple(caches[name] for name in self.cache_names))
 
 
 class SublayerTaps:
@@ -84,6 +42,8 @@ class SublayerTaps:
         self.cache_names = tuple(name for point in self.points for name in point.cache_names)
         self.mode: TapMode = "passthrough"
         self.recorded: dict[str, torch.Tensor] = {}
+        #: Per cache tensor, its shape past the batch axis and its dtype, as last recorded.
+        self.recorded_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._replay: dict[str, torch.Tensor] = {}
         self._originals: dict[str, Callable[..., Any]] = {}
         for point in self.points:
@@ -99,7 +59,10 @@ class SublayerTaps:
                 return point.rebuild(self._replay)
             output = original(*args, **kwargs)
             if self.mode == "record":
-                self.recorded.update(point.record(output))
+                tensors = point.record(output)
+                self.recorded.update(tensors)
+                for name, tensor in tensors.items():
+                    self.recorded_specs[name] = (tuple(tensor.shape[1:]), tensor.dtype)
             return output
 
         return tapped_forward

@@ -3,7 +3,7 @@ pipeline, and per-step errors.
 
 - :func:`validate_pipeline` runs a pipeline call (its own scheduler, classifier-free
   guidance as the pipeline does it) with the engines as ``pipe.transformer``, without
-  cache and with PyTorch FORA (:func:`fora_export.sample.run_three_ways`), recording every
+  cache and with PyTorch FORA (:func:`fora_export.validate.three_ways.run_three_ways`), recording every
   transformer output. It passes when the final images of the engines and of PyTorch FORA
   agree within the precision's trajectory tolerance (max abs, pixels in [0, 1]; fp32 1e-4).
 - :func:`trajectory_step_errors` does the same per step without a pipeline: the runtime,
@@ -27,11 +27,11 @@ import torch
 from fora_export.errors import ConfigError
 from fora_export.outputs import save_figure, write_text_atomic
 from fora_export.reference import load_reference
-from fora_export.sample import ThreeWays, run_three_ways, save_grid
 from fora_export.schedulers import default_scheduler, make_scheduler
 from fora_export.schedules import chosen_schedule
 from fora_export.split.graphs import split_model
 from fora_export.validate.compare import TRAJECTORY_TOLERANCES, relative_l2, to_numpy
+from fora_export.validate.three_ways import ThreeWays, run_three_ways, save_grid
 from fora_runtime.manifest import load_manifest
 from fora_runtime.session import ForaSession
 from fora_runtime.trust import DEFAULT_ACCESS, FolderAccess
@@ -149,7 +149,7 @@ def trajectory_step_errors(
         split = split_model(adapter, tuple(spec.name for spec in session.step_inputs))
         try:
             generator = torch.Generator().manual_seed(seed + 1)
-            base = adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
+            base = adapter.random_inputs(batch, manifest.precision, generator)
             latents_name, timestep_name = session.latents_name, session.timestep_name
             conditioning = {k: v for k, v in base.items() if k not in (latents_name, timestep_name)}
             dtype = base[latents_name].dtype

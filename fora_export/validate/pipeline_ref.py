@@ -83,10 +83,9 @@ class ForaReference(nn.Module):
         reference = cls(
             model,
             schedule or manifest.schedule,
-            AdapterOptions.from_dict(manifest.export.adapter_options.to_dict()),
+            AdapterOptions.for_manifest(manifest),
             forecast=manifest.has_forecast,
         )
-        reference._split.adapter.fix_resolution(manifest.resolution)
         return reference
 
     def reset(self, num_steps: int) -> None:

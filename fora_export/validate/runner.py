@@ -84,7 +84,7 @@ def validate_graphs(
         timesteps = (top, (low + top) / 2, low)
     for batch in batch_sizes:
         for timestep in timesteps:
-            inputs = split.adapter.random_inputs(batch, manifest.resolution, manifest.precision, generator)
+            inputs = split.adapter.random_inputs(batch, manifest.precision, generator)
             inputs[timestep_name] = torch.full((batch,), float(timestep) * scale)
             with torch.no_grad():
                 ref_pred, ref_caches = split.run_full(inputs)
@@ -232,7 +232,7 @@ def validate_trajectory(
     manifest = session.manifest
     dtype = TORCH_DTYPES[manifest.precision]
     generator = torch.Generator().manual_seed(seed + 1)
-    base = split.adapter.random_inputs(batch_size, manifest.resolution, manifest.precision, generator)
+    base = split.adapter.random_inputs(batch_size, manifest.precision, generator)
     latents_name, timestep_name = session.latents_name, session.timestep_name
     denoising = manifest.denoising
     assert denoising is not None  # checked when the manifest was read

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fora_export.adapters.base import AdapterOptions
-from fora_export.adapters.dit import DiTLeanReuseStep
+from fora_export.adapters.dit import DiTGatedResidual, DiTGateTable
+from fora_export.adapters.gated import LeanReuseStep
 from fora_export.adapters.registry import adapter_for
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
@@ -23,11 +24,11 @@ from tests.tiny_models import OTHER_DIT, TINY_DIT
 NAMES = ("latents", "timestep", "class_labels")
 
 
-def lean_vs_plain(model) -> tuple[torch.Tensor, torch.Tensor, DiTLeanReuseStep]:
+def lean_vs_plain(model) -> tuple[torch.Tensor, torch.Tensor, LeanReuseStep]:
     adapter = adapter_for(model)
     split = split_model(adapter, NAMES)
     lean = adapter.lean_reuse_graph(NAMES, split.cache_names).eval()
-    inputs = adapter.random_inputs(3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(3, "fp32", torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, caches = split.run_full(inputs)
         later = dict(inputs, timestep=inputs["timestep"] * 0.6)  # caches from an earlier step
@@ -39,7 +40,7 @@ def lean_vs_plain(model) -> tuple[torch.Tensor, torch.Tensor, DiTLeanReuseStep]:
 @pytest.mark.parametrize("config", [TINY_DIT, OTHER_DIT], ids=["tiny", "other"])
 def test_lean_reuse_equals_plain_reuse(config: dict) -> None:
     plain, fast, lean = lean_vs_plain(make_demo_dit(config))
-    assert lean.shared_embedder
+    assert lean.table.shared_embedder
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
@@ -48,7 +49,7 @@ def test_distinct_embedders_fall_back_to_one_per_block() -> None:
     with torch.no_grad():
         model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight.mul_(1.5)
     plain, fast, lean = lean_vs_plain(model)
-    assert not lean.shared_embedder and len(lean.table.embedders) == 2
+    assert not lean.table.shared_embedder and len(lean.table.embedders) == 2
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
@@ -63,10 +64,10 @@ def test_dit_xl_reuse_weights_are_under_15_percent_of_full() -> None:
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights on the CI machine
         model = DiTTransformer2DModel(**DIT_XL_2)
     full = sum(p.numel() for p in model.parameters())
-    split = split_model(adapter_for(model), NAMES)
     # Converted DiT checkpoints repeat one embedder per block (the lean graph checks
     # the weights; meta tensors have none, so say so).
-    lean = DiTLeanReuseStep(model, NAMES, split.cache_names, shared_embedder=True)
+    table = DiTGateTable(model, shared_embedder=True)
+    lean = LeanReuseStep(table, ("timestep", "class_labels"), DiTGatedResidual(model), NAMES)
     reuse = sum(p.numel() for p in lean.parameters())
     # DiT-XL/2 has 675M parameters; diffusers' layout adds 27 copies of the 2.76M embedder.
     assert 749e6 < full < 751e6

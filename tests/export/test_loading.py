@@ -118,3 +118,61 @@ def test_saved_models_load_straight_into_the_build_precision(tmp_path: Path) -> 
     assert {p.dtype for p in half.parameters()} == {torch.float16}
     for (name, want), (_, got) in zip(fp32.state_dict().items(), half.state_dict().items(), strict=True):
         assert torch.equal(got, want.to(torch.float16)), name
+
+
+def test_the_family_registry_agrees_with_its_adapters_and_demos() -> None:
+    from fora_export.adapters import registry
+
+    names = [spec.name for spec in registry.FAMILIES]
+    assert len(set(names)) == len(names)
+    for spec in registry.FAMILIES:
+        adapter = spec.adapter_class
+        assert (adapter.family, adapter.model_class) == (spec.name, spec.model_class)
+        assert registry.adapter_class_for(spec.model_class) is adapter
+        assert registry.family_spec(spec.name) is spec
+        for pipeline in spec.pipeline_classes:
+            assert registry.family_for_pipeline(pipeline) is spec
+    assert registry.supported_classes() == tuple(spec.model_class for spec in registry.FAMILIES)
+    for demo in registry.DEMOS:
+        registry.family_spec(demo.family)  # a known family
+        assert (demo.model is None) != (demo.weights is None), demo.name  # made or trained
+        assert set(demo.build_defaults) <= {"resolution", "text_length", "frames"}
+        if demo.weights is not None:
+            assert demo.trained_by and (demo.weights_folder / "config.json").is_file()
+        if demo.pipeline is not None:
+            assert callable(registry._resolve(demo.pipeline))
+    assert set(registry.demo_pipeline_names()) <= set(registry.demo_names())
+    assert "DiT (DiTTransformer2DModel)" in registry.supported_families_text()
+    assert "SD3: 333" in registry.text_length_defaults_text()
+    assert "dynamo for Flux.1, Wan" in registry.exporter_defaults_text()
+
+
+@pytest.mark.parametrize("name", ["demo-dit", "demo-sd3", "demo-digits", "demo-digits-flow"])
+def test_demo_models_are_of_their_familys_class(name: str) -> None:
+    from fora_export.adapters.registry import demo_spec, family_spec
+
+    demo = demo_spec(name)
+    loaded = load_model(name, torch.float32)
+    assert loaded.class_name == family_spec(demo.family).model_class
+    assert loaded.source == name and loaded.build_defaults == dict(demo.build_defaults)
+
+
+def test_missing_trained_demo_weights_name_the_command_that_trains_them(monkeypatch, tmp_path: Path) -> None:
+    import fora_export.demo
+
+    monkeypatch.setattr(fora_export.demo, "DEMO_DIGITS_DIR", tmp_path / "nothing")
+    with pytest.raises(
+        ConfigError, match=r"demo-digits \| no trained weights in .* tools/train_digits.py --family dit"
+    ):
+        load_model("demo-digits")
+
+
+def test_a_demo_pipeline_is_made_from_the_registry() -> None:
+    from fora_export.adapters.registry import family_for_pipeline
+    from fora_export.validate.three_ways import load_pipeline
+
+    pipe = load_pipeline("demo-dit")
+    assert family_for_pipeline(type(pipe).__name__).name == "dit"
+    assert type(pipe.transformer).__name__ == "DiTTransformer2DModel"
+    with pytest.raises(ConfigError, match=r"not a built-in pipeline \(demo-dit, demo-pixart, demo-flux"):
+        load_pipeline("demo-dit-xl")  # a demo model without a demo pipeline

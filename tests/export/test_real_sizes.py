@@ -9,6 +9,7 @@ import torch
 
 from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.registry import adapter_for
+from fora_export.errors import ConfigError
 
 # The released configs (transformer/config.json of the two checkpoints).
 FLUX_1_DEV = {
@@ -64,8 +65,9 @@ def meta_model(class_name: str, config: dict):
 
 def lean_reuse_report(class_name: str, config: dict, text_length: int) -> tuple[float, int, int]:
     """(lean reuse weights / model weights, image-stream cache tensors, bytes per sample in bf16)."""
-    adapter = adapter_for(meta_model(class_name, config), AdapterOptions(text_length=text_length))
-    names = tuple(s.name for s in adapter.step_input_specs(LATENT_1024PX, "bf16"))
+    options = AdapterOptions(text_length=text_length, resolution=LATENT_1024PX)
+    adapter = adapter_for(meta_model(class_name, config), options)
+    names = tuple(s.name for s in adapter.step_input_specs("bf16"))
     all_caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
     caches = adapter.lean_cache_names(all_caches)
     lean = adapter.lean_reuse_graph(names, caches)
@@ -101,14 +103,50 @@ def test_wan_14b_reuse_weights_and_video_cache_memory() -> None:
     two passes), which is why --max-cache-gib exists. The lean reuse graph carries no
     attention, text or image weights."""
     model = meta_model("WanTransformer3DModel", WAN_21_14B)
-    adapter = adapter_for(model, AdapterOptions(frames=21))
-    names = tuple(s.name for s in adapter.step_input_specs((60, 104), "bf16"))
+    adapter = adapter_for(model, AdapterOptions(frames=21, resolution=(60, 104)))
+    names = tuple(s.name for s in adapter.step_input_specs("bf16"))
     caches = tuple(n for p in adapter.cached_points() for n in p.cache_names)
     lean = adapter.lean_reuse_graph(names, caches)
     fraction = sum(p.numel() for p in lean.parameters()) / sum(p.numel() for p in model.parameters())
-    tokens = adapter.tokens((60, 104))
+    tokens = adapter.tokens
     nbytes = len(caches) * tokens * 5120 * 2
     print(f"Wan 2.1 14B: lean reuse {fraction:.2%} of the weights, {tokens} tokens, {nbytes / 2**30:.1f} GiB")
     assert tokens == 32760 and len(caches) == 120
     assert nbytes / 2**30 == pytest.approx(37.5, abs=0.1)
     assert fraction <= 0.015  # patch embedding, time embedding and its 6D projection (1.1%), head
+
+
+def test_wan_rotary_tables_too_short_for_the_build_are_one_line_errors() -> None:
+    """Wan's rotary tables hold rope_max_seq_len positions per axis: a build whose token grid
+    exceeds them is refused when the adapter is made, with the sizes that fit."""
+    model = meta_model("WanTransformer3DModel", {**WAN_21_14B, "rope_max_seq_len": 32})
+    message = (
+        r"Resolution \| latent 21 frames of 60x104 \| the model's rotary tables \(rope_max_seq_len 32\) "
+        r"cover at most 32 patches per axis: at most 32 frames and 64x64 latents \| pass --frames and "
+        r"--resolution within those"
+    )
+    with pytest.raises(ConfigError, match=message):
+        adapter_for(model, AdapterOptions(frames=21, resolution=(60, 104)))
+    adapter_for(model, AdapterOptions(frames=21, resolution=(64, 64)))  # within the tables
+
+
+def test_flux_rotary_axes_that_miss_the_head_width_are_one_line_errors() -> None:
+    config = {**FLUX_1_DEV, "axes_dims_rope": (16, 56, 48)}
+    with pytest.raises(
+        ConfigError, match=r"axes_dims_rope \(16, 56, 48\) sum to 120, attention_head_dim is 128"
+    ):
+        adapter_for(meta_model("FluxTransformer2DModel", config), AdapterOptions(resolution=LATENT_1024PX))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (AdapterOptions(text_length=0), r"--text-length \| got 0 \| expected an integer >= 1"),
+        (AdapterOptions(frames=True), r"--frames \| got True \| expected an integer >= 1"),
+        (AdapterOptions(frames=3), r"--frames \| FluxTransformer2DModel takes no video frames"),
+        (AdapterOptions(resolution=(127, 128)), r"Resolution \| latent size 127x128 \| Flux packs 2x2"),
+    ],
+)
+def test_size_options_are_checked_once_when_the_adapter_is_made(options, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        adapter_for(meta_model("FluxTransformer2DModel", FLUX_1_DEV), options)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fora_export.demo import DEMO_BUILD_DEFAULTS, DEMO_DIGITS_FLOW_DIR, DIGITS_FLOW_TEXT_LENGTH
+from fora_export.adapters.registry import demo_spec
+from fora_export.demo import DEMO_DIGITS_FLOW_DIR, DIGITS_FLOW_TEXT_LENGTH
 from fora_export.errors import ConfigError
 from fora_export.quality.classifier import NUM_CLASSES
 from fora_export.quality.conditioning import (
@@ -41,7 +42,7 @@ def test_builds_as_sd3_flow_matching_with_the_class_table_inputs(digits_flow_eng
     assert GraphRole.GATES in manifest.graphs  # the lean reuse graph and gate table of the family
     tables, null_class = load_class_conditioning(DEMO_DIGITS_FLOW_DIR / CLASS_CONDITIONING_FILE, "test")
     # The build's text length is the table's token count (the demo's build default).
-    assert DEMO_BUILD_DEFAULTS["demo-digits-flow"]["text_length"] == DIGITS_FLOW_TEXT_LENGTH
+    assert demo_spec("demo-digits-flow").build_defaults["text_length"] == DIGITS_FLOW_TEXT_LENGTH
     assert null_class == NUM_CLASSES
     for spec in manifest.inputs_of("conditioning"):
         assert tables[spec.name].shape == (NUM_CLASSES + 1, *spec.shape[1:])

@@ -4,6 +4,7 @@ PyTorch reference, and the one-line refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,13 @@ def forecast_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_forecast_graph_equals_replaying_forecast_caches(make, config, options, resolution) -> None:
     """The gate-folded forecast (one weighted sum over both generations) equals the family's
     own blocks replaying the forecast caches A_k + w (A_k - A_j)."""
-    adapter = adapter_for(make(config, seed=2), options)
-    adapter.fix_resolution(resolution)
-    names = tuple(s.name for s in adapter.step_input_specs(resolution, "fp32"))
+    adapter = adapter_for(make(config, seed=2), dataclasses.replace(options, resolution=resolution))
+    names = tuple(s.name for s in adapter.step_input_specs("fp32"))
     split = split_model(adapter, names)
     cache_names = adapter.lean_cache_names(split.cache_names)
     graphs = adapter.gate_table_graphs(cache_names)
     assert graphs is not None
-    inputs = adapter.random_inputs(BATCH, resolution, "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(BATCH, "fp32", torch.Generator().manual_seed(0))
     high = adapter.timestep_range()[1]
     times = [high * 0.9, high * 0.7, high * 0.6]
     try:

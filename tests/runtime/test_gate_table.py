@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fora_export.adapters.dit import DiTGatedReuseStep, DiTGateTable
+from fora_export.adapters.dit import DiTGatedResidual, DiTGateTable
+from fora_export.adapters.gated import GatedReuseStep
 from fora_export.adapters.registry import adapter_for
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
@@ -62,14 +63,12 @@ def test_dit_gated_modules_equal_the_lean_reuse_step() -> None:
         adapter = adapter_for(model)
         split = split_model(adapter, NAMES)
         lean = adapter.lean_reuse_graph(NAMES, split.cache_names)
-        inputs = adapter.random_inputs(
-            3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(1)
-        )
+        inputs = adapter.random_inputs(3, "fp32", torch.Generator().manual_seed(1))
         with torch.no_grad():
             _, caches = split.run_full(inputs)
             cache_args = [caches[n] for n in split.cache_names]
             table = DiTGateTable(model)(inputs["timestep"], inputs["class_labels"])
-            gated = DiTGatedReuseStep(model)(inputs["latents"], table, *cache_args)
+            gated = GatedReuseStep(DiTGatedResidual(model))(inputs["latents"], table, *cache_args)
             expected = lean(*(inputs[n] for n in NAMES), *cache_args)
         # Two gates per block, then the final shift and scale.
         assert table.shape == (3, 2 * config["num_layers"] + 2, model.inner_dim)

@@ -63,7 +63,7 @@ def add_torch_programs(folder: Path, *, device: str = "cpu", precision: str = "f
     adapter = adapter_for(model)
     split = split_model(adapter, INPUT_NAMES)
     generator = torch.Generator().manual_seed(0)
-    example = adapter.random_inputs(2, manifest.resolution, precision, generator)
+    example = adapter.random_inputs(2, precision, generator)
     example = {name: value.to(device) for name, value in example.items()}
     with torch.no_grad():
         _, caches = split.run_full(example)

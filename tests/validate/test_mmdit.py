@@ -91,11 +91,10 @@ def test_lean_reuse_fed_its_own_caches_reproduces_the_full_step(make, config) ->
     """The lean reuse graph reads only the image-stream caches and, fed the caches of the
     same inputs, equals the full step exactly (fp32): nothing the text stream computes
     reaches the prediction except through the cached attentions."""
-    adapter = adapter_for(make(config, seed=3), AdapterOptions(text_length=TEXT))
-    adapter.fix_resolution((8, 8))
-    names = tuple(s.name for s in adapter.step_input_specs((8, 8), "fp32"))
+    adapter = adapter_for(make(config, seed=3), AdapterOptions(text_length=TEXT, resolution=(8, 8)))
+    names = tuple(s.name for s in adapter.step_input_specs("fp32"))
     split = split_model(adapter, names)
-    inputs = adapter.random_inputs(2, (8, 8), "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(2, "fp32", torch.Generator().manual_seed(0))
     with torch.no_grad():
         prediction, caches = split.run_full(inputs)
         lean_names = adapter.lean_cache_names(split.cache_names)
@@ -195,3 +194,21 @@ def test_fp16_overflow_fails_validate_loudly(tmp_path: Path) -> None:
     report = validate(out, steps=3, batch_sizes=[1])
     assert not report.passed
     assert any(o.nonfinite for case in report.graph_cases for o in case.comparisons)
+
+
+def test_sd3_plain_reuse_graph_with_attn_cached_opens_and_validates(tmp_path: Path) -> None:
+    """Regression: ``--cache attn,ff --reuse-graph plain`` wrote a folder the runtime refused
+    (the exporter dropped the text-stream caches from the reuse graph, the full graph still
+    wrote them). Now both graphs carry the image-stream caches only."""
+    model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
+    out = tmp_path / "engine"
+    config = BuildConfig.from_options(batch="1:2", text_length=TEXT, cache="attn,ff", reuse_graph="plain")
+    build(str(model), out, config, progress=False)
+    manifest = load_manifest(out)
+    cache_names = [c.name for c in manifest.caches]
+    assert cache_names == ["cache.0.attn.image", "cache.0.ff", "cache.1.attn.image", "cache.1.ff"]
+    assert [t.name for t in manifest.graphs["reuse"].inputs][-4:] == cache_names
+    report = validate(out, steps=6, batch_sizes=[1, 2])
+    assert report.passed, report.to_dict()
+    assert max(c.worst.max_abs for c in report.graph_cases) <= FP32_GRAPH_ATOL
+    assert report.trajectory.runtime_vs_fora_rel_l2 <= 1e-4 and not report.trajectory.gate_table

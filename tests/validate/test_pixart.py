@@ -44,9 +44,9 @@ def assert_fp32_parity(report) -> None:
 @pytest.mark.parametrize("config", [TINY_PIXART, OTHER_PIXART], ids=["sigma-like", "alpha-1024-like"])
 def test_reuse_fed_own_caches_equals_full_exactly(config: dict) -> None:
     adapter = adapter_for(make_demo_pixart(config), AdapterOptions(text_length=7))
-    names = tuple(s.name for s in adapter.step_input_specs(adapter.default_resolution(), "fp32"))
+    names = tuple(s.name for s in adapter.step_input_specs("fp32"))
     split = split_model(adapter, names)
-    inputs = adapter.random_inputs(3, adapter.default_resolution(), "fp32", torch.Generator().manual_seed(0))
+    inputs = adapter.random_inputs(3, "fp32", torch.Generator().manual_seed(0))
     assert inputs["encoder_attention_mask"][1].sum() < 7  # a partly padded row
     with torch.no_grad():
         full, caches = split.run_full(inputs)

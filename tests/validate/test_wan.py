@@ -100,8 +100,9 @@ def test_two_expert_generation_restarts_fora_at_the_switch(two_experts: tuple[Pa
     # PyTorch reference: FORA restarted per expert (first step of each full, own step count).
     experts = []
     for name in ("transformer", "transformer_2"):
-        adapter = adapter_for(load_model(str(pipe), subfolder=name).model, AdapterOptions(frames=FRAMES))
-        names = tuple(s.name for s in adapter.step_input_specs((4, 4), "fp32"))
+        options = AdapterOptions(frames=FRAMES, resolution=(4, 4))
+        adapter = adapter_for(load_model(str(pipe), subfolder=name).model, options)
+        names = tuple(s.name for s in adapter.step_input_specs("fp32"))
         experts.append(split_model(adapter, names))
     owner = [0 if t >= BOUNDARY * 1000 else 1 for t in timesteps]
     counts = [owner.count(0), owner.count(1)]
@@ -192,5 +193,17 @@ def test_max_cache_gib_refuses_and_lists_the_subsets_that_fit(tmp_path: Path) ->
     )
     message = r"caches need 18.00 KiB at batch 4 \(4.50 KiB per sample\) \| pass --cache with one of: "
     with pytest.raises(BuildError, match=message + "attn1,attn2; attn1,ffn; attn2,ffn "):
+        build(str(tmp_path / "model"), tmp_path / "engine", config, progress=False)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_build_past_the_models_rotary_tables_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Wan config whose rope_max_seq_len is shorter than the build's token grid: refused
+    before anything is exported (was a RuntimeError from the rotary table in the export)."""
+    make_demo_wan({**TINY_WAN, "rope_max_seq_len": 2}, seed=1).save_pretrained(tmp_path / "model")
+    config = BuildConfig.from_options(resolution="8x8", frames=FRAMES, text_length=TEXT)
+    with pytest.raises(
+        ConfigError, match=r"rope_max_seq_len 2\) cover at most 2 patches per axis: at most 2 frames"
+    ):
         build(str(tmp_path / "model"), tmp_path / "engine", config, progress=False)
     assert not (tmp_path / "engine").exists()
