@@ -18,6 +18,7 @@ from torch import nn
 
 from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.gated import GatedReuseParts, GatedReuseStep, GateTableGraphs, LeanReuseStep
+from fora_export.adapters.registry import FamilySpec, family_spec
 from fora_export.errors import ConfigError
 from fora_runtime.dtypes import MANIFEST_DTYPES, PRECISION_DTYPES, torch_dtype
 from fora_runtime.manifest import BATCH_AXIS, DenoisingSpec, ForwardSignature, InputSpec, Manifest
@@ -116,31 +117,32 @@ class ModelAdapter(ABC):
     scheduler: ClassVar[str] = "ddpm"
     #: graph timestep = scheduler timestep * timestep_scale.
     timestep_scale: ClassVar[float] = 1.0
-    #: The torch.onnx exporter this family's graphs need (``--exporter`` overrides).
-    onnx_exporter: ClassVar[str] = "torchscript"
     #: How pipelines call the family's diffusers ``forward`` (recorded in the manifest for
     #: the diffusers drop-in).
     forward_signature: ClassVar[ForwardSignature]
-    #: Text tokens per prompt when the build gives none (None: the family takes no text).
-    default_text_length: ClassVar[int | None] = None
-    #: Latent frames when the build gives none (None: the family is not a video family).
-    default_frames: ClassVar[int | None] = None
 
     def __init__(self, model: nn.Module, options: AdapterOptions | None = None) -> None:
         # diffusers models expose config values and submodules as dynamic attributes.
         self.model: Any = model
         self.options = options or AdapterOptions()
         self.cached_kinds = self._check_cache_kinds(self.options.cache)
+        # Build defaults are the registry's (FamilySpec: data the CLI help reads without torch).
+        spec = self.family_spec()
         self.text_length: int = self._default_size(
-            "--text-length", _size_option("--text-length", self.options.text_length), self.default_text_length
+            "--text-length", _size_option("--text-length", self.options.text_length), spec.text_length
         )
         self.frames: int = self._default_size(
-            "--frames", _size_option("--frames", self.options.frames), self.default_frames
+            "--frames", _size_option("--frames", self.options.frames), spec.frames
         )
         resolution = self.options.resolution or self.default_resolution()
         self.resolution: tuple[int, int] = (int(resolution[0]), int(resolution[1]))
         self.check_sizes()
         self.fix_sizes()
+
+    @classmethod
+    def family_spec(cls) -> FamilySpec:
+        """The family's registry entry: its build defaults, pipelines and title."""
+        return family_spec(cls.family)
 
     @classmethod
     def pipeline_build_defaults(cls, index: dict[str, Any], subfolder: str, *, where: str) -> dict[str, Any]:

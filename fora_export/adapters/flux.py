@@ -50,8 +50,6 @@ from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacke
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
-#: FluxPipeline's default ``max_sequence_length`` (T5 tokens).
-DEFAULT_TEXT_LENGTH = 512
 #: Latent (VAE) size of a 1024px image.
 DEFAULT_RESOLUTION = (128, 128)
 
@@ -85,8 +83,6 @@ class FluxAdapter(ModelAdapter):
     timestep_scale = 1e-3
     # The TorchScript exporter mis-traces the rotary embedding's reshapes for a dynamic
     # batch (graphs run only at the traced batch size); torch.export traces them right.
-    onnx_exporter = "dynamo"
-    default_text_length = DEFAULT_TEXT_LENGTH
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)

@@ -36,9 +36,6 @@ from fora_export.adapters.cache_point import CachePoint
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
-#: PixArt-alpha uses 120 T5 tokens; PixArt-Sigma 300.
-DEFAULT_TEXT_LENGTH = 120
-
 
 class PixArtAdapter(ModelAdapter):
     family = "pixart"
@@ -57,7 +54,6 @@ class PixArtAdapter(ModelAdapter):
         unsupported=("cross_attention_kwargs", "attention_mask"),
     )
     cache_kinds = ("attn1", "attn2", "ff")
-    default_text_length = DEFAULT_TEXT_LENGTH
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         if model.config.caption_channels is None:

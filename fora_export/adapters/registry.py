@@ -53,6 +53,13 @@ class FamilySpec:
     adapter: str
     #: The diffusers pipeline classes whose ``transformer`` it is.
     pipeline_classes: tuple[str, ...]
+    #: Build defaults, where the build gives none (data, so help texts need no torch):
+    #: text tokens per prompt (None: the family takes no text: class-conditional),
+    text_length: int | None = None
+    #: latent frames (None: not a video family),
+    frames: int | None = None
+    #: and the torch.onnx exporter its graphs need (``--exporter`` overrides).
+    exporter: str = "torchscript"
 
     @property
     def adapter_class(self) -> type[ModelAdapter]:
@@ -111,9 +118,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "PixArtTransformer2DModel",
         f"{_ADAPTERS}.pixart:PixArtAdapter",
         ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+        text_length=120,
     ),
     FamilySpec(
-        "flux", "Flux.1", "FluxTransformer2DModel", f"{_ADAPTERS}.flux:FluxAdapter", ("FluxPipeline",)
+        "flux",
+        "Flux.1",
+        "FluxTransformer2DModel",
+        f"{_ADAPTERS}.flux:FluxAdapter",
+        ("FluxPipeline",),
+        text_length=512,
+        exporter="dynamo",
     ),
     FamilySpec(
         "sd3",
@@ -121,6 +135,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "SD3Transformer2DModel",
         f"{_ADAPTERS}.sd3:SD3Adapter",
         ("StableDiffusion3Pipeline",),
+        # StableDiffusion3Pipeline's prompt: 77 CLIP tokens + 256 T5 tokens (max_sequence_length).
+        text_length=333,
     ),
     FamilySpec(
         "wan",
@@ -128,6 +144,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "WanTransformer3DModel",
         f"{_ADAPTERS}.wan:WanAdapter",
         ("WanPipeline", "WanImageToVideoPipeline"),
+        text_length=512,
+        frames=21,
+        exporter="dynamo",
     ),
 )
 
@@ -222,13 +241,7 @@ def family_for_pipeline(pipeline_class: str) -> FamilySpec | None:
 
 
 def adapter_class_for(class_name: str, *, where: str = "model") -> type[ModelAdapter]:
-    spec = _BY_CLASS.get(class_name)
-    if spec is None:
-        raise ConfigError(
-            f"{where} | model class {class_name!r} is not supported | supported: "
-            f"{', '.join(supported_classes())}"
-        )
-    return spec.adapter_class
+    return family_for_class(class_name, where=where).adapter_class
 
 
 def adapter_for(
@@ -243,20 +256,39 @@ def supported_families_text() -> str:
     return ", ".join(f"{spec.title} ({spec.model_class})" for spec in FAMILIES)
 
 
+def family_for_class(class_name: str, *, where: str = "model") -> FamilySpec:
+    """The family serving diffusers class ``class_name`` (ConfigError: none does)."""
+    spec = _BY_CLASS.get(class_name)
+    if spec is None:
+        raise ConfigError(
+            f"{where} | model class {class_name!r} is not supported | supported: "
+            f"{', '.join(supported_classes())}"
+        )
+    return spec
+
+
 def text_length_defaults_text() -> str:
-    """``PixArt: 120, SD3: 333, ...``: each text family's default ``--text-length`` (imports
-    the adapters, so torch)."""
-    defaults = [(spec.title, spec.adapter_class.default_text_length) for spec in FAMILIES]
-    return ", ".join(f"{title}: {length}" for title, length in defaults if length is not None)
+    """``PixArt: 120, SD3: 333, ...``: each text family's default ``--text-length``."""
+    return ", ".join(f"{spec.title}: {spec.text_length}" for spec in FAMILIES if spec.text_length is not None)
 
 
 def exporter_defaults_text() -> str:
     """``torchscript for DiT, PixArt, SD3; dynamo for Flux.1, Wan``: each family's default
-    ``--exporter`` (imports the adapters, so torch)."""
+    ``--exporter``."""
     by_exporter: dict[str, list[str]] = {}
     for spec in FAMILIES:
-        by_exporter.setdefault(spec.adapter_class.onnx_exporter, []).append(spec.title)
+        by_exporter.setdefault(spec.exporter, []).append(spec.title)
     return "; ".join(f"{exporter} for {', '.join(titles)}" for exporter, titles in by_exporter.items())
+
+
+def video_families_text() -> str:
+    """The families with a frame axis (``--frames``) and their default frame counts."""
+    return ", ".join(f"{spec.title}: {spec.frames}" for spec in FAMILIES if spec.frames is not None)
+
+
+def class_label_families_text() -> str:
+    """The class-conditional families (they take no text: class labels)."""
+    return ", ".join(spec.title for spec in FAMILIES if spec.text_length is None)
 
 
 # -- demos ------------------------------------------------------------------------------

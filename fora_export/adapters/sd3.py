@@ -37,8 +37,6 @@ from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
-#: StableDiffusion3Pipeline's prompt length: 77 CLIP tokens + 256 T5 tokens (max_sequence_length).
-DEFAULT_TEXT_LENGTH = 333
 #: SD3's FlowMatchEulerDiscreteScheduler (its scheduler_config.json), which the manifest records.
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
@@ -60,7 +58,6 @@ class SD3Adapter(ModelAdapter):
     )
     cache_kinds = ("attn", "attn2", "ff", "ff_context")
     scheduler = "flow_match"
-    default_text_length = DEFAULT_TEXT_LENGTH
 
     def cache_points(self) -> list[CachePoint]:
         points = []

@@ -46,10 +46,11 @@ from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
-#: WanPipeline's ``max_sequence_length`` (UMT5 tokens); the I2V attention assumes it.
-DEFAULT_TEXT_LENGTH = 512
-#: 81 frames at 480x832: 21 latent frames of 60x104 (Wan's VAE: 4x in time, 8x in space).
-DEFAULT_FRAMES = 21
+#: The I2V attention splits encoder_hidden_states at 512 UMT5 tokens (WanPipeline's
+#: max_sequence_length; the image tokens are the rest): the only text length I2V builds take.
+I2V_TEXT_LENGTH = 512
+#: 81 frames at 480x832: 21 latent frames (the registry's default) of 60x104 (Wan's VAE: 4x in
+#: time, 8x in space).
 DEFAULT_RESOLUTION = (60, 104)
 #: CLIP ViT-H image tokens of Wan 2.1 I2V (256 patches + class token).
 IMAGE_TOKENS = 257
@@ -67,9 +68,6 @@ class WanAdapter(ModelAdapter):
     scheduler = "flow_match"
     # The rotary embedding's unflatten/unbind pair traces to a batch-specialised graph with
     # the TorchScript exporter; torch.export keeps the batch dynamic.
-    onnx_exporter = "dynamo"
-    default_text_length = DEFAULT_TEXT_LENGTH
-    default_frames = DEFAULT_FRAMES
 
     def __init__(self, model: Any, options: AdapterOptions | None = None) -> None:
         super().__init__(model, options)
@@ -131,11 +129,11 @@ class WanAdapter(ModelAdapter):
         return p_t, p_h, p_w
 
     def check_sizes(self) -> None:
-        if self.image_conditioned and self.text_length != DEFAULT_TEXT_LENGTH:
+        if self.image_conditioned and self.text_length != I2V_TEXT_LENGTH:
             # WanAttnProcessor splits image from text tokens as "all but the last 512".
             raise ConfigError(
                 f"--text-length | got {self.text_length} | Wan I2V models take exactly "
-                f"{DEFAULT_TEXT_LENGTH} text tokens (the image tokens are the rest)"
+                f"{I2V_TEXT_LENGTH} text tokens (the image tokens are the rest)"
             )
         patch = self.patch
         height, width = self.resolution

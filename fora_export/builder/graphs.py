@@ -21,7 +21,7 @@ import torch
 from fora_export.adapters.base import DTYPE_NAMES, ModelAdapter
 from fora_export.adapters.casting import cast_model
 from fora_export.adapters.gated import ForecastGatedReuse, LeanReuseStep
-from fora_export.adapters.registry import adapter_class_for, adapter_for
+from fora_export.adapters.registry import adapter_for, family_for_class
 from fora_export.builder.config import BuildConfig, default_opset
 from fora_export.builder.destination import size_text
 from fora_export.errors import BuildError, ExportError
@@ -118,7 +118,7 @@ def resolve_model_defaults(config: BuildConfig, loaded: LoadedModel) -> BuildCon
     build gave none; the manifest records the result, so validate rebuilds the same adapter."""
     defaults = loaded.build_defaults
     if not config.export.resolved:
-        exporter = adapter_class_for(loaded.class_name).onnx_exporter
+        exporter = family_for_class(loaded.class_name).exporter
         opset = config.export.opset or default_opset(exporter)
         export = dataclasses.replace(config.export, exporter=exporter, opset=opset)
         config = dataclasses.replace(config, export=export)

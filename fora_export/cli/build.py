@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from fora_export.adapters import registry
 from fora_export.choices import BUILD_BACKENDS, EXPORTERS, PRECISIONS, REUSE_GRAPHS
 from fora_export.cli.exits import user_errors
 from fora_export.cli.options import option_group
@@ -15,23 +16,10 @@ from fora_runtime.schedule import INTERVAL_MODES
 # The families as the help names them; each a one-line change when they come from the family
 # registry.
 #: MODEL's built-in demo models.
-DEMO_MODELS_HELP = (
-    "demo-dit, demo-pixart, demo-sd3, demo-flux, demo-wan (random weights), demo-digits (a DiT trained on "
-    "scikit-learn's digits) and demo-digits-flow (an SD3 MMDiT trained on them by flow matching)."
-)
-#: ``--exporter``'s default per family.
-EXPORTER_DEFAULTS_HELP = "torchscript for DiT, PixArt, SD3; dynamo for Flux, Wan"
-#: ``--text-length``'s value per text-conditioned family.
-TEXT_LENGTHS_HELP = "PixArt: 120, SD3: 333, Flux: 512"
-#: The families with ``--frames``.
-VIDEO_FAMILIES_HELP = "Wan"
-#: The families whose lean reuse step computes only gates and the residual sum.
-LEAN_REUSE_HELP = "DiT"
-
 BUILD_HELP = f"""Split MODEL into full/reuse graphs and export them to an engine folder.
 
 MODEL is a local diffusers folder (transformer, or pipeline with transformer/),
-a Hub id resolved by diffusers, or a built-in demo model: {DEMO_MODELS_HELP}
+a Hub id resolved by diffusers, or a built-in demo model: {registry.demos_text()}.
 """
 
 
@@ -62,7 +50,7 @@ def build_config_options() -> Any:
             type=click.Choice(INTERVAL_MODES),
             default="paper",
             show_default=True,
-            help="How 'every N steps' is counted (see README, Schedules).",
+            help="How 'every N steps' is counted (see docs/caching.md, Schedules).",
         ),
         click.option(
             "--precision",
@@ -78,13 +66,13 @@ def build_config_options() -> Any:
             "--exporter",
             type=click.Choice(EXPORTERS),
             default=None,
-            help=f"torch.onnx exporter. [default: the family's: {EXPORTER_DEFAULTS_HELP}]",
+            help=f"torch.onnx exporter. [default: the family's: {registry.exporter_defaults_text()}]",
         ),
         click.option(
             "--fp32-islands/--no-fp32-islands",
             default=True,
             show_default=True,
-            help="Run LayerNorm and Softmax in fp32 inside fp16/bf16 graphs (see README).",
+            help="Run LayerNorm and Softmax in fp32 inside fp16/bf16 graphs (see docs/cli.md, Precision).",
         ),
         click.option(
             "--cache",
@@ -97,7 +85,7 @@ def build_config_options() -> Any:
             "text_length",
             type=int,
             default=None,
-            help=f"Text tokens per prompt, fixed per build ({TEXT_LENGTHS_HELP}).",
+            help=f"Text tokens per prompt, fixed per build ({registry.text_length_defaults_text()}).",
         ),
         click.option(
             "--backend",
@@ -112,8 +100,8 @@ def build_config_options() -> Any:
             type=click.Choice(REUSE_GRAPHS),
             default="lean",
             show_default=True,
-            help=f"lean: reuse computes only gates and the residual sum ({LEAN_REUSE_HELP}); plain: blocks "
-            "with replayed sublayers.",
+            help="lean: reuse computes only gates and the residual sum where the family has such a "
+            "step (info shows which a folder got); plain: blocks with replayed sublayers.",
         ),
         click.option(
             "--device",
@@ -147,7 +135,7 @@ def build_config_options() -> Any:
             "--frames",
             type=int,
             default=None,
-            help=f"Latent frames, fixed per build (video: {VIDEO_FAMILIES_HELP}). [default: 21]",
+            help=f"Latent frames, fixed per build. [default: the family's: {registry.video_families_text()}]",
         ),
         click.option(
             "--subfolder",

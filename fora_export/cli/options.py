@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
+from fora_export.adapters import registry
 from fora_export.cli.exits import user_errors
 from fora_export.errors import ConfigError
 from fora_export.schedulers import SCHEDULER_NAMES
@@ -31,9 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Seeds go to torch and numpy generators: non-negative int64 (larger ones overflow there).
 SEED = click.IntRange(0, 2**63 - 1)
-#: The demo pipelines ``--pipeline`` takes besides a folder (validate, sample); to come from
-#: the family registry.
-DEMO_PIPELINES_HELP = "demo-dit / demo-pixart"
+#: The demo pipelines ``--pipeline`` takes besides a folder (validate, sample).
+DEMO_PIPELINES_HELP = "a built-in demo pipeline: " + ", ".join(registry.demo_pipeline_names())
 #: ``--verify`` modes a user picks (``none`` is the library's, for folders checked already).
 USER_VERIFY_MODES = tuple(mode for mode in VERIFY_MODES if mode != "none")
 
@@ -118,7 +118,7 @@ def folder_options() -> Callable[[F], F]:
             "trust_programs",
             is_flag=True,
             help="Vouch for ENGINE_DIR: load its torch programs (they run code when loaded) and "
-            "TensorRT plugin layers. Only for folders you built or trust (see README, Trust and safety).",
+            "TensorRT plugin layers. Only for folders you built or trust (see docs/trust.md).",
         ),
         click.option(
             "--verify",

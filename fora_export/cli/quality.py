@@ -29,7 +29,7 @@ from fora_export.cli.options import (
 @schedule_mode_option(
     QUALITY_SCHEDULE_MODES,
     "both",
-    "How the intervals are counted (see README, Schedules); both: a row for each.",
+    "How the intervals are counted (see docs/caching.md, Schedules); both: a row for each.",
 )
 @click.option(
     "--schedule-list",
@@ -54,7 +54,7 @@ from fora_export.cli.options import (
 @seed_option(0, "Seed of the noise and the classifier.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per schedule (median).")
 @runtime_backend_option("Runtime backend.")
-@json_options("Print the report as JSON (see README).", save_json_help="Also write the JSON here.")
+@json_options("Print the report as JSON (see docs/cli.md).", save_json_help="Also write the JSON here.")
 @image_option("--plot", "Write a quality-vs-speedup plot.")
 @image_option("--grid", "Write an image grid, a row per schedule.")
 @folder_options()

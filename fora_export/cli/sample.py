@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from fora_export.adapters import registry
 from fora_export.cli.exits import user_errors
 from fora_export.cli.options import (
     DEMO_PIPELINES_HELP,
@@ -18,9 +19,6 @@ from fora_export.cli.options import (
     schedule_option,
     seed_option,
 )
-
-#: The class-conditional families (``--class-label``); to come from the family registry.
-CLASS_LABEL_FAMILIES_HELP = "DiT"
 
 
 def _class_labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[int, ...]:
@@ -44,7 +42,7 @@ def _class_labels(ctx: click.Context, param: click.Parameter, value: tuple[str, 
     "class_labels",
     multiple=True,
     callback=_class_labels,
-    help=f"Class label of class-conditional pipelines ({CLASS_LABEL_FAMILIES_HELP}); repeat or "
+    help=f"Class label of class-conditional pipelines ({registry.class_label_families_text()}); repeat or "
     "comma-separate.",
 )
 @click.option("--steps", type=int, default=20, show_default=True, help="num_inference_steps.")

@@ -94,7 +94,7 @@ def triton(
     force: bool,
     access: Any,
 ) -> None:
-    """Write a Triton Inference Server model that runs ENGINE_DIR's generations (see README, Serving)."""
+    """Write a Triton Inference Server model that runs ENGINE_DIR's generations (see docs/serving.md)."""
     from fora_export.serving.triton_repo import TritonModelConfig, write_triton_model
 
     config = TritonModelConfig(

@@ -63,7 +63,7 @@ from fora_export.cli.options import (
     default=None,
     help="Write a per-step error plot (steps.png, steps.json) and, with --pipeline, the image grid here.",
 )
-@json_options("Print the report as JSON (see README).")
+@json_options("Print the report as JSON (see docs/cli.md).")
 @folder_options()
 @user_errors
 def validate(

@@ -1,7 +1,7 @@
 """Which denoising steps run the full graph and which reuse the caches.
 
 FORA recomputes every N steps and reuses the cached attention/MLP outputs in
-between. There are two readings of "every N steps" (see README, "Schedules"):
+between. There are two readings of "every N steps" (see docs/caching.md, "Schedules"):
 
 - ``paper`` (default): step k (k = 0 is the first step) is full when k % N == 0.
 - ``reference``: the FORA reference code counts an index i down from S-1 to 0

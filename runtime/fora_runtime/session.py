@@ -73,9 +73,9 @@ class ForaSession:
         stamp of each, ``full``: sha256 of each, ``none``). ``trust_programs=True`` vouches
         for the folder: torch programs (which run code when loaded) and TensorRT plugin
         layers are then allowed; a manifest signed under ``manifest_key`` /
-        ``manifest_key_file`` / ``$FORA_MANIFEST_KEY`` is trusted too (README, "Trust and
-        safety"). ``check_inputs=False`` skips the per-step shape, dtype and value checks (for
-        hot loops whose inputs are known good; a bad input then fails inside the backend).
+        ``manifest_key_file`` / ``$FORA_MANIFEST_KEY`` is trusted too (docs/trust.md).
+        ``check_inputs=False`` skips the per-step shape, dtype and value checks (for hot
+        loops whose inputs are known good; a bad input then fails inside the backend).
         ``gate_table=False`` never precomputes gates (reuse steps compute their own).
         ``forecast`` (forecast builds, ``build --forecast``): None forecasts wherever the
         generation has a gate table; True refuses generations that cannot; False never

@@ -1,5 +1,4 @@
-"""What opening an engine folder may do, and the two ways to allow more (README, "Trust
-and safety").
+"""What opening an engine folder may do, and the two ways to allow more (docs/trust.md).
 
 An engine folder is data written by whoever built or copied it. Opening it:
 

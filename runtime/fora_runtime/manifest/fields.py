@@ -1,7 +1,7 @@
 """Parsing a manifest's fields: every field's JSON type and range checked, any flaw a
 ``FieldError`` naming the field (``Manifest.from_dict`` turns it into a ``ManifestError``).
 
-A manifest is untrusted input (README, "Trust and safety"); these helpers are the one
+A manifest is untrusted input (docs/trust.md); these helpers are the one
 place its values are type-checked. Stdlib only.
 """
 

@@ -2,7 +2,7 @@
 signature (:mod:`fora_runtime.trust`), parsing it, and checking the files it lists
 (contained in the folder, size, stamp or sha256) before any of them is loaded. Stdlib only.
 
-A folder is untrusted input until proven otherwise (README, "Trust and safety"): every
+A folder is untrusted input until proven otherwise (docs/trust.md): every
 file the manifest names must be a plain name inside the folder (no separators, ``..``,
 absolute paths or symlinks leaving it), and that is checked before any of those files is
 touched.
