@@ -129,6 +129,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         f"{_ADAPTERS}.wan:WanAdapter",
         ("WanPipeline", "WanImageToVideoPipeline"),
     ),
+    FamilySpec(
+        "qwenimage",
+        "Qwen-Image",
+        "QwenImageTransformer2DModel",
+        f"{_ADAPTERS}.qwenimage:QwenImageAdapter",
+        ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+    ),
 )
 
 #: "Text" tokens of demo-digits-flow's class table (its encoder_hidden_states), so its build length.
@@ -195,6 +202,13 @@ DEMOS: tuple[DemoSpec, ...] = (
         model=f"{_DEMO}:make_demo_wan",
         pipeline=f"{_PIPELINES}:make_wan_pipeline",
         build_defaults=MappingProxyType({"resolution": (16, 16), "text_length": 64, "frames": 5}),
+    ),
+    DemoSpec(
+        "demo-qwenimage",
+        "qwenimage",
+        "a small Qwen-Image (random weights)",
+        model=f"{_DEMO}:make_demo_qwenimage",
+        build_defaults=MappingProxyType({"resolution": (32, 32), "text_length": 64}),
     ),
 )
 
