@@ -189,14 +189,14 @@ def make_demo_wan(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -
     return model.eval()
 
 
-#: A small Qwen-Image: 6 dual-stream blocks of hidden 384 (6 heads of 64), qk RMSNorm,
+#: A small Qwen-Image: 4 dual-stream blocks of hidden 384 (6 heads of 64), qk RMSNorm,
 #: 16-channel packed latents (a 4-channel VAE latent in 2x2 patches); built at a 32x32
 #: latent (256 image tokens) and 64 text tokens.
 DEMO_QWENIMAGE_CONFIG: dict[str, Any] = {
     "patch_size": 2,
     "in_channels": 16,
     "out_channels": 4,
-    "num_layers": 6,
+    "num_layers": 4,
     "attention_head_dim": 64,
     "num_attention_heads": 6,
     "joint_attention_dim": 256,

@@ -67,9 +67,7 @@ UNSUPPORTED_FLAGS = {
     "use_additional_t_cond": "the layered model's extra timestep condition",
     "guidance_embeds": "guidance embeddings (diffusers' model has none and fails given guidance)",
 }
-SUPPORTED = (
-    "Qwen-Image text-to-image transformers (QwenImagePipeline, its img2img and inpaint pipelines)"
-)
+SUPPORTED = "Qwen-Image text-to-image transformers (QwenImagePipeline, its img2img and inpaint pipelines)"
 
 
 class QwenImageAdapter(ModelAdapter):
@@ -270,7 +268,9 @@ class QwenImageAdapter(ModelAdapter):
 
     # -- reuse math -----------------------------------------------------------------
     def gated_reuse_parts(self) -> GatedReuseParts:
-        return GatedReuseParts(QwenImageGateTable(self.model), ("timestep",), QwenImageGatedResidual(self.model))
+        return GatedReuseParts(
+            QwenImageGateTable(self.model), ("timestep",), QwenImageGatedResidual(self.model)
+        )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
