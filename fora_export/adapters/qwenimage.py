@@ -24,9 +24,10 @@ Latents are the pipeline's packed tokens ``[B, (H/2)(W/2), 4 C]`` (Flux's layout
 ``--resolution`` is the VAE latent ``H x W``). Timesteps follow the pipeline, which
 passes the flow-matching time ``t / 1000`` (the model's sinusoid scales it by 1000).
 The rotary tables depend on ``img_shapes`` (one image of ``(1, H/2, W/2)`` patches) and
-the text length, both fixed per build: the adapter computes them once with the model's
-own ``pos_embed`` and the attention applies them in real arithmetic (the model's
-complex multiply does not export to ONNX; the values agree to fp32 rounding).
+the text length, both fixed per build: ``pos_embed`` returns them as real (cos, sin)
+pairs made once per size by its own forward (the build's become graph constants) and
+the attention applies them in real arithmetic (the model's complex multiply does not
+export to ONNX; the values agree to fp32 rounding).
 ``encoder_hidden_states_mask`` is an int64 input (1 = token, 0 = padding); a prompt
 shorter than the build pads with zeros and a zero mask, which leaves the image tokens'
 attention unchanged (padding keys are masked out).
@@ -200,14 +201,12 @@ class QwenImageAdapter(ModelAdapter):
             )
 
     def fix_sizes(self) -> None:
-        """The rotary tables of the build's ``img_shapes`` and text length, as real
-        (cos, sin) pairs, returned by ``pos_embed`` from now on."""
+        """From now on ``pos_embed`` returns its rotary tables as real (cos, sin) pairs, one
+        pair per image and text, made once per size; the build's are made here, so the
+        exported graphs hold them as constants."""
         pos_embed = self.model.pos_embed
-        image, text = pos_embed(
-            self.img_shapes, max_txt_seq_len=self.text_length, device=pos_embed.pos_freqs.device
-        )
-        tables = ((image.real, image.imag), (text.real, text.imag))
-        pos_embed.forward = lambda *args, **kwargs: tables
+        pos_embed.forward = _real_rotary_tables(pos_embed)
+        pos_embed(self.img_shapes, max_txt_seq_len=self.text_length, device=pos_embed.pos_freqs.device)
 
     @property
     def img_shapes(self) -> list[list[tuple[int, int, int]]]:
@@ -271,6 +270,25 @@ class QwenImageAdapter(ModelAdapter):
         return GatedReuseParts(
             QwenImageGateTable(self.model), ("timestep",), QwenImageGatedResidual(self.model)
         )
+
+
+def _real_rotary_tables(pos_embed: nn.Module) -> Any:
+    """``pos_embed``'s forward with its complex tables as real (cos, sin) pairs, each
+    computed once per (image shapes, text length) by diffusers' own forward."""
+    original = type(pos_embed).forward
+    tables: dict[tuple[Any, ...], Any] = {}
+
+    def forward(video_fhw: Any, device: Any = None, max_txt_seq_len: Any = None) -> Any:
+        first = video_fhw[0] if isinstance(video_fhw, list) else video_fhw  # as diffusers reads it
+        shapes = first if isinstance(first, list) else [first]
+        key = (tuple(tuple(int(n) for n in shape) for shape in shapes), int(max_txt_seq_len))
+        if key not in tables:  # on the tables' own device: the attention moves them
+            where = pos_embed.pos_freqs.device
+            image, text = original(pos_embed, video_fhw, device=where, max_txt_seq_len=max_txt_seq_len)
+            tables[key] = ((image.real, image.imag), (text.real, text.imag))
+        return tables[key]
+
+    return forward
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

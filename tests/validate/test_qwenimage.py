@@ -182,9 +182,10 @@ def test_exported_attention_equals_diffusers_and_padding_changes_nothing() -> No
         padded["encoder_hidden_states"][:, 4:] = 0
         padded["encoder_hidden_states_mask"] = inputs["encoder_hidden_states_mask"].clone()
         padded["encoder_hidden_states_mask"][:, 4:] = 0
-        torch.testing.assert_close(
-            adapter.predict(padded), _diffusers_call(reference, short, (6, 4)), atol=1e-5, rtol=0
-        )
+        unpadded = _diffusers_call(reference, short, (6, 4))
+        torch.testing.assert_close(adapter.predict(padded), unpadded, atol=1e-5, rtol=0)
+        # The adapted model runs other prompt lengths too (PyTorch FORA in a pipeline does).
+        torch.testing.assert_close(_diffusers_call(adapter.model, short, (6, 4)), unpadded, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
