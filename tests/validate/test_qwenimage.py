@@ -240,3 +240,40 @@ def test_sizes_the_model_cannot_run_are_one_line_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         adapter_for(make_demo_qwenimage({**TINY_QWENIMAGE, **config}), options)
+
+
+def test_demo_pipeline_runs_pytorch_fora_with_true_cfg() -> None:
+    """The tiny QwenImagePipeline (Qwen2.5-VL text encoder, Qwen-Image VAE) with PyTorch
+    FORA as its transformer: true CFG's two passes run in the cache contexts ``cond`` and
+    ``uncond``, each with its own caches; at interval 1 it is the pipeline's own run."""
+    from fora_export.demo_pipelines import make_qwenimage_pipeline
+    from fora_export.validate.pipeline_ref import ForaReference
+    from fora_runtime.schedule import CacheSchedule
+
+    pipe = make_qwenimage_pipeline(make_demo_qwenimage(TINY_QWENIMAGE, seed=1))
+    pipe.set_progress_bar_config(disable=True)
+    call = {
+        "prompt": "a photo of a cat",
+        "negative_prompt": "blue sky",
+        "true_cfg_scale": 4.0,
+        "height": 64,  # an 8x8 latent: 4x4 packed tokens
+        "width": 64,
+        "num_inference_steps": 6,
+        "output_type": "np",
+    }
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    original = pipe.transformer
+    images, contexts = {}, {}
+    for interval in (1, 3):
+        reference = ForaReference(original, CacheSchedule.interval_of(interval), SIZES)
+        reference.reset(6)
+        pipe.transformer = reference
+        try:
+            images[interval] = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+            contexts[interval] = {name: steps.step for name, steps in reference._contexts.items()}
+        finally:
+            reference.remove()
+            pipe.transformer = original
+    assert contexts[1] == contexts[3] == {"cond": 6, "uncond": 6}
+    assert np.abs(images[1] - plain).max() <= 1e-5  # fp32: every step full is no caching
+    assert np.abs(images[3] - plain).max() > 1e-4  # reuse steps changed the trajectory
