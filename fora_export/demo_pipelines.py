@@ -318,7 +318,7 @@ def make_qwen25vl_encoder(hidden_size: int, seed: int = 0) -> Any:
     half = hidden_size // 4  # 2 heads: half of each head's channels carry rotary sections
     section = half * 3 // 8
     vocab = len(VOCABULARY) + 3
-    tokens = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+    tokens: dict[str, Any] = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
     config = Qwen2_5_VLConfig(
         text_config={
             **tokens,
