@@ -102,13 +102,16 @@ def test_engine_keeps_image_caches_and_takes_the_prompt_mask(qwen_engine: Path) 
 
 @pytest.mark.slow
 def test_inputs_fixed_per_build_get_one_line_errors(qwen_engine: Path) -> None:
-    manifest = load_manifest(qwen_engine)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, 16, 16)).astype(np.float32)
     text = rng.standard_normal((1, ENGINE_TEXT, 24)).astype(np.float32)
     mask = np.ones((1, ENGINE_TEXT), np.int64)
+    mask[0, -3:] = 0  # a prompt 3 tokens shorter than the build
     with ForaSession(qwen_engine) as session:
         gen = session.start(4, 1)
+        # The scheduler's timestep as the model takes it: t / 1000 (sigma), not t.
+        with pytest.raises(InputError, match=r"Input 'timestep' \| values 999\.\.999 outside \[0, 1\]"):
+            gen.step(latents, 999.0, encoder_hidden_states=text, encoder_hidden_states_mask=mask)
         gen.step(latents, 0.5, encoder_hidden_states=text, encoder_hidden_states_mask=mask)
         with pytest.raises(InputError, match=r"Input 'encoder_hidden_states_mask' \| missing"):
             gen.step(latents, 0.4, encoder_hidden_states=text)
@@ -126,7 +129,12 @@ def test_inputs_fixed_per_build_get_one_line_errors(qwen_engine: Path) -> None:
                 encoder_hidden_states=text,
                 encoder_hidden_states_mask=mask,
             )
-    assert manifest.batch.max == 3
+        with pytest.raises(
+            InputError, match=r"Input 'encoder_hidden_states_mask' \| values 0\.\.2 outside \[0, 1\]"
+        ):
+            gen.step(
+                latents, 0.4, encoder_hidden_states=text, encoder_hidden_states_mask=np.where(mask, 2, 0)
+            )
 
 
 def test_lean_reuse_fed_its_own_caches_reproduces_the_full_step() -> None:
