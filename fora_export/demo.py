@@ -187,3 +187,26 @@ def make_demo_wan(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -
     model: Any = WanTransformer3DModel(**(config or DEMO_WAN_CONFIG))
     randomize_weights(model, seed)
     return model.eval()
+
+
+#: A small Qwen-Image: 4 dual-stream blocks of hidden 384 (6 heads of 64), qk RMSNorm,
+#: 16-channel packed latents (a 4-channel VAE latent in 2x2 patches); built at a 32x32
+#: latent (256 image tokens) and 64 text tokens.
+DEMO_QWENIMAGE_CONFIG: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 4,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "axes_dims_rope": (16, 24, 24),
+}
+
+
+def make_demo_qwenimage(config: dict[str, Any] | None = None, seed: int = DEMO_SEED) -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    model: Any = QwenImageTransformer2DModel(**(config or DEMO_QWENIMAGE_CONFIG))
+    randomize_weights(model, seed)
+    return model.eval()

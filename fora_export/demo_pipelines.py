@@ -288,3 +288,79 @@ def make_pixart_pipeline(
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
     )
+
+
+def make_qwenimage_vae(latent_channels: int, seed: int = 0) -> Any:
+    """A small ``AutoencoderKLQwenImage`` (Qwen-Image's causal 3D VAE): 8x in space, width 8
+    per level, latents unnormalised (mean 0, std 1)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae: Any = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * latent_channels,
+            latents_std=[1.0] * latent_channels,
+        )
+        return vae.eval()
+
+
+def make_qwen25vl_encoder(hidden_size: int, seed: int = 0) -> Any:
+    """A one-layer ``Qwen2_5_VLForConditionalGeneration`` of width ``hidden_size`` (the
+    transformer's joint_attention_dim; a multiple of 4), with a one-block vision tower
+    (the pipeline encodes text only)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    half = hidden_size // 4  # 2 heads: half of each head's channels carry rotary sections
+    section = half * 3 // 8
+    vocab = len(VOCABULARY) + 3
+    tokens: dict[str, Any] = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **tokens,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "mrope", "mrope_section": [half - 2 * section, section, section]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "fullatt_block_indexes": [0],
+        },
+        **tokens,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+#: Tokens QwenImagePipeline drops (its prompt template's) plus its longest prompt.
+QWENIMAGE_TOKENIZER_LENGTH = 34 + 1024
+
+
+def make_qwenimage_pipeline(transformer: Any, *, vae: Any = None) -> Any:
+    """``QwenImagePipeline``: a Qwen2.5-VL text encoder of the joint attention width; the
+    VAE latent has a quarter of the packed channels. Its prompts are as long as they
+    tokenize (after the template's first 34 tokens), not padded to a fixed length."""
+    from diffusers import QwenImagePipeline
+
+    config = transformer.config
+    vae = vae if vae is not None else make_qwenimage_vae(int(config.in_channels) // 4)
+    return QwenImagePipeline(
+        scheduler=make_flow_scheduler(dynamic_shift=True),
+        vae=vae,
+        text_encoder=make_qwen25vl_encoder(int(config.joint_attention_dim), seed=1),
+        tokenizer=make_tokenizer(QWENIMAGE_TOKENIZER_LENGTH),
+        transformer=transformer,
+    )

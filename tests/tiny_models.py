@@ -119,3 +119,27 @@ def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
 def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
     make_demo_dit(config, seed=seed).save_pretrained(folder)
     return folder
+
+
+# Qwen-Image-like (2x2-packed 4-channel latents) and another shape on every axis the
+# adapter reads: depth, heads, head width and rotary axes, packed channels, text width.
+TINY_QWENIMAGE = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "axes_dims_rope": (4, 6, 6),
+}
+OTHER_QWENIMAGE = {
+    **TINY_QWENIMAGE,
+    "in_channels": 8,
+    "out_channels": 2,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 3,
+    "joint_attention_dim": 20,
+    "axes_dims_rope": (2, 2, 4),
+}

@@ -139,6 +139,11 @@ class ModelAdapter(ABC):
         self.check_sizes()
         self.fix_sizes()
 
+    def call_signature(self) -> ForwardSignature:
+        """The forward signature this build records: the family's, with the values of its
+        build-fixed arguments (``ForwardSignature.fixed``) where it has such."""
+        return self.forward_signature
+
     @classmethod
     def family_spec(cls) -> FamilySpec:
         """The family's registry entry: its build defaults, pipelines and title."""

@@ -148,6 +148,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
         frames=21,
         exporter="dynamo",
     ),
+    FamilySpec(
+        "qwenimage",
+        "Qwen-Image",
+        "QwenImageTransformer2DModel",
+        f"{_ADAPTERS}.qwenimage:QwenImageAdapter",
+        ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+        # QwenImagePipeline's default max_sequence_length (prompt tokens after its template).
+        text_length=512,
+        exporter="dynamo",
+    ),
 )
 
 #: "Text" tokens of demo-digits-flow's class table (its encoder_hidden_states), so its build length.
@@ -214,6 +224,14 @@ DEMOS: tuple[DemoSpec, ...] = (
         model=f"{_DEMO}:make_demo_wan",
         pipeline=f"{_PIPELINES}:make_wan_pipeline",
         build_defaults=MappingProxyType({"resolution": (16, 16), "text_length": 64, "frames": 5}),
+    ),
+    DemoSpec(
+        "demo-qwenimage",
+        "qwenimage",
+        "a small Qwen-Image (random weights)",
+        model=f"{_DEMO}:make_demo_qwenimage",
+        pipeline=f"{_PIPELINES}:make_qwenimage_pipeline",
+        build_defaults=MappingProxyType({"resolution": (32, 32), "text_length": 64}),
     ),
 )
 

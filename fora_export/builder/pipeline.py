@@ -231,7 +231,7 @@ def _manifest(
         denoising=adapter.denoising(),
         backends=backends or {},
         gate_rows=plan.gate_rows,
-        forward=adapter.forward_signature,
+        forward=adapter.call_signature(),
     )
 
 

@@ -52,8 +52,20 @@ WAN_21_14B = {
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",
 }
+# Qwen-Image 20B (transformer/config.json of Qwen/Qwen-Image).
+QWEN_IMAGE = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
 LATENT_1024PX = (128, 128)  # VAE latent of a 1024x1024 image
-IMAGE_TOKENS = 4096  # Flux: 2x2-packed 128x128 latent; SD3: patch 2 on 128x128
+IMAGE_TOKENS = 4096  # Flux, Qwen-Image: 2x2-packed 128x128 latent; SD3: patch 2 on 128x128
 
 
 def meta_model(class_name: str, config: dict):
@@ -83,8 +95,10 @@ def lean_reuse_report(class_name: str, config: dict, text_length: int) -> tuple[
         ("FluxTransformer2DModel", FLUX_1_DEV, 512, 76, 1.78, 0.07),
         # 38 joint blocks x (attn, ff) = 76 caches of 4096 x 2432
         ("SD3Transformer2DModel", SD35_LARGE, 333, 76, 1.41, 0.065),
+        # 60 dual blocks x (attn, ff) = 120 caches of 4096 x 3072 (x2 with true CFG's two passes)
+        ("QwenImageTransformer2DModel", QWEN_IMAGE, 512, 120, 2.81, 0.06),
     ],
-    ids=["flux.1-dev", "sd3.5-large"],
+    ids=["flux.1-dev", "sd3.5-large", "qwen-image"],
 )
 def test_real_size_reuse_weights_and_cache_memory(
     class_name: str, config: dict, text_length: int, caches: int, gib: float, max_fraction: float

@@ -27,7 +27,7 @@ from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import GATE_ROWS, build
 from fora_export.builder.tensorrt import TrtBuildConfig, build_engine, parse_network_io
 from fora_export.builder.trt_flavors import DATACENTER_BUILD, DEFAULT_RTX_TARGETS, RTX_BUILD
-from fora_export.demo import make_demo_flux, make_demo_sd3
+from fora_export.demo import make_demo_flux, make_demo_qwenimage, make_demo_sd3
 from fora_export.errors import BuildError, ConfigError
 from fora_runtime import load_manifest
 from fora_runtime.backends.trt_flavor import RTX_VERSION
@@ -37,6 +37,7 @@ from tests.tiny_models import (
     TINY_DIT,
     TINY_FLUX_DEV,
     TINY_PIXART,
+    TINY_QWENIMAGE,
     TINY_SD35,
     save_dit,
     save_pixart,
@@ -81,6 +82,12 @@ FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] 
     "flux-dev": (
         partial(_save_model, make_demo_flux),
         TINY_FLUX_DEV,
+        {"resolution": "8x8", "text_length": 6},
+    ),
+    # Qwen-Image: joint attention with a prompt mask, real-arithmetic rotary (dynamo, opset 18).
+    "qwenimage": (
+        partial(_save_model, make_demo_qwenimage),
+        TINY_QWENIMAGE,
         {"resolution": "8x8", "text_length": 6},
     ),
 }

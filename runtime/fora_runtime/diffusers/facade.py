@@ -297,7 +297,43 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             for key, value in nested.items():
                 if value is not None:
                     named[key] = value
+        for name, per_sample in self.signature.fixed.items():
+            value = named.pop(name, None)
+            if value is not None:
+                self._check_fixed(name, value, per_sample)
         return named
+
+    def _check_fixed(self, name: str, value: Any, per_sample: Any) -> None:
+        """A build-fixed argument (a list with one entry per sample) must repeat the built
+        value; it feeds no graph input."""
+        given = _as_lists(value)
+        if not isinstance(given, list) or any(sample != per_sample for sample in given):
+            height, width = self.manifest.resolution
+            raise PipelineError(
+                f"Argument '{name}' | got {str(value)[:80]}, the engines were built for {per_sample} per "
+                f"sample (latent {height}x{width}) | pass the built height and width to the pipeline, or "
+                "rebuild with --resolution for the size you need"
+            )
+
+    def _pad_prompts(self, inputs: dict[str, Any]) -> None:
+        """Masked prompt inputs as the graphs take them: a missing mask means every token is
+        real; prompts shorter than the built text length are padded with zero embeddings
+        that the mask hides (attention ignores them: the outputs do not change)."""
+        length = self.manifest.conditioning.text_length
+        for mask_name, embeddings_name in self.signature.text_masks.items():
+            embeddings = inputs.get(embeddings_name)
+            if length is None or not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 3:
+                continue  # the size checks report it
+            batch, tokens = int(embeddings.shape[0]), int(embeddings.shape[1])
+            dtype = torch_dtype(self.manifest.input_spec(mask_name).dtype)
+            mask = inputs.get(mask_name)
+            if mask is None:
+                mask = torch.ones(batch, tokens, dtype=dtype, device=embeddings.device)
+            if tokens < length and isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, tokens):
+                pad = length - tokens
+                embeddings = torch.nn.functional.pad(embeddings, (0, 0, 0, pad))
+                mask = torch.nn.functional.pad(mask, (0, pad))
+            inputs[embeddings_name], inputs[mask_name] = embeddings, mask.to(dtype)
 
     def _engine_inputs(self, latents: torch.Tensor, named: dict[str, Any]) -> dict[str, Any]:
         """The conditioning and build constants of a call by manifest name (unknown or
@@ -305,6 +341,7 @@ class ForaTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         manifest = self.manifest
         expected = {spec.name for spec in manifest.inputs if spec.role in ("conditioning", "build_constant")}
         inputs = {name: value for name, value in named.items() if value is not None}
+        self._pad_prompts(inputs)
         unknown = sorted(set(inputs) - expected)
         if unknown:
             raise InputError(
@@ -522,3 +559,10 @@ def enable_fora(
         setattr(pipe, name, transformer)
         transformer.attach(pipe)
     return pipe
+
+
+def _as_lists(value: Any) -> Any:
+    """``value`` with tuples read as lists (how the manifest records a fixed argument)."""
+    if isinstance(value, list | tuple):
+        return [_as_lists(item) for item in value]
+    return value

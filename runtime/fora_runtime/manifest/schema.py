@@ -7,12 +7,21 @@ writes itself back (``to_dict``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
 from fora_runtime.dtypes import MANIFEST_DTYPES
-from fora_runtime.manifest.fields import MAX_DIM, FieldError, check_file_name, expect, field_of, list_of
+from fora_runtime.manifest.fields import (
+    MAX_DIM,
+    FieldError,
+    check_file_name,
+    describe,
+    expect,
+    field_of,
+    list_of,
+)
 
 #: 2: step inputs with roles (``inputs``) and the family's denoising contract (``denoising``).
 #: 3: the family's diffusers forward signature (``forward``), one ``conditioning.text_length``.
@@ -261,7 +270,12 @@ class ForwardSignature:
     every other parameter named like a manifest input feeds that input. ``nested``
     parameters are dicts whose keys are manifest inputs (PixArt's ``added_cond_kwargs``);
     ``unsupported`` ones must be None, empty or False (what the engines cannot honour:
-    ControlNet residuals, skipped layers, LoRA scales).
+    ControlNet residuals, skipped layers, LoRA scales). ``fixed`` parameters are plain
+    values the build fixes (Qwen-Image's ``img_shapes``): name -> the value of one sample
+    (nested lists of integers), which a call's per-sample list must repeat; they feed no
+    graph input. ``text_masks`` maps a prompt-mask input to the embeddings it masks: a
+    pipeline may pass no mask (every token real) or prompts shorter than the built text
+    length, and the drop-in then pads both (masked padding changes nothing).
     """
 
     parameters: tuple[str, ...]
@@ -269,6 +283,8 @@ class ForwardSignature:
     unsupported: tuple[str, ...] = ()
     #: Prompt tokens the pipeline adds to ``max_sequence_length`` (SD3: 77 CLIP tokens).
     extra_text_tokens: int = 0
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    text_masks: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -276,6 +292,8 @@ class ForwardSignature:
             "nested": list(self.nested),
             "unsupported": list(self.unsupported),
             "extra_text_tokens": self.extra_text_tokens,
+            "fixed": dict(self.fixed),
+            "text_masks": dict(self.text_masks),
         }
 
     @classmethod
@@ -283,12 +301,32 @@ class ForwardSignature:
         def names(key: str) -> tuple[str, ...]:
             return list_of(data, key, path, lambda value, where: expect(value, str, where))
 
+        parameters = names("parameters")
+        fixed = field_of(data, "fixed", dict, path)
+        masks = field_of(data, "text_masks", dict, path)
+        for name, value in fixed.items():
+            if name not in parameters:
+                raise FieldError(f"field '{path}.fixed' names {describe(name)}, not a forward parameter")
+            _integer_lists(value, f"{path}.fixed.{name}", depth=0)
+        for mask, embeddings in masks.items():
+            expect(embeddings, str, f"{path}.text_masks.{mask}")
         return cls(
-            parameters=names("parameters"),
+            parameters=parameters,
             nested=names("nested"),
             unsupported=names("unsupported"),
             extra_text_tokens=field_of(data, "extra_text_tokens", int, path, low=0, high=MAX_DIM),
+            fixed=dict(fixed),
+            text_masks=dict(masks),
         )
+
+
+def _integer_lists(value: Any, path: str, depth: int) -> None:
+    """FieldError unless ``value`` is an integer or a list of such, at most 8 levels deep."""
+    if isinstance(value, list) and depth < 8:
+        for index, item in enumerate(value):
+            _integer_lists(item, f"{path}[{index}]", depth + 1)
+        return
+    expect(value, int, path, low=-MAX_DIM, high=MAX_DIM)
 
 
 @dataclass(frozen=True)
