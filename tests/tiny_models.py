@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fora_export.demo import make_demo_dit, make_demo_pixart
+from tests.helpers import save_model
 
 # learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.
 TINY_DIT = {
@@ -112,10 +113,8 @@ TINY_WAN_I2V = {**TINY_WAN, "num_layers": 3, "image_dim": 10, "added_kv_proj_dim
 
 
 def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_pixart(config, seed=seed).save_pretrained(folder)
-    return folder
+    return save_model(make_demo_pixart, folder, config, seed)
 
 
 def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_dit(config, seed=seed).save_pretrained(folder)
-    return folder
+    return save_model(make_demo_dit, folder, config, seed)

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
-from fora_export.cli import main
 from fora_runtime import CacheSchedule, ForaSession
 from fora_runtime.serving import DDIMSampler, seeded_latents
+from tests.helpers import run_cli
 from tests.tiny_models import TINY_PIXART, save_pixart
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -38,8 +37,7 @@ QUEUE_DELAY_US = 50_000
 
 
 def write_model(engine: Path, repository: Path, *args: str) -> None:
-    result = CliRunner().invoke(main, ["-q", "triton", str(engine), "--out", str(repository), *args])
-    assert result.exit_code == 0, result.output
+    run_cli("triton", str(engine), "--out", str(repository), *args, expect=0)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from tests.conftest import TRUSTED
+from tests.helpers import save_model
 from tests.tiny_models import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, TINY_SD3, TINY_SD35
 
 pytestmark = pytest.mark.slow
@@ -29,14 +30,9 @@ TEXT = 6
 FP32_GRAPH_ATOL = 1e-4  # fp32 graphs vs PyTorch (validate's own tolerance)
 
 
-def _save(folder: Path, make, config: dict) -> Path:
-    make(config, seed=1).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = _save(tmp_path_factory.mktemp("flux-dev-model"), make_demo_flux, TINY_FLUX_DEV)
+    model = save_model(make_demo_flux, tmp_path_factory.mktemp("flux-dev-model"), TINY_FLUX_DEV, seed=1)
     out = tmp_path_factory.mktemp("engines") / "flux-dev"
     config = BuildConfig.from_options(
         batch="1:2:3", resolution="8x8", text_length=TEXT, backend="torch", device="cpu"
@@ -47,7 +43,7 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = _save(tmp_path_factory.mktemp("sd35-model"), make_demo_sd3, TINY_SD35)
+    model = save_model(make_demo_sd3, tmp_path_factory.mktemp("sd35-model"), TINY_SD35, seed=1)
     out = tmp_path_factory.mktemp("engines") / "sd35"
     config = BuildConfig.from_options(batch="1:2:3", text_length=TEXT, backend="torch", device="cpu")
     build(str(model), out, config, progress=False)
@@ -75,7 +71,7 @@ def test_mmdit_engines_validate(engine: str, backend: str, request: pytest.Fixtu
 
 @pytest.mark.parametrize(("make", "config"), [(make_demo_flux, TINY_FLUX_SCHNELL), (make_demo_sd3, TINY_SD3)])
 def test_other_configurations_build_and_validate(make, config, tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make, config)
+    model = save_model(make, tmp_path / "model", config, seed=1)
     out = tmp_path / "engine"
     build(
         str(model),
@@ -154,7 +150,7 @@ def test_flux_inputs_fixed_per_build_get_one_line_errors(flux_dev: Path) -> None
 
 
 def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make_demo_flux, TINY_FLUX_SCHNELL)
+    model = save_model(make_demo_flux, tmp_path / "model", TINY_FLUX_SCHNELL, seed=1)
     out = tmp_path / "engine"
     build(
         str(model),
@@ -173,7 +169,7 @@ def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
 
 
 def test_sd3_fp16_engine_validates(tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
+    model = save_model(make_demo_sd3, tmp_path / "model", TINY_SD3, seed=1)
     out = tmp_path / "engine"
     config = BuildConfig.from_options(batch="1:2", text_length=TEXT, precision="fp16")
     build(str(model), out, config, progress=False)
