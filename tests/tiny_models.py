@@ -3,7 +3,9 @@ from them with the demo factories and saved with save_pretrained (nothing downlo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fora_export.demo import make_demo_dit, make_demo_pixart
 from tests.helpers import save_model
@@ -118,3 +120,45 @@ def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
 
 def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
     return save_model(make_demo_dit, folder, config, seed)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One model family's tiny test model, the one table the family-wide tests iterate
+    (tests/conformance): adding a family to the registry fails them until it has an entry.
+
+    ``demo`` names the built-in demo (``fora_export.demo``) whose factory makes the model from
+    ``config`` (a config in which every sublayer kind the family caches occurs) with seeded
+    random weights (``seed``); ``build`` are the build options (the CLI's flags, as
+    ``BuildConfig.from_options`` takes them) that size its inputs; ``lean_reuse`` says the
+    family has a lean reuse graph with a gate table (built with every kind cached).
+    """
+
+    demo: str
+    config: dict[str, Any]
+    build: dict[str, Any]
+    lean_reuse: bool
+    seed: int = 0
+
+
+#: Family name -> its tiny test model (the adapters' ``family`` names). The MMDiT and Wan
+#: builds are the ones tests/validate/test_mmdit.py and test_wan.py check in depth.
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "dit": TinyFamily("demo-dit", TINY_DIT, {"batch": "1:2:4"}, lean_reuse=True),
+    "pixart": TinyFamily("demo-pixart", TINY_PIXART, {"batch": "1:2:4", "text_length": 6}, lean_reuse=False),
+    "sd3": TinyFamily("demo-sd3", TINY_SD35, {"batch": "1:2:3", "text_length": 6}, lean_reuse=True, seed=1),
+    "flux": TinyFamily(
+        "demo-flux",
+        TINY_FLUX_DEV,
+        {"batch": "1:2:3", "resolution": "8x8", "text_length": 6},
+        lean_reuse=True,
+        seed=1,
+    ),
+    "wan": TinyFamily(
+        "demo-wan",
+        TINY_WAN,
+        {"batch": "1:2:3", "resolution": "4x4", "frames": 3, "text_length": 6},
+        lean_reuse=True,
+        seed=1,
+    ),
+}
