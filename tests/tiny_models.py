@@ -132,6 +132,8 @@ class TinyFamily:
     random weights (``seed``); ``build`` are the build options (the CLI's flags, as
     ``BuildConfig.from_options`` takes them) that size its inputs; ``lean_reuse`` says the
     family has a lean reuse graph with a gate table (built with every kind cached).
+    ``backend``: the ``--backend`` of the family's shared default build
+    (tests/family_engines.py; ``torch``: the tests of both backends read one folder).
     """
 
     demo: str
@@ -139,6 +141,7 @@ class TinyFamily:
     build: dict[str, Any]
     lean_reuse: bool
     seed: int = 0
+    backend: str = "auto"
 
 
 #: Family name -> its tiny test model (the adapters' ``family`` names). The MMDiT and Wan
@@ -146,13 +149,16 @@ class TinyFamily:
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "dit": TinyFamily("demo-dit", TINY_DIT, {"batch": "1:2:4"}, lean_reuse=True),
     "pixart": TinyFamily("demo-pixart", TINY_PIXART, {"batch": "1:2:4", "text_length": 6}, lean_reuse=False),
-    "sd3": TinyFamily("demo-sd3", TINY_SD35, {"batch": "1:2:3", "text_length": 6}, lean_reuse=True, seed=1),
+    "sd3": TinyFamily(
+        "demo-sd3", TINY_SD35, {"batch": "1:2:3", "text_length": 6}, lean_reuse=True, seed=1, backend="torch"
+    ),
     "flux": TinyFamily(
         "demo-flux",
         TINY_FLUX_DEV,
         {"batch": "1:2:3", "resolution": "8x8", "text_length": 6},
         lean_reuse=True,
         seed=1,
+        backend="torch",
     ),
     "wan": TinyFamily(
         "demo-wan",
@@ -160,5 +166,6 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         {"batch": "1:2:3", "resolution": "4x4", "frames": 3, "text_length": 6},
         lean_reuse=True,
         seed=1,
+        backend="torch",
     ),
 }

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
 from fora_runtime import CacheSchedule, ForaSession
 from fora_runtime.serving import DDIMSampler, seeded_latents
+from tests.family_engines import family_engine
 from tests.helpers import run_cli
-from tests.tiny_models import TINY_PIXART, save_pixart
+from tests.tiny_models import TINY_PIXART
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -51,10 +50,8 @@ def dpm_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pixart_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = save_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart", TINY_PIXART)
-    out = tmp_path_factory.mktemp("engines") / "tiny-pixart"
-    build(str(model), out, BuildConfig.from_options(batch="1:2:4", text_length=6), progress=False)
-    return out
+    """TINY_PIXART, 6 caption tokens, batch 1:2:4 (tests/validate/test_pixart.py's)."""
+    return family_engine(tmp_path_factory, "pixart")
 
 
 @pytest.fixture(scope="module")

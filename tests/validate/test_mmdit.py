@@ -20,6 +20,7 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from tests.conftest import TRUSTED
+from tests.family_engines import family_engine
 from tests.helpers import save_model
 from tests.tiny_models import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, TINY_SD3, TINY_SD35
 
@@ -32,22 +33,14 @@ FP32_GRAPH_ATOL = 1e-4  # fp32 graphs vs PyTorch (validate's own tolerance)
 
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = save_model(make_demo_flux, tmp_path_factory.mktemp("flux-dev-model"), TINY_FLUX_DEV, seed=1)
-    out = tmp_path_factory.mktemp("engines") / "flux-dev"
-    config = BuildConfig.from_options(
-        batch="1:2:3", resolution="8x8", text_length=TEXT, backend="torch", device="cpu"
-    )
-    build(str(model), out, config, progress=False)
-    return out
+    """Flux.1-dev-like (TINY_FLUX_DEV), 8x8 latent, TEXT tokens, batch 1:2:3, ONNX + torch."""
+    return family_engine(tmp_path_factory, "flux")
 
 
 @pytest.fixture(scope="module")
 def sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = save_model(make_demo_sd3, tmp_path_factory.mktemp("sd35-model"), TINY_SD35, seed=1)
-    out = tmp_path_factory.mktemp("engines") / "sd35"
-    config = BuildConfig.from_options(batch="1:2:3", text_length=TEXT, backend="torch", device="cpu")
-    build(str(model), out, config, progress=False)
-    return out
+    """SD3.5-Medium-like (TINY_SD35), TEXT tokens, batch 1:2:3, ONNX + torch."""
+    return family_engine(tmp_path_factory, "sd3")
 
 
 def _assert_fp32_parity(report) -> None:
