@@ -134,12 +134,15 @@ class TinyFamily:
     family has a lean reuse graph with a gate table (built with every kind cached).
     ``backend``: the ``--backend`` of the family's shared default build
     (tests/family_engines.py; ``torch``: the tests of both backends read one folder).
+    ``plain_builds``: the ``--cache`` subsets the conformance suite really builds with the
+    plain reuse graph, together leaving every kind out at least once.
     """
 
     demo: str
     config: dict[str, Any]
     build: dict[str, Any]
     lean_reuse: bool
+    plain_builds: tuple[tuple[str, ...], ...]
     seed: int = 0
     backend: str = "auto"
 
@@ -147,16 +150,31 @@ class TinyFamily:
 #: Family name -> its tiny test model (the adapters' ``family`` names). The MMDiT and Wan
 #: builds are the ones tests/validate/test_mmdit.py and test_wan.py check in depth.
 TINY_FAMILIES: dict[str, TinyFamily] = {
-    "dit": TinyFamily("demo-dit", TINY_DIT, {"batch": "1:2:4"}, lean_reuse=True),
-    "pixart": TinyFamily("demo-pixart", TINY_PIXART, {"batch": "1:2:4", "text_length": 6}, lean_reuse=False),
+    "dit": TinyFamily(
+        "demo-dit", TINY_DIT, {"batch": "1:2:4"}, lean_reuse=True, plain_builds=(("attn1",), ("ff",))
+    ),
+    "pixart": TinyFamily(
+        "demo-pixart",
+        TINY_PIXART,
+        {"batch": "1:2:4", "text_length": 6},
+        lean_reuse=False,
+        plain_builds=(("attn1", "ff"), ("attn2",)),
+    ),
     "sd3": TinyFamily(
-        "demo-sd3", TINY_SD35, {"batch": "1:2:3", "text_length": 6}, lean_reuse=True, seed=1, backend="torch"
+        "demo-sd3",
+        TINY_SD35,
+        {"batch": "1:2:3", "text_length": 6},
+        lean_reuse=True,
+        plain_builds=(("attn", "ff"), ("attn2", "ff_context")),
+        seed=1,
+        backend="torch",
     ),
     "flux": TinyFamily(
         "demo-flux",
         TINY_FLUX_DEV,
         {"batch": "1:2:3", "resolution": "8x8", "text_length": 6},
         lean_reuse=True,
+        plain_builds=(("attn", "ff"), ("ff_context", "proj_out")),
         seed=1,
         backend="torch",
     ),
@@ -165,6 +183,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         TINY_WAN,
         {"batch": "1:2:3", "resolution": "4x4", "frames": 3, "text_length": 6},
         lean_reuse=True,
+        plain_builds=(("attn1", "ffn"), ("attn2",)),
         seed=1,
         backend="torch",
     ),
