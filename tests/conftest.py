@@ -10,6 +10,7 @@ import pytest
 
 from fora_runtime.trust import KEY_ENV, FolderAccess
 from tests.family_engines import family_engine, tiny_model_dir
+from tests.helpers import build_engine
 from tests.tiny_models import OTHER_DIT, save_dit
 
 pytest_plugins = ["tests.pipeline_fixtures"]
@@ -45,6 +46,12 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny DiT with ONNX graphs and CPU torch programs, gate tables included (read-only)."""
     return family_engine(tmp_path_factory, "dit", backend="torch")
+
+
+@pytest.fixture(scope="session")
+def demo_dit_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``fora-export build demo-dit --batch 1:2:4``: the demo at its real size (read-only)."""
+    return build_engine("demo-dit", tmp_path_factory.mktemp("engines") / "demo-dit")
 
 
 @pytest.fixture

@@ -78,6 +78,8 @@ class PlannedBuild:
     cache_specs: list[CacheSpec]
     #: ``lean`` when the family's lean reuse step was chosen, else ``plain``.
     reuse_graph: str
+    #: The torch.onnx exporter the build uses (``--exporter``, else the family's).
+    exporter: str
     #: The forecast graph's module: ``(latents, gates, weight, *caches, *previous)``.
     forecast_module: nn.Module | None
 
@@ -128,6 +130,7 @@ def plan_build(model: nn.Module, config: BuildConfig) -> Iterator[PlannedBuild]:
             graphs=graphs,
             cache_specs=pipeline._cache_specs(split, caches, reuse_caches),
             reuse_graph="plain" if reuse_module is split.reuse else "lean",
+            exporter=config.export.exporter or type(adapter).onnx_exporter,
             forecast_module=forecast.module if forecast is not None else None,
         )
     finally:
@@ -177,11 +180,19 @@ def used_inputs(graph: PlannedGraph, other: dict[str, torch.Tensor]) -> list[boo
     return used
 
 
-def exported_io(graph: PlannedGraph, other: dict[str, torch.Tensor]) -> GraphSpec:
-    """The IO the exported graph will have: the inputs its outputs depend on, every output."""
+#: Whether each torch.onnx exporter keeps graph inputs no output depends on: TorchScript
+#: drops them, torch.export (dynamo) keeps every input (observed on the real builds:
+#: tests/conformance/test_real_builds.py compares these predictions with the exports).
+KEEPS_UNUSED_INPUTS = {"torchscript": False, "dynamo": True}
+
+
+def exported_io(graph: PlannedGraph, other: dict[str, torch.Tensor], exporter: str) -> GraphSpec:
+    """The IO the graph will have exported by ``exporter``: every output, and the inputs the
+    outputs depend on (every input where the exporter keeps unused ones)."""
     with torch.no_grad():
         outputs = _outputs(graph.module, graph.example_args)
-    used = used_inputs(graph, other)
+    keep_all = KEEPS_UNUSED_INPUTS[exporter]
+    used = [True] * len(graph.example_args) if keep_all else used_inputs(graph, other)
     inputs = tuple(
         tensor_spec(name, arg)
         for name, arg, needed in zip(graph.input_names, graph.example_args, used, strict=True)

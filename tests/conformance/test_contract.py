@@ -94,7 +94,7 @@ def planned_io(plan: PlannedBuild) -> dict[str, GraphSpec]:
         plan.config.precision,
         torch.Generator().manual_seed(1),
     )
-    return {graph.role: exported_io(graph, other) for graph in plan.graphs}
+    return {graph.role: exported_io(graph, other, plan.exporter) for graph in plan.graphs}
 
 
 def assert_reproduces_full(output: torch.Tensor, plan: PlannedBuild, what: str) -> None:

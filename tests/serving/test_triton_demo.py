@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
 from fora_runtime import ForaSession
 from fora_runtime.serving import DDIMSampler
 from tests.helpers import run_cli
@@ -27,11 +25,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    engine = tmp_path_factory.mktemp("engines") / "demo-dit"
-    build("demo-dit", engine, BuildConfig.from_options(batch="1:2:4"), progress=False)
+def demo_repository(tmp_path_factory: pytest.TempPathFactory, demo_dit_engine: Path) -> Path:
     repo = tmp_path_factory.mktemp("triton") / "models"
-    run_cli("triton", str(engine), "--out", str(repo), "--name", "demo_dit", expect=0)
+    run_cli("triton", str(demo_dit_engine), "--out", str(repo), "--name", "demo_dit", expect=0)
     return repo
 
 
