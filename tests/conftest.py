@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight DiTs saved with save_pretrained, and
-engine folders built from them through the real CLI pipeline (built once per
-test session, they take a few seconds each)."""
+engine folders built from them through the real build pipeline (built once per
+test session, shared with the family table's builds: tests/family_engines.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
 from fora_runtime.trust import KEY_ENV, FolderAccess
-from tests.tiny_models import OTHER_DIT, TINY_DIT, save_dit
+from tests.family_engines import family_engine, tiny_model_dir
+from tests.helpers import build_engine
+from tests.tiny_models import OTHER_DIT, save_dit
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -28,7 +28,7 @@ def _no_deployer_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_dit(tmp_path_factory.mktemp("models") / "tiny-dit", TINY_DIT)
+    return tiny_model_dir(tmp_path_factory, "dit")
 
 
 @pytest.fixture(scope="session")
@@ -37,19 +37,21 @@ def other_dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
-    build(str(tiny_dit_dir), out, BuildConfig.from_options(batch="1:2:4"), progress=False)
-    return out
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DiT's default build (read-only)."""
+    return family_engine(tmp_path_factory, "dit")
 
 
 @pytest.fixture(scope="session")
-def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory, tiny_dit_dir: Path) -> Path:
+def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny DiT with ONNX graphs and CPU torch programs, gate tables included (read-only)."""
-    out = tmp_path_factory.mktemp("engines") / "tiny-torch"
-    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu")
-    build(str(tiny_dit_dir), out, config, progress=False)
-    return out
+    return family_engine(tmp_path_factory, "dit", backend="torch")
+
+
+@pytest.fixture(scope="session")
+def demo_dit_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``fora-export build demo-dit --batch 1:2:4``: the demo at its real size (read-only)."""
+    return build_engine("demo-dit", tmp_path_factory.mktemp("engines") / "demo-dit")
 
 
 @pytest.fixture

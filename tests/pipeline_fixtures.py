@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
 from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_pixart, make_demo_sd3, make_demo_wan
 from fora_export.demo_pipelines import (
     CLIP_LENGTH,
@@ -24,6 +22,7 @@ from fora_export.demo_pipelines import (
     make_wan_pipeline,
     make_wan_vae,
 )
+from tests.helpers import build_engine
 from tests.tiny_models import TINY_DIT, TINY_FLUX_DEV, TINY_PIXART, TINY_SD35, TINY_WAN
 
 # The DiT has DiTPipeline's 1000 classes; the Wan text width is the tiny T5's.
@@ -84,6 +83,17 @@ def flux_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwenimage_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fora_export.demo import make_demo_qwenimage
+    from fora_export.demo_pipelines import make_qwenimage_pipeline
+    from tests.tiny_models import TINY_QWENIMAGE
+
+    folder = tmp_path_factory.mktemp("pipelines") / "qwenimage"
+    make_qwenimage_pipeline(make_demo_qwenimage(TINY_QWENIMAGE, seed=1)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def wan_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pipelines") / "wan"
     pipe = make_wan_pipeline(
@@ -109,9 +119,8 @@ def wan_experts_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(source: Path, out: Path, **options: object) -> Path:
-    config = BuildConfig.from_options(batch="1:2:4", backend="torch", device="cpu", **options)
-    build(str(source), out, config, progress=False)
-    return out
+    """ONNX graphs and CPU torch programs in one folder (both backends' tests share it)."""
+    return build_engine(source, out, backend="torch", device="cpu", **options)
 
 
 @pytest.fixture(scope="session")
@@ -161,10 +170,14 @@ def wan_expert_engines(
     tmp_path_factory: pytest.TempPathFactory, wan_experts_pipeline_dir: Path
 ) -> tuple[Path, Path]:
     """One engine folder per expert (ONNX only: the experts test runs ONNX Runtime)."""
-    folders = []
-    for subfolder in ("transformer", "transformer_2"):
-        out = tmp_path_factory.mktemp("engines") / f"wan-{subfolder}"
-        config = BuildConfig.from_options(batch="1:2:4", backend="onnx", subfolder=subfolder, **WAN_BUILD)
-        build(str(wan_experts_pipeline_dir), out, config, progress=False)
-        folders.append(out)
-    return folders[0], folders[1]
+    high, low = (
+        build_engine(
+            wan_experts_pipeline_dir,
+            tmp_path_factory.mktemp("engines") / f"wan-{subfolder}",
+            backend="onnx",
+            subfolder=subfolder,
+            **WAN_BUILD,
+        )
+        for subfolder in ("transformer", "transformer_2")
+    )
+    return high, low

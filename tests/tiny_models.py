@@ -3,9 +3,12 @@ from them with the demo factories and saved with save_pretrained (nothing downlo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fora_export.demo import make_demo_dit, make_demo_pixart
+from tests.helpers import save_model
 
 # learn_sigma on (out = 2 x in), 2 blocks, 2 heads of 4... patch 2 on an 8x8 latent.
 TINY_DIT = {
@@ -112,13 +115,36 @@ TINY_WAN_I2V = {**TINY_WAN, "num_layers": 3, "image_dim": 10, "added_kv_proj_dim
 
 
 def save_pixart(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_pixart(config, seed=seed).save_pretrained(folder)
-    return folder
+    return save_model(make_demo_pixart, folder, config, seed)
 
 
 def save_dit(folder: Path, config: dict, seed: int = 0) -> Path:
-    make_demo_dit(config, seed=seed).save_pretrained(folder)
-    return folder
+    return save_model(make_demo_dit, folder, config, seed)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One model family's tiny test model, the one table the family-wide tests iterate
+    (tests/conformance): adding a family to the registry fails them until it has an entry.
+
+    ``demo`` names the built-in demo (``fora_export.demo``) whose factory makes the model from
+    ``config`` (a config in which every sublayer kind the family caches occurs) with seeded
+    random weights (``seed``); ``build`` are the build options (the CLI's flags, as
+    ``BuildConfig.from_options`` takes them) that size its inputs; ``lean_reuse`` says the
+    family has a lean reuse graph with a gate table (built with every kind cached).
+    ``backend``: the ``--backend`` of the family's shared default build
+    (tests/family_engines.py; ``torch``: the tests of both backends read one folder).
+    ``plain_builds``: the ``--cache`` subsets the conformance suite really builds with the
+    plain reuse graph, together leaving every kind out at least once.
+    """
+
+    demo: str
+    config: dict[str, Any]
+    build: dict[str, Any]
+    lean_reuse: bool
+    plain_builds: tuple[tuple[str, ...], ...]
+    seed: int = 0
+    backend: str = "auto"
 
 
 # Qwen-Image-like (2x2-packed 4-channel latents) and another shape on every axis the
@@ -142,4 +168,55 @@ OTHER_QWENIMAGE = {
     "num_attention_heads": 3,
     "joint_attention_dim": 20,
     "axes_dims_rope": (2, 2, 4),
+}
+
+
+#: Family name -> its tiny test model (the adapters' ``family`` names). The MMDiT and Wan
+#: builds are the ones tests/validate/test_mmdit.py and test_wan.py check in depth.
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "dit": TinyFamily(
+        "demo-dit", TINY_DIT, {"batch": "1:2:4"}, lean_reuse=True, plain_builds=(("attn1",), ("ff",))
+    ),
+    "pixart": TinyFamily(
+        "demo-pixart",
+        TINY_PIXART,
+        {"batch": "1:2:4", "text_length": 6},
+        lean_reuse=False,
+        plain_builds=(("attn1", "ff"), ("attn2",)),
+    ),
+    "sd3": TinyFamily(
+        "demo-sd3",
+        TINY_SD35,
+        {"batch": "1:2:3", "text_length": 6},
+        lean_reuse=True,
+        plain_builds=(("attn", "ff"), ("attn2", "ff_context")),
+        seed=1,
+        backend="torch",
+    ),
+    "flux": TinyFamily(
+        "demo-flux",
+        TINY_FLUX_DEV,
+        {"batch": "1:2:3", "resolution": "8x8", "text_length": 6},
+        lean_reuse=True,
+        plain_builds=(("attn", "ff"), ("ff_context", "proj_out")),
+        seed=1,
+        backend="torch",
+    ),
+    "wan": TinyFamily(
+        "demo-wan",
+        TINY_WAN,
+        {"batch": "1:2:3", "resolution": "4x4", "frames": 3, "text_length": 6},
+        lean_reuse=True,
+        plain_builds=(("attn1", "ffn"), ("attn2",)),
+        seed=1,
+        backend="torch",
+    ),
+    "qwenimage": TinyFamily(
+        "demo-qwenimage",
+        TINY_QWENIMAGE,
+        {"batch": "1:2:3", "resolution": "8x8", "text_length": 6},
+        lean_reuse=True,
+        plain_builds=(("attn", "ff"), ("ff_context",)),
+        seed=1,
+    ),
 }

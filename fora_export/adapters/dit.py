@@ -31,8 +31,8 @@ class DiTAdapter(ModelAdapter):
     family = "dit"
     model_class = "DiTTransformer2DModel"
     forward_signature = ForwardSignature(
-        ("hidden_states", "encoder_hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
-        unsupported=("encoder_hidden_states", "cross_attention_kwargs"),
+        ("hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
+        unsupported=("cross_attention_kwargs",),
     )
     cache_kinds = ("attn1", "ff")
 

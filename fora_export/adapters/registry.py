@@ -95,6 +95,12 @@ class DemoSpec:
         folder: Path | None = _resolve(self.weights) if self.weights else None
         return folder
 
+    @property
+    def factory(self) -> Any:
+        """The maker of :attr:`model`, ``factory(config=None, seed=...)`` (a config of the
+        family's shape, seeded random weights); None for trained demos."""
+        return _resolve(self.model) if self.model is not None else None
+
     def make_model(self) -> nn.Module:
         """The demo model with random weights (trained demos load through ``load_model``)."""
         if self.model is None:

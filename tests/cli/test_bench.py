@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fora_export.bench import DEFAULT_REPEATS, SPREAD_WARNING, Timing, bench, warm_up
-from tests.cli.test_cli import invoke
+from tests.helpers import run_cli
 
 
 def fake_runs(times: list[float]) -> tuple[Callable[[], float], list[float]]:
@@ -71,7 +71,7 @@ def test_bench_times_five_runs_per_row_by_default(tiny_engine: Path) -> None:
 def test_bench_json_and_table_carry_the_spread(tiny_engine: Path, tmp_path: Path) -> None:
     saved = tmp_path / "bench.json"
     args = ("bench", str(tiny_engine), "--steps", "3", "--intervals", "1,3", "--no-eager")
-    code, stdout, _ = invoke(*args, "--repeats", "2", "--save-json", str(saved))
+    code, stdout, _ = run_cli(*args, "--repeats", "2", "--save-json", str(saved))
     assert code == 0
     assert "median of 2 runs" in stdout and "IQR" in stdout and "spread" in stdout
     (run,) = json.loads(saved.read_text())["runs"]
@@ -80,5 +80,5 @@ def test_bench_json_and_table_carry_the_spread(tiny_engine: Path, tmp_path: Path
 
 @pytest.mark.parametrize("repeats", ["0", "-1"])
 def test_repeats_must_be_positive(tiny_engine: Path, repeats: str) -> None:
-    code, _, stderr = invoke("bench", str(tiny_engine), "--repeats", repeats)
+    code, _, stderr = run_cli("bench", str(tiny_engine), "--repeats", repeats)
     assert code == 2 and "--repeats" in stderr

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from fora_export.calibrate import accumulated_drift, select_full_steps, uniform_full_steps
-from fora_export.cli import main
 from fora_runtime import ForaSession, ManifestError, ScheduleError, load_manifest
 from fora_runtime.calibration import read_calibration
+from tests.helpers import one_error_line, run_cli
 
 STEPS = 9
 BUDGET = 4
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def calibrate(engine: Path, steps: int = STEPS, budget: int = BUDGET, *extra: str) -> dict:
@@ -31,12 +25,6 @@ def calibrate(engine: Path, steps: int = STEPS, budget: int = BUDGET, *extra: st
     )  # fmt: skip
     assert code == 0, stderr
     return json.loads(stdout)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].count(" | ") == 2, stderr
-    return lines[0]
 
 
 def test_selection_is_the_exact_minimum_of_the_accumulated_drift() -> None:

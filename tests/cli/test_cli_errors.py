@@ -15,16 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fora_export.cli import main
 from fora_runtime.manifest import MANIFEST_NAME
+from tests.helpers import run_cli
 from tests.runtime.test_import_boundary import blocker
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False, prog_name="fora-export")
-    return result.exit_code, result.stdout, result.stderr
 
 
 def assert_one_line(code: int, stderr: str, pattern: str, exit_code: int = 2) -> None:
@@ -52,7 +46,7 @@ def assert_one_line(code: int, stderr: str, pattern: str, exit_code: int = 2) ->
 )
 def test_usage_errors_are_one_line(tiny_engine: Path, args: list[str], pattern: str) -> None:
     args = [str(tiny_engine) if a == "ENGINE" else a for a in args]
-    code, _, err = invoke(*args)
+    code, _, err = run_cli(*args)
     assert_one_line(code, err, pattern)
 
 
@@ -78,7 +72,7 @@ def test_usage_errors_are_one_line(tiny_engine: Path, args: list[str], pattern: 
 def test_out_of_range_counts_and_seeds_are_one_line(tiny_engine: Path, args: list[str], pattern: str) -> None:
     # Once diffusers' scheduler or numpy raised them as tracebacks with exit 1.
     args = [str(tiny_engine) if a == "ENGINE" else a for a in args]
-    code, _, err = invoke(*args)
+    code, _, err = run_cli(*args)
     assert_one_line(code, err, pattern)
 
 
@@ -97,14 +91,16 @@ def test_out_of_range_counts_and_seeds_are_one_line(tiny_engine: Path, args: lis
 def test_malformed_model_configs(tmp_path: Path, content: bytes, pattern: str) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_bytes(content)
-    code, _, err = invoke("build", str(tmp_path / "model"), "--out", str(tmp_path / "e"))
+    code, _, err = run_cli("build", str(tmp_path / "model"), "--out", str(tmp_path / "e"))
     assert_one_line(code, err, pattern)
 
 
 def test_a_batch_beyond_any_integer_type(tiny_dit_dir: Path, tmp_path: Path, tiny_engine: Path) -> None:
-    code, _, err = invoke("build", str(tiny_dit_dir), "--out", str(tmp_path / "e"), "--batch", f"1:2:{2**64}")
+    code, _, err = run_cli(
+        "build", str(tiny_dit_dir), "--out", str(tmp_path / "e"), "--batch", f"1:2:{2**64}"
+    )
     assert_one_line(code, err, r"--batch \| got '1:2:18446744073709551616' \| MAX must be at most")
-    code, _, err = invoke("bench", str(tiny_engine), "--batch", str(2**64))
+    code, _, err = run_cli("bench", str(tiny_engine), "--batch", str(2**64))
     assert_one_line(code, err, r"--batch \| got 18446744073709551616, the engines were built for 1..4")
 
 
@@ -126,13 +122,13 @@ def test_bench_outputs_are_checked_before_any_work(
 
     monkeypatch.setattr(fora_export.bench, "bench", no_work)
     monkeypatch.setattr(fora_export.bench, "eager_baseline", no_work)
-    code, _, err = invoke("bench", str(tiny_engine), option, str(tmp_path / name))
+    code, _, err = run_cli("bench", str(tiny_engine), option, str(tmp_path / name))
     assert_one_line(code, err, pattern)
 
 
 def test_validate_report_folder_is_checked_before_any_work(tiny_engine: Path, tmp_path: Path) -> None:
     (tmp_path / "report").write_text("a file, not a folder")
-    code, _, err = invoke("validate", str(tiny_engine), "--report", str(tmp_path / "report"))
+    code, _, err = run_cli("validate", str(tiny_engine), "--report", str(tmp_path / "report"))
     assert_one_line(code, err, r"--report '.*report' \| is a file \| pass a folder")
 
 
@@ -161,7 +157,7 @@ def test_any_out_of_space_error_is_one_line(tiny_engine: Path, monkeypatch: pyte
         raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/file.bin")
 
     monkeypatch.setattr(fora_export.reports, "print_manifest", full_disk)
-    code, _, err = invoke("info", str(tiny_engine))
+    code, _, err = run_cli("info", str(tiny_engine))
     assert_one_line(code, err, r"^error: /somewhere/file\.bin \| no space left on the device")
 
 
@@ -171,7 +167,7 @@ def test_markup_in_paths_and_manifests_is_printed_verbatim(tiny_engine: Path, tm
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["source"] = "[bold red]models[/]/dit:smile:"
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
-    code, out, err = invoke("info", str(folder))
+    code, out, err = run_cli("info", str(folder))
     assert code == 0, err
     assert "eng[/b]" in out and "[bold red]models[/]/dit:smile:" in out
 
@@ -205,7 +201,7 @@ def test_signals_exit_130_and_143_leaving_nothing_behind(
 
     monkeypatch.setattr(pipeline, "export_folder", interrupted_export)
     previous = signal.getsignal(signal.SIGTERM)
-    code, _, err = invoke("build", str(tiny_dit_dir), "--out", str(tmp_path / "engine"))
+    code, _, err = run_cli("build", str(tiny_dit_dir), "--out", str(tmp_path / "engine"))
     name = "interrupted" if signum == signal.SIGINT else "terminated"
     assert_one_line(code, err, f"^error: fora-export \\| {name} .* nothing was left half-written", exit_code)
     assert list(tmp_path.iterdir()) == []  # neither the engine folder nor the hidden build folder
@@ -214,7 +210,7 @@ def test_signals_exit_130_and_143_leaving_nothing_behind(
 
 def test_bench_json_is_written_whole(tiny_engine: Path, tmp_path: Path) -> None:
     target = tmp_path / "bench.json"
-    code, _, err = invoke(
+    code, _, err = run_cli(
         "bench", str(tiny_engine), "--steps", "2", "--intervals", "1", "--repeats", "1", "--no-eager",
         "--save-json", str(target),
     )  # fmt: skip

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from fora_runtime.backends.trt_flavor import RTX_VERSION
-from tests.cli.test_cli import assert_user_error, invoke
 from tests.export.test_trt_rtx_build import pytestmark as pytestmark
+from tests.helpers import assert_user_error, run_cli
 
 
 def test_build_info_and_refusals_without_an_rtx_gpu(tiny_dit_dir: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     out = tmp_path / "rtx"
-    code, stdout, _ = invoke(
+    code, stdout, _ = run_cli(
         "build",
         str(tiny_dit_dir),
         "--out",
@@ -34,10 +34,10 @@ def test_build_info_and_refusals_without_an_rtx_gpu(tiny_dit_dir: Path, tmp_path
     for plan in ("full.plan", "reuse.plan", "gates.plan", "reuse_gated.plan"):
         assert plan in stdout and (out / plan).stat().st_size > 0
 
-    code, stdout, _ = invoke("info", str(out))
+    code, stdout, _ = run_cli("info", str(out))
     assert code == 0
     assert f"TensorRT-RTX {RTX_VERSION} plans for compute capability 8.9, 12.0" in " ".join(stdout.split())
-    code, stdout, _ = invoke("info", str(out), "--json")
+    code, stdout, _ = run_cli("info", str(out), "--json")
     record = json.loads(stdout)["backends"]["tensorrt"]
     assert record["compute_capabilities"] == ["8.9", "12.0"]
     assert record["build"]["compute_capabilities"] == ["12.0", "8.9"]  # as asked
@@ -48,26 +48,26 @@ def test_build_info_and_refusals_without_an_rtx_gpu(tiny_dit_dir: Path, tmp_path
         r"^error: Backend 'tensorrt' \| the folder holds TensorRT-RTX plans for RTX GPUs "
         r"\(compute capability 8\.9, 12\.0\) and no CUDA GPU is visible here .* \| run them on an RTX GPU"
     )
-    code, _, stderr = invoke("validate", str(out), "--backend", "tensorrt", "--steps", "2")
+    code, _, stderr = run_cli("validate", str(out), "--backend", "tensorrt", "--steps", "2")
     assert_user_error(code, stderr, refusal)
     assert len(stderr.strip().splitlines()) == 1
     # bench refuses before its eager baseline (which would take the longest).
-    code, stdout, stderr = invoke("bench", str(out), "--backend", "onnxruntime,tensorrt", "--steps", "2")
+    code, stdout, stderr = run_cli("bench", str(out), "--backend", "onnxruntime,tensorrt", "--steps", "2")
     assert_user_error(code, stderr, refusal)
     assert stdout == ""
     # The ONNX graphs of the same folder still run (and validate) on the CPU.
-    code, stdout, _ = invoke("validate", str(out), "--steps", "4", "--batch-sizes", "2", "--json")
+    code, stdout, _ = run_cli("validate", str(out), "--steps", "4", "--batch-sizes", "2", "--json")
     assert code == 0 and json.loads(stdout)["passed"] is True
 
 
 def test_compute_capabilities_are_checked(tiny_dit_dir: Path, tmp_path: Path) -> None:
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "build", str(tiny_dit_dir), "--out", str(tmp_path / "x"), "--compute-capabilities", "8.6,nine"
     )
     assert_user_error(
         code, stderr, r"--compute-capabilities \| got \('8\.6', 'nine'\) \| expected major\.minor"
     )
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "build", str(tiny_dit_dir), "--out", str(tmp_path / "x"), "--compute-capabilities", "8.6"
     )
     assert_user_error(

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from fora_runtime.manifest import MANIFEST_NAME
-from tests.cli.test_cli import assert_user_error, invoke
+from tests.helpers import assert_user_error, run_cli
 from tests.runtime.test_trt_backend import tensorrt_gpu_available
 
 
 def test_a_folder_without_plans_says_so(tiny_engine: Path) -> None:
-    code, _, stderr = invoke("info", str(tiny_engine), "--inspect", "--trust")
+    code, _, stderr = run_cli("info", str(tiny_engine), "--inspect", "--trust")
     assert_user_error(
         code, stderr, r"--inspect \| .* holds no TensorRT plans \| build with --backend tensorrt"
     )
@@ -24,7 +24,7 @@ def test_a_folder_without_plans_says_so(tiny_engine: Path) -> None:
 def test_tensorrt_rtx_plans_are_not_inspected(tmp_path_factory: pytest.TempPathFactory) -> None:
     from tests.export.test_trt_rtx_build import rtx_engine_folder
 
-    code, _, stderr = invoke("info", str(rtx_engine_folder(tmp_path_factory, "dit")), "--inspect", "--trust")
+    code, _, stderr = run_cli("info", str(rtx_engine_folder(tmp_path_factory, "dit")), "--inspect", "--trust")
     assert_user_error(
         code, stderr, r"holds TensorRT-RTX plans, which polygraphy loads only through the tensorrt"
     )
@@ -41,7 +41,7 @@ def test_datacenter_plans_need_tensorrt_here(tiny_engine: Path, tmp_path: Path) 
         "engines": {"full": "full.plan", "reuse": "reuse.plan"},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
-    code, _, stderr = invoke("info", str(folder), "--inspect", "--trust")
+    code, _, stderr = run_cli("info", str(folder), "--inspect", "--trust")
     # Not installed, or only the type stubs mypy uses (as here): either way, said in one line.
     assert_user_error(code, stderr, r"^error: --inspect \| Backend 'tensorrt' \| .*'tensorrt'.* \| install")
 
@@ -55,7 +55,7 @@ def test_plans_are_described_by_polygraphy(
     from tests.export.test_trt_build import tensorrt_engine_folder
 
     folder = tensorrt_engine_folder(tmp_path_factory, tiny_dit_dir, "fp32")
-    code, stdout, _ = invoke("info", str(folder), "--inspect", "--json", "--trust")
+    code, stdout, _ = run_cli("info", str(folder), "--inspect", "--json", "--trust")
     assert code == 0
     plans = json.loads(stdout)["plans"]
     assert set(plans) >= {"full", "reuse"} and "latents" in plans["full"]
@@ -63,5 +63,5 @@ def test_plans_are_described_by_polygraphy(
 
 def test_plans_of_an_untrusted_folder_are_not_loaded(tiny_engine: Path) -> None:
     # polygraphy's loader registers the plugin libraries and allows embedded host code.
-    code, _, stderr = invoke("info", str(tiny_engine), "--inspect")
+    code, _, stderr = run_cli("info", str(tiny_engine), "--inspect")
     assert_user_error(code, stderr, r"^error: --inspect \| polygraphy loads .* not trusted \| pass --trust")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cli.test_cli import assert_user_error, invoke
+from tests.helpers import assert_user_error, run_cli
 
 
 def test_sample_writes_the_images_and_the_grid(
     dit_pipeline_dir: Path, dit_pipeline_engine: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "samples"
-    code, stdout, stderr = invoke(
+    code, stdout, stderr = run_cli(
         "sample",
         str(dit_pipeline_engine),
         "--pipeline",
@@ -45,11 +45,11 @@ def test_sample_writes_the_images_and_the_grid(
 
 
 def test_sample_user_errors(dit_pipeline_dir: Path, dit_pipeline_engine: Path, tmp_path: Path) -> None:
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "sample", str(dit_pipeline_engine), "--pipeline", str(tmp_path / "typo"), "--out", str(tmp_path)
     )
     assert_user_error(code, stderr, r"--pipeline .*typo' \| no such folder")
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "sample",
         str(dit_pipeline_engine),
         "--pipeline",
@@ -60,7 +60,7 @@ def test_sample_user_errors(dit_pipeline_dir: Path, dit_pipeline_engine: Path, t
         str(tmp_path),
     )
     assert_user_error(code, stderr, r"--prompt \| DiTPipeline is class-conditional")
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "sample",
         str(dit_pipeline_engine),
         "--pipeline",
@@ -82,7 +82,7 @@ def test_sample_a_text_pipeline(
     (max_sequence_length) come from the engines."""
     folder, engine = pixart_pipeline_dir, pixart_pipeline_engine
     out = tmp_path / "samples"
-    code, stdout, stderr = invoke(
+    code, stdout, stderr = run_cli(
         "sample",
         str(engine),
         "--pipeline",
@@ -103,7 +103,7 @@ def test_sample_a_text_pipeline(
 def test_sample_a_video_pipeline(wan_pipeline_dir: Path, wan_pipeline_engine: Path, tmp_path: Path) -> None:
     """Wan: the built frame count (num_frames = 4 (F - 1) + 1), animated WebP files and grid."""
     out = tmp_path / "samples"
-    code, stdout, stderr = invoke(
+    code, stdout, stderr = run_cli(
         "sample",
         str(wan_pipeline_engine),
         "--pipeline",

@@ -12,13 +12,12 @@ from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.dit import DiTGatedResidual, DiTGateTable
 from fora_export.adapters.gated import LeanReuseStep
 from fora_export.adapters.registry import adapter_for
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
 from fora_export.demo import DIT_XL_2_CONFIG as DIT_XL_2
 from fora_export.demo import make_demo_dit
 from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import load_manifest
+from tests.family_engines import family_engine
 from tests.tiny_models import OTHER_DIT, TINY_DIT
 
 NAMES = ("latents", "timestep", "class_labels")
@@ -76,10 +75,11 @@ def test_dit_xl_reuse_weights_are_under_15_percent_of_full() -> None:
     assert lean.table.gate_proj.weight.shape == (2 * 28 * 1152, 1152)
 
 
-def test_build_records_the_reuse_graph_and_plain_still_works(tiny_dit_dir: Path, tmp_path: Path) -> None:
-    lean_dir, plain_dir = tmp_path / "lean", tmp_path / "plain"
-    build(str(tiny_dit_dir), lean_dir, BuildConfig.from_options(), progress=False)
-    build(str(tiny_dit_dir), plain_dir, BuildConfig.from_options(reuse_graph="plain"), progress=False)
+def test_build_records_the_reuse_graph_and_plain_still_works(
+    tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    lean_dir = tiny_engine
+    plain_dir = family_engine(tmp_path_factory, "dit", reuse_graph="plain")
     assert load_manifest(lean_dir).export.reuse_graph == "lean"
     assert load_manifest(plain_dir).export.reuse_graph == "plain"
     lean_bytes = load_manifest(lean_dir).files["reuse.onnx"]["bytes"]

@@ -32,6 +32,7 @@ from fora_export.errors import BuildError, ConfigError
 from fora_runtime import load_manifest
 from fora_runtime.backends.trt_flavor import RTX_VERSION
 from fora_runtime.manifest import BATCH_AXIS, BatchRange, TensorSpec
+from tests.helpers import save_model
 from tests.tiny_models import (
     OTHER_PIXART,
     TINY_DIT,
@@ -57,11 +58,6 @@ BATCH = "1:2:4"
 # kind we export: lean reuse + gate table (DiT), plain reuse, PixArt with and without size
 # conditions, cached subsets (the reuse graph runs the uncached sublayers), and each precision
 # (fp16/bf16 graphs carry fp32 islands: Cast around LayerNorm, Softmax, bf16 Einsum/Conv).
-def _save_model(make: Callable[..., Any], folder: Path, config: dict[str, Any]) -> Path:
-    make(config, seed=0).save_pretrained(folder)
-    return folder
-
-
 FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] = {
     "dit": (save_dit, TINY_DIT, {}),
     "dit-bf16": (save_dit, TINY_DIT, {"precision": "bf16"}),
@@ -75,18 +71,18 @@ FAMILIES: dict[str, tuple[Callable[..., Path], dict[str, Any], dict[str, Any]]] 
     # MMDiT: image-stream caches and gate tables; SD3.5's dual attention and qk RMSNorm
     # (TorchScript, opset 17), Flux's rotary attention and decomposed RMSNorm (dynamo, opset 18).
     "sd3.5-bf16": (
-        partial(_save_model, make_demo_sd3),
+        partial(save_model, make_demo_sd3),
         TINY_SD35,
         {"precision": "bf16", "text_length": 6},
     ),
     "flux-dev": (
-        partial(_save_model, make_demo_flux),
+        partial(save_model, make_demo_flux),
         TINY_FLUX_DEV,
         {"resolution": "8x8", "text_length": 6},
     ),
     # Qwen-Image: joint attention with a prompt mask, real-arithmetic rotary (dynamo, opset 18).
     "qwenimage": (
-        partial(_save_model, make_demo_qwenimage),
+        partial(save_model, make_demo_qwenimage),
         TINY_QWENIMAGE,
         {"resolution": "8x8", "text_length": 6},
     ),

@@ -6,18 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from fora_export.cli import main
+from tests.helpers import run_cli
 
 STEPS = 20
 ALL_STEPS = ",".join(str(k) for k in range(STEPS))
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    # Wide enough that rich does not wrap the table's schedule names.
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def small_quality_report(engine: Path, out: Path, *extra: str) -> dict:

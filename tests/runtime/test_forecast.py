@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from fora_export.adapters.base import AdapterOptions
 from fora_export.adapters.gated import ForecastGatedReuse
 from fora_export.adapters.registry import adapter_for
 from fora_export.builder.config import BuildConfig
 from fora_export.builder.pipeline import build
-from fora_export.cli import main
 from fora_export.demo import make_demo_dit, make_demo_flux, make_demo_sd3, make_demo_wan
 from fora_export.split.graphs import split_model
 from fora_export.validate.forecast_ref import forecast_caches, forecast_weight
@@ -26,6 +24,7 @@ from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.generation import forecast_weights
 from fora_runtime.schedule import CacheSchedule
 from tests.conftest import TRUSTED
+from tests.helpers import one_error_line, run_cli
 from tests.tiny_models import TINY_DIT, TINY_FLUX_DEV, TINY_PIXART, TINY_SD3, TINY_WAN, save_dit, save_pixart
 
 STEPS = 8
@@ -42,17 +41,6 @@ FAMILIES = [
     pytest.param(make_demo_flux, TINY_FLUX_DEV, AdapterOptions(text_length=TEXT), (8, 8), id="flux"),
     pytest.param(make_demo_wan, TINY_WAN, AdapterOptions(text_length=TEXT, frames=FRAMES), (4, 4), id="wan"),
 ]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].count(" | ") == 2, stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

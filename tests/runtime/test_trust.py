@@ -17,6 +17,7 @@ import pytest
 from fora_runtime import BackendError, ForaSession, ManifestError, load_manifest
 from fora_runtime.manifest import MANIFEST_NAME, STAMP_EDGE, STAMP_SAMPLE, file_record, stamp_of
 from fora_runtime.trust import KEY_ENV, SIGNATURE_NAME, restrict_tensorrt_runtime, sign_folder
+from tests.helpers import run_cli
 
 KEY = b"0123456789abcdef0123456789abcdef"
 
@@ -78,13 +79,9 @@ def test_a_crafted_program_does_not_run_under_the_default_settings(crafted_engin
 
 
 def test_the_cli_refuses_untrusted_programs_in_one_line(crafted_engine: tuple[Path, Path]) -> None:
-    from click.testing import CliRunner
-
-    from fora_export.cli import main
-
     folder, marker = crafted_engine
     for command in (["bench", "--no-eager"], ["validate"]):
-        result = CliRunner().invoke(main, ["-q", command[0], str(folder), "--backend", "torch", *command[1:]])
+        result = run_cli(command[0], str(folder), "--backend", "torch", *command[1:])
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith("error: ") and "--trust" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -203,16 +200,11 @@ def test_untrusted_tensorrt_runtimes_see_no_plugins() -> None:
 
 
 def test_the_cli_signs_and_checks_signatures(tiny_dit_dir: Path, tmp_path: Path, engine_copy: Path) -> None:
-    from click.testing import CliRunner
-
-    from fora_export.cli import main
-
     key_file = tmp_path / "fora.key"
     key_file.write_text(KEY.decode() + "\n")
     out = tmp_path / "signed"
-    run = CliRunner().invoke
-    result = run(main, ["-q", "build", str(tiny_dit_dir), "--out", str(out), "--sign-key", str(key_file)])
+    result = run_cli("build", str(tiny_dit_dir), "--out", str(out), "--sign-key", str(key_file))
     assert result.exit_code == 0 and f"signed: {out / SIGNATURE_NAME}" in result.stdout, result.output
-    assert run(main, ["-q", "info", str(out), "--key-file", str(key_file)]).exit_code == 0
-    refused = run(main, ["-q", "info", str(engine_copy), "--key-file", str(key_file)])  # unsigned
+    assert run_cli("info", str(out), "--key-file", str(key_file)).exit_code == 0
+    refused = run_cli("info", str(engine_copy), "--key-file", str(key_file))  # unsigned
     assert refused.exit_code == 2 and "the folder is not signed" in refused.stderr

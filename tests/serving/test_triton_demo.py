@@ -10,13 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
-from fora_export.cli import main
 from fora_runtime import ForaSession
 from fora_runtime.serving import DDIMSampler
+from tests.helpers import run_cli
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -28,12 +25,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    engine = tmp_path_factory.mktemp("engines") / "demo-dit"
-    build("demo-dit", engine, BuildConfig.from_options(batch="1:2:4"), progress=False)
+def demo_repository(tmp_path_factory: pytest.TempPathFactory, demo_dit_engine: Path) -> Path:
     repo = tmp_path_factory.mktemp("triton") / "models"
-    result = CliRunner().invoke(main, ["-q", "triton", str(engine), "--out", str(repo), "--name", "demo_dit"])
-    assert result.exit_code == 0, result.output
+    run_cli("triton", str(demo_dit_engine), "--out", str(repo), "--name", "demo_dit", expect=0)
     return repo
 
 

@@ -9,15 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fora_export.cli import main
 from fora_runtime import load_manifest
+from tests.helpers import CliRun, run_cli
 
 
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["-q", "triton", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
+def invoke(*args: str) -> CliRun:
+    return run_cli("triton", *args)
 
 
 def assert_user_error(code: int, stderr: str, pattern: str) -> None:

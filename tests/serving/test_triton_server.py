@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fora_export.builder.config import BuildConfig
-from fora_export.builder.pipeline import build
-from fora_export.cli import main
 from fora_runtime import CacheSchedule, ForaSession
 from fora_runtime.serving import DDIMSampler, seeded_latents
-from tests.tiny_models import TINY_PIXART, save_pixart
+from tests.family_engines import family_engine
+from tests.helpers import run_cli
+from tests.tiny_models import TINY_PIXART
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -38,8 +36,7 @@ QUEUE_DELAY_US = 50_000
 
 
 def write_model(engine: Path, repository: Path, *args: str) -> None:
-    result = CliRunner().invoke(main, ["-q", "triton", str(engine), "--out", str(repository), *args])
-    assert result.exit_code == 0, result.output
+    run_cli("triton", str(engine), "--out", str(repository), *args, expect=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,8 @@ def dpm_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pixart_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = save_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart", TINY_PIXART)
-    out = tmp_path_factory.mktemp("engines") / "tiny-pixart"
-    build(str(model), out, BuildConfig.from_options(batch="1:2:4", text_length=6), progress=False)
-    return out
+    """TINY_PIXART, 6 caption tokens, batch 1:2:4 (tests/validate/test_pixart.py's)."""
+    return family_engine(tmp_path_factory, "pixart")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from tests.conftest import TRUSTED
+from tests.family_engines import family_engine
+from tests.helpers import save_model
 from tests.tiny_models import TINY_FLUX_DEV, TINY_FLUX_SCHNELL, TINY_SD3, TINY_SD35
 
 pytestmark = pytest.mark.slow
@@ -29,29 +31,16 @@ TEXT = 6
 FP32_GRAPH_ATOL = 1e-4  # fp32 graphs vs PyTorch (validate's own tolerance)
 
 
-def _save(folder: Path, make, config: dict) -> Path:
-    make(config, seed=1).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = _save(tmp_path_factory.mktemp("flux-dev-model"), make_demo_flux, TINY_FLUX_DEV)
-    out = tmp_path_factory.mktemp("engines") / "flux-dev"
-    config = BuildConfig.from_options(
-        batch="1:2:3", resolution="8x8", text_length=TEXT, backend="torch", device="cpu"
-    )
-    build(str(model), out, config, progress=False)
-    return out
+    """Flux.1-dev-like (TINY_FLUX_DEV), 8x8 latent, TEXT tokens, batch 1:2:3, ONNX + torch."""
+    return family_engine(tmp_path_factory, "flux")
 
 
 @pytest.fixture(scope="module")
 def sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = _save(tmp_path_factory.mktemp("sd35-model"), make_demo_sd3, TINY_SD35)
-    out = tmp_path_factory.mktemp("engines") / "sd35"
-    config = BuildConfig.from_options(batch="1:2:3", text_length=TEXT, backend="torch", device="cpu")
-    build(str(model), out, config, progress=False)
-    return out
+    """SD3.5-Medium-like (TINY_SD35), TEXT tokens, batch 1:2:3, ONNX + torch."""
+    return family_engine(tmp_path_factory, "sd3")
 
 
 def _assert_fp32_parity(report) -> None:
@@ -75,7 +64,7 @@ def test_mmdit_engines_validate(engine: str, backend: str, request: pytest.Fixtu
 
 @pytest.mark.parametrize(("make", "config"), [(make_demo_flux, TINY_FLUX_SCHNELL), (make_demo_sd3, TINY_SD3)])
 def test_other_configurations_build_and_validate(make, config, tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make, config)
+    model = save_model(make, tmp_path / "model", config, seed=1)
     out = tmp_path / "engine"
     build(
         str(model),
@@ -153,7 +142,7 @@ def test_flux_inputs_fixed_per_build_get_one_line_errors(flux_dev: Path) -> None
 
 
 def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make_demo_flux, TINY_FLUX_SCHNELL)
+    model = save_model(make_demo_flux, tmp_path / "model", TINY_FLUX_SCHNELL, seed=1)
     out = tmp_path / "engine"
     build(
         str(model),
@@ -172,7 +161,7 @@ def test_guidance_given_to_a_schnell_build_is_refused(tmp_path: Path) -> None:
 
 
 def test_sd3_fp16_engine_validates(tmp_path: Path) -> None:
-    model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
+    model = save_model(make_demo_sd3, tmp_path / "model", TINY_SD3, seed=1)
     out = tmp_path / "engine"
     config = BuildConfig.from_options(batch="1:2", text_length=TEXT, precision="fp16")
     build(str(model), out, config, progress=False)
@@ -200,7 +189,7 @@ def test_sd3_plain_reuse_graph_with_attn_cached_opens_and_validates(tmp_path: Pa
     """Regression: ``--cache attn,ff --reuse-graph plain`` wrote a folder the runtime refused
     (the exporter dropped the text-stream caches from the reuse graph, the full graph still
     wrote them). Now both graphs carry the image-stream caches only."""
-    model = _save(tmp_path / "model", make_demo_sd3, TINY_SD3)
+    model = save_model(make_demo_sd3, tmp_path / "model", TINY_SD3, seed=1)
     out = tmp_path / "engine"
     config = BuildConfig.from_options(batch="1:2", text_length=TEXT, cache="attn,ff", reuse_graph="plain")
     build(str(model), out, config, progress=False)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.cli.test_cli import invoke
+from tests.helpers import run_cli
 
 
 def test_validate_with_a_pipeline_and_a_report(
     dit_pipeline_dir: Path, dit_pipeline_engine: Path, tmp_path: Path
 ) -> None:
     report = tmp_path / "report"
-    code, stdout, stderr = invoke(
+    code, stdout, stderr = run_cli(
         "validate",
         str(dit_pipeline_engine),
         "--pipeline",
@@ -50,7 +50,7 @@ def test_validate_with_a_pipeline_and_a_report(
 
 def test_report_without_a_pipeline_plots_validates_trajectory(tiny_engine: Path, tmp_path: Path) -> None:
     report = tmp_path / "report"
-    code, _, stderr = invoke("validate", str(tiny_engine), "--steps", "4", "--report", str(report))
+    code, _, stderr = run_cli("validate", str(tiny_engine), "--steps", "4", "--report", str(report))
     assert code == 0, stderr
     steps = json.loads((report / "steps.json").read_text())
     assert steps["label"].startswith("validate trajectory (ddim, 4 steps")

@@ -19,19 +19,19 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from tests.conftest import TRUSTED
+from tests.family_engines import family_engine, tiny_model_dir
 from tests.tiny_models import OTHER_PIXART, TINY_PIXART, save_pixart
 
 
 @pytest.fixture(scope="module")
 def pixart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart", TINY_PIXART)
+    return tiny_model_dir(tmp_path_factory, "pixart")  # TINY_PIXART
 
 
 @pytest.fixture(scope="module")
-def pixart_engine(tmp_path_factory: pytest.TempPathFactory, pixart_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("engines") / "pixart"
-    build(str(pixart_dir), out, BuildConfig.from_options(batch="1:2:4", text_length=6), progress=False)
-    return out
+def pixart_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TINY_PIXART, 6 caption tokens, batch 1:2:4 (shared with the Triton tests)."""
+    return family_engine(tmp_path_factory, "pixart")
 
 
 def assert_fp32_parity(report) -> None:
@@ -93,9 +93,11 @@ def test_other_pixart_with_size_conditions_fp32(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cache", ["attn1,ff", "attn2"])
-def test_cache_subset_reuse_graph_computes_the_rest(pixart_dir: Path, tmp_path: Path, cache: str) -> None:
-    out = tmp_path / "subset"
-    build(str(pixart_dir), out, BuildConfig.from_options(text_length=6, cache=cache), progress=False)
+def test_cache_subset_reuse_graph_computes_the_rest(
+    tmp_path_factory: pytest.TempPathFactory, cache: str
+) -> None:
+    # The conformance suite's PixArt builds (TINY_FAMILIES["pixart"].plain_builds).
+    out = family_engine(tmp_path_factory, "pixart", cache=tuple(cache.split(",")), reuse_graph="plain")
     manifest = load_manifest(out)
     assert {c.kind for c in manifest.caches} == set(cache.split(","))
     assert_fp32_parity(validate(out, steps=12))

@@ -48,11 +48,9 @@ def test_other_dit_configuration_fp32(other_dit_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_demo_dit_fp32(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    build("demo-dit", out, BuildConfig.from_options(batch="1:2:2"), progress=False)
+def test_demo_dit_fp32(demo_dit_engine: Path) -> None:
     # 10 steps (4 full at N=3): the demo at its real size; the 20-step runs are the tiny DiT's.
-    report = validate(out, steps=10, batch_sizes=[2])
+    report = validate(demo_dit_engine, steps=10, batch_sizes=[2])
     assert_fp32_parity(report)
 
 

@@ -24,6 +24,7 @@ from fora_export.validate.runner import make_scheduler, validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from fora_runtime.experts import start_across_experts
 from tests.conftest import TRUSTED
+from tests.family_engines import family_engine
 from tests.tiny_models import TINY_WAN, TINY_WAN_I2V
 
 pytestmark = pytest.mark.slow
@@ -34,12 +35,8 @@ BOUNDARY = 0.875
 
 @pytest.fixture(scope="module")
 def wan_t2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wan-t2v")
-    make_demo_wan(TINY_WAN, seed=1).save_pretrained(root / "model")
-    config = BuildConfig.from_options(
-        batch="1:2:3", resolution="4x4", frames=FRAMES, text_length=TEXT, backend="torch", device="cpu"
-    )
-    return build(str(root / "model"), root / "engine", config, progress=False).folder
+    """TINY_WAN at FRAMES latent frames of 4x4, TEXT tokens, batch 1:2:3, ONNX + torch."""
+    return family_engine(tmp_path_factory, "wan")
 
 
 @pytest.fixture(scope="module")
