@@ -25,11 +25,11 @@ _ENGINES: dict[tuple[str, tuple[str, ...] | None, str, str], Path] = {}
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
     """The family's tiny model saved with save_pretrained (a MODEL folder)."""
     if family not in _MODELS:
-        from fora_export.demo import DEMO_MODELS
+        from fora_export.adapters.registry import demo_spec
 
         tiny = TINY_FAMILIES[family]
         folder = tmp_path_factory.mktemp("models") / f"tiny-{family}"
-        _MODELS[family] = save_model(DEMO_MODELS[tiny.demo], folder, tiny.config, tiny.seed)
+        _MODELS[family] = save_model(demo_spec(tiny.demo).factory, folder, tiny.config, tiny.seed)
     return _MODELS[family]
 
 
