@@ -17,7 +17,8 @@ from fora_export.builder.trt_flavors import DATACENTER_BUILD, BuildFlavor
 from fora_export.errors import BuildError
 from fora_runtime.backends.trt_flavor import TrtModule
 from fora_runtime.dtypes import TENSORRT_NAMES
-from fora_runtime.manifest import BATCH_AXIS, TensorSpec
+from fora_runtime.errors import BackendError
+from fora_runtime.manifest import BATCH_AXIS, GraphSpec, LoadedTensor, TensorSpec, check_graph_io
 
 if TYPE_CHECKING:
     import tensorrt
@@ -259,33 +260,31 @@ def check_network_io(
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec] | None = None,
 ) -> None:
-    """The parsed network's IO must be the manifest's: names, dtypes, shapes with the batch axis."""
+    """The parsed network's IO must be the manifest's (names, dtypes, shapes with the batch
+    axis): the runtime's one graph-contract check, as every backend runs it on load.
+    ``outputs`` None: the outputs are not checked."""
     got_inputs, got_outputs = network_io(network)
-    pairs = [("input", got_inputs, inputs)]
-    if outputs is not None:
-        pairs.append(("output", got_outputs, outputs))
-    for kind, got, want in pairs:
-        expected = {spec.name: spec for spec in want}
-        for tensor in got:
-            spec = expected.get(tensor.name)
-            if spec is None:
-                raise BuildError(
-                    f"{onnx_path} | network {kind} '{tensor.name}' is not in the manifest's {kind}s "
-                    f"{sorted(expected)} | the graph and manifest come from different exports; rebuild"
-                )
-            if tensor.dtype != spec.dtype:
-                raise BuildError(
-                    f"{onnx_path} | {kind} '{tensor.name}' is {tensor.dtype} in TensorRT, expected "
-                    f"{spec.dtype} | rebuild the ONNX graphs"
-                )
-            if tuple(tensor.shape) != tuple(spec.shape):
-                raise BuildError(
-                    f"{onnx_path} | {kind} '{tensor.name}' has shape {list(tensor.shape)} in TensorRT, the "
-                    f"manifest says {list(spec.shape)} | rebuild the ONNX graphs"
-                )
-        missing = sorted(set(expected) - {tensor.name for tensor in got})
-        if missing and kind == "output":
-            raise BuildError(
-                f"{onnx_path} | the network lacks the manifest's {kind}s {missing} "
-                "| the graph and manifest come from different exports; rebuild"
-            )
+
+    def loaded(specs: Sequence[TensorSpec]) -> list[LoadedTensor]:
+        # The batch axis is dynamic in the network; any other -1 matches no manifest dim.
+        return [
+            LoadedTensor(t.name, t.dtype, tuple(None if d == BATCH_AXIS else int(d) for d in t.shape))
+            for t in specs
+        ]
+
+    declared = GraphSpec(
+        file=onnx_path.name,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs) if outputs is not None else tuple(got_outputs),
+    )
+    try:
+        check_graph_io(
+            onnx_path.stem,
+            declared,
+            loaded(got_inputs),
+            loaded(got_outputs),
+            where=str(onnx_path),
+            ordered=False,
+        )
+    except BackendError as err:
+        raise BuildError(str(err)) from err
