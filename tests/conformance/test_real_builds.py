@@ -51,7 +51,7 @@ def test_real_build_opens_and_validates(
     folder = family_engine(tmp_path_factory, name, cache=kinds, reuse_graph=reuse_graph)
     manifest = load_manifest(folder)  # the runtime opens it: the bug this suite guards against
     lean = expects_lean(tiny, kinds or all_kinds, reuse_graph, all_kinds)
-    assert manifest.export["reuse_graph"] == ("lean" if lean else "plain")
+    assert manifest.export.reuse_graph == ("lean" if lean else "plain")
     assert manifest.has_gate_table == lean
     with ForaSession(folder) as session:  # ONNX Runtime loads every graph and checks its IO
         assert session.manifest.caches == manifest.caches
