@@ -71,6 +71,16 @@ class AdapterOptions:
         return replace(options, resolution=(height, width))
 
 
+def random_prompt_mask(batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """An int64 prompt mask (1 = keep) padding a random tail of every other row: prompts
+    shorter than the build, as a masked-prompt family's random inputs need them."""
+    mask = torch.ones(batch_size, length, dtype=torch.int64)
+    for row in range(1, batch_size, 2):
+        keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))
+        mask[row, keep:] = 0
+    return mask
+
+
 @contextmanager
 def torch_program_ops(*modules: nn.Module) -> Iterator[None]:
     """Within the block, submodules with a ``torch_program`` flag compute as torch programs

@@ -46,7 +46,7 @@ from torch import nn
 from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
 from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.export_patches import decompose_rms_norms, precompute_timestep_frequencies
-from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
+from fora_export.adapters.gated import GatedReuseParts, TokenGatedResidual, stacked_gate_projection
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
@@ -227,7 +227,9 @@ class FluxAdapter(ModelAdapter):
     def gated_reuse_parts(self) -> GatedReuseParts:
         conditioning = ("guidance", "pooled_projections") if self.guidance else ("pooled_projections",)
         return GatedReuseParts(
-            FluxGateTable(self.model), ("timestep", *conditioning), FluxGatedResidual(self.model)
+            FluxGateTable(self.model),
+            ("timestep", *conditioning),
+            TokenGatedResidual(self.model.x_embedder, self.model.norm_out, self.model.proj_out),
         )
 
 
@@ -258,22 +260,3 @@ class FluxGateTable(nn.Module):
         else:
             temb = self.time_text_embed(timestep, pooled)
         return self.gate_proj(F.silu(temb)).view(timestep.shape[0], self.rows, -1)
-
-
-class FluxGatedResidual(nn.Module):
-    """``x_embedder(latents) + sum_i g_i * cache_i``, the final modulated norm, ``proj_out``."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.x_embedder = model.x_embedder
-        self.norm = model.norm_out.norm
-        self.proj_out = model.proj_out
-        self.cache_sum = WeightedCacheSum()
-
-    def forward(
-        self, latents: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        hidden = self.cache_sum(self.x_embedder(latents), gates, caches)
-        scale, shift = gates[:, len(caches)], gates[:, len(caches) + 1]
-        hidden = self.norm(hidden) * (1 + scale)[:, None, :] + shift[:, None, :]
-        return self.proj_out(hidden)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +73,28 @@ class WeightedCacheSum(nn.Module):
         for index, cache in enumerate(caches):
             hidden = gates[:, index].unsqueeze(1) * cache + hidden
         return hidden
+
+
+class TokenGatedResidual(nn.Module):
+    """The gated residual of a family on packed tokens ``[B, S, C]`` with a final
+    ``AdaLayerNormContinuous``: ``embed(latents) + sum_i g_i * cache_i``, then the final norm
+    modulated by the gate table's last two rows (scale, shift) and ``proj_out`` (Flux,
+    Qwen-Image)."""
+
+    def __init__(self, embed: nn.Module, norm_out: Any, proj_out: nn.Module) -> None:
+        super().__init__()
+        self.embed = embed
+        self.norm = norm_out.norm  # AdaLayerNormContinuous: its norm, modulated by the table
+        self.proj_out = proj_out
+        self.cache_sum = WeightedCacheSum()
+
+    def forward(
+        self, latents: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        hidden = self.cache_sum(self.embed(latents), gates, caches)
+        scale, shift = gates[:, len(caches)], gates[:, len(caches) + 1]
+        hidden = self.norm(hidden) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return self.proj_out(hidden)
 
 
 class ForecastGatedReuse(nn.Module):

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.base import (
+    DTYPE_NAMES,
+    TORCH_DTYPES,
+    AdapterOptions,
+    ModelAdapter,
+    random_prompt_mask,
+)
 from fora_export.adapters.cache_point import CachePoint
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
@@ -125,12 +131,7 @@ class PixArtAdapter(ModelAdapter):
         """Caption masks pad a random tail of every other row; the size conditions are the
         build's image size."""
         if spec.name == "encoder_attention_mask":
-            length = self.text_length
-            mask = torch.ones(batch_size, length, dtype=torch.int64)
-            for row in range(1, batch_size, 2):
-                keep = int(torch.randint(1, max(length, 2), (1,), generator=generator))
-                mask[row, keep:] = 0
-            return mask
+            return random_prompt_mask(batch_size, self.text_length, generator)
         pixels = 8.0 * self.resolution[0], 8.0 * self.resolution[1]  # latent -> image size of the SD VAE
         if spec.name == "resolution":
             return torch.tensor([pixels] * batch_size, dtype=torch.float32)

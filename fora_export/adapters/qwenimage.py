@@ -49,10 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora_export.adapters.base import DTYPE_NAMES, TORCH_DTYPES, AdapterOptions, ModelAdapter
+from fora_export.adapters.base import (
+    DTYPE_NAMES,
+    TORCH_DTYPES,
+    AdapterOptions,
+    ModelAdapter,
+    random_prompt_mask,
+)
 from fora_export.adapters.cache_point import CachePoint
 from fora_export.adapters.export_patches import precompute_timestep_frequencies
-from fora_export.adapters.gated import GatedReuseParts, WeightedCacheSum, stacked_gate_projection
+from fora_export.adapters.gated import GatedReuseParts, TokenGatedResidual, stacked_gate_projection
 from fora_export.errors import ConfigError
 from fora_runtime.manifest import BATCH_AXIS, ForwardSignature, InputSpec
 
@@ -251,11 +257,7 @@ class QwenImageAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """Prompt masks pad a random tail of every other row (prompts shorter than the build)."""
         if spec.name == "encoder_hidden_states_mask":
-            mask = torch.ones(batch_size, self.text_length, dtype=torch.int64)
-            for row in range(1, batch_size, 2):
-                keep = int(torch.randint(1, max(self.text_length, 2), (1,), generator=generator))
-                mask[row, keep:] = 0
-            return mask
+            return random_prompt_mask(batch_size, self.text_length, generator)
         return super().random_input(spec, batch_size, value_range, generator)
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -271,7 +273,9 @@ class QwenImageAdapter(ModelAdapter):
     # -- reuse math -----------------------------------------------------------------
     def gated_reuse_parts(self) -> GatedReuseParts:
         return GatedReuseParts(
-            QwenImageGateTable(self.model), ("timestep",), QwenImageGatedResidual(self.model)
+            QwenImageGateTable(self.model),
+            ("timestep",),
+            TokenGatedResidual(self.model.img_in, self.model.norm_out, self.model.proj_out),
         )
 
 
@@ -370,22 +374,3 @@ class QwenImageGateTable(nn.Module):
         dtype = self.gate_proj.weight.dtype
         temb = self.timestep_embedder(self.time_proj(timestep.to(dtype)).to(dtype))
         return self.gate_proj(F.silu(temb)).view(timestep.shape[0], self.rows, -1)
-
-
-class QwenImageGatedResidual(nn.Module):
-    """``img_in(latents) + sum_i g_i * cache_i``, the final modulated norm, ``proj_out``."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.img_in = model.img_in
-        self.norm = model.norm_out.norm
-        self.proj_out = model.proj_out
-        self.cache_sum = WeightedCacheSum()
-
-    def forward(
-        self, latents: torch.Tensor, gates: torch.Tensor, caches: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        hidden = self.cache_sum(self.img_in(latents), gates, caches)
-        scale, shift = gates[:, len(caches)], gates[:, len(caches) + 1]
-        hidden = self.norm(hidden) * (1 + scale)[:, None, :] + shift[:, None, :]
-        return self.proj_out(hidden)

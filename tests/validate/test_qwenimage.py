@@ -22,7 +22,8 @@ from fora_export.split.graphs import split_model
 from fora_export.validate.runner import validate
 from fora_runtime import ForaSession, InputError, load_manifest
 from tests.conftest import TRUSTED
-from tests.tiny_models import OTHER_QWENIMAGE, TINY_QWENIMAGE
+from tests.family_engines import family_engine
+from tests.tiny_models import OTHER_QWENIMAGE, TINY_FAMILIES, TINY_QWENIMAGE
 
 TEXT = 6
 #: The engine's text length: the tiny pipeline's prompts are 14 to 21 tokens.
@@ -31,17 +32,12 @@ FP32_GRAPH_ATOL = 1e-4  # fp32 graphs vs PyTorch (validate's own tolerance)
 SIZES = AdapterOptions(text_length=TEXT, resolution=(8, 8))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qwen_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen-Image with ONNX graphs and CPU torch programs (shared, read-only)."""
-    model = tmp_path_factory.mktemp("qwenimage-model")
-    make_demo_qwenimage(TINY_QWENIMAGE, seed=1).save_pretrained(model)
-    out = tmp_path_factory.mktemp("engines") / "qwenimage"
-    config = BuildConfig.from_options(
-        batch="1:2:3", resolution="8x8", text_length=ENGINE_TEXT, backend="torch", device="cpu"
-    )
-    build(str(model), out, config, progress=False)
-    return out
+    """The tiny Qwen-Image with ONNX graphs and CPU torch programs (the conformance suite's
+    default build: shared, read-only)."""
+    assert TINY_FAMILIES["qwenimage"].build["text_length"] == ENGINE_TEXT
+    return family_engine(tmp_path_factory, "qwenimage")
 
 
 def _assert_fp32_parity(report) -> None:
