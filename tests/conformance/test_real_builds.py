@@ -1,7 +1,8 @@
 """Real builds of a covering subset of the conformance matrix, opened with ForaSession and
 validated on ONNX Runtime: each family's default build (the lean reuse graph and its gate
-table where the family has them) and its plain-reuse builds, whose ``--cache`` subsets
-together leave every kind out once (``TINY_FAMILIES[family].plain_builds``). The folders
+table where the family has them) and, for TorchScript families, plain-reuse builds whose
+``--cache`` subsets together leave every kind out once (``TINY_FAMILIES[family].plain_builds``;
+dynamo keeps every graph input, so their plain graphs are the contract level's). The folders
 are the session's shared ones (tests/family_engines.py), so the families' own test files
 read the same exports. Each build's exported IO must also be what the contract suite
 (tests/conformance/test_contract.py) predicts without exporting.
