@@ -207,10 +207,16 @@ def make_wan_vae(latent_channels: int = 16, seed: int = 0) -> Any:
     """A small ``AutoencoderKLWan``: 8x in space, 4x in time (Wan's), width 3 per level."""
     from diffusers import AutoencoderKLWan
 
+    return _small_causal_vae(AutoencoderKLWan, 3, latent_channels, seed)
+
+
+def _small_causal_vae(vae_class: Any, base_dim: int, latent_channels: int, seed: int) -> Any:
+    """A seeded causal 3D VAE of Wan's design (Wan's and Qwen-Image's classes share it): one
+    residual block per level, 4x in time, latents unnormalised (mean 0, std 1)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae: Any = AutoencoderKLWan(
-            base_dim=3,
+        vae: Any = vae_class(
+            base_dim=base_dim,
             z_dim=latent_channels,
             dim_mult=[1, 1, 1, 1],
             num_res_blocks=1,
@@ -295,18 +301,7 @@ def make_qwenimage_vae(latent_channels: int, seed: int = 0) -> Any:
     per level, latents unnormalised (mean 0, std 1)."""
     from diffusers import AutoencoderKLQwenImage
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        vae: Any = AutoencoderKLQwenImage(
-            base_dim=8,
-            z_dim=latent_channels,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * latent_channels,
-            latents_std=[1.0] * latent_channels,
-        )
-        return vae.eval()
+    return _small_causal_vae(AutoencoderKLQwenImage, 8, latent_channels, seed)
 
 
 def make_qwen25vl_encoder(hidden_size: int, seed: int = 0) -> Any:
